@@ -20,7 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from llvmlite import ir
 
-__all__ = ["njit", "mix64", "reduce_range", "prefetch", "EMPTY_FID"]
+__all__ = ["njit", "mix64", "reduce_range", "prefetch", "prefetch_write", "EMPTY_FID"]
 
 #: Key value that marks an empty table slot. Monolith v2 fids keep bit 63 clear, so a real fid is
 #: never all ones; the table rejects it as input.
@@ -49,23 +49,36 @@ def reduce_range(h, n):
     return np.intp(((np.uint64(h) >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
 
 
-@intrinsic
-def _prefetch(typingctx, array, index):
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        data = context.make_array(array_type)(context, builder, args[0]).data
-        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fn_type = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fn_type, "llvm.prefetch.p0")
-        # read access, high temporal locality, data cache
-        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
+def _make_prefetch(write):
+    @intrinsic
+    def _prefetch(typingctx, array, index):
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+            i32 = ir.IntType(32)
+            fn_type = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fn_type, "llvm.prefetch.p0")
+            # (address, read=0/write=1, locality 3 = keep in all cache levels, data cache)
+            args = [address, ir.Constant(i32, int(write)), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+            builder.call(fn, args)
+            return context.get_dummy_value()
 
-    return types.void(array, index), codegen
+        return types.void(array, index), codegen
+
+    return _prefetch
+
+
+_prefetch_read = _make_prefetch(write=False)
+_prefetch_write = _make_prefetch(write=True)
 
 
 @njit(inline="always")
 def prefetch(flat_array, index):
     """Hint the CPU to load ``flat_array[index]`` (a 1-D array) into cache. Never faults."""
-    _prefetch(flat_array, np.intp(index))
+    _prefetch_read(flat_array, np.intp(index))
+
+
+@njit(inline="always")
+def prefetch_write(flat_array, index):
+    """Like ``prefetch``, announcing a write (the line is fetched for ownership)."""
+    _prefetch_write(flat_array, np.intp(index))

@@ -23,28 +23,29 @@ slot's ``expiry``, in event time, are evicted). All operations take and return a
 
 How it is stored (the invariants every method keeps)
 ----------------------------------------------------
-Cuckoo hashing with two hash functions and buckets of ``BUCKET_SIZE`` (8) slots: a fid lives in
-one of the 16 slots of its two buckets, so a lookup reads two 64-byte cache lines of keys and one
-row. Loads above 0.95 are reachable; growth happens at ``max_load``.
+Two structures, both in this file:
 
-I1  Storage is four parallel arrays indexed by *position* ``p`` in ``[0, capacity)``:
-    ``keys[p]`` (uint64), ``rows[p]`` (float32 ``[dim weights | optimizer slots]``),
-    ``last_seen[p]`` (uint32 event time), ``touched[p]`` (uint8, one bit per delta channel).
-    ``capacity = num_buckets * BUCKET_SIZE``; bucket ``b`` owns positions ``[b*8, b*8 + 8)``.
-    There is no separate index: the row of a key is at the key's position, so the only
-    per-entry overhead beyond the payload is the 1-byte ``touched`` and the empty slots.
-I2  ``keys[p] == EMPTY_FID`` (all ones) iff position ``p`` is free. A free position's row and
-    ``last_seen`` are garbage and its ``touched`` is 0. ``EMPTY_FID`` is rejected as a fid.
-I3  A key is stored at most once, in ``bucket(key, seed0)`` or ``bucket(key, seed1)``.
-I4  ``len(table)`` counts the non-free positions and never exceeds ``max_load * capacity``:
-    an insert that would pass the bound, or whose cuckoo kicks fail, first grows the table by
-    ``growth`` (a full rehash into new arrays, rows, times and touched bits moving with keys).
-I5  Kicks and growth move rows. So a position is valid only until the next insert or growth:
-    every method finds positions again after inserting, never across a mutation.
-I6  Bit ``c`` of ``touched[p]`` is set iff the row at ``p`` was written since the last
-    ``delta(channel=c)``; fids removed since then (delete/evict) are kept in a per-channel log.
-I7  Everything is deterministic given the seed and the calls (no wall clock, no global RNG):
-    the kick random walk has its own xorshift state, expiry uses the event times it is given.
+* the **arena**: entries stored densely, row ``r`` in ``[0, len)`` holding ``keys[r]`` (uint64),
+  ``rows[r]`` (float32 ``[dim weights | optimizer slots]``), ``last_seen[r]`` (uint32 event
+  time) and ``touched[r]`` (uint8, one bit per delta channel). It grows in place (``mremap``),
+  so rows are never copied when the table grows and new rows are written sequentially;
+* the **index**: a cuckoo hash table of 16-byte entries ``(key, row id)``, two hash functions,
+  buckets of 4 entries (one 64-byte cache line). A lookup reads two lines and then its row.
+
+I1  Arena rows ``[0, len)`` are exactly the table's entries; rows past ``len`` are garbage.
+I2  For every arena row ``r`` there is exactly one index entry ``(keys[r], r)``, in bucket
+    ``bucket(key, seed0)`` or ``bucket(key, seed1)``; other index entries have key
+    ``EMPTY_FID`` (all ones, which is therefore rejected as a fid).
+I3  Row ids change only when a row is removed (``delete``, ``evict``): the last row moves into
+    the hole and its index entry is updated (swap-remove keeps the arena dense). Inserts and
+    index growth never move rows, so row ids found before an insert stay valid after it.
+I4  The index holds at most ``max_load * index capacity`` entries; an insert that would pass
+    the bound, or whose cuckoo kicks fail, first rebuilds the index ``growth`` times bigger
+    from the arena keys (rows do not move).
+I5  Bit ``c`` of ``touched[r]`` is set iff row ``r`` was written since the last
+    ``delta(channel=c)``; fids removed since then are kept in a per-channel log.
+I6  Everything is deterministic given the seed and the calls: no wall clock, no global RNG
+    (the kick random walk has its own xorshift state, expiry uses the event times it is given).
 
 Semantics worth knowing
 -----------------------
@@ -62,25 +63,26 @@ Semantics worth knowing
 
 import dataclasses
 import math
+import mmap
 from typing import NamedTuple
 
 import numpy as np
 
-from ._jit import EMPTY_FID, mix64, njit, prefetch, reduce_range
+from ._jit import EMPTY_FID, mix64, njit, prefetch, prefetch_write, reduce_range
 from .frequency_filter import FrequencyFilter, sketch_estimate, sketch_increment
 from .optimizers import Adagrad, Optimizer, optimizer_from_config
 
 __all__ = ["EmbeddingTable", "SlotConfig", "Delta", "TableStats", "slot_of", "EMPTY_FID", "BUCKET_SIZE"]
 
-BUCKET_SIZE = 8  # 8 uint64 keys = one 64-byte cache line
+BUCKET_SIZE = 4  # 4 index entries of 16 bytes = one 64-byte cache line
 NUM_SLOTS = 1 << 16  # slot = fid >> 48 (Monolith v2 uses 15 bits; bit 63 is tolerated)
 NEVER = 0xFFFF_FFFF  # an expiry this large never fires: uint32 event-time differences are smaller
 MAX_KICKS = 500  # length of the cuckoo random walk before giving up and growing
-_PREFETCH = 8  # keys looked up ahead of the current one (measured: 8 beats 16, 32, 64 here)
-_ALIGN = 64
+ARENA_GROWTH = 1.0625  # arena growth step: cheap (no copy), so small steps keep slack small
+_PREFETCH = 8  # keys handled ahead of the current one (8 measured best here, vs 4, 16, 32)
 
 # insert kernel outcomes
-_DONE, _NEED_ROOM, _KICK_FAILED = 0, 1, 2
+_DONE, _NEED_ARENA, _NEED_INDEX, _KICK_FAILED = 0, 1, 2, 3
 # what the insert kernel writes into rows
 _INIT_ROWS, _SET_WEIGHTS, _SET_ROWS = 0, 1, 2
 
@@ -127,8 +129,8 @@ class TableStats:
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels. Plain loops compiled by numba; each is a step a newcomer can check against the
-# invariants above. Arrays come in, scalars and arrays go out; no Python objects inside.
+# Kernels: plain loops compiled by numba, each a step one can check against the invariants.
+# ``index`` is uint64 [entries, 2] (key, row id); ``flat_index`` is the same memory as 1-D.
 # --------------------------------------------------------------------------------------------
 
 
@@ -138,41 +140,23 @@ def _bucket(key, seed, num_buckets):
 
 
 @njit(inline="always")
-def _prefetch_buckets(keys, key, seeds, num_buckets):
-    prefetch(keys, _bucket(key, seeds[0], num_buckets) * BUCKET_SIZE)
-    prefetch(keys, _bucket(key, seeds[1], num_buckets) * BUCKET_SIZE)
+def _prefetch_buckets(flat_index, key, seeds, num_buckets):
+    prefetch(flat_index, _bucket(key, seeds[0], num_buckets) * (2 * BUCKET_SIZE))
+    prefetch(flat_index, _bucket(key, seeds[1], num_buckets) * (2 * BUCKET_SIZE))
 
 
 @njit(inline="always")
-def _find(keys, key, seeds, num_buckets):
-    """Position of ``key`` or -1 (I3: only its two buckets can hold it)."""
+def _find(index, key, seeds, num_buckets):
+    """Index entry of ``key`` or -1 (I2: only its two buckets can hold it)."""
     base = _bucket(key, seeds[0], num_buckets) * BUCKET_SIZE
     for j in range(BUCKET_SIZE):
-        if keys[base + j] == key:
+        if index[base + j, 0] == key:
             return base + j
     base = _bucket(key, seeds[1], num_buckets) * BUCKET_SIZE
     for j in range(BUCKET_SIZE):
-        if keys[base + j] == key:
+        if index[base + j, 0] == key:
             return base + j
     return -1
-
-
-@njit(inline="always")
-def _free_position(keys, bucket_a, bucket_b):
-    """A free position in the emptier of the two buckets, or -1 if both are full."""
-    free_a, first_a, free_b, first_b = 0, -1, 0, -1
-    for j in range(BUCKET_SIZE):
-        if keys[bucket_a * BUCKET_SIZE + j] == EMPTY_FID:
-            free_a += 1
-            if first_a < 0:
-                first_a = bucket_a * BUCKET_SIZE + j
-        if keys[bucket_b * BUCKET_SIZE + j] == EMPTY_FID:
-            free_b += 1
-            if first_b < 0:
-                first_b = bucket_b * BUCKET_SIZE + j
-    if free_a >= free_b and free_a > 0:
-        return first_a
-    return first_b
 
 
 @njit(inline="always")
@@ -186,46 +170,43 @@ def _xorshift(rng):
 
 
 @njit(inline="always")
-def _write(keys, rows, last_seen, touched, p, key, row, time, bits):
-    keys[p] = key
-    rows[p, :] = row
-    last_seen[p] = time
-    touched[p] = bits
+def _place(index, num_buckets, seeds, rng, key, row_id):
+    """Store the entry ``(key, row_id)`` (key not present), kicking others out if needed.
 
-
-@njit
-def _place(keys, rows, last_seen, touched, num_buckets, seeds, rng, key, row, time, bits):
-    """Store a new entry (``key`` not present) in one of its buckets, kicking others if needed.
-
-    Returns ``(placed, key, time, bits)``. On failure the returned entry, whose row is left in
-    ``row``, is one that was kicked out and found no place: the caller must grow and re-insert it.
+    Returns ``(placed, homeless_key, homeless_row_id)``: on failure an entry that was kicked
+    out found no place, and the caller must grow the index (which rebuilds it from the arena).
     """
     bucket_a = _bucket(key, seeds[0], num_buckets)
     bucket_b = _bucket(key, seeds[1], num_buckets)
-    p = _free_position(keys, bucket_a, bucket_b)
-    if p >= 0:
-        _write(keys, rows, last_seen, touched, p, key, row, time, bits)
-        return True, key, time, bits
-    # Random-walk cuckoo: swap the entry with a random occupant, then move that occupant to
-    # its other bucket, until some bucket on the way has a free slot.
+    free_a, first_a, free_b, first_b = 0, -1, 0, -1
+    for j in range(BUCKET_SIZE):
+        if index[bucket_a * BUCKET_SIZE + j, 0] == EMPTY_FID:
+            free_a += 1
+            first_a = bucket_a * BUCKET_SIZE + j
+        if index[bucket_b * BUCKET_SIZE + j, 0] == EMPTY_FID:
+            free_b += 1
+            first_b = bucket_b * BUCKET_SIZE + j
+    e = first_a if free_a >= free_b and free_a > 0 else first_b  # the emptier bucket
+    if e >= 0:
+        index[e, 0] = key
+        index[e, 1] = row_id
+        return True, EMPTY_FID, np.uint64(0)
+    # Random-walk cuckoo: take the place of a random occupant, then move that occupant to its
+    # other bucket, until some bucket on the way has a free entry.
     bucket = bucket_a if _xorshift(rng) & np.uint64(1) else bucket_b
-    width = rows.shape[1]
     for _ in range(MAX_KICKS):
         victim = bucket * BUCKET_SIZE + np.intp(_xorshift(rng) % np.uint64(BUCKET_SIZE))
-        victim_key, victim_time, victim_bits = keys[victim], last_seen[victim], touched[victim]
-        for j in range(width):
-            value = rows[victim, j]
-            rows[victim, j] = row[j]
-            row[j] = value
-        keys[victim], last_seen[victim], touched[victim] = key, time, bits
-        key, time, bits = victim_key, victim_time, victim_bits
+        key, index[victim, 0] = index[victim, 0], key
+        row_id, index[victim, 1] = index[victim, 1], row_id
         first = _bucket(key, seeds[0], num_buckets)
         bucket = _bucket(key, seeds[1], num_buckets) if first == bucket else first
         for j in range(BUCKET_SIZE):
-            if keys[bucket * BUCKET_SIZE + j] == EMPTY_FID:
-                _write(keys, rows, last_seen, touched, bucket * BUCKET_SIZE + j, key, row, time, bits)
-                return True, key, time, bits
-    return False, key, time, bits
+            e = bucket * BUCKET_SIZE + j
+            if index[e, 0] == EMPTY_FID:
+                index[e, 0] = key
+                index[e, 1] = row_id
+                return True, EMPTY_FID, np.uint64(0)
+    return False, key, row_id
 
 
 @njit(inline="always")
@@ -238,32 +219,35 @@ def _initial_weight(fid, j, scale, seed):
 
 
 @njit
-def _find_kernel(fids, keys, seeds, num_buckets, positions):
+def _find_kernel(fids, index, seeds, num_buckets, row_ids):
+    """``row_ids[i]`` = arena row of ``fids[i]``, or -1."""
+    flat_index = index.reshape(-1)
     n = fids.shape[0]
     for i in range(min(_PREFETCH, n)):
-        _prefetch_buckets(keys, fids[i], seeds, num_buckets)
+        _prefetch_buckets(flat_index, fids[i], seeds, num_buckets)
     for i in range(n):
         if i + _PREFETCH < n:
-            _prefetch_buckets(keys, fids[i + _PREFETCH], seeds, num_buckets)
-        positions[i] = _find(keys, fids[i], seeds, num_buckets)
+            _prefetch_buckets(flat_index, fids[i + _PREFETCH], seeds, num_buckets)
+        e = _find(index, fids[i], seeds, num_buckets)
+        row_ids[i] = np.intp(index[e, 1]) if e >= 0 else -1
 
 
 @njit
-def _gather_kernel(fids, positions, rows, dim, init_slots, init_scale, init_seed, out):
-    """``out[i] = rows[positions[i], :ncols]``, or the initial value where the position is -1."""
+def _gather_kernel(fids, row_ids, rows, dim, init_slots, init_scale, init_seed, out):
+    """``out[i] = rows[row_ids[i], :ncols]``, or the initial value where the row id is -1."""
     ncols = out.shape[1]
     width = rows.shape[1]
-    flat = rows.reshape(-1)
+    flat_rows = rows.reshape(-1)
     n = fids.shape[0]
     for i in range(n):
         ahead = i + _PREFETCH
-        if ahead < n and positions[ahead] >= 0:
-            prefetch(flat, positions[ahead] * width)
-            prefetch(flat, positions[ahead] * width + ncols - 1)
-        p = positions[i]
-        if p >= 0:
+        if ahead < n and row_ids[ahead] >= 0:
+            prefetch(flat_rows, row_ids[ahead] * width)
+            prefetch(flat_rows, row_ids[ahead] * width + ncols - 1)
+        r = row_ids[i]
+        if r >= 0:
             for j in range(ncols):
-                out[i, j] = rows[p, j]
+                out[i, j] = rows[r, j]
         else:
             for j in range(dim):
                 out[i, j] = _initial_weight(fids[i], j, init_scale, init_seed)
@@ -274,71 +258,124 @@ def _gather_kernel(fids, positions, rows, dim, init_slots, init_scale, init_seed
 @njit
 def _insert_kernel(
     fids, times, values, mode, touch_bits, dim, init_slots, init_scale, init_seed,
-    keys, rows, last_seen, touched, num_buckets, seeds, rng, start, count, max_count, carry_row,
+    index, num_buckets, seeds, rng, max_entries, keys, rows, last_seen, touched, start, count, row_ids,
 ):  # fmt: skip
-    """Upsert ``fids[start:]``. ``mode``: _INIT_ROWS (new rows get initial values, existing rows
-    keep theirs), _SET_WEIGHTS (``values`` are weights) or _SET_ROWS (``values`` are full rows).
+    """Upsert ``fids[start:]``, writing each one's arena row to ``row_ids``.
 
-    Returns ``(outcome, next_index, count, created, carry_key, carry_time, carry_bits)``; the
-    caller grows on _NEED_ROOM / _KICK_FAILED (the homeless entry's row is in ``carry_row``) and
-    calls again from ``next_index``.
+    ``mode``: _INIT_ROWS (new rows get initial values, existing rows keep theirs), _SET_WEIGHTS
+    (``values`` are weights) or _SET_ROWS (``values`` are full rows). Returns ``(outcome,
+    next_index, count, created)``: on _NEED_ARENA / _NEED_INDEX / _KICK_FAILED the caller grows
+    and calls again from ``next_index`` (after a failed kick the arena already holds the row).
     """
-    n = fids.shape[0]
+    flat_index = index.reshape(-1)
+    flat_rows = rows.reshape(-1)
     width = rows.shape[1]
-    row = np.empty(width, dtype=np.float32)
+    n = fids.shape[0]
     created = 0
     for i in range(start, min(start + _PREFETCH, n)):
-        _prefetch_buckets(keys, fids[i], seeds, num_buckets)
+        _prefetch_buckets(flat_index, fids[i], seeds, num_buckets)
     for i in range(start, n):
-        if i + _PREFETCH < n:
-            _prefetch_buckets(keys, fids[i + _PREFETCH], seeds, num_buckets)
+        ahead = i + _PREFETCH
+        if ahead < n:
+            _prefetch_buckets(flat_index, fids[ahead], seeds, num_buckets)
         key = fids[i]
-        p = _find(keys, key, seeds, num_buckets)
-        if p >= 0:
+        e = _find(index, key, seeds, num_buckets)
+        if e >= 0:  # existing row: update in place
+            r = np.intp(index[e, 1])
             if mode == _SET_WEIGHTS:
-                rows[p, :dim] = values[i, :]
-            elif mode == _SET_ROWS:
-                rows[p, :] = values[i, :]
-            if times[i] > last_seen[p]:
-                last_seen[p] = times[i]
-            touched[p] |= touch_bits
-            continue
-        if count >= max_count:
-            return _NEED_ROOM, i, count, created, key, np.uint32(0), np.uint8(0)
-        if mode == _SET_ROWS:
-            row[:] = values[i, :]
-        else:
-            if mode == _SET_WEIGHTS:
-                row[:dim] = values[i, :]
-            else:
                 for j in range(dim):
-                    row[j] = _initial_weight(key, j, init_scale, init_seed)
-            row[dim:] = init_slots
-        placed, carry_key, carry_time, carry_bits = _place(
-            keys, rows, last_seen, touched, num_buckets, seeds, rng, key, row, times[i], touch_bits
-        )
+                    rows[r, j] = values[i, j]
+            elif mode == _SET_ROWS:
+                for j in range(width):
+                    rows[r, j] = values[i, j]
+            if times[i] > last_seen[r]:
+                last_seen[r] = times[i]
+            touched[r] |= touch_bits
+            row_ids[i] = r
+            continue
+        if count >= keys.shape[0]:
+            return _NEED_ARENA, i, count, created
+        if count >= max_entries:
+            return _NEED_INDEX, i, count, created
+        r = count  # new row: append to the arena
+        keys[r] = key
+        if mode == _SET_ROWS:
+            for j in range(width):
+                rows[r, j] = values[i, j]
+        else:
+            for j in range(dim):
+                rows[r, j] = values[i, j] if mode == _SET_WEIGHTS else _initial_weight(key, j, init_scale, init_seed)
+            for j in range(dim, width):
+                rows[r, j] = init_slots[j - dim]
+        last_seen[r] = times[i]
+        touched[r] = touch_bits
+        row_ids[i] = r
         count += 1
         created += 1
+        placed, _, _ = _place(index, num_buckets, seeds, rng, key, np.uint64(r))
         if not placed:
-            carry_row[:] = row
-            return _KICK_FAILED, i + 1, count, created, carry_key, carry_time, carry_bits
-    return _DONE, n, count, created, EMPTY_FID, np.uint32(0), np.uint8(0)
+            return _KICK_FAILED, i + 1, count, created
+    return _DONE, n, count, created
 
 
 @njit
-def _rehash_kernel(src_keys, src_rows, src_last_seen, src_touched, keys, rows, last_seen, touched, num_buckets, seeds, rng):
-    """Move every entry of the source arrays into the (empty) destination; False if one failed."""
-    row = np.empty(rows.shape[1], dtype=np.float32)
-    for p in range(src_keys.shape[0]):
-        if src_keys[p] == EMPTY_FID:
-            continue
-        row[:] = src_rows[p, :]
-        placed, _, _, _ = _place(
-            keys, rows, last_seen, touched, num_buckets, seeds, rng, src_keys[p], row, src_last_seen[p], src_touched[p]
-        )
+def _build_index_kernel(keys, count, index, num_buckets, seeds, rng):
+    """Fill the empty ``index`` with ``(keys[r], r)`` for every arena row; False if one failed."""
+    flat_index = index.reshape(-1)
+    for r in range(count):
+        if r + _PREFETCH < count:
+            _prefetch_buckets(flat_index, keys[r + _PREFETCH], seeds, num_buckets)
+        placed, _, _ = _place(index, num_buckets, seeds, rng, keys[r], np.uint64(r))
         if not placed:
             return False
     return True
+
+
+@njit(inline="always")
+def _remove_row(index, entry, seeds, num_buckets, keys, rows, last_seen, touched, count):
+    """Free index ``entry`` and its arena row; the last row moves into the hole (I3).
+    Returns the new count."""
+    r = np.intp(index[entry, 1])
+    index[entry, 0] = EMPTY_FID
+    last = count - 1
+    if r != last:
+        moved = keys[last]
+        keys[r] = moved
+        for j in range(rows.shape[1]):
+            rows[r, j] = rows[last, j]
+        last_seen[r] = last_seen[last]
+        touched[r] = touched[last]
+        index[_find(index, moved, seeds, num_buckets), 1] = r
+    return count - 1
+
+
+@njit
+def _delete_kernel(fids, index, seeds, num_buckets, keys, rows, last_seen, touched, count, removed):
+    """Remove the rows of ``fids``; returns ``(count, number removed)``, removed fids in ``removed``."""
+    n_removed = 0
+    for i in range(fids.shape[0]):
+        e = _find(index, fids[i], seeds, num_buckets)
+        if e >= 0:
+            removed[n_removed] = fids[i]
+            n_removed += 1
+            count = _remove_row(index, e, seeds, num_buckets, keys, rows, last_seen, touched, count)
+    return count, n_removed
+
+
+@njit
+def _evict_kernel(now, expiry_by_slot, index, seeds, num_buckets, keys, rows, last_seen, touched, count, removed):
+    """Remove rows unseen for longer than their slot's expiry. Scans the arena backwards so that
+    the row swapped into a hole has already been checked. Returns ``(count, number removed)``."""
+    n_removed = 0
+    for r in range(count - 1, -1, -1):
+        key = keys[r]
+        expiry = expiry_by_slot[np.intp(key >> np.uint64(48))]
+        if expiry != NEVER and now - np.int64(last_seen[r]) > expiry:
+            removed[n_removed] = key
+            n_removed += 1
+            count = _remove_row(index, _find(index, key, seeds, num_buckets), seeds, num_buckets,
+                                keys, rows, last_seen, touched, count)  # fmt: skip
+    return count, n_removed
 
 
 @njit
@@ -360,39 +397,46 @@ def _admission_kernel(fids, thresholds, counts, seeds, maximum, admitted):
 
 
 @njit
-def _touch_kernel(positions, last_seen, touched, time, bits):
-    for i in range(positions.shape[0]):
-        p = positions[i]
-        if p >= 0:
-            if last_seen[p] < time:
-                last_seen[p] = time
-            touched[p] |= bits
+def _touch_kernel(row_ids, last_seen, touched, time, bits):
+    n = row_ids.shape[0]
+    for i in range(n):
+        ahead = i + _PREFETCH
+        if ahead < n and row_ids[ahead] >= 0:
+            prefetch_write(last_seen, row_ids[ahead])
+            prefetch_write(touched, row_ids[ahead])
+        r = row_ids[i]
+        if r >= 0:
+            if last_seen[r] < time:
+                last_seen[r] = time
+            touched[r] |= bits
 
 
 @njit
-def _sum_by_position_kernel(positions, grads, unique_positions, sums):
-    """Sum the gradient rows that share a position (skipping -1); returns the number of unique
-    positions, written in first-occurrence order. Uses a small open-addressing map sized 2n."""
-    n = positions.shape[0]
+def _sum_by_row_kernel(row_ids, grads, unique_rows, sums):
+    """Sum the gradient rows that share a row id (skipping -1), in batch order; returns the
+    number of distinct rows, written in first-occurrence order. Uses a small open-addressing
+    map of 2n entries (fits in cache, unlike a sort of the whole batch)."""
+    n = row_ids.shape[0]
     size = 1
     while size < 2 * n:
         size *= 2
-    map_positions = np.full(size, -1, dtype=np.intp)
+    map_rows = np.full(size, -1, dtype=np.intp)
     map_index = np.empty(size, dtype=np.intp)
-    mask = np.uint64(size - 1)
+    mask = size - 1
     unique = 0
     for i in range(n):
-        p = positions[i]
-        if p < 0:
+        r = row_ids[i]
+        if r < 0:
             continue
-        h = np.intp((np.uint64(p) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & np.intp(mask)
-        while map_positions[h] >= 0 and map_positions[h] != p:
-            h = (h + 1) & np.intp(mask)
-        if map_positions[h] < 0:
-            map_positions[h] = p
+        h = np.intp((np.uint64(r) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & mask
+        while map_rows[h] >= 0 and map_rows[h] != r:
+            h = (h + 1) & mask
+        if map_rows[h] < 0:
+            map_rows[h] = r
             map_index[h] = unique
-            unique_positions[unique] = p
-            sums[unique, :] = grads[i, :]
+            unique_rows[unique] = r
+            for j in range(grads.shape[1]):
+                sums[unique, j] = grads[i, j]
             unique += 1
         else:
             k = map_index[h]
@@ -401,44 +445,51 @@ def _sum_by_position_kernel(positions, grads, unique_positions, sums):
     return unique
 
 
-@njit
-def _delete_kernel(fids, keys, touched, seeds, num_buckets, removed):
-    """Free the positions of ``fids``; returns how many were present (written to ``removed``)."""
-    count = 0
-    for i in range(fids.shape[0]):
-        p = _find(keys, fids[i], seeds, num_buckets)
-        if p >= 0:
-            removed[count] = keys[p]
-            keys[p] = EMPTY_FID
-            touched[p] = 0
-            count += 1
-    return count
-
-
-@njit
-def _expired_kernel(keys, last_seen, expiry_by_slot, now, out):
-    """Positions whose row is unseen for longer than its slot's expiry; returns their number."""
-    count = 0
-    for p in range(keys.shape[0]):
-        key = keys[p]
-        if key == EMPTY_FID:
-            continue
-        expiry = expiry_by_slot[np.intp(key >> np.uint64(48))]
-        if expiry != NEVER and now - np.int64(last_seen[p]) > expiry:
-            out[count] = p
-            count += 1
-    return count
-
-
 # --------------------------------------------------------------------------------------------
+
+
+class _Arena:
+    """Dense entry storage; each array lives in its own anonymous memory map so that growing is
+    an in-place ``mremap``: no copy, and pages beyond the used rows cost nothing until written.
+
+    Only this object may hold the arrays across a ``resize`` (a live view would block it), so
+    everything handed out of the table is a copy.
+    """
+
+    def __init__(self, width, capacity):
+        self.width = width
+        self._maps = {}
+        self.resize(max(1, capacity))
+
+    _DTYPES = {"keys": np.uint64, "rows": np.float32, "last_seen": np.uint32, "touched": np.uint8}
+
+    def resize(self, capacity):
+        for name, dtype in self._DTYPES.items():
+            shape = (capacity, self.width) if name == "rows" else (capacity,)
+            nbytes = max(mmap.PAGESIZE, math.prod(shape) * np.dtype(dtype).itemsize)
+            self.__dict__.pop(name, None)  # drop our view so that the map can move
+            old = self._maps.get(name)
+            if old is None:
+                # Private: a shared anonymous map would not grow its backing object (SIGBUS).
+                old = self._maps[name] = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            else:
+                old.resize(nbytes)
+            if hasattr(old, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+                old.madvise(mmap.MADV_HUGEPAGE)
+            setattr(self, name, np.frombuffer(old, dtype=dtype, count=math.prod(shape)).reshape(shape))
+        self.capacity = capacity
+
+    @property
+    def nbytes(self):
+        return sum(len(m) for m in self._maps.values())
 
 
 def _aligned_empty(shape, dtype):
     """``np.empty`` whose data starts on a 64-byte boundary (a bucket is then one cache line)."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    buffer = np.empty(nbytes + _ALIGN, dtype=np.uint8)
-    offset = (-buffer.ctypes.data) % _ALIGN
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = np.empty(nbytes + 64, dtype=np.uint8)
+    offset = (-buffer.ctypes.data) % 64
     return buffer[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
@@ -447,7 +498,7 @@ def _as_fids(fids):
     if fids.ndim != 1:
         raise ValueError(f"fids must be a 1-D array, got shape {fids.shape}")
     if fids.size and (fids == EMPTY_FID).any():
-        raise ValueError("fid 0xFFFFFFFFFFFFFFFF is reserved (it marks empty slots)")
+        raise ValueError("fid 0xFFFFFFFFFFFFFFFF is reserved (it marks empty index entries)")
     return fids
 
 
@@ -468,15 +519,15 @@ class EmbeddingTable:
     Args:
         dim: embedding dimension.
         optimizer: a ``ps.optimizers`` optimizer (default Adagrad with Monolith's defaults).
-        capacity: initial number of slots (rounded up to whole buckets of 8).
+        capacity: number of entries to make room for up front (both grow on demand).
         slots: ``{slot: SlotConfig}`` overriding ``default_slot`` for those slots.
         default_slot: policy of every other slot (default: no threshold, never expires).
         filter: the ``FrequencyFilter`` to count sightings with; one of ``filter_bytes`` is made
             when some threshold is above 1 and none is given.
         init_scale: new weights are uniform in [-init_scale, init_scale), drawn from the fid and
             ``seed`` (so a replay creates the same values); 0 gives zeros.
-        max_load: grow before the load passes this (cuckoo with 8-slot buckets holds > 0.97).
-        growth: capacity factor of one growth step.
+        max_load: index load that triggers growth (cuckoo with 4-entry buckets holds > 0.97).
+        growth: index capacity factor of one growth step.
         channels: number of independent delta consumers (0 disables delta tracking).
         seed: seeds the hashes, the initial weights and the kick random walk.
     """
@@ -492,7 +543,7 @@ class EmbeddingTable:
         filter=None,
         filter_bytes=1 << 20,
         init_scale=0.0,
-        max_load=0.95,
+        max_load=0.9,
         growth=1.5,
         channels=1,
         seed=0,
@@ -545,67 +596,75 @@ class EmbeddingTable:
         self._touch_all = np.uint8((1 << self.channels) - 1)
         self._deleted = [[] for _ in range(self.channels)]  # per channel: arrays of removed fids
         self._deleted_count = 0
-        self._allocate(max(1, math.ceil(int(capacity) / BUCKET_SIZE)))
+        self._count = 0
+        capacity = max(1, int(capacity))
+        self._arena = _Arena(self.width, capacity)
+        self._allocate_index(math.ceil(capacity / self.max_load / BUCKET_SIZE))
 
     # ---------------------------------------------------------------- storage
 
-    def _allocate(self, num_buckets):
-        capacity = num_buckets * BUCKET_SIZE
-        self._num_buckets = num_buckets
-        self._keys = _aligned_empty(capacity, np.uint64)
-        self._keys.fill(EMPTY_FID)
-        self._rows = _aligned_empty((capacity, self.width), np.float32)
-        self._last_seen = np.zeros(capacity, dtype=np.uint32)
-        self._touched = np.zeros(capacity, dtype=np.uint8)
-        self._count = 0
-        self._max_count = min(capacity, int(self.max_load * capacity))
+    def _allocate_index(self, num_buckets):
+        self._num_buckets = max(1, num_buckets)
+        self._index = _aligned_empty((self._num_buckets * BUCKET_SIZE, 2), np.uint64)
+        self._index[:, 0] = EMPTY_FID
+        self._max_entries = int(self.max_load * self._index.shape[0])
 
-    def _grow(self, carry=None, minimum_buckets=0):
-        """Rehash everything (and the homeless ``carry`` entry, if any) into bigger arrays (I4)."""
-        old = self._keys, self._rows, self._last_seen, self._touched
-        count = self._count
-        num_buckets = max(minimum_buckets, math.ceil(self._num_buckets * self.growth), self._num_buckets + 1)
+    def _grow_index(self):
+        """Rebuild the index ``growth`` times bigger from the arena keys (I4); rows stay put."""
+        num_buckets = max(math.ceil(self._num_buckets * self.growth), self._num_buckets + 1)
         while True:
-            self._allocate(num_buckets)
-            placed = _rehash_kernel(*old, self._keys, self._rows, self._last_seen, self._touched,
-                                    self._num_buckets, self._hash_seeds, self._rng)  # fmt: skip
-            if placed and carry is not None:
-                key, row, time, bits = carry
-                placed = _place(self._keys, self._rows, self._last_seen, self._touched, self._num_buckets,
-                                self._hash_seeds, self._rng, np.uint64(key), row.copy(), np.uint32(time),
-                                np.uint8(bits))[0]  # fmt: skip
-            if placed:
+            self._allocate_index(num_buckets)
+            if _build_index_kernel(self._arena.keys, self._count, self._index, self._num_buckets,
+                                   self._hash_seeds, self._rng):  # fmt: skip
                 break
-            # Practically unreachable (needs > 16 keys sharing both buckets): new hashes, more room.
+            # Practically unreachable (> 8 keys sharing both buckets): new hashes, more room.
             self._hash_seeds = np.array([_derive_seed(s, 5) for s in self._hash_seeds.tolist()], dtype=np.uint64)
             num_buckets = math.ceil(num_buckets * self.growth)
-        self._count = count
         self.stats.rehashes += 1
 
-    def _find_positions(self, fids):
-        positions = np.empty(fids.shape[0], dtype=np.intp)
-        _find_kernel(fids, self._keys, self._hash_seeds, self._num_buckets, positions)
-        return positions
+    def _grow_arena(self, minimum):
+        self._arena.resize(max(minimum, math.ceil(self._arena.capacity * ARENA_GROWTH), self._arena.capacity + 64))
+
+    def _find_rows(self, fids):
+        row_ids = np.empty(fids.shape[0], dtype=np.intp)
+        _find_kernel(fids, self._index, self._hash_seeds, self._num_buckets, row_ids)
+        return row_ids
 
     def _upsert(self, fids, times, values, mode, touch_bits):
-        """Insert-or-update through the kernel, growing whenever it asks; returns rows created."""
-        carry_row = np.empty(self.width, dtype=np.float32)
+        """Insert-or-update through the kernel, growing whenever it asks; returns the row ids."""
+        row_ids = np.empty(fids.shape[0], dtype=np.intp)
         start, created = 0, 0
         while True:
-            outcome, start, self._count, made, carry_key, carry_time, carry_bits = _insert_kernel(
+            a = self._arena
+            outcome, start, self._count, made = _insert_kernel(
                 fids, times, values, mode, np.uint8(touch_bits), self.dim, self._init_slots, self.init_scale,
-                self._init_seed, self._keys, self._rows, self._last_seen, self._touched, self._num_buckets,
-                self._hash_seeds, self._rng, start, self._count, self._max_count, carry_row,
+                self._init_seed, self._index, self._num_buckets, self._hash_seeds, self._rng, self._max_entries,
+                a.keys, a.rows, a.last_seen, a.touched, start, self._count, row_ids,
             )  # fmt: skip
+            del a
             created += made
             if outcome == _DONE:
                 break
-            if outcome == _NEED_ROOM:
-                self._grow()
-            else:
-                self._grow(carry=(carry_key, carry_row, carry_time, carry_bits))
+            if outcome == _NEED_ARENA:
+                self._grow_arena(self._count + 1)
+            else:  # _NEED_INDEX, or _KICK_FAILED (the homeless entry's row is in the arena)
+                self._grow_index()
         self.stats.rows_created += created
-        return created
+        return row_ids
+
+    def _load(self, keys, rows, last_seen):
+        """Fill an empty table with entries (unique keys) without touching them: snapshot restore."""
+        n = keys.shape[0]
+        if n > self._arena.capacity:
+            self._arena.resize(n)
+        a = self._arena
+        a.keys[:n], a.rows[:n], a.last_seen[:n], a.touched[:n] = keys, rows, last_seen, 0
+        del a
+        self._count = n
+        if n > self._max_entries:
+            self._allocate_index(math.ceil(n / self.max_load / BUCKET_SIZE))
+        if not _build_index_kernel(self._arena.keys, n, self._index, self._num_buckets, self._hash_seeds, self._rng):
+            self._grow_index()
 
     def _log_deleted(self, fids):
         if self.channels and fids.size:
@@ -620,17 +679,17 @@ class EmbeddingTable:
 
     @property
     def capacity(self):
-        """Number of slots (rows) currently allocated."""
-        return self._keys.shape[0]
+        """Number of entries the index holds (its load is ``len / capacity``)."""
+        return self._index.shape[0]
 
     @property
     def load_factor(self):
+        """Index load: ``len(table) / capacity``."""
         return self._count / self.capacity
 
     def memory_bytes(self):
-        """Bytes held by this table: entry arrays, per-slot policy, filter and deletion logs."""
-        total = self._keys.nbytes + self._rows.nbytes + self._last_seen.nbytes + self._touched.nbytes
-        total += self._thresholds.nbytes + self._expiry.nbytes
+        """Bytes held by this table: index, arena (as mapped), per-slot policy, filter, logs."""
+        total = self._index.nbytes + self._arena.nbytes + self._thresholds.nbytes + self._expiry.nbytes
         total += self.filter.memory_bytes if self.filter is not None else 0
         return total + 8 * self._deleted_count
 
@@ -646,10 +705,11 @@ class EmbeddingTable:
         Read-only: it neither counts sightings nor updates last-seen times.
         """
         fids = _as_fids(fids)
-        positions = self._find_positions(fids)
+        row_ids = self._find_rows(fids)
         out = np.empty((fids.shape[0], self.width if full else self.dim), dtype=np.float32)
-        _gather_kernel(fids, positions, self._rows, self.dim, self._init_slots, self.init_scale, self._init_seed, out)
-        return out, positions >= 0
+        _gather_kernel(fids, row_ids, self._arena.rows, self.dim, self._init_slots, self.init_scale,
+                       self._init_seed, out)  # fmt: skip
+        return out, row_ids >= 0
 
     def insert(self, fids, now=0, weights=None):
         """Give each fid a row, bypassing the frequency filter; returns how many rows were new.
@@ -681,14 +741,17 @@ class EmbeddingTable:
                 raise ValueError(f"weights must have shape ({n}, {self.dim}) or ({n}, {self.width}), got {values.shape}")
         if n:
             self.event_time = max(self.event_time, int(times.max()))
-        return self._upsert(fids, times, values, mode, self._touch_all)
+        before = self.stats.rows_created
+        self._upsert(fids, times, values, mode, self._touch_all)
+        return self.stats.rows_created - before
 
     def delete(self, fids):
         """Remove the rows of ``fids``; returns how many existed."""
         fids = _as_fids(fids)
         removed = np.empty(fids.shape[0], dtype=np.uint64)
-        count = _delete_kernel(fids, self._keys, self._touched, self._hash_seeds, self._num_buckets, removed)
-        self._count -= count
+        a = self._arena
+        self._count, count = _delete_kernel(fids, self._index, self._hash_seeds, self._num_buckets, a.keys, a.rows,
+                                            a.last_seen, a.touched, self._count, removed)  # fmt: skip
         self.stats.rows_deleted += count
         self._log_deleted(removed[:count])
         return count
@@ -696,14 +759,14 @@ class EmbeddingTable:
     def admit(self, fids, now):
         """Count a sighting of each rowless fid; create rows for those reaching their threshold.
 
-        Returns the positions of each occurrence's row (-1 where it had none *at that
-        occurrence*), valid until the next mutation (I5). Rows seen get last-seen ``now``.
+        Returns each occurrence's arena row id (-1 where it had no row *at that occurrence*),
+        valid until the next delete or evict (I3). Rows seen get last-seen time ``now``.
         """
         fids = _as_fids(fids)
         now = _as_time(now)
         self.event_time = max(self.event_time, now)
-        positions = self._find_positions(fids)
-        missing = np.flatnonzero(positions < 0)
+        row_ids = self._find_rows(fids)
+        missing = np.flatnonzero(row_ids < 0)
         if missing.size:
             rowless = fids[missing]
             admitted = np.empty(missing.size, dtype=np.bool_)
@@ -713,13 +776,14 @@ class EmbeddingTable:
                 f = self.filter
                 _admission_kernel(rowless, self._thresholds, f.counts, f.row_seeds, f.max_count, admitted)
             if admitted.any():
-                times = np.full(missing.size, now, dtype=np.uint32)
-                self._upsert(rowless[admitted], times[admitted], np.empty((0, self.width), np.float32),
-                             _INIT_ROWS, self._touch_all)  # fmt: skip
-                positions = self._find_positions(fids)  # I5: inserting may have moved rows
-                positions[missing[~admitted]] = -1  # sightings before the threshold had no row
-        _touch_kernel(positions, self._last_seen, self._touched, np.uint32(now), self._touch_all)
-        return positions
+                new = rowless[admitted]
+                times = np.full(new.size, now, dtype=np.uint32)
+                # Sightings before the threshold keep -1: they had no row (I3: ids found stay valid).
+                row_ids[missing[admitted]] = self._upsert(new, times, np.empty((0, self.width), np.float32),
+                                                          _INIT_ROWS, self._touch_all)  # fmt: skip
+        a = self._arena
+        _touch_kernel(row_ids, a.last_seen, a.touched, np.uint32(now), self._touch_all)
+        return row_ids
 
     def apply_gradients(self, fids, grads, now):
         """One optimizer step per distinct fid that has (or, by the filter, gets) a row.
@@ -732,12 +796,12 @@ class EmbeddingTable:
         grads = np.ascontiguousarray(grads, dtype=np.float32)
         if grads.shape != (fids.shape[0], self.dim):
             raise ValueError(f"grads must have shape ({fids.shape[0]}, {self.dim}), got {grads.shape}")
-        positions = self.admit(fids, now)
-        unique_positions = np.empty(fids.shape[0], dtype=np.intp)
+        row_ids = self.admit(fids, now)
+        unique_rows = np.empty(fids.shape[0], dtype=np.intp)
         sums = np.empty_like(grads)
-        unique = _sum_by_position_kernel(positions, grads, unique_positions, sums)
-        self.stats.dropped_gradients += int((positions < 0).sum())
-        self.optimizer.apply(self._rows, unique_positions[:unique], sums[:unique], self.dim)
+        unique = _sum_by_row_kernel(row_ids, grads, unique_rows, sums)
+        self.stats.dropped_gradients += int((row_ids < 0).sum())
+        self.optimizer.apply(self._arena.rows, unique_rows[:unique], sums[:unique], self.dim)
         return unique
 
     def evict(self, now=None):
@@ -746,13 +810,12 @@ class EmbeddingTable:
         now = self.event_time if now is None else _as_time(now)
         if not self._any_expiry or self._count == 0:
             return 0
-        positions = np.empty(self._count, dtype=np.intp)
-        count = _expired_kernel(self._keys, self._last_seen, self._expiry, np.int64(now), positions)
-        positions = positions[:count]
-        self._log_deleted(self._keys[positions])
-        self._keys[positions] = EMPTY_FID
-        self._touched[positions] = 0
-        self._count -= count
+        removed = np.empty(self._count, dtype=np.uint64)
+        a = self._arena
+        self._count, count = _evict_kernel(np.int64(now), self._expiry, self._index, self._hash_seeds,
+                                           self._num_buckets, a.keys, a.rows, a.last_seen, a.touched,
+                                           self._count, removed)  # fmt: skip
+        self._log_deleted(removed[:count].copy())
         self.stats.rows_evicted += count
         return count
 
@@ -764,18 +827,17 @@ class EmbeddingTable:
         """
         if not 0 <= channel < self.channels:
             raise ValueError(f"channel must be in [0, {self.channels}), got {channel}")
-        bit = np.uint8(1 << channel)
-        positions = np.flatnonzero(self._touched & bit)
-        self._touched[positions] &= ~bit
-        fids = self._keys[positions]
-        rows = self._rows[positions] if full else self._rows[positions, : self.dim]
+        a, bit = self._arena, np.uint8(1 << channel)
+        row_ids = np.flatnonzero(a.touched[: self._count] & bit)
+        a.touched[row_ids] &= ~bit
+        rows = a.rows[row_ids] if full else a.rows[row_ids, : self.dim]
         log = self._deleted[channel]
         self._deleted[channel] = []
-        self._deleted_count -= sum(a.size for a in log)
+        self._deleted_count -= sum(x.size for x in log)
         deleted = np.unique(np.concatenate(log)) if log else np.empty(0, dtype=np.uint64)
         if deleted.size:
-            deleted = deleted[self._find_positions(deleted) < 0]
-        return Delta(fids, np.ascontiguousarray(rows), self._last_seen[positions], deleted)
+            deleted = deleted[self._find_rows(deleted) < 0]
+        return Delta(a.keys[row_ids], np.ascontiguousarray(rows), a.last_seen[row_ids], deleted)
 
     def apply_delta(self, delta):
         """Make this table follow another's ``delta()``: upsert its rows, delete its deletions."""
@@ -784,11 +846,12 @@ class EmbeddingTable:
         return self.delete(delta.deleted)
 
     def items(self, batch_size=65536):
-        """Iterate over all entries in batches of ``(fids, rows [k, width], last_seen)``."""
-        positions = np.flatnonzero(self._keys != EMPTY_FID)
-        for start in range(0, positions.size, batch_size):
-            chunk = positions[start : start + batch_size]
-            yield self._keys[chunk], self._rows[chunk], self._last_seen[chunk]
+        """Iterate over all entries in batches of copies ``(fids, rows [k, width], last_seen)``.
+        The table must not be changed while iterating."""
+        a = self._arena
+        for start in range(0, self._count, batch_size):
+            stop = min(start + batch_size, self._count)
+            yield a.keys[start:stop].copy(), a.rows[start:stop].copy(), a.last_seen[start:stop].copy()
 
     def config(self):
         """JSON-able constructor arguments (capacity excluded)."""
@@ -824,10 +887,13 @@ class EmbeddingTable:
 
     @classmethod
     def from_bytes(cls, data, capacity=None):
-        """Restore a snapshot into a table of ``capacity`` slots (grown if too small)."""
+        """Restore a snapshot, making room for ``capacity`` entries (default: its size)."""
         from .snapshot import table_from_bytes
 
         return table_from_bytes(data, capacity=capacity)
+
+    def __reduce__(self):  # pickling goes through the snapshot format
+        return (EmbeddingTable.from_bytes, (self.to_bytes(),))
 
     def __repr__(self):
         return (

@@ -14,8 +14,8 @@ Layout (little-endian)::
       32+H     P  payload: the sections named in the header, back to back:
                   keys uint64[n] | rows float32[n, width] | last_seen uint32[n] | filter counters
 
-Only occupied entries are stored, so a snapshot restores into a table of any capacity (restore
-re-inserts them). Everything that defines the table's behaviour round-trips exactly: keys, rows
+Only the entries are stored (not the hash index), so a snapshot restores into a table of any
+capacity: restore copies the rows and rebuilds the index. Everything that defines the table's behaviour round-trips exactly: keys, rows
 with their optimizer slots, last-seen times, frequency-filter counters, config, stats and event
 time. Pending deltas do not: a restored table starts with nothing touched.
 
@@ -24,9 +24,9 @@ time. Pending deltas do not: a restored table starts with nothing touched.
 >>> table = EmbeddingTable(dim=4)
 >>> _ = table.insert(np.arange(100, dtype=np.uint64), now=7)
 >>> data = table.to_bytes()
->>> copy = EmbeddingTable.from_bytes(data, capacity=4096)
->>> len(copy), copy.capacity
-(100, 4096)
+>>> copy = EmbeddingTable.from_bytes(data, capacity=4096)   # room for 4096 entries
+>>> len(copy), bool(copy.lookup(np.arange(100, dtype=np.uint64))[1].all())
+(100, True)
 >>> try:
 ...     EmbeddingTable.from_bytes(data[:-1])
 ... except SnapshotError as e:
@@ -54,19 +54,17 @@ class SnapshotError(ValueError):
 
 def table_to_bytes(table):
     """Serialise ``table`` (see the module docstring for the layout)."""
-    from .embedding_table import EMPTY_FID
-
-    occupied = np.flatnonzero(table._keys != EMPTY_FID)
+    n, arena = len(table), table._arena
     arrays = {
-        "keys": table._keys[occupied].astype("<u8"),
-        "rows": table._rows[occupied].astype("<f4"),
-        "last_seen": table._last_seen[occupied].astype("<u4"),
+        "keys": arena.keys[:n].astype("<u8"),
+        "rows": arena.rows[:n].astype("<f4"),
+        "last_seen": arena.last_seen[:n].astype("<u4"),
     }
     if table.filter is not None:
         arrays["filter"] = table.filter.counts.astype(table.filter.counts.dtype.newbyteorder("<"))
     header = {
         "config": table.config(),
-        "count": int(occupied.size),
+        "count": n,
         "width": table.width,
         "event_time": table.event_time,
         "stats": vars(table.stats),
@@ -127,7 +125,7 @@ def _read_sections(header, payload):
 
 def table_from_bytes(data, capacity=None):
     """Rebuild a table from ``table_to_bytes`` output; raises ``SnapshotError`` if it is damaged."""
-    from .embedding_table import _SET_ROWS, EmbeddingTable, TableStats
+    from .embedding_table import EMPTY_FID, EmbeddingTable, TableStats
 
     data = memoryview(data).cast("B")
     header, payload = _read_header(data)
@@ -140,16 +138,14 @@ def table_from_bytes(data, capacity=None):
         raise SnapshotError(f"snapshot header is malformed: {e!r}") from None
     if keys.shape != (count,) or rows.shape != (count, width) or last_seen.shape != (count,):
         raise SnapshotError("snapshot sections do not match its entry count and row width")
-    needed = math.ceil(count / config["max_load"]) + 1
-    table = EmbeddingTable.from_config(config, capacity=max(int(capacity or 0), needed if capacity is None else 1))
+    if count and (keys == EMPTY_FID).any():
+        raise SnapshotError("snapshot holds the reserved fid 0xFFFFFFFFFFFFFFFF")
+    table = EmbeddingTable.from_config(config, capacity=max(count, int(capacity or 0)))
     if table.width != width:
         raise SnapshotError(f"snapshot row width {width} does not match its config (width {table.width})")
-    if count:
-        table._upsert(
-            keys.astype(np.uint64), last_seen.astype(np.uint32), np.ascontiguousarray(rows, dtype=np.float32), _SET_ROWS, 0
-        )
-        if len(table) != count:
-            raise SnapshotError("snapshot holds duplicate keys")
+    if count and np.unique(keys).size != count:
+        raise SnapshotError("snapshot holds duplicate keys")
+    table._load(keys.astype(np.uint64), rows.astype(np.float32), last_seen.astype(np.uint32))
     if table.filter is not None:
         counts = arrays.get("filter")
         if counts is None or counts.shape != table.filter.counts.shape:

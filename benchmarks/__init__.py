@@ -1,0 +1,1 @@
+"""Benchmarks: each ``python -m benchmarks.<name> --json`` prints one JSON object."""
