@@ -125,7 +125,8 @@ class TableStats:
     rows_deleted: int = 0
     rows_evicted: int = 0
     dropped_gradients: int = 0
-    rehashes: int = 0
+    rehashes: int = 0  #: index rebuilds (growth)
+    kick_failures: int = 0  #: inserts whose cuckoo random walk failed (each forced a rebuild)
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +527,7 @@ class EmbeddingTable:
             when some threshold is above 1 and none is given.
         init_scale: new weights are uniform in [-init_scale, init_scale), drawn from the fid and
             ``seed`` (so a replay creates the same values); 0 gives zeros.
-        max_load: index load that triggers growth (cuckoo with 4-entry buckets holds > 0.97).
+        max_load: index load that triggers growth (4-entry buckets fill to ~0.96 before kicks fail).
         growth: index capacity factor of one growth step.
         channels: number of independent delta consumers (0 disables delta tracking).
         seed: seeds the hashes, the initial weights and the kick random walk.
@@ -648,6 +649,7 @@ class EmbeddingTable:
             if outcome == _NEED_ARENA:
                 self._grow_arena(self._count + 1)
             else:  # _NEED_INDEX, or _KICK_FAILED (the homeless entry's row is in the arena)
+                self.stats.kick_failures += outcome == _KICK_FAILED
                 self._grow_index()
         self.stats.rows_created += created
         return row_ids

@@ -82,11 +82,13 @@ def _read_header(data):
     """Check the preamble, sizes and checksums; returns (header dict, payload memoryview)."""
     if len(data) < _PREAMBLE.size:
         raise SnapshotError(f"snapshot truncated: {len(data)} bytes, the fixed preamble alone is {_PREAMBLE.size}")
-    magic, version, _, header_len, payload_len, header_crc, payload_crc = _PREAMBLE.unpack_from(data)
+    magic, version, reserved, header_len, payload_len, header_crc, payload_crc = _PREAMBLE.unpack_from(data)
     if magic != MAGIC:
         raise SnapshotError(f"not an embedding table snapshot: magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:
         raise SnapshotError(f"unsupported snapshot format version {version} (this code reads {VERSION})")
+    if reserved != 0:
+        raise SnapshotError(f"snapshot preamble is corrupted: reserved field is {reserved}, expected 0")
     expected = _PREAMBLE.size + header_len + payload_len
     if len(data) < expected:
         raise SnapshotError(f"snapshot truncated: expected {expected} bytes, got {len(data)}")
