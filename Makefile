@@ -1,0 +1,50 @@
+# Two commands: `make demo` and `make test`. Both set up what is missing, and only that:
+#   .venv          the library with its pinned dependencies (setup.py)
+#   .venv-flink    the apache-flink wheel, --no-deps: a Flink distribution for a local cluster
+#   .cache/flink/  Beam's Flink job server jar, shaded by Maven from flink/jobserver/pom.xml
+# A second run finds all three in place and downloads nothing.
+
+PYTHON        ?= python3
+VENV          := .venv
+PY            := $(VENV)/bin/python
+FLINK_VENV    := .venv-flink
+# The cluster's Flink minor version must equal the job server's (flink/jobserver/pom.xml).
+FLINK_WHEEL_VERSION := 1.19.3
+JOBSERVER_JAR := .cache/flink/beam-runners-flink-1.19-job-server-2.62.0.jar
+PYTEST_ARGS   ?=
+
+.PHONY: demo test setup flink-dist flink-jobserver check-java clean
+
+demo: $(VENV)/.installed
+	$(PY) -m dataflow demo
+
+test: $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
+	$(PY) -m pytest -p no:cacheprovider --durations=15 $(PYTEST_ARGS) tests
+
+setup: $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+flink-dist: $(FLINK_VENV)/.installed
+$(FLINK_VENV)/.installed:
+	test -x $(FLINK_VENV)/bin/python || $(PYTHON) -m venv $(FLINK_VENV)
+	$(FLINK_VENV)/bin/pip install -q --no-deps apache-flink==$(FLINK_WHEEL_VERSION) \
+	    apache-flink-libraries==$(FLINK_WHEEL_VERSION)
+	touch $@
+
+flink-jobserver: $(JOBSERVER_JAR)
+$(JOBSERVER_JAR): flink/jobserver/pom.xml | check-java
+	mvn -q -B -f flink/jobserver/pom.xml package
+	mkdir -p $(dir $@)
+	mv flink/jobserver/target/$(notdir $@) $@
+	rm -rf flink/jobserver/target
+
+check-java:
+	@command -v java >/dev/null || { echo "Java 17 is missing: apt-get install openjdk-17-jdk-headless"; exit 1; }
+	@command -v mvn >/dev/null || { echo "Maven is missing: apt-get install maven"; exit 1; }
+
+clean:
+	rm -rf $(VENV) $(FLINK_VENV) .cache flink/jobserver/target *.egg-info

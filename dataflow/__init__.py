@@ -1,0 +1,1 @@
+"""Pipelines, their options and command lines. ``python -m dataflow --help`` lists them."""

@@ -1,0 +1,247 @@
+"""Flink for Beam pipelines on this machine: the job server jar and a standalone cluster.
+
+Two things come from outside Python and are set up by ``make`` (see README):
+
+* the Beam Flink **job server jar**, shaded by ``flink/jobserver/pom.xml`` from Maven
+  Central into ``.cache/flink/`` (Beam's FlinkRunner takes it with
+  ``--flink_job_server_jar``; ``dataflow.options.runner_defaults`` fills that in);
+* a **Flink distribution**, the ``apache-flink`` wheel installed with ``--no-deps`` into
+  ``.venv-flink`` (it pins an old Beam, so it lives apart from ``.venv``). Its
+  ``bin/start-cluster.sh`` starts a standalone cluster; :class:`FlinkCluster` drives it.
+
+Both locations can be overridden: ``BEAM_MONOLITH_FLINK_JOB_SERVER_JAR`` and ``FLINK_HOME``.
+
+Command line::
+
+    python -m dataflow.flink start      # standalone cluster, prints its REST address
+    python -m dataflow.flink stop
+    python -m dataflow.flink paths      # where the jar and the distribution are
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+_LOG = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Keep these three in step with flink/jobserver/pom.xml and the Makefile.
+BEAM_VERSION = "2.62.0"
+FLINK_VERSION = "1.19"
+JOB_SERVER_JAR_NAME = f"beam-runners-flink-{FLINK_VERSION}-job-server-{BEAM_VERSION}.jar"
+
+
+class FlinkSetupError(RuntimeError):
+    """Something Flink needs is not installed; the message says what to run."""
+
+
+def job_server_jar() -> str:
+    """Path of the Beam Flink job server jar, or :class:`FlinkSetupError` saying how to get it."""
+    path = os.environ.get("BEAM_MONOLITH_FLINK_JOB_SERVER_JAR") or str(
+        REPO_ROOT / ".cache" / "flink" / JOB_SERVER_JAR_NAME)
+    if not os.path.isfile(path):
+        raise FlinkSetupError(
+            f"Beam Flink job server jar not found at {path}. Run `make flink-jobserver` "
+            "(needs Java 17 and Maven: apt-get install openjdk-17-jdk-headless maven) or set "
+            "BEAM_MONOLITH_FLINK_JOB_SERVER_JAR.")
+    _require_java()
+    return path
+
+
+def flink_home() -> str:
+    """Root of the Flink distribution (has bin/ conf/ lib/), from FLINK_HOME or .venv-flink."""
+    home = os.environ.get("FLINK_HOME")
+    if not home:
+        found = sorted(glob.glob(str(REPO_ROOT / ".venv-flink" / "lib" / "python3*" /
+                                     "site-packages" / "pyflink")))
+        home = found[0] if found else ""
+    if not home or not os.path.isfile(os.path.join(home, "bin", "start-cluster.sh")):
+        raise FlinkSetupError(
+            f"No Flink distribution (bin/start-cluster.sh) found (FLINK_HOME={home or 'unset'}). "
+            f"Run `make flink-dist` (installs apache-flink=={FLINK_VERSION}.* with --no-deps "
+            "into .venv-flink) or set FLINK_HOME.")
+    _require_java()
+    return home
+
+
+def _require_java() -> None:
+    if shutil.which("java") is None:
+        raise FlinkSetupError("`java` is not on PATH: install a JDK 17 "
+                              "(apt-get install openjdk-17-jre-headless).")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+class FlinkCluster:
+    """A standalone Flink cluster (one JobManager, one TaskManager) on localhost.
+
+    It runs from a private copy of the distribution's ``conf/`` with free ports and its own
+    log folder, so two clusters (or a leftover one) never collide. Use it as a context
+    manager; ``stop()`` also kills the JVMs if the scripts leave any behind.
+
+    >>> with FlinkCluster(task_slots=2) as cluster:          # doctest: +SKIP
+    ...     run(["--runner=FlinkRunner", f"--flink_master={cluster.master}"])
+    """
+
+    def __init__(self, task_slots: int = 2, workdir: str | None = None,
+                 rest_port: int | None = None, extra_conf: dict | None = None):
+        self.home = flink_home()
+        self.task_slots = task_slots
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="flink-cluster-"))
+        self.rest_port = rest_port or free_port()
+        self.extra_conf = dict(extra_conf or {})
+        self.conf_dir = self.workdir / "conf"
+        self.log_dir = self.workdir / "log"
+
+    @property
+    def master(self) -> str:
+        """The value for ``--flink_master``."""
+        return f"localhost:{self.rest_port}"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://localhost:{self.rest_port}"
+
+    def _write_conf(self) -> None:
+        shutil.rmtree(self.conf_dir, ignore_errors=True)
+        shutil.copytree(os.path.join(self.home, "conf"), self.conf_dir)
+        settings = {
+            "rest.port": self.rest_port,
+            "rest.address": "localhost",
+            "rest.bind-address": "localhost",
+            "jobmanager.rpc.port": free_port(),
+            "taskmanager.numberOfTaskSlots": self.task_slots,
+            "taskmanager.memory.process.size": "1728m",
+            "jobmanager.memory.process.size": "1200m",
+            "blob.server.port": free_port(),
+            "taskmanager.rpc.port": free_port(),
+            "io.tmp.dirs": str(self.workdir / "tmp"),
+            "parallelism.default": 1,
+        }
+        settings.update(self.extra_conf)
+        # Flink 1.19 reads conf/config.yaml (standard YAML) first; flattened "a.b: v" keys are
+        # accepted there too, and a later key wins over the nested default.
+        with open(self.conf_dir / "config.yaml", "a", encoding="utf-8") as f:
+            f.write("\n# beam-monolith test cluster\n")
+            for key, value in settings.items():
+                f.write(f"{key}: {json.dumps(value) if isinstance(value, str) else value}\n")
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env.update(FLINK_HOME=self.home, FLINK_CONF_DIR=str(self.conf_dir),
+                   FLINK_LOG_DIR=str(self.log_dir), FLINK_PID_DIR=str(self.workdir))
+        return env
+
+    def start(self, timeout_s: float = 120.0) -> "FlinkCluster":
+        self._write_conf()
+        _LOG.info("starting Flink cluster from %s, REST %s", self.home, self.rest_url)
+        subprocess.run(["bash", os.path.join(self.home, "bin", "start-cluster.sh")],
+                       env=self._env(), check=True, capture_output=True, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                overview = self.rest("/overview")
+                if overview.get("taskmanagers", 0) >= 1 and overview.get("slots-total", 0) >= 1:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        logs = self.logs_tail()
+        self.stop()
+        raise FlinkSetupError(f"Flink cluster did not come up on {self.rest_url} within "
+                              f"{timeout_s:.0f}s. Logs:\n{logs}")
+
+    def rest(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.rest_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"{}")
+
+    def jobs(self) -> list[dict]:
+        """[{id, status}] of every job the cluster knows."""
+        return self.rest("/jobs").get("jobs", [])
+
+    def pids(self) -> list[int]:
+        pids = []
+        for pid_file in self.workdir.glob("*.pid"):
+            for line in pid_file.read_text().split():
+                if line.strip().isdigit():
+                    pids.append(int(line))
+        return pids
+
+    def stop(self) -> None:
+        try:
+            subprocess.run(["bash", os.path.join(self.home, "bin", "stop-cluster.sh")],
+                           env=self._env(), capture_output=True, timeout=60)
+        except (subprocess.SubprocessError, OSError) as e:
+            _LOG.warning("stop-cluster.sh failed: %s", e)
+        for pid in self.pids():  # what the scripts left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def logs_tail(self, lines: int = 40) -> str:
+        out = []
+        for log in sorted(self.log_dir.glob("*.log")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def __enter__(self) -> "FlinkCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dataflow.flink", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    start = sub.add_parser("start", help="start a standalone cluster in the background")
+    start.add_argument("--workdir", default=str(REPO_ROOT / ".cache" / "flink-cluster"))
+    start.add_argument("--rest_port", type=int, default=8081)
+    start.add_argument("--task_slots", type=int, default=2)
+    stop = sub.add_parser("stop", help="stop the cluster started by `start`")
+    stop.add_argument("--workdir", default=str(REPO_ROOT / ".cache" / "flink-cluster"))
+    sub.add_parser("paths", help="print where the job server jar and Flink are")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "paths":
+            print(json.dumps({"job_server_jar": job_server_jar(), "flink_home": flink_home()}))
+        elif args.cmd == "start":
+            cluster = FlinkCluster(args.task_slots, args.workdir, args.rest_port).start()
+            print(f"Flink {FLINK_VERSION} cluster up: web UI {cluster.rest_url}, "
+                  f"pass --flink_master={cluster.master}")
+        elif args.cmd == "stop":
+            cluster = FlinkCluster(workdir=args.workdir, rest_port=0)
+            cluster.stop()
+            print("Flink cluster stopped")
+    except FlinkSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Running a pipeline the same way from every CLI: build, run, wait, report metrics."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Callable
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from dataflow.options import MonolithOptions
+
+_LOG = logging.getLogger(__name__)
+
+
+def metrics_dict(result) -> dict:
+    """Committed counters and distributions of a finished pipeline, by metric name."""
+    out: dict = {"counters": {}, "distributions": {}}
+    try:
+        queried = result.metrics().query(MetricsFilter())
+    except (NotImplementedError, AttributeError):  # runners without metrics
+        return out
+    for c in queried.get("counters", []):
+        name = f"{c.key.metric.namespace}.{c.key.metric.name}"
+        out["counters"][name] = out["counters"].get(name, 0) + (c.committed or 0)
+    for d in queried.get("distributions", []):
+        name = f"{d.key.metric.namespace}.{d.key.metric.name}"
+        r = d.committed
+        if r is None:
+            continue
+        out["distributions"][name] = {"count": r.count, "sum": r.sum, "min": r.min,
+                                      "max": r.max}
+    return out
+
+
+def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions):
+    """Build with ``build(pipeline)``, run to completion, write metrics if asked; -> result."""
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline)
+    result = pipeline.run()
+    result.wait_until_finish()
+    metrics = metrics_dict(result)
+    out = options.view_as(MonolithOptions).metrics_out
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True)
+    _LOG.info("pipeline finished: %s", json.dumps(metrics["counters"], sort_keys=True))
+    return result

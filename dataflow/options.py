@@ -1,0 +1,97 @@
+"""Pipeline options: ours as ``PipelineOptions`` subclasses, plus runner defaults.
+
+Every pipeline takes Beam's own flags (``--runner``, ``--flink_master``, ``--streaming`` ...)
+unchanged. :func:`pipeline_options` adds what a user should not have to type on this setup:
+
+* FlinkRunner: ``--flink_job_server_jar`` (the jar ``make`` built; Maven Central does not
+  serve Beam's prebuilt one here), ``--flink_version`` matching it, and
+  ``--environment_type=LOOPBACK`` (Python workers run in the submitting process: no Docker).
+* DirectRunner: ``--direct_running_mode=in_memory`` and one worker, so the local runner
+  never tries to download a Prism binary and ``memory://`` objects are shared in-process.
+
+An explicit flag always wins over a default.
+
+Our own flags are parsed here, once, and handed to Beam as option values, not as flags:
+Beam 2.62 parses flags once per options view with argparse's prefix matching on, so a flag
+of ours such as ``--out`` would otherwise also be read as Beam's ``--output_executable_path``
+by ``view_as(PortableOptions)`` (and the Flink job server would then try to write a jar).
+"""
+from __future__ import annotations
+
+import argparse
+
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
+                                                  PortableOptions, StandardOptions)
+
+
+class MonolithOptions(PipelineOptions):
+    """Options every beam-monolith pipeline shares.
+
+    A pipeline's own options subclass this class (not ``PipelineOptions`` directly): Beam
+    parses every direct subclass together, and two pipelines may both define ``--input``.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--metrics_out", default=None,
+            help="Write the job's Beam metrics (counters, distributions) as JSON to this file "
+                 "when the pipeline finishes.")
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def split_flags(argv: list[str], option_classes=()) -> tuple[dict, list[str]]:
+    """(values of our flags in argv, the remaining flags for Beam).
+
+    ``option_classes``: the MonolithOptions subclasses of the pipeline (default: all).
+    """
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False,
+                                     conflict_handler="resolve")
+    classes = [MonolithOptions, *(option_classes or _subclasses(MonolithOptions))]
+    for cls in dict.fromkeys(classes):
+        if "_add_argparse_args" in cls.__dict__:
+            cls._add_argparse_args(parser)
+    ours, rest = parser.parse_known_args(argv)
+    return vars(ours), rest
+
+
+def _flag_given(argv: list[str], name: str) -> bool:
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def pipeline_options(argv: list[str], *option_classes, **overrides) -> PipelineOptions:
+    """``PipelineOptions`` from command-line flags with this project's runner defaults.
+
+    >>> opts = pipeline_options(["--runner=FlinkRunner", "--flink_master=[local]"])
+    ... # doctest: +SKIP
+    >>> opts.view_as(PortableOptions).environment_type                        # doctest: +SKIP
+    'LOOPBACK'
+    """
+    ours, argv = split_flags(list(argv), option_classes)
+    ours.update(overrides)
+    runner = PipelineOptions(argv).view_as(StandardOptions).runner or "DirectRunner"
+    runner = runner.rsplit(".", 1)[-1]
+    extra: list[str] = []
+    if runner in ("FlinkRunner", "PortableRunner"):
+        from dataflow import flink  # local import: only Flink runs need the jar
+        if runner == "FlinkRunner" and not _flag_given(argv, "flink_job_server_jar") \
+                and not _flag_given(argv, "job_endpoint"):
+            extra.append(f"--flink_job_server_jar={flink.job_server_jar()}")
+        if runner == "FlinkRunner" and not _flag_given(argv, "flink_version"):
+            extra.append(f"--flink_version={flink.FLINK_VERSION}")
+        if not _flag_given(argv, "environment_type"):
+            extra.append("--environment_type=LOOPBACK")
+    elif runner in ("DirectRunner", "BundleBasedDirectRunner"):
+        if not _flag_given(argv, "direct_running_mode"):
+            extra.append("--direct_running_mode=in_memory")
+        if not _flag_given(argv, "direct_num_workers"):
+            extra.append("--direct_num_workers=1")
+    return PipelineOptions(argv + extra, **ours)
+
+
+__all__ = ["MonolithOptions", "pipeline_options", "DirectOptions", "PortableOptions"]

@@ -1,0 +1,1 @@
+"""PTransforms and DoFns: parsing, feature extraction, joining, training steps."""
