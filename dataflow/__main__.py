@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, FlinkRunnerOpti
 
 # name -> (module, one-line description). The module has main(argv) and OPTIONS.
 PIPELINES = {
+    "demo": ("dataflow.demo", "the main job on the embedded default (make demo)"),
     "smoke": ("dataflow.smoke", "Avro events -> keyed state + event-time timers -> JSON lines"),
 }
 
