@@ -31,3 +31,57 @@ def flink_cluster(tmp_path_factory, flink_job_server_jar):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private ``redis-server`` on a free port (no persistence), stopped at session end.
+
+    Yields its base URL ``redis://127.0.0.1:<port>``; append ``/<db>`` to pick a database.
+    Never skips: without the binary the test fails with what to install.
+    """
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server"
+                                              if os.path.exists("/usr/bin/redis-server") else None)
+    if binary is None:
+        pytest.fail("redis-server is missing: apt-get install redis-server", pytrace=False)
+    workdir = tmp_path_factory.mktemp("redis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(workdir / "redis.log", "wb")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", "--appendonly", "no", "--databases", "16"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"redis-server exited with {proc.returncode}; see {workdir}/redis.log",
+                            pytrace=False)
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not answer on port {port}; see {workdir}/redis.log",
+                            pytrace=False)
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
