@@ -468,21 +468,37 @@ class _Arena:
         for name, dtype in self._DTYPES.items():
             shape = (capacity, self.width) if name == "rows" else (capacity,)
             nbytes = max(mmap.PAGESIZE, math.prod(shape) * np.dtype(dtype).itemsize)
-            self.__dict__.pop(name, None)  # drop our view so that the map can move
-            old = self._maps.get(name)
-            if old is None:
-                # Private: a shared anonymous map would not grow its backing object (SIGBUS).
-                old = self._maps[name] = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            else:
-                old.resize(nbytes)
-            if hasattr(old, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-                old.madvise(mmap.MADV_HUGEPAGE)
-            setattr(self, name, np.frombuffer(old, dtype=dtype, count=math.prod(shape)).reshape(shape))
+            old_view = self.__dict__.pop(name, None)  # our view must go for the map to move
+            old_map = self._maps.get(name)
+            if old_map is not None:
+                del old_view
+                try:
+                    old_map.resize(nbytes)
+                    new_map = old_map
+                except (OSError, SystemError, ValueError, TypeError):  # no mremap (not Linux)
+                    new_map = None
+            if old_map is None or new_map is None:
+                new_map = _anonymous_map(nbytes)
+                if old_map is not None:
+                    kept = min(len(old_map), nbytes)
+                    new_map[:kept] = old_map[:kept]
+                    old_map.close()
+            self._maps[name] = new_map
+            setattr(self, name, np.frombuffer(new_map, dtype=dtype, count=math.prod(shape)).reshape(shape))
         self.capacity = capacity
 
     @property
     def nbytes(self):
         return sum(len(m) for m in self._maps.values())
+
+
+def _anonymous_map(nbytes):
+    # Private: a shared anonymous map would not grow its backing object on resize (SIGBUS).
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", getattr(mmap, "MAP_ANON", 0))
+    memory = mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)
+    if hasattr(memory, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults and TLB misses for big arenas
+    return memory
 
 
 def _aligned_empty(shape, dtype):
@@ -672,7 +688,14 @@ class EmbeddingTable:
         if self.channels and fids.size:
             for log in self._deleted:
                 log.append(fids)
-            self._deleted_count += fids.size
+            self._deleted_count += fids.size * self.channels
+            if self._deleted_count > max(1 << 16, 2 * self._count):
+                # Bounded between delta() calls: keep each removed fid once, forget re-created ones.
+                self._deleted_count = 0
+                for c, log in enumerate(self._deleted):
+                    pending = np.unique(np.concatenate(log))
+                    self._deleted[c] = [pending[self._find_rows(pending) < 0]]
+                    self._deleted_count += self._deleted[c][0].size
 
     # ---------------------------------------------------------------- public API
 
@@ -693,7 +716,7 @@ class EmbeddingTable:
         """Bytes held by this table: index, arena (as mapped), per-slot policy, filter, logs."""
         total = self._index.nbytes + self._arena.nbytes + self._thresholds.nbytes + self._expiry.nbytes
         total += self.filter.memory_bytes if self.filter is not None else 0
-        return total + 8 * self._deleted_count
+        return total + 8 * self._deleted_count  # removed fids waiting for delta()
 
     def payload_bytes_per_entry(self):
         """What an entry must store: key, row (weights and optimizer slots), last-seen time."""
@@ -835,7 +858,7 @@ class EmbeddingTable:
         rows = a.rows[row_ids] if full else a.rows[row_ids, : self.dim]
         log = self._deleted[channel]
         self._deleted[channel] = []
-        self._deleted_count -= sum(x.size for x in log)
+        self._deleted_count -= sum(x.size for x in log)  # per-channel sizes add up to the total
         deleted = np.unique(np.concatenate(log)) if log else np.empty(0, dtype=np.uint64)
         if deleted.size:
             deleted = deleted[self._find_rows(deleted) < 0]

@@ -153,6 +153,9 @@ def table_from_bytes(data, capacity=None):
         if counts is None or counts.shape != table.filter.counts.shape:
             raise SnapshotError("snapshot filter counters are missing or do not match the filter config")
         table.filter.counts[...] = counts
-    table.event_time = int(header["event_time"])
-    table.stats = TableStats(**header["stats"])
+    try:
+        table.event_time = int(header["event_time"])
+        table.stats = TableStats(**header["stats"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"snapshot header is malformed: {e!r}") from None
     return table

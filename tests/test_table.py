@@ -249,3 +249,33 @@ def test_benchmark_runs_and_reports_the_required_keys():
     ):  # fmt: skip
         assert result[key] > 0, key
     assert result["keys"] == 20_000 and result["payload_bytes_per_entry"] == 140
+
+
+def test_deletion_log_stays_bounded_between_deltas_and_loses_nothing():
+    table = EmbeddingTable(dim=1, optimizer=SGD())
+    for round_ in range(40):  # the same 10,000 fids created and deleted again and again
+        fids = np.arange(10_000, dtype=np.uint64)
+        table.insert(fids)
+        table.delete(fids)
+    table.insert(np.arange(5000, dtype=np.uint64))  # half of them exist again
+    assert table.memory_bytes() < EmbeddingTable(dim=1, optimizer=SGD()).memory_bytes() + 8 * (1 << 17) + 200_000
+    d = table.delta()
+    assert sorted(d.deleted.tolist()) == list(range(5000, 10_000))
+    assert sorted(d.fids.tolist()) == list(range(5000))
+
+
+def test_arena_growth_falls_back_to_copying_when_maps_cannot_be_resized(monkeypatch):
+    import mmap as mmap_module
+
+    class NoResize(mmap_module.mmap):
+        def resize(self, size):
+            raise SystemError("mremap unavailable")
+
+    from ps import embedding_table
+
+    monkeypatch.setattr(embedding_table.mmap, "mmap", NoResize)
+    table = EmbeddingTable(dim=2, optimizer=SGD(), capacity=1)
+    fids = random_fids(20_000, seed=9)
+    weights = np.random.default_rng(9).standard_normal((20_000, 2)).astype(np.float32)
+    table.insert(fids, weights=weights)
+    np.testing.assert_array_equal(table.lookup(fids)[0], weights)
