@@ -279,3 +279,12 @@ def test_arena_growth_falls_back_to_copying_when_maps_cannot_be_resized(monkeypa
     weights = np.random.default_rng(9).standard_normal((20_000, 2)).astype(np.float32)
     table.insert(fids, weights=weights)
     np.testing.assert_array_equal(table.lookup(fids)[0], weights)
+
+
+@pytest.mark.parametrize("module", ["embedding_table", "frequency_filter", "optimizers", "snapshot"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"ps.{module}"), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
