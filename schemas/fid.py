@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from typing import Iterable
 
 import numpy as np
@@ -54,22 +55,23 @@ _SHIFT = 64 - HASH_BITS
 # Values longer than this are hashed one by one: a byte matrix as wide as one huge value
 # times a million rows would not fit in memory.
 _MATRIX_MAX_BYTES = 256
-
-
-def _mix(z: int) -> int:
-    z = ((z ^ (z >> 30)) * _M1) & _MASK64
-    z = ((z ^ (z >> 27)) * _M2) & _MASK64
-    return z ^ (z >> 31)
+_iter_words = struct.Struct("<Q").iter_unpack
 
 
 def _hash_bytes(data: bytes) -> int:
+    # The splitmix64 finaliser written out inline: this is the per-record hot path.
     n = len(data)
     h = _SEED ^ ((n * _GOLDEN) & _MASK64)
     if n % 8:
-        data = data + b"\0" * (8 - n % 8)
-    for i in range(0, n, 8):
-        h = _mix(h ^ int.from_bytes(data[i:i + 8], "little"))
-    return _mix(h) >> _SHIFT
+        data += b"\0" * (8 - n % 8)
+    for (word,) in _iter_words(data):
+        z = h ^ word
+        z = ((z ^ (z >> 30)) * _M1) & _MASK64
+        z = ((z ^ (z >> 27)) * _M2) & _MASK64
+        h = z ^ (z >> 31)
+    z = ((h ^ (h >> 30)) * _M1) & _MASK64
+    z = ((z ^ (z >> 27)) * _M2) & _MASK64
+    return (z ^ (z >> 31)) >> _SHIFT
 
 
 @functools.lru_cache(maxsize=1 << 16)
