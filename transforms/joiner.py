@@ -364,8 +364,13 @@ class JoinByRequestFn(beam.DoFn):
                  closed_state=beam.DoFn.StateParam(CLOSED_AT),
                  deadline_state=beam.DoFn.StateParam(DEADLINE),
                  close=beam.DoFn.TimerParam(CLOSE)):
+        # Runners may deliver a timer that was since reset or already fired (the
+        # BundleBasedDirectRunner fires a timer set behind the watermark twice): only the
+        # firing that matches DEADLINE counts.
         deadline = deadline_state.read()
-        if deadline is not None and _ms(fired) < deadline:  # a superseded timer: re-arm
+        if deadline is None:
+            return
+        if _ms(fired) < deadline:
             close.set(_at(deadline))
             return
         features = features_state.read()
