@@ -1,0 +1,400 @@
+"""The models (LR, FM, DeepFM) as pure functions of a batch, its embedding rows and dense weights.
+
+The worker owns no variables: it reads rows from the ParameterStore, calls :meth:`Model.train_step`
+and ships the gradients to the parameter-server DoFns (DESIGN §1). So a model here is a spec,
+the TensorFlow graph of its forward pass, and the bookkeeping that maps a CSR batch of fids to
+rows.
+
+>>> import numpy as np
+>>> from transforms.batch import ExampleBatch
+>>> spec = ModelSpec("fm", slots=[(1, 4), (2, 4)], dense_dim=1)
+>>> spec.tables()                                  # one row per fid: [w | v_0..v_3]
+{'w5': 5}
+>>> model = Model(spec)
+>>> batch = ExampleBatch.from_examples([
+...     {"fids": [1 << 48 | 7, 2 << 48 | 9], "dense": [0.5], "label": 1, "ts_ms": 0},
+...     {"fids": [1 << 48 | 7, 3 << 48 | 1], "dense": [0.0], "label": 0, "ts_ms": 0}])
+>>> keys = model.lookup_keys(batch)                # what to read from the store
+>>> [hex(f) for f in keys["w5"]]                    # slot 3 is not in the spec: ignored
+['0x1000000000007', '0x2000000000009']
+>>> rows = {"w5": (keys["w5"], np.full((2, 5), 0.1, np.float32))}
+>>> probs, loss, sparse, dense = model.train_step(batch, rows, model.initial_dense_params())
+>>> print(probs.round(4))                          # scored before anything is learned
+[0.5597 0.525 ]
+>>> sparse["w5"][1].shape, sorted(dense)
+((2, 5), ['bias', 'dense_w'])
+
+Rows and tables
+---------------
+Every fid has one row ``[w | v]``: ``w`` its first-order weight, ``v`` its ``dim``-wide
+embedding. Rows live in one table per row width, named ``f"w{width}"``: LR uses only ``w``
+(``"w1"``), FM and DeepFM use ``"w{1 + dim}"``. FM's second-order term is a dot product between
+slot embeddings, so FM and DeepFM require one ``dim`` for every slot and raise ``ValueError``
+otherwise (a per-slot projection would add dense weights whose only job is to hide a feature
+config mistake). The slot of a fid is its top bits (``fid >> 48``, Monolith v2 layout); fids of
+slots the spec does not list are ignored and counted in :attr:`Model.ignored_fids`.
+
+The forward pass
+----------------
+Per example, a slot's rows are summed (sum pooling) into ``p_s = [w_s | v_s]``, then::
+
+    LR      logit = Σ_s w_s + dense · dense_w + bias
+    FM      LR + ½ Σ_k [(Σ_s v_sk)² − Σ_s v_sk²]
+    DeepFM  FM + MLP([v_1, ..., v_S, dense])      (ReLU hidden layers, linear output)
+
+DeepFM is the model of the Monolith paper. FM needs embeddings that are not all zero at the
+start (with ``v = 0`` its gradient with respect to ``v`` is zero): give the PS tables a small
+``init_scale`` (e.g. 0.01–0.05); DeepFM's MLP breaks the symmetry by itself.
+
+Loss and its reduction
+----------------------
+``loss = Σ_i weight_i · BCE(label_i, σ(logit_i))``: a **sum** over the batch, not a mean.
+Each row's gradient is then the sum of the gradients of the examples it occurs in, exactly
+what per-example online SGD would apply, independent of the batch size: a fid seen once in a
+batch of 1024 is not learned 1024 times slower than in a batch of 1, and a per-row optimizer's
+learning rate and Adagrad's initial accumulator keep their meaning across batch sizes. The dense
+gradients are sums too; a dense optimizer that prefers a mean divides by
+``DenseGradients.examples``. The mean log loss of a batch is ``loss / weight.sum()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from transforms.batch import ExampleBatch
+
+KINDS = ("lr", "fm", "deepfm")
+SLOT_SHIFT = np.uint64(48)
+MAX_SLOT = (1 << 15) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the model is: its kind, the slots it reads with their embedding dims, its inputs.
+
+    >>> ModelSpec("deepfm", slots=[(1, 8), (2, 8)], dense_dim=3).tables()
+    {'w9': 9}
+    >>> ModelSpec("lr", slots=[(1, 8), (2, 16)], dense_dim=0).table_of_slot(2)
+    'w1'
+    >>> ModelSpec("fm", slots=[(1, 8), (2, 16)], dense_dim=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: fm needs one embedding dim for every slot (its second-order term takes dot products between slots), got dims {8: [1], 16: [2]}; set one dim in the feature config or use kind='lr'
+    """
+
+    kind: str
+    slots: tuple  #: ((slot_id, dim), ...) in the order the model pools them
+    dense_dim: int = 0
+    hidden: tuple = (64, 32)
+    seed: int = 0
+
+    def __post_init__(self):
+        # Normalise to tuples: the spec is hashable, picklable and compares by value.
+        object.__setattr__(self, "slots", tuple((int(s), int(d)) for s, d in self.slots))
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "dense_dim", int(self.dense_dim))
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.slots:
+            raise ValueError("a model needs at least one slot")
+        ids = [s for s, _ in self.slots]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"slot ids repeat: {sorted(ids)}")
+        for slot, dim in self.slots:
+            if not 0 <= slot <= MAX_SLOT:
+                raise ValueError(f"slot {slot} is outside [0, {MAX_SLOT}] (15 bits)")
+            if dim < 1:
+                raise ValueError(f"slot {slot}: embedding dim must be >= 1, got {dim}")
+        if self.dense_dim < 0 or any(h < 1 for h in self.hidden):
+            raise ValueError(f"dense_dim must be >= 0 and hidden sizes >= 1, got "
+                             f"{self.dense_dim}, {self.hidden}")
+        if self.kind != "lr":
+            by_dim: dict = {}
+            for slot, dim in self.slots:
+                by_dim.setdefault(dim, []).append(slot)
+            if len(by_dim) > 1:
+                raise ValueError(
+                    f"{self.kind} needs one embedding dim for every slot (its second-order term "
+                    f"takes dot products between slots), got dims {by_dim}; set one dim in the "
+                    f"feature config or use kind='lr'")
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    @property
+    def dim(self) -> int:
+        """Embedding width ``v`` of every slot (0 for LR, which has none)."""
+        return 0 if self.kind == "lr" else self.slots[0][1]
+
+    @property
+    def width(self) -> int:
+        """Row width: ``1 + dim``."""
+        return 1 + self.dim
+
+    @property
+    def table(self) -> str:
+        """The one table this model reads (every slot has the same row width)."""
+        return f"w{self.width}"
+
+    def tables(self) -> dict:
+        """``{table name: row width}`` of the tables the PS must hold for this model."""
+        return {self.table: self.width}
+
+    def table_of_slot(self, slot: int) -> str:
+        if int(slot) not in {s for s, _ in self.slots}:
+            raise KeyError(f"slot {slot} is not in the model spec")
+        return self.table
+
+    def dense_param_shapes(self) -> dict:
+        """``{name: shape}`` of the dense weights, in a stable order."""
+        shapes = {"bias": (1,)}
+        if self.dense_dim:
+            shapes["dense_w"] = (self.dense_dim,)
+        if self.kind == "deepfm":
+            fan_in = self.num_slots * self.dim + self.dense_dim
+            for i, size in enumerate(self.hidden):
+                shapes[f"mlp/w{i}"] = (fan_in, size)
+                shapes[f"mlp/b{i}"] = (size,)
+                fan_in = size
+            shapes["mlp/w_out"] = (fan_in, 1)
+            shapes["mlp/b_out"] = (1,)
+        return shapes
+
+
+class BatchIndex(NamedTuple):
+    """Where each kept fid occurrence of a batch goes (kept: its slot is in the spec).
+
+    Occurrences are sorted by segment, as ``tf.sparse.segment_sum`` wants them.
+    """
+
+    keys: np.ndarray  #: uint64 [u] unique fids in order of first occurrence: the rows to read
+    unique_of_occurrence: np.ndarray  #: int32 [m] position of each occurrence's fid in ``keys``
+    segment: np.ndarray  #: int32 [m] ``example * num_slots + slot position``, nondecreasing
+    ignored: int  #: fid occurrences of slots outside the spec
+
+
+class Gathered(NamedTuple):
+    """The TensorFlow inputs of one batch: rows plus, per occurrence, its row and segment."""
+
+    rows: np.ndarray  #: float32 [u', width], as the caller passed them
+    row_of_occurrence: np.ndarray  #: int32 [m]
+    segment: np.ndarray  #: int32 [m], nondecreasing
+
+
+class Model:
+    """A model's forward pass and gradients as TensorFlow graphs of (rows, batch, dense weights).
+
+    Traced once per ``Model``: every batch dimension is ``None`` in the input signatures, so
+    batches of any size and any number of unique fids reuse one graph. The graphs take four
+    packed arguments (rows, occurrences, example floats, flat dense weights) because each
+    argument of a ``tf.function`` call costs tens of microseconds of Python.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.ignored_fids = 0  #: running count of fid occurrences of slots outside the spec
+        self._dense_shapes = spec.dense_param_shapes()
+        self._dense_sizes = [int(np.prod(shape)) for shape in self._dense_shapes.values()]
+        self._dense_offsets = np.cumsum([0] + self._dense_sizes)
+        self._slot_position = np.full(1 << 16, -1, dtype=np.int64)
+        for position, (slot, _) in enumerate(spec.slots):
+            self._slot_position[slot] = position
+        signature = (
+            tf.TensorSpec([None, spec.width], tf.float32, name="rows"),
+            tf.TensorSpec([2, None], tf.int32, name="occurrences"),  # row, segment
+            tf.TensorSpec([None, 2 + spec.dense_dim], tf.float32, name="examples"),  # y, w, x
+            tf.TensorSpec([int(self._dense_offsets[-1])], tf.float32, name="dense_params"),
+        )
+        self._predict_fn = tf.function(self._probs, input_signature=signature)
+        self._train_fn = tf.function(self._loss_and_grads, input_signature=signature)
+        # Calling the concrete functions skips the signature matching of tf.function calls.
+        self._predict_graph = self._predict_fn.get_concrete_function()
+        self._train_graph = self._train_fn.get_concrete_function()
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def initial_dense_params(self) -> dict:
+        """``{name: float32 array}``: Glorot-uniform MLP kernels, zeros elsewhere; from the seed.
+
+        >>> model = Model(ModelSpec("deepfm", [(1, 4), (2, 4)], dense_dim=2, hidden=(3,)))
+        >>> {name: p.shape for name, p in model.initial_dense_params().items()}
+        {'bias': (1,), 'dense_w': (2,), 'mlp/w0': (10, 3), 'mlp/b0': (3,), 'mlp/w_out': (3, 1), 'mlp/b_out': (1,)}
+        """
+        rng = np.random.default_rng(self.spec.seed)
+        params = {}
+        for name, shape in self._dense_shapes.items():
+            if len(shape) == 2:
+                limit = np.sqrt(6.0 / (shape[0] + shape[1]))
+                params[name] = rng.uniform(-limit, limit, size=shape).astype(np.float32)
+            else:
+                params[name] = np.zeros(shape, dtype=np.float32)
+        return params
+
+    def _flat_params(self, dense_params: dict) -> np.ndarray:
+        missing = self._dense_shapes.keys() - dense_params.keys()
+        if missing:
+            raise ValueError(f"dense_params lacks {sorted(missing)}")
+        flat = np.empty(self._dense_offsets[-1], dtype=np.float32)
+        for (name, shape), start, stop in zip(self._dense_shapes.items(), self._dense_offsets,
+                                              self._dense_offsets[1:]):
+            value = np.asarray(dense_params[name])
+            if value.shape != shape:
+                raise ValueError(f"dense param {name!r} has shape {value.shape}, expected {shape}")
+            flat[start:stop] = value.reshape(-1)
+        return flat
+
+    def _unflatten(self, flat: np.ndarray) -> dict:
+        return {name: flat[start:stop].reshape(shape)
+                for (name, shape), start, stop in zip(self._dense_shapes.items(),
+                                                      self._dense_offsets, self._dense_offsets[1:])}
+
+    # -- batch bookkeeping (NumPy, vectorised) ------------------------------------------------
+
+    def index(self, batch: ExampleBatch) -> BatchIndex:
+        """Map each fid occurrence to its unique fid, slot position and example."""
+        fids = np.asarray(batch.fids, dtype=np.uint64)
+        position = self._slot_position[(fids >> SLOT_SHIFT).astype(np.int64)]
+        kept = position >= 0
+        ignored = int(fids.shape[0] - np.count_nonzero(kept))
+        example = batch.example_index()
+        if ignored:
+            fids, position, example = fids[kept], position[kept], example[kept]
+        segment = example * self.spec.num_slots + position
+        # CSR order is by example already; the stable sort only orders slots within examples.
+        order = np.argsort(segment, kind="stable")
+        fids, segment = fids[order], segment[order]
+        # A hash table (pandas) is ~8x faster than np.unique's sort on 20k fids.
+        unique_of_occurrence, keys = pd.factorize(fids, sort=False)
+        return BatchIndex(keys.astype(np.uint64, copy=False),
+                          unique_of_occurrence.astype(np.int32), segment.astype(np.int32), ignored)
+
+    def lookup_keys(self, batch: ExampleBatch) -> dict:
+        """``{table: unique fids}``: the rows a step on ``batch`` reads."""
+        return {self.spec.table: self.index(batch).keys}
+
+    def gather(self, batch: ExampleBatch, rows_by_table: dict,
+               index: BatchIndex | None = None) -> Gathered:
+        """Attach ``rows_by_table = {table: (fids uint64[u], rows float32[u, width])}`` to the
+        batch's occurrences. ``fids`` may be in any order and hold extra fids; each fid of a kept
+        occurrence must be there (``ValueError`` otherwise)."""
+        index = self.index(batch) if index is None else index
+        self.ignored_fids += index.ignored
+        table, width = self.spec.table, self.spec.width
+        if table not in rows_by_table:
+            raise ValueError(f"rows_by_table has no table {table!r} (has {sorted(rows_by_table)})")
+        fids, rows = rows_by_table[table]
+        fids = np.asarray(fids, dtype=np.uint64)
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.shape != (fids.shape[0], width):
+            raise ValueError(f"table {table!r}: rows have shape {rows.shape}, expected "
+                             f"({fids.shape[0]}, {width})")
+        if fids.shape == index.keys.shape and np.array_equal(fids, index.keys):
+            row_of_occurrence = index.unique_of_occurrence  # the caller read lookup_keys()
+        else:
+            row_of_occurrence = self._positions(table, fids, index.keys)[index.unique_of_occurrence]
+        return Gathered(rows, row_of_occurrence, index.segment)
+
+    @staticmethod
+    def _positions(table, fids, keys):
+        """int32 [len(keys)]: where each key is in ``fids`` (any order, maybe extra fids)."""
+        if len(keys) == 0:
+            return np.zeros(0, dtype=np.int32)
+        absent = keys
+        if len(fids):
+            order = np.argsort(fids, kind="stable")
+            at = order[np.minimum(np.searchsorted(fids, keys, sorter=order), len(fids) - 1)]
+            absent = keys[fids[at] != keys]
+        if len(absent):
+            raise ValueError(f"table {table!r}: {len(absent)} fids of the batch have no row, "
+                             f"e.g. {[hex(int(f)) for f in absent[:3]]}")
+        return at.astype(np.int32)
+
+    def _inputs(self, batch, rows_by_table, dense_params, index):
+        gathered = self.gather(batch, rows_by_table, index)
+        n = len(batch)
+        examples = np.empty((n, 2 + self.spec.dense_dim), dtype=np.float32)
+        examples[:, 0] = batch.label
+        examples[:, 1] = batch.weight
+        examples[:, 2:] = np.asarray(batch.dense).reshape(n, self.spec.dense_dim)
+        occurrences = np.stack([gathered.row_of_occurrence, gathered.segment])
+        return gathered.rows, occurrences, examples, self._flat_params(dense_params)
+
+    # -- public steps -------------------------------------------------------------------------
+
+    def predict(self, batch: ExampleBatch, rows_by_table: dict, dense_params: dict,
+                index: BatchIndex | None = None) -> np.ndarray:
+        """float32 [n]: the click probability of each example."""
+        return self._predict_graph(*self._inputs(batch, rows_by_table, dense_params,
+                                                 index)).numpy()
+
+    def train_step(self, batch: ExampleBatch, rows_by_table: dict, dense_params: dict,
+                   index: BatchIndex | None = None):
+        """``(probs, loss, sparse_grads, dense_grads)`` of the weighted log loss (a sum, see the
+        module docstring).
+
+        ``probs`` [n] are the predictions of the parameters given, before any update.
+        ``sparse_grads = {table: (fids, grads float32[u, width])}``, aligned with the fids
+        passed in ``rows_by_table`` (a fid repeated in the batch gets the sum of its
+        occurrences' gradients); ``dense_grads = {name: float32 array}``. ``index``: the
+        batch's :meth:`index`, if the caller computed it already (to read the rows).
+        """
+        probs, loss, row_grads, param_grads = self._train_graph(
+            *self._inputs(batch, rows_by_table, dense_params, index))
+        fids = np.asarray(rows_by_table[self.spec.table][0], dtype=np.uint64)
+        sparse = {self.spec.table: (fids, row_grads.numpy())}
+        return probs.numpy(), float(loss), sparse, self._unflatten(param_grads.numpy())
+
+    def tracing_count(self) -> int:
+        """Graphs traced so far by predict and train_step: 2, whatever the batches."""
+        return (self._predict_fn.experimental_get_tracing_count()
+                + self._train_fn.experimental_get_tracing_count())
+
+    # -- the graph ----------------------------------------------------------------------------
+
+    def _logits(self, rows, occurrences, examples, flat_params):
+        spec = self.spec
+        params = {name: tf.reshape(p, shape) for (name, shape), p in zip(
+            self._dense_shapes.items(), tf.split(flat_params, self._dense_sizes))}
+        n = tf.shape(examples)[0]
+        dense = examples[:, 2:]
+        # Gather and sum pooling in one op; its gradient is dense [u, width] (rows summed).
+        pooled = tf.sparse.segment_sum(rows, occurrences[0], occurrences[1],
+                                       num_segments=n * spec.num_slots)
+        pooled = tf.reshape(pooled, [n, spec.num_slots, spec.width])
+        # tf.split, not slicing: the gradient of a strided slice (StridedSliceGrad) cost more
+        # than the rest of the DeepFM step together.
+        if spec.dim:
+            w, v = tf.split(pooled, [1, spec.dim], axis=2)
+        else:
+            w, v = pooled, None
+        logits = tf.reduce_sum(w, axis=[1, 2]) + params["bias"]
+        if spec.dense_dim:
+            logits += tf.linalg.matvec(dense, params["dense_w"])
+        if spec.kind in ("fm", "deepfm"):
+            summed = tf.reduce_sum(v, axis=1)  # [n, dim]
+            logits += 0.5 * (tf.reduce_sum(tf.square(summed), axis=1)
+                             - tf.reduce_sum(tf.square(v), axis=[1, 2]))
+        if spec.kind == "deepfm":
+            hidden = tf.concat([tf.reshape(v, [n, spec.num_slots * spec.dim]), dense], axis=1)
+            for i in range(len(spec.hidden)):
+                hidden = tf.nn.relu(tf.matmul(hidden, params[f"mlp/w{i}"]) + params[f"mlp/b{i}"])
+            logits += tf.reshape(tf.matmul(hidden, params["mlp/w_out"]), [n]) + params["mlp/b_out"]
+        return logits
+
+    def _probs(self, rows, occurrences, examples, flat_params):
+        return tf.sigmoid(self._logits(rows, occurrences, examples, flat_params))
+
+    def _loss_and_grads(self, rows, occurrences, examples, flat_params):
+        with tf.GradientTape() as tape:
+            tape.watch(rows)
+            tape.watch(flat_params)
+            logits = self._logits(rows, occurrences, examples, flat_params)
+            loss = tf.reduce_sum(examples[:, 1] * tf.nn.sigmoid_cross_entropy_with_logits(
+                labels=examples[:, 0], logits=logits))
+        row_grads, param_grads = tape.gradient(loss, (rows, flat_params))
+        return tf.sigmoid(logits), loss, tf.convert_to_tensor(row_grads), param_grads
