@@ -165,6 +165,28 @@ def _find(index, key, seeds, num_buckets):
 
 
 @njit(inline="always")
+def _find_or_free(index, key, seeds, num_buckets):
+    """One pass over both buckets: ``(entry of key or -1, a free entry in the emptier bucket or -1)``."""
+    base_a = _bucket(key, seeds[0], num_buckets) * BUCKET_SIZE
+    base_b = _bucket(key, seeds[1], num_buckets) * BUCKET_SIZE
+    found, free_a, first_a, free_b, first_b = -1, 0, -1, 0, -1
+    for j in range(BUCKET_SIZE):
+        k = index[base_a + j, 0]
+        if k == key:
+            found = base_a + j
+        elif k == EMPTY_FID:
+            free_a += 1
+            first_a = base_a + j
+        k = index[base_b + j, 0]
+        if k == key:
+            found = base_b + j
+        elif k == EMPTY_FID:
+            free_b += 1
+            first_b = base_b + j
+    return found, first_a if free_a >= free_b and free_a > 0 else first_b
+
+
+@njit(inline="always")
 def _xorshift(rng):
     x = rng[0]
     x ^= x << np.uint64(13)
@@ -284,7 +306,7 @@ def _insert_kernel(
         if ahead < n:
             _prefetch_buckets(flat_index, fids[ahead], seeds, num_buckets)
         key = fids[i]
-        e = _find(index, key, seeds, num_buckets)
+        e, free = _find_or_free(index, key, seeds, num_buckets)
         if e >= 0:  # existing row: update in place
             r = np.intp(index[e, 1])
             if mode == _SET_WEIGHTS:
@@ -308,8 +330,15 @@ def _insert_kernel(
             for j in range(width):
                 rows[r, j] = values[i, j]
         else:
-            for j in range(dim):
-                rows[r, j] = values[i, j] if mode == _SET_WEIGHTS else _initial_weight(key, j, init_scale, init_seed)
+            if mode == _SET_WEIGHTS:
+                for j in range(dim):
+                    rows[r, j] = values[i, j]
+            elif init_scale == 0.0:
+                for j in range(dim):
+                    rows[r, j] = 0.0
+            else:
+                for j in range(dim):
+                    rows[r, j] = _initial_weight(key, j, init_scale, init_seed)
             for j in range(dim, width):
                 rows[r, j] = init_slots[j - dim]
         last_seen[r] = times[i]
@@ -317,6 +346,10 @@ def _insert_kernel(
         row_ids[i] = r
         count += 1
         created += 1
+        if free >= 0:  # the common case: a free entry in one of its buckets
+            index[free, 0] = key
+            index[free, 1] = r
+            continue
         placed, _, _ = _place(index, num_buckets, seeds, rng, key, np.uint64(r))
         if not placed:
             return _KICK_FAILED, i + 1, count, created
