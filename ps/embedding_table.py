@@ -260,17 +260,32 @@ def _find_kernel(fids, index, seeds, num_buckets, row_ids):
 
 
 @njit
-def _gather_kernel(fids, row_ids, rows, dim, init_slots, init_scale, init_seed, out):
-    """``out[i] = rows[row_ids[i], :ncols]``, or the initial value where the row id is -1."""
-    ncols = out.shape[1]
-    width = rows.shape[1]
+def _lookup_kernel(fids, index, seeds, num_buckets, rows, dim, init_slots, init_scale, init_seed, out, row_ids):
+    """``out[i] = rows[row of fids[i], :ncols]``, or the initial value; row ids to ``row_ids``.
+
+    A three-stage software pipeline: prefetch the buckets of key ``i + 2P``, find key ``i + P``
+    (its buckets have arrived) and prefetch its row, copy the row of key ``i``.
+    """
+    flat_index = index.reshape(-1)
     flat_rows = rows.reshape(-1)
-    n = fids.shape[0]
+    width, ncols, n = rows.shape[1], out.shape[1], fids.shape[0]
+    for i in range(min(2 * _PREFETCH, n)):
+        _prefetch_buckets(flat_index, fids[i], seeds, num_buckets)
+    for i in range(min(_PREFETCH, n)):
+        e = _find(index, fids[i], seeds, num_buckets)
+        row_ids[i] = np.intp(index[e, 1]) if e >= 0 else -1
     for i in range(n):
+        ahead = i + 2 * _PREFETCH
+        if ahead < n:
+            _prefetch_buckets(flat_index, fids[ahead], seeds, num_buckets)
         ahead = i + _PREFETCH
-        if ahead < n and row_ids[ahead] >= 0:
-            prefetch(flat_rows, row_ids[ahead] * width)
-            prefetch(flat_rows, row_ids[ahead] * width + ncols - 1)
+        if ahead < n:
+            e = _find(index, fids[ahead], seeds, num_buckets)
+            r = np.intp(index[e, 1]) if e >= 0 else -1
+            row_ids[ahead] = r
+            if r >= 0:
+                prefetch(flat_rows, r * width)
+                prefetch(flat_rows, r * width + ncols - 1)
         r = row_ids[i]
         if r >= 0:
             for j in range(ncols):
@@ -772,10 +787,10 @@ class EmbeddingTable:
         Read-only: it neither counts sightings nor updates last-seen times.
         """
         fids = _as_fids(fids)
-        row_ids = self._find_rows(fids)
+        row_ids = np.empty(fids.shape[0], dtype=np.intp)
         out = np.empty((fids.shape[0], self.width if full else self.dim), dtype=np.float32)
-        _gather_kernel(fids, row_ids, self._arena.rows, self.dim, self._init_slots, self.init_scale,
-                       self._init_seed, out)  # fmt: skip
+        _lookup_kernel(fids, self._index, self._hash_seeds, self._num_buckets, self._arena.rows, self.dim,
+                       self._init_slots, self.init_scale, self._init_seed, out, row_ids)  # fmt: skip
         return out, row_ids >= 0
 
     def insert(self, fids, now=0, weights=None):
