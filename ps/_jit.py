@@ -14,11 +14,11 @@ Everything here is tiny and inlined into the kernels that use it:
 """
 
 import numpy as np
+from llvmlite import ir
 from numba import njit as _numba_njit
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from llvmlite import ir
 
 __all__ = ["njit", "mix64", "reduce_range", "prefetch", "prefetch_write", "EMPTY_FID"]
 

@@ -310,7 +310,6 @@ def _insert_kernel(
     and calls again from ``next_index`` (after a failed kick the arena already holds the row).
     """
     flat_index = index.reshape(-1)
-    flat_rows = rows.reshape(-1)
     width = rows.shape[1]
     n = fids.shape[0]
     created = 0
@@ -820,7 +819,9 @@ class EmbeddingTable:
             elif values.shape == (n, self.width):
                 mode = _SET_ROWS
             else:
-                raise ValueError(f"weights must have shape ({n}, {self.dim}) or ({n}, {self.width}), got {values.shape}")
+                raise ValueError(
+                    f"weights must have shape ({n}, {self.dim}) or ({n}, {self.width}), got {values.shape}"
+                )
         if n:
             self.event_time = max(self.event_time, int(times.max()))
         before = self.stats.rows_created

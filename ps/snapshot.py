@@ -116,7 +116,9 @@ def _read_sections(header, payload):
             size = math.prod(shape) * dtype.itemsize
             if offset + size > len(payload):
                 raise SnapshotError(f"snapshot section {section['name']!r} runs past the end of the payload")
-            arrays[section["name"]] = np.frombuffer(payload, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+            arrays[section["name"]] = np.frombuffer(
+                payload, dtype=dtype, count=math.prod(shape), offset=offset
+            ).reshape(shape)
             offset += size
     except (KeyError, TypeError) as e:
         raise SnapshotError(f"snapshot header is malformed: {e!r}") from None

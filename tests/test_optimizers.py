@@ -29,9 +29,7 @@ def ftrl_reference(row, g, opt):
     n_new = n + g * g
     sigma = (np.sqrt(n_new) - np.sqrt(n)) / opt.lr
     z = z + g - sigma * w
-    w = np.where(
-        np.abs(z) <= opt.l1, 0.0, -(z - np.sign(z) * opt.l1) / ((opt.beta + np.sqrt(n_new)) / opt.lr + opt.l2)
-    )
+    w = np.where(np.abs(z) <= opt.l1, 0.0, -(z - np.sign(z) * opt.l1) / ((opt.beta + np.sqrt(n_new)) / opt.lr + opt.l2))
     return np.concatenate([w, z, n_new])
 
 
@@ -90,7 +88,9 @@ def test_apply_on_a_matrix_touches_only_the_given_rows(opt, reference):
     opt.apply(rows, positions, grads, DIM)
     assert rows.shape == (6, width)
     for p, g in zip(positions, grads):
-        np.testing.assert_allclose(rows[p], reference(before[p].astype(np.float64), g.astype(np.float64), opt), rtol=2e-5)
+        np.testing.assert_allclose(
+            rows[p], reference(before[p].astype(np.float64), g.astype(np.float64), opt), rtol=2e-5
+        )
     untouched = [0, 2, 3, 5]
     np.testing.assert_array_equal(rows[untouched], before[untouched])
 

@@ -78,7 +78,7 @@ def test_empty_table_round_trip():
 
 def test_every_truncation_is_rejected():
     data = trained_table(n=30).to_bytes()
-    for cut in list(range(0, 64)) + [len(data) // 2, len(data) - 1]:
+    for cut in [*range(64), len(data) // 2, len(data) - 1]:
         with pytest.raises(SnapshotError, match="truncated"):
             EmbeddingTable.from_bytes(data[:cut])
 
@@ -132,7 +132,7 @@ def reseal(header, payload):
 
 
 def split(data):
-    header_len, payload_len = struct.unpack_from("<IQ", data, 12)
+    header_len = struct.unpack_from("<I", data, 12)[0]
     return json.loads(data[32 : 32 + header_len]), data[32 + header_len :]
 
 

@@ -174,7 +174,9 @@ def test_replica_following_deltas_stays_equal():
     rng = np.random.default_rng(6)
     training = EmbeddingTable(dim=4, optimizer=Adagrad(lr=0.1), slots={1: SlotConfig(expiry=5)}, capacity=8)
     serving = EmbeddingTable(dim=4, optimizer=SGD(), channels=0, capacity=8)  # weights only
-    pool = np.concatenate([np.arange(200, dtype=np.uint64), (np.uint64(1) << np.uint64(48)) + np.arange(200, dtype=np.uint64)])
+    pool = np.concatenate(
+        [np.arange(200, dtype=np.uint64), (np.uint64(1) << np.uint64(48)) + np.arange(200, dtype=np.uint64)]
+    )
     for step in range(30):
         fids = rng.choice(pool, size=64)
         training.apply_gradients(fids, rng.standard_normal((64, 4)).astype(np.float32), now=step)
@@ -183,7 +185,9 @@ def test_replica_following_deltas_stays_equal():
             training.delete(rng.choice(pool, size=5))
         serving.apply_delta(training.delta())
         got = {f: (w.tolist(), t) for fs, ws, ts in serving.items() for f, w, t in zip(fs.tolist(), ws, ts.tolist())}
-        want = {f: (w[:4].tolist(), t) for fs, ws, ts in training.items() for f, w, t in zip(fs.tolist(), ws, ts.tolist())}
+        want = {
+            f: (w[:4].tolist(), t) for fs, ws, ts in training.items() for f, w, t in zip(fs.tolist(), ws, ts.tolist())
+        }
         assert got == want
 
 

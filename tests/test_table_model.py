@@ -29,9 +29,7 @@ def make_fid(slot, value):
 
 
 # A small pool so that ids repeat within and across batches; slot 5 uses the default config.
-fid_strategy = st.builds(make_fid, st.sampled_from([0, 1, 2, 3, 5]), st.integers(0, 12)) | st.integers(
-    0, 2**64 - 2
-)
+fid_strategy = st.builds(make_fid, st.sampled_from([0, 1, 2, 3, 5]), st.integers(0, 12)) | st.integers(0, 2**64 - 2)
 batch_strategy = st.lists(fid_strategy, min_size=0, max_size=24)
 time_strategy = st.integers(0, 120)
 
@@ -141,9 +139,7 @@ class TableModel(RuleBasedStateMachine):
 
     @rule(now=time_strategy)
     def evict(self, now):
-        expired = [
-            f for f in self.rows if expiry_of(f) is not None and now - self.last_seen[f] > expiry_of(f)
-        ]
+        expired = [f for f in self.rows if expiry_of(f) is not None and now - self.last_seen[f] > expiry_of(f)]
         for fid in expired:
             self._remove(fid)
         assert self.table.evict(now) == len(expired)
