@@ -120,26 +120,35 @@ class ParameterStore:
     """The interface both backends implement (see the module docstring for the semantics)."""
 
     url: str
-    num_shards: int
+    num_shards: Optional[int]
+
+    def _shards(self) -> int:
+        """The shard count rows are routed with (a handle opened with ``num_shards=None``
+        adopts the store's; it has none before a handle with a count opened it)."""
+        if self.num_shards is None:
+            raise ValueError(f"{self.url} has no shard count yet: open it with num_shards to "
+                             f"read or write rows")
+        return self.num_shards
 
     def _check_shard(self, shard: int, fids: np.ndarray) -> int:
-        shard = int(shard)
-        if not 0 <= shard < self.num_shards:
-            raise ValueError(f"shard must be in [0, {self.num_shards}), got {shard}")
-        if fids.size and (shard_of(fids, self.num_shards) != shard).any():
+        shard, num_shards = int(shard), self._shards()
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
+        if fids.size and (shard_of(fids, num_shards) != shard).any():
             raise ValueError(f"fids of other shards written to shard {shard} (num_shards="
-                             f"{self.num_shards}): route them with transforms.batch.shard_of")
+                             f"{num_shards}): route them with transforms.batch.shard_of")
         return shard
 
     def _groups(self, fids: np.ndarray):
         """Positions of ``fids`` grouped by shard: yields (shard, int64 positions)."""
-        if self.num_shards == 1:
+        num_shards = self._shards()
+        if num_shards == 1:
             yield 0, np.arange(fids.size)
             return
-        shards = shard_of(fids, self.num_shards)
+        shards = shard_of(fids, num_shards)
         order = np.argsort(shards, kind="stable")
-        bounds = np.searchsorted(shards[order], np.arange(self.num_shards + 1))
-        for s in range(self.num_shards):
+        bounds = np.searchsorted(shards[order], np.arange(num_shards + 1))
+        for s in range(num_shards):
             if bounds[s + 1] > bounds[s]:
                 yield s, order[bounds[s]:bounds[s + 1]]
 
@@ -186,11 +195,17 @@ class ParameterStore:
         return f"{type(self).__name__}({self.url!r}, num_shards={self.num_shards})"
 
 
-def open_store(url: str, num_shards: int = 1) -> ParameterStore:
-    """The store at ``url``: ``memory://name`` or ``redis://host:port/db[?prefix=p]``."""
-    num_shards = int(num_shards)
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+def open_store(url: str, num_shards: Optional[int] = 1) -> ParameterStore:
+    """The store at ``url``: ``memory://name`` or ``redis://host:port/db[?prefix=p]``.
+
+    ``num_shards``: how many PS shards publish rows (reads route fids with ``shard_of``). A
+    store keeps the count it was first opened with and refuses handles with another one;
+    ``None`` adopts the store's count (for handles that use dense sets and sync records only).
+    """
+    if num_shards is not None:
+        num_shards = int(num_shards)
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme == "memory":
         return MemoryStore._get(url, num_shards)
@@ -276,11 +291,15 @@ class MemoryStore(ParameterStore):
             store = cls._registry.get(name)
             if store is None:
                 store = cls._registry[name] = cls(f"memory://{name}", num_shards)
-        if store.num_shards != num_shards:
-            raise ValueError(f"{store.url} has num_shards={store.num_shards}, opened with {num_shards}")
+            if num_shards is not None:
+                if store.num_shards is None:
+                    store.num_shards = num_shards
+                elif store.num_shards != num_shards:
+                    raise ValueError(f"{store.url} has num_shards={store.num_shards}, "
+                                     f"opened with {num_shards}")
         return store
 
-    def __init__(self, url: str, num_shards: int):
+    def __init__(self, url: str, num_shards: Optional[int]):
         self.url = url
         self.num_shards = num_shards
         self._lock = _RWLock()
@@ -397,7 +416,7 @@ class MemoryStore(ParameterStore):
 class RedisStore(ParameterStore):
     """Store in redis (see the module docstring for the key layout)."""
 
-    def __init__(self, url: str, num_shards: int):
+    def __init__(self, url: str, num_shards: Optional[int]):
         parts = urllib.parse.urlsplit(url)
         query = urllib.parse.parse_qs(parts.query)
         self.prefix = query.pop("prefix", ["ps"])[0]
@@ -429,13 +448,23 @@ class RedisStore(ParameterStore):
             if self._client is None or self._pid != os.getpid():
                 client = redis.Redis.from_url(self._client_url)
                 key = f"{self.prefix}:num_shards"
-                client.set(key, self.num_shards, nx=True)
-                recorded = int(client.get(key))
-                if recorded != self.num_shards:
+                if self.num_shards is not None:
+                    client.set(key, self.num_shards, nx=True)
+                recorded = client.get(key)
+                recorded = None if recorded is None else int(recorded)
+                if self.num_shards is None:
+                    self.num_shards = recorded
+                elif recorded != self.num_shards:
                     raise ValueError(f"{self.url} was opened with num_shards={recorded}, "
                                      f"this handle has {self.num_shards}")
                 self._client, self._pid = client, os.getpid()
             return self._client
+
+    def _shards(self):
+        if self.num_shards is None:  # adopt the count a handle with one recorded meanwhile
+            recorded = self._redis.get(f"{self.prefix}:num_shards")
+            self.num_shards = None if recorded is None else int(recorded)
+        return super()._shards()
 
     def _rows_key(self, table, shard):
         return f"{self.prefix}:rows:{table}:{shard}"
@@ -553,7 +582,8 @@ class RedisStore(ParameterStore):
         keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start:start + 1000])
-        client.set(f"{self.prefix}:num_shards", self.num_shards)
+        if self.num_shards is not None:
+            client.set(f"{self.prefix}:num_shards", self.num_shards)
 
     def close(self):
         with self._client_lock:
