@@ -368,6 +368,11 @@ def plot_png(rows, path: str, title: str = "Online metrics") -> None:
     count_ax.legend(loc="upper left", fontsize="small")
     for ax in axes:
         ax.grid(True, alpha=0.3)
+    if rows:
+        last = rows[-1]
+        title += (f"\n{int(column['examples'].sum()):,} examples in {len(rows)} windows · "
+                  f"cumulative AUC {last['cumulative_auc']:.4f} · last window AUC "
+                  f"{last['auc']:.4f}")
     fig.suptitle(title)
     fig.autofmt_xdate()
     fig.tight_layout()
