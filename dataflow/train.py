@@ -1,0 +1,180 @@
+"""Online training: worker → sharded parameter servers → ParameterStore → worker (DESIGN §1).
+
+    python -m dataflow.train backfill --input 'examples/*.avro' --config CONFIG \
+        --export_dir snapshots/ [--model deepfm] [--store memory://train] [--runner ...]
+    python -m dataflow.train online --input examples/ --restore snapshots/ --config CONFIG ...
+
+The pipeline, as it reads::
+
+    example log ──► ReadExampleBatches ──► TrainWorker ──┬─ scores ──► OnlineMetrics (CSV, PNG)
+    (event-time order)   (columnar)        score first,  ├─ sparse grads ──► SparseShard (by shard)
+                                           then grads    └─ dense grads ──► DenseShard
+                        ▲                                            │ every sync interval
+                        └──────────── ParameterStore ◄───────────────┘
+
+Only fusable steps (no GroupByKey) sit between the reader and the PS, so on the DirectRunner
+the PS applies a batch's gradients before the worker scores the next batch (DESIGN §4b).
+``backfill`` reads bounded example files and ends by exporting PS snapshots; ``online``
+bootstraps empty shards from those snapshots and trains on files as they land in a folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import apache_beam as beam
+
+from dataflow.job import run_job
+from dataflow.options import MonolithOptions, pipeline_options
+
+_LOG = logging.getLogger(__name__)
+
+
+class TrainOptions(MonolithOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", help="example log: a glob of Avro files (backfill) or "
+                                            "a folder watched for new files (online)")
+        parser.add_argument("--config", help="feature config (YAML): slots, dims, thresholds, expiry")
+        parser.add_argument("--model", default="deepfm", choices=["lr", "fm", "deepfm"])
+        parser.add_argument("--store", default="memory://train",
+                            help="ParameterStore URL: memory://NAME or redis://HOST:PORT/DB")
+        parser.add_argument("--num_shards", type=int, default=2, help="sparse PS shards")
+        parser.add_argument("--batch_size", type=int, default=256)
+        parser.add_argument("--optimizer", default="adagrad",
+                            choices=["sgd", "adagrad", "ftrl", "adam"], help="sparse rows")
+        parser.add_argument("--learning_rate", type=float, default=0.05)
+        parser.add_argument("--dense_optimizer", default="adam", choices=["sgd", "adagrad", "adam"])
+        parser.add_argument("--dense_learning_rate", type=float, default=0.001)
+        parser.add_argument("--sync_interval_s", type=float, default=0.0,
+                            help="event-time seconds between sparse syncs to the store (0: every batch)")
+        parser.add_argument("--dense_sync_interval_s", type=float, default=0.0,
+                            help="event-time seconds between dense syncs / worker refreshes")
+        parser.add_argument("--metrics_window_s", type=int, default=3600,
+                            help="event-time window of the online metrics")
+        parser.add_argument("--metrics_dir", default="out/train",
+                            help="where the online metrics CSV and PNG go")
+        parser.add_argument("--export_dir", default=None,
+                            help="backfill: write PS snapshots here when the input ends")
+        parser.add_argument("--restore", default=None,
+                            help="online: bootstrap empty PS shards from these snapshots")
+        parser.add_argument("--seed", type=int, default=0)
+
+
+class ReadExampleBatches(beam.PTransform):
+    """Example log files → ``ExampleBatch`` es of ``batch_size``, in event-time order.
+
+    One reader merges every file by ``ts_ms`` (each file of the example log is sorted), so
+    training sees the stream in the order it happened: a batch is scored with what the PS
+    learned from every earlier batch (DESIGN §4b: no GroupByKey between reader and PS).
+    """
+
+    def __init__(self, pattern: str, batch_size: int, dense_dim: int):
+        super().__init__()
+        self.pattern = pattern
+        self.batch_size = int(batch_size)
+        self.dense_dim = int(dense_dim)
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Start" >> beam.Create([self.pattern])
+                | "ReadInOrder" >> beam.ParDo(_ReadBatchesFn(self.batch_size, self.dense_dim)))
+
+
+class _ReadBatchesFn(beam.DoFn):
+    def __init__(self, batch_size: int, dense_dim: int):
+        self.batch_size = batch_size
+        self.dense_dim = dense_dim
+
+    def process(self, pattern):
+        from dataflow.join import read_examples_in_order
+        from transforms.batch import ExampleBatch
+        chunk = []
+        for example in read_examples_in_order(pattern):
+            chunk.append(example)
+            if len(chunk) == self.batch_size:
+                yield _timestamped(ExampleBatch.from_examples(chunk, self.dense_dim))
+                chunk = []
+        if chunk:
+            yield _timestamped(ExampleBatch.from_examples(chunk, self.dense_dim))
+
+
+def _timestamped(batch):
+    from apache_beam.transforms.window import TimestampedValue
+    return TimestampedValue(batch, int(batch.ts_ms.max()) / 1000.0)
+
+
+def model_spec(config, kind: str, seed: int = 0):
+    """The model's spec from the feature config: its slots with their dims, its dense inputs."""
+    from transforms.model import ModelSpec
+    return ModelSpec(kind, slots=[(s.slot, s.dim) for s in config.slots],
+                     dense_dim=len(config.dense), seed=seed)
+
+
+def slot_policies(config) -> dict:
+    """``{slot: (occurrence threshold, expiry seconds)}`` for the sparse PS."""
+    return {s.slot: {"threshold": s.occurrence_threshold, "expiry_s": s.expiry_seconds}
+            for s in config.slots}
+
+
+def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
+    """Adds the training section to ``pipeline``; returns its PCollections by name."""
+    from ps.shard import DenseShard, SparseShard
+    from schemas.feature_config import load_feature_config
+    from transforms.metrics import OnlineMetrics
+    from transforms.model import Model
+    from transforms.worker import TrainWorker
+
+    config = load_feature_config(opts.config)
+    spec = model_spec(config, opts.model, opts.seed)
+    batches = pipeline | "ReadExamples" >> ReadExampleBatches(opts.input, opts.batch_size,
+                                                               spec.dense_dim)
+    worker = (batches
+              | "Worker" >> beam.ParDo(TrainWorker(
+                  spec, opts.store, opts.num_shards,
+                  dense_sync_interval_s=opts.dense_sync_interval_s)).with_outputs(
+                      TrainWorker.SCORES, TrainWorker.DENSE, main="sparse"))
+    sparse_tables = {name: width for name, width in spec.tables().items()}
+    applied_sparse = worker.sparse | "SparseShard" >> beam.ParDo(SparseShard(
+        opts.store, opts.num_shards, sparse_tables, slots=slot_policies(config),
+        optimizer=opts.optimizer, lr=opts.learning_rate, sync_interval_s=opts.sync_interval_s,
+        init_scale=0.01 if spec.kind != "lr" else 0.0, seed=opts.seed))
+    applied_dense = worker[TrainWorker.DENSE] | "DenseShard" >> beam.ParDo(DenseShard(
+        opts.store, "dense", Model(spec).initial_dense_params(),
+        optimizer=opts.dense_optimizer, lr=opts.dense_learning_rate,
+        sync_interval_s=opts.dense_sync_interval_s))
+    os.makedirs(opts.metrics_dir, exist_ok=True)
+    metrics = worker[TrainWorker.SCORES] | "OnlineMetrics" >> OnlineMetrics(
+        opts.metrics_window_s, out_prefix=os.path.join(opts.metrics_dir, f"online-{mode}"),
+        title=f"Online metrics, {mode} ({opts.model})")
+    return {"batches": batches, "scores": worker[TrainWorker.SCORES], "metrics": metrics,
+            "sparse": applied_sparse, "dense": applied_dense}
+
+
+MODES = ("backfill", "online")
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in MODES:
+        raise SystemExit(f"usage: python -m dataflow.train {{{','.join(MODES)}}} --input ... "
+                         "--config ... [flags]; see --help")
+    mode, argv = argv[0], argv[1:]
+    options = pipeline_options(argv, TrainOptions)
+    opts = options.view_as(TrainOptions)
+    if not opts.input or not opts.config:
+        raise SystemExit("train: --input and --config are required (see --help)")
+    result = run_job(lambda p: build(p, opts, mode), options)
+    return result
+
+
+OPTIONS = [TrainOptions]
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        from dataflow.__main__ import pipeline_help
+        print(pipeline_help("train", sys.modules[__name__]))
+    else:
+        main()
