@@ -42,7 +42,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.feature_config import FeatureConfig, SlotSpec
-from schemas.fid import HASH_BITS, hash48
+from schemas.fid import HASH_BITS, _hash_text, hash48
 
 __all__ = ["extract", "ExtractError", "ExtractFeatures", "FeatureExtractor", "DEAD_LETTER",
            "OUTPUT_KEYS"]
@@ -50,7 +50,6 @@ __all__ = ["extract", "ExtractError", "ExtractFeatures", "FeatureExtractor", "DE
 DEAD_LETTER = "dead_letter"
 OUTPUT_KEYS = ("request_id", "ts_ms", "user_id", "item_id", "fids", "dense", "served_score",
                "true_ctr")
-TOP_LEVEL_FIELDS = ("user_id", "item_id")
 CROSS_SEPARATOR = "\x1f"  # ASCII unit separator: no field value of ours contains it
 _MAX_REPR = 2000
 
@@ -93,12 +92,16 @@ def _text(field: str, v) -> str:
 
 class _Slot:
     """A slot compiled for the per-record loop."""
-    __slots__ = ("name", "high", "fields", "boundaries", "bucket_fids", "optional")
+    __slots__ = ("name", "high", "fields", "field", "plain", "is_cross", "boundaries",
+                 "bucket_fids", "optional")
 
     def __init__(self, spec: SlotSpec):
         self.name = spec.name
         self.high = spec.slot << HASH_BITS
         self.fields = spec.fields
+        self.field = spec.fields[0]
+        self.is_cross = spec.is_cross
+        self.plain = not spec.is_cross and spec.boundaries is None
         self.optional = spec.optional
         self.boundaries = list(spec.boundaries) if spec.boundaries is not None else None
         # Bucket indices are few: their fids are computed once, not per record.
@@ -116,7 +119,7 @@ class FeatureExtractor:
         self.max_list = config.max_list_length
 
     def __call__(self, record: Any) -> dict:
-        if not isinstance(record, Mapping):
+        if type(record) is not dict and not isinstance(record, Mapping):
             raise ExtractError("not_a_record",
                                f"expected a FeatureLog dict, got {type(record).__name__}")
         request_id = record.get("request_id")
@@ -130,22 +133,35 @@ class FeatureExtractor:
         features = record.get("features")
         if features is None:
             features = {}
-        elif not isinstance(features, Mapping):
+        elif type(features) is not dict and not isinstance(features, Mapping):
             raise ExtractError("wrong_type:features",
                                f"expected a map, got {type(features).__name__}")
-        top = {"user_id": user_id, "item_id": item_id}
+        # One lookup table for every field: the features, then user_id / item_id over them.
+        fields = dict(features)
+        fields["user_id"] = user_id
+        fields["item_id"] = item_id
         fids: list = []
+        append = fids.append
         for slot in self.slots:
-            if len(slot.fields) == 1:
-                self._single(slot, top, features, fids)
+            if slot.plain:  # the common case inline: one field holding a string
+                value = fields.get(slot.field)
+                if type(value) is str:
+                    append(slot.high | _hash_text(value))
+                    continue
+                self._single(slot, value, fids)
+            elif slot.is_cross:
+                self._cross(slot, fields, fids)
             else:
-                self._cross(slot, top, features, fids)
-        dense = [self._dense(source, default, log1p, top, features)
+                self._single(slot, fields.get(slot.field), fids)
+        dense = [self._dense(source, default, log1p, fields)
                  for source, default, log1p in self.dense]
+        served_score = record.get("served_score")
+        true_ctr = record.get("true_ctr")
         return {"request_id": request_id, "ts_ms": ts_ms, "user_id": user_id,
                 "item_id": item_id, "fids": fids, "dense": dense,
-                "served_score": self._optional_number(record, "served_score"),
-                "true_ctr": self._optional_number(record, "true_ctr")}
+                "served_score": None if served_score is None
+                else _finite("served_score", served_score),
+                "true_ctr": None if true_ctr is None else _finite("true_ctr", true_ctr)}
 
     @staticmethod
     def _bad_top(field, value, expected):
@@ -162,14 +178,8 @@ class FeatureExtractor:
             return str(value)  # serving may hand over numeric ids
         raise self._bad_top(field, value, "a string id")
 
-    @staticmethod
-    def _optional_number(record, field):
-        value = record.get(field)
-        return None if value is None else _finite(field, value)
-
-    def _single(self, slot: _Slot, top, features, fids: list) -> None:
-        field = slot.fields[0]
-        value = top[field] if field in top else features.get(field)
+    def _single(self, slot: _Slot, value, fids: list) -> None:
+        field = slot.field
         if value is None:
             if slot.optional:
                 return
@@ -178,27 +188,26 @@ class FeatureExtractor:
         if slot.boundaries is not None:
             fids.append(slot.bucket_fids[
                 bisect.bisect_right(slot.boundaries, _finite(field, value))])
-        elif type(value) is str:
-            fids.append(slot.high | hash48(value))
-        elif isinstance(value, list):
+        elif type(value) is list:
             if len(value) > self.max_list:
                 raise ExtractError(f"oversized_list:{field}",
                                    f"{len(value)} values > max_list_length {self.max_list}")
             high = slot.high
-            fids.extend([high | hash48(_text(field, v)) for v in value])
+            fids.extend([high | _hash_text(v if type(v) is str else _text(field, v))
+                         for v in value])
         else:
-            fids.append(slot.high | hash48(_text(field, value)))
+            fids.append(slot.high | _hash_text(_text(field, value)))
 
-    def _cross(self, slot: _Slot, top, features, fids: list) -> None:
+    def _cross(self, slot: _Slot, fields, fids: list) -> None:
         parts = []
         for field in slot.fields:
-            value = top[field] if field in top else features.get(field)
+            value = fields.get(field)
             if value is None:
                 if slot.optional:
                     return
                 raise ExtractError(f"missing_field:{field}",
                                    f"cross slot {slot.name!r} needs field {field!r}")
-            if isinstance(value, list):
+            if type(value) is list:
                 if len(value) > self.max_list:
                     raise ExtractError(f"oversized_list:{field}", f"{len(value)} values > "
                                        f"max_list_length {self.max_list}")
@@ -210,12 +219,12 @@ class FeatureExtractor:
             raise ExtractError(f"oversized_cross:{slot.name}", f"{combinations} combinations "
                                f"> max_list_length {self.max_list}")
         high = slot.high
-        fids.extend([high | hash48(CROSS_SEPARATOR.join(combo))
+        fids.extend([high | _hash_text(CROSS_SEPARATOR.join(combo))
                      for combo in itertools.product(*parts)])
 
     @staticmethod
-    def _dense(source, default, log1p, top, features) -> float:
-        value = top[source] if source in top else features.get(source)
+    def _dense(source, default, log1p, fields) -> float:
+        value = fields.get(source)
         if value is None:
             if default is None:
                 raise ExtractError(f"missing_field:{source}",
