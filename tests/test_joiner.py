@@ -366,20 +366,6 @@ class _Value:
         self.value = None
 
 
-class _Bag:
-    def __init__(self):
-        self.items = []
-
-    def read(self):
-        return list(self.items)
-
-    def add(self, v):
-        self.items.append(v)
-
-    def clear(self):
-        self.items = []
-
-
 class _Timer:
     def __init__(self):
         self.at = None
@@ -401,9 +387,7 @@ class HandRunner:
 
     def _key(self, key):
         if key not in self.keys:
-            self.keys[key] = dict(features_state=_Value(), actions_state=_Bag(),
-                                  closed_state=_Value(), deadline_state=_Value(),
-                                  close=_Timer())
+            self.keys[key] = dict(request=_Value(), close=_Timer())
         return self.keys[key]
 
     def _collect(self, outputs):
@@ -432,11 +416,9 @@ class HandRunner:
                 self._collect(self.fn.on_close(key=key, fired=fired, **state))
 
     def held(self):
-        """Keys that still hold any state or timer."""
+        """Keys that still hold state or a timer."""
         return [k for k, s in self.keys.items()
-                if s["features_state"].value is not None or s["actions_state"].items
-                or s["closed_state"].value is not None or s["deadline_state"].value is not None
-                or s["close"].at is not None]
+                if s["request"].value is not None or s["close"].at is not None]
 
 
 events = st.lists(st.one_of(
