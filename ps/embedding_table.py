@@ -421,7 +421,7 @@ def _evict_kernel(now, expiry_by_slot, index, seeds, num_buckets, keys, rows, la
     n_removed = 0
     for r in range(count - 1, -1, -1):
         key = keys[r]
-        expiry = expiry_by_slot[np.intp(key >> np.uint64(48))]
+        expiry = expiry_by_slot[min(np.intp(key >> np.uint64(48)), expiry_by_slot.shape[0] - 1)]
         if expiry != NEVER and now - np.int64(last_seen[r]) > expiry:
             removed[n_removed] = key
             n_removed += 1
@@ -439,7 +439,7 @@ def _admission_kernel(fids, thresholds, counts, seeds, maximum, admitted):
     """
     for i in range(fids.shape[0]):
         fid = fids[i]
-        threshold = thresholds[np.intp(fid >> np.uint64(48))]
+        threshold = thresholds[min(np.intp(fid >> np.uint64(48)), thresholds.shape[0] - 1)]
         if threshold <= 1:
             admitted[i] = True
         elif sketch_estimate(counts, seeds, fid) >= threshold:
@@ -449,13 +449,31 @@ def _admission_kernel(fids, thresholds, counts, seeds, maximum, admitted):
 
 
 @njit
-def _touch_kernel(row_ids, last_seen, touched, time, bits):
-    n = row_ids.shape[0]
+def _find_and_touch_kernel(fids, index, seeds, num_buckets, last_seen, touched, time, bits, row_ids):
+    """``_find_kernel`` that also marks the rows found as seen at ``time`` and touched (I5).
+
+    Pipelined like the lookup: buckets of key ``i + 2P``, find key ``i + P`` and prefetch its
+    time and touched byte, update key ``i``.
+    """
+    flat_index = index.reshape(-1)
+    n = fids.shape[0]
+    for i in range(min(2 * _PREFETCH, n)):
+        _prefetch_buckets(flat_index, fids[i], seeds, num_buckets)
+    for i in range(min(_PREFETCH, n)):
+        e = _find(index, fids[i], seeds, num_buckets)
+        row_ids[i] = np.intp(index[e, 1]) if e >= 0 else -1
     for i in range(n):
+        ahead = i + 2 * _PREFETCH
+        if ahead < n:
+            _prefetch_buckets(flat_index, fids[ahead], seeds, num_buckets)
         ahead = i + _PREFETCH
-        if ahead < n and row_ids[ahead] >= 0:
-            prefetch_write(last_seen, row_ids[ahead])
-            prefetch_write(touched, row_ids[ahead])
+        if ahead < n:
+            e = _find(index, fids[ahead], seeds, num_buckets)
+            r = np.intp(index[e, 1]) if e >= 0 else -1
+            row_ids[ahead] = r
+            if r >= 0:
+                prefetch_write(last_seen, r)
+                prefetch_write(touched, r)
         r = row_ids[i]
         if r >= 0:
             if last_seen[r] < time:
@@ -515,15 +533,19 @@ class _Arena:
 
     _DTYPES = {"keys": np.uint64, "rows": np.float32, "last_seen": np.uint32, "touched": np.uint8}
 
+    @staticmethod
+    def _map_size(nbytes):
+        # Whole 2 MiB huge pages once big: mremap then keeps the map huge-page aligned, and huge
+        # pages make the random row accesses far cheaper (fewer TLB misses).
+        unit = _HUGE_PAGE if nbytes >= _HUGE_PAGE else mmap.PAGESIZE
+        return max(unit, -(-nbytes // unit) * unit)
+
     def resize(self, capacity):
+        # Use all the rows the (rounded-up) rows map holds: fewer, bigger growth steps.
+        capacity = self._map_size(capacity * self.width * 4) // (self.width * 4)
         for name, dtype in self._DTYPES.items():
             shape = (capacity, self.width) if name == "rows" else (capacity,)
-            nbytes = max(mmap.PAGESIZE, math.prod(shape) * np.dtype(dtype).itemsize)
-            # Whole 2 MiB huge pages once big: mremap then keeps the map huge-page aligned, and
-            # huge pages make the random row accesses far cheaper (fewer TLB misses).
-            nbytes = -(-nbytes // (_HUGE_PAGE if nbytes >= _HUGE_PAGE else mmap.PAGESIZE)) * (
-                _HUGE_PAGE if nbytes >= _HUGE_PAGE else mmap.PAGESIZE
-            )
+            nbytes = self._map_size(math.prod(shape) * np.dtype(dtype).itemsize)
             old_view = self.__dict__.pop(name, None)  # our view must go for the map to move
             old_map = self._maps.get(name)
             if old_map is not None:
@@ -648,8 +670,11 @@ class EmbeddingTable:
         for s in self.slots:
             if not 0 <= s < NUM_SLOTS:
                 raise ValueError(f"slot must be in [0, {NUM_SLOTS}), got {s}")
-        self._thresholds = np.full(NUM_SLOTS, default_slot.threshold, dtype=np.uint16)
-        self._expiry = np.full(NUM_SLOTS, NEVER if default_slot.expiry is None else default_slot.expiry, np.uint32)
+        # Policy by slot id, for the kernels: entries up to the largest configured slot, then one
+        # for the default, which every larger slot id is clamped to.
+        size = max(self.slots, default=-1) + 2
+        self._thresholds = np.full(size, default_slot.threshold, dtype=np.uint16)
+        self._expiry = np.full(size, NEVER if default_slot.expiry is None else default_slot.expiry, np.uint32)
         for s, c in self.slots.items():
             self._thresholds[s] = c.threshold
             self._expiry[s] = NEVER if c.expiry is None else c.expiry
@@ -848,7 +873,11 @@ class EmbeddingTable:
         fids = _as_fids(fids)
         now = _as_time(now)
         self.event_time = max(self.event_time, now)
-        row_ids = self._find_rows(fids)
+        row_ids = np.empty(fids.shape[0], dtype=np.intp)
+        a = self._arena
+        _find_and_touch_kernel(fids, self._index, self._hash_seeds, self._num_buckets, a.last_seen, a.touched,
+                               np.uint32(now), self._touch_all, row_ids)  # fmt: skip
+        del a
         missing = np.flatnonzero(row_ids < 0)
         if missing.size:
             rowless = fids[missing]
@@ -861,11 +890,10 @@ class EmbeddingTable:
             if admitted.any():
                 new = rowless[admitted]
                 times = np.full(new.size, now, dtype=np.uint32)
-                # Sightings before the threshold keep -1: they had no row (I3: ids found stay valid).
+                # New rows start seen at ``now`` and touched. Sightings before the threshold keep
+                # -1: they had no row. Ids found above stay valid (I3: inserts move no row).
                 row_ids[missing[admitted]] = self._upsert(new, times, np.empty((0, self.width), np.float32),
                                                           _INIT_ROWS, self._touch_all)  # fmt: skip
-        a = self._arena
-        _touch_kernel(row_ids, a.last_seen, a.touched, np.uint32(now), self._touch_all)
         return row_ids
 
     def apply_gradients(self, fids, grads, now):
