@@ -22,7 +22,6 @@ import numpy as np
 
 from ps import Adagrad, EmbeddingTable
 
-
 _CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
@@ -130,7 +129,6 @@ def run(num_keys=1_000_000, batch=65_536, dim=16, repeat=3, seed=0, clock="cpu")
         "rehashes": table.stats.rehashes,
         "bytes_per_entry": table.memory_bytes() / len(table),
         "payload_bytes_per_entry": table.payload_bytes_per_entry(),
-        "dict_bytes_per_entry": None,
         "repeat": repeat,
         "clock": clock,
         "python": platform.python_version(),
@@ -143,7 +141,6 @@ def run(num_keys=1_000_000, batch=65_536, dim=16, repeat=3, seed=0, clock="cpu")
         result["numba"] = numba.__version__
     except ImportError:  # pragma: no cover
         pass
-    del result["dict_bytes_per_entry"]
     return result
 
 
