@@ -285,3 +285,19 @@ def test_online_metrics_direct_runner_streaming():
     with TestPipeline(options=options) as p:
         rows = p | stream | OnlineMetrics(window_s=60)
         assert_that(rows | beam.Map(row_tuple), equal_to(expected_tuples()))
+
+
+def test_online_metrics_flink_local_streaming(tmp_path, flink_job_server_jar):
+    """Flink runs the transform's state and event-time timers in streaming mode (the mode of
+    an online job) and gives the rows of the DirectRunner."""
+    prefix = str(tmp_path / "online")
+    options = pipeline_options(["--runner=FlinkRunner", "--flink_master=[local]",
+                                "--environment_type=LOOPBACK", "--parallelism=2",
+                                "--streaming"])
+    pipeline = beam.Pipeline(options=options)
+    _ = pipeline | beam.Create(BATCHES) | OnlineMetrics(window_s=60, out_prefix=prefix)
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert [row_tuple(r) for r in read_csv(prefix + ".csv")] == expected_tuples()
+    counters = metrics_dict(result)["counters"]
+    assert (counters["online.examples"], counters["online.windows"]) == (8, 3)

@@ -358,11 +358,11 @@ def plot_png(rows, path: str, title: str = "Online metrics") -> None:
     calibration_ax.plot(ends, column["calibration"], ".-", lw=1, color="tab:green")
     calibration_ax.axhline(1.0, color="black", lw=0.5)
     calibration_ax.set_ylabel("Σ score / Σ label")
-    width = (rows[0]["window_end_ms"] - rows[0]["window_start_ms"]) / 86_400_000 if rows else 0
-    count_ax.bar(ends, column["examples"], width=-0.9 * width if width else 0.8, align="edge",
-                 color="lightgrey", label="examples")
-    count_ax.bar(ends, column["positives"], width=-0.9 * width if width else 0.8, align="edge",
-                 color="tab:blue", label="positives")
+    # Steps, not bars: thousands of bar patches take matplotlib tens of seconds.
+    count_ax.fill_between(ends, column["examples"], step="pre", color="lightgrey",
+                          label="examples")
+    count_ax.fill_between(ends, column["positives"], step="pre", color="tab:blue",
+                          label="positives")
     count_ax.set_ylabel("per window")
     count_ax.set_xlabel("event time (window end, UTC)")
     count_ax.legend(loc="upper left", fontsize="small")
@@ -459,7 +459,7 @@ class _OnlineMetricsFn(beam.DoFn):
                 window_timer=beam.DoFn.TimerParam(WINDOW), end_timer=beam.DoFn.TimerParam(END)):
         _, scores = element
         if scores.scores.shape[0] == 0:
-            return
+            return ()
         arrived.add(scores)
         self.examples.inc(int(scores.scores.shape[0]))
         self.positives.inc(int(np.count_nonzero(np.asarray(scores.labels) > 0.5)))
@@ -471,6 +471,7 @@ class _OnlineMetricsFn(beam.DoFn):
             timer_at.write(first_end)
         if pending is None:
             end_timer.set(beam_window.GlobalWindow().max_timestamp())
+        return ()  # rows come from the timers
 
     def _update(self, accumulator_state, arrived, watermark_ms):
         accumulator = accumulator_state.read() or self._new_accumulator()
