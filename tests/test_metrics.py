@@ -10,6 +10,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -301,3 +302,31 @@ def test_online_metrics_flink_local_streaming(tmp_path, flink_job_server_jar):
     assert [row_tuple(r) for r in read_csv(prefix + ".csv")] == expected_tuples()
     counters = metrics_dict(result)["counters"]
     assert (counters["online.examples"], counters["online.windows"]) == (8, 3)
+
+
+def ms(value) -> Timestamp:
+    return Timestamp(micros=int(value) * 1000)
+
+
+def test_online_metrics_streaming_sliding_windows_match_the_simple_model():
+    """Sliding windows through the timers: panes stay buffered for the windows still to come,
+    and every row equals the from-scratch computation."""
+    rng = np.random.default_rng(5)
+    scores, labels, weights, ts = random_stream(rng, n=1500, span_ms=300_000)
+    bounds = np.r_[0, np.sort(rng.choice(len(ts), size=25, replace=False)), len(ts)]
+    stream = TestStream()
+    for start, stop in zip(bounds, bounds[1:]):
+        batch = Scores(scores[start:stop], labels[start:stop], weights[start:stop],
+                       ts[start:stop])
+        stream = stream.add_elements([TimestampedValue(batch, ms(ts[stop - 1]))])
+        if stop < len(ts):
+            stream = stream.advance_watermark_to(ms(ts[stop]))
+    stream = stream.advance_watermark_to(ms(1_000_000)).advance_watermark_to_infinity()
+    want = expected_rows(scores, labels, weights, ts, 120_000, 30_000)
+
+    def check(rows):
+        assert_rows_close(sorted(rows, key=lambda r: r["window_end_ms"]), want)
+
+    options = pipeline_options(["--runner=DirectRunner", "--streaming"])
+    with TestPipeline(options=options) as p:
+        assert_that(p | stream | OnlineMetrics(window_s=120, sliding_s=30), check)

@@ -211,7 +211,8 @@ class OnlineMetricsAccumulator:
         self.cumulative_bayes = BucketedAUC(buckets)
         self._sums = _Sums()
         self.late_examples = 0
-        self.rows: list = []  #: every row flushed so far, in order
+        self.windows = 0  #: rows flushed so far
+        self.rows: list = []  #: every row flushed so far, in order (a caller may clear it)
 
     def add(self, scores, labels, weights, ts_ms, true_ctr=None) -> None:
         """Buffer a batch: arrays of equal length; ``weights``/``true_ctr`` may be None."""
@@ -285,6 +286,7 @@ class OnlineMetricsAccumulator:
             rows.append(self._row(end, [np.concatenate(c) for c in zip(*members)]))
         self._advance(until)
         self.rows += rows
+        self.windows += len(rows)
         return rows
 
     def _advance(self, until: int) -> None:
@@ -307,7 +309,7 @@ class OnlineMetricsAccumulator:
     def totals(self) -> dict:
         """The run so far (examples of flushed windows and late ones)."""
         return {**self._sums.row(), "auc": self.cumulative.result(),
-                "bayes_auc": self.cumulative_bayes.result(), "windows": len(self.rows),
+                "bayes_auc": self.cumulative_bayes.result(), "windows": self.windows,
                 "late_examples": self.late_examples}
 
 
@@ -425,15 +427,17 @@ def as_scores(element) -> Scores:
 class _OnlineMetricsFn(beam.DoFn):
     """One key: buffers score arrays, emits a row per event-time window once it ends.
 
-    The accumulator (buffered panes, cumulative histogram, totals) is one pickled state
-    value, written only when a timer fires (once per window step); arriving batches go to a
-    bag, cheap to append to on every runner. The ``window`` timer fires at the end of the
+    The accumulator (buffered panes, cumulative histograms, totals) is one pickled state
+    value, written only when a timer fires (once per window step); arriving batches and the
+    rows emitted go to bags, cheap to append to on every runner (the rows are read back only
+    to write the report). The ``window`` timer fires at the end of the
     earliest window with examples; the ``end`` timer fires when the input ends (bounded runs)
     and flushes the rest in one go instead of one timer round per window.
     """
 
     ACCUMULATOR = ReadModifyWriteStateSpec("accumulator", PickleCoder())
     ARRIVED = BagStateSpec("arrived", PickleCoder())
+    ROWS = BagStateSpec("rows", PickleCoder())
     WINDOW_TIMER_AT = ReadModifyWriteStateSpec("window_timer_at", PickleCoder())
     WINDOW = TimerSpec("window", TimeDomain.WATERMARK)
     END = TimerSpec("end", TimeDomain.WATERMARK)
@@ -492,21 +496,27 @@ class _OnlineMetricsFn(beam.DoFn):
             self.cumulative_auc_x1e6.set(int(round(rows[-1]["cumulative_auc"] * 1e6)))
         return accumulator, rows
 
-    def _write(self, accumulator, force):
+    def _keep_and_write(self, accumulator, rows, rows_state, force):
+        for row in rows:
+            rows_state.add(row)
+        accumulator.rows.clear()  # they live in the bag: the accumulator state stays small
         if not self.out_prefix:
             return
         now = time.monotonic()
-        if force or now - self._last_write >= self.write_every_s:
+        if force or (rows and now - self._last_write >= self.write_every_s):
             self._last_write = now
-            write_report(accumulator.rows, accumulator.totals(), self.out_prefix, self.title)
+            write_report(list(rows_state.read()), accumulator.totals(), self.out_prefix,
+                         self.title)
 
     @on_timer(WINDOW)
     def on_window(self, fired_at=beam.DoFn.TimestampParam,
                   accumulator_state=beam.DoFn.StateParam(ACCUMULATOR),
                   arrived=beam.DoFn.StateParam(ARRIVED),
+                  rows_state=beam.DoFn.StateParam(ROWS),
                   timer_at=beam.DoFn.StateParam(WINDOW_TIMER_AT),
                   window_timer=beam.DoFn.TimerParam(WINDOW)):
         accumulator, rows = self._update(accumulator_state, arrived, fired_at.micros // 1000)
+        self._keep_and_write(accumulator, rows, rows_state, force=False)
         next_end = accumulator.pending_window_end()
         if next_end is None:
             timer_at.clear()
@@ -514,17 +524,17 @@ class _OnlineMetricsFn(beam.DoFn):
             window_timer.set(Timestamp(micros=next_end * 1000))
             timer_at.write(next_end)
         accumulator_state.write(accumulator)
-        if rows:
-            self._write(accumulator, force=False)
         yield from rows
 
     @on_timer(END)
     def on_end(self, accumulator_state=beam.DoFn.StateParam(ACCUMULATOR),
                arrived=beam.DoFn.StateParam(ARRIVED),
+               rows_state=beam.DoFn.StateParam(ROWS),
                timer_at=beam.DoFn.StateParam(WINDOW_TIMER_AT)):
         accumulator, rows = self._update(accumulator_state, arrived, None)
-        self._write(accumulator, force=True)
+        self._keep_and_write(accumulator, rows, rows_state, force=True)
         accumulator_state.clear()
+        rows_state.clear()
         timer_at.clear()
         yield from rows
 
