@@ -62,49 +62,6 @@ class TrainOptions(MonolithOptions):
         parser.add_argument("--seed", type=int, default=0)
 
 
-class ReadExampleBatches(beam.PTransform):
-    """Example log files → ``ExampleBatch`` es of ``batch_size``, in event-time order.
-
-    One reader merges every file by ``ts_ms`` (each file of the example log is sorted), so
-    training sees the stream in the order it happened: a batch is scored with what the PS
-    learned from every earlier batch (DESIGN §4b: no GroupByKey between reader and PS).
-    """
-
-    def __init__(self, pattern: str, batch_size: int, dense_dim: int):
-        super().__init__()
-        self.pattern = pattern
-        self.batch_size = int(batch_size)
-        self.dense_dim = int(dense_dim)
-
-    def expand(self, pbegin):
-        return (pbegin
-                | "Start" >> beam.Create([self.pattern])
-                | "ReadInOrder" >> beam.ParDo(_ReadBatchesFn(self.batch_size, self.dense_dim)))
-
-
-class _ReadBatchesFn(beam.DoFn):
-    def __init__(self, batch_size: int, dense_dim: int):
-        self.batch_size = batch_size
-        self.dense_dim = dense_dim
-
-    def process(self, pattern):
-        from dataflow.join import read_examples_in_order
-        from transforms.batch import ExampleBatch
-        chunk = []
-        for example in read_examples_in_order(pattern):
-            chunk.append(example)
-            if len(chunk) == self.batch_size:
-                yield _timestamped(ExampleBatch.from_examples(chunk, self.dense_dim))
-                chunk = []
-        if chunk:
-            yield _timestamped(ExampleBatch.from_examples(chunk, self.dense_dim))
-
-
-def _timestamped(batch):
-    from apache_beam.transforms.window import TimestampedValue
-    return TimestampedValue(batch, int(batch.ts_ms.max()) / 1000.0)
-
-
 def model_spec(config, kind: str, seed: int = 0):
     """The model's spec from the feature config: its slots with their dims, its dense inputs."""
     from transforms.model import ModelSpec
@@ -124,6 +81,7 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     from schemas.feature_config import load_feature_config
     from transforms.metrics import OnlineMetrics
     from transforms.model import Model
+    from transforms.batch import ReadExampleBatches
     from transforms.worker import TrainWorker
 
     config = load_feature_config(opts.config)
@@ -173,8 +131,10 @@ OPTIONS = [TrainOptions]
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Run the imported module, not __main__: DoFns of __main__ are pickled by value (DESIGN §4b).
+    from dataflow import train as _train
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         from dataflow.__main__ import pipeline_help
-        print(pipeline_help("train", sys.modules[__name__]))
+        print(pipeline_help("train", _train))
     else:
-        main()
+        _train.main()

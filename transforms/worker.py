@@ -49,6 +49,7 @@ class TrainWorker(beam.DoFn):
         self.rows_emitted = Metrics.counter("worker", "gradient_rows_emitted")
         self.unknown_slot_fids = Metrics.counter("worker", "fids_of_unknown_slots")
         self.param_age = Metrics.distribution("worker", "dense_param_age_ms")
+        self.steady_rate = Metrics.distribution("worker", "examples_per_s_after_first_batch")
 
     def setup(self):
         from ps.store import open_store
@@ -101,6 +102,13 @@ class TrainWorker(beam.DoFn):
         self.batches.inc()
         self._progress.update(probs, batch.label, batch.weight)
 
+    def finish_bundle(self):
+        p = self._progress
+        if p.examples:
+            self.steady_rate.update(int(p.steady_rate()))
+            _LOG.info("worker: %d examples so far, online AUC %.4f, %.0f examples/s after the "
+                      "first batch", p.examples, p.auc.result(), p.steady_rate())
+
 
 class _Progress:
     """A log line every few seconds: examples, running online AUC, throughput."""
@@ -111,11 +119,21 @@ class _Progress:
         self.auc = BucketedAUC()
         self.examples = 0
         self.start = self.last = time.monotonic()
+        self.first = None
+        self.first_examples = 0
+
+    def steady_rate(self) -> float:
+        """Examples/s since the first batch (start-up excluded)."""
+        elapsed = time.monotonic() - self.first if self.first is not None else 0.0
+        return (self.examples - self.first_examples) / elapsed if elapsed > 0 else 0.0
 
     def update(self, probs, labels, weights):
         self.auc.add(np.asarray(probs), np.asarray(labels), np.asarray(weights))
         self.examples += len(labels)
         now = time.monotonic()
+        if self.first is None:
+            self.first = now  # after the first batch: graph tracing and JIT are behind us
+            self.first_examples = self.examples
         if self.every_s and now - self.last >= self.every_s:
             self.last = now
             rate = self.examples / max(now - self.start, 1e-9)
