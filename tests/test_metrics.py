@@ -330,3 +330,10 @@ def test_online_metrics_streaming_sliding_windows_match_the_simple_model():
     options = pipeline_options(["--runner=DirectRunner", "--streaming"])
     with TestPipeline(options=options) as p:
         assert_that(p | stream | OnlineMetrics(window_s=120, sliding_s=30), check)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import transforms.metrics
+    assert doctest.testmod(transforms.metrics).failed == 0
