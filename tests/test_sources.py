@@ -21,7 +21,7 @@ from dataflow.options import pipeline_options
 from schemas import read_avro, write_avro
 from schemas.feature_config import FeatureConfig
 from transforms.features import ExtractError, extract
-from transforms.sources import ReadActionLogs, ReadFeatureLogs, WatchAvroLogs
+from transforms.sources import ReadActionLogs, ReadFeatureLogs, TailAvroLogs, WatchAvroLogs
 
 SMALL = dict(users=300, items=400, requests=3000, days=0.25, seed=11, creators=50)
 
@@ -260,3 +260,69 @@ def test_watch_folder_streaming(tmp_path):
     assert counters["sources.records_read"] == 12
     assert counters["sources.files_read"] == 4
     assert counters["sources.unreadable_files"] == 1
+
+
+def test_tail_folder_streaming(tmp_path):
+    """A time-ordered log folder tailed while files land: every record once, at its time."""
+    def batch(hour):
+        return [{"request_id": f"r{hour}-{j}", "ts_ms": (hour * 3600 + j) * 1000,
+                 "action": "click"} for j in range(3)]
+
+    land(tmp_path, "part-00.avro", batch(0))
+    landed = []
+
+    def logger():
+        for hour in range(1, 4):
+            time.sleep(0.8)
+            land(tmp_path, f"part-{hour:02d}.avro", batch(hour))
+            landed.append(time.time())
+
+    started = time.time()
+    p = TestPipeline(options=pipeline_options(["--runner=DirectRunner", "--streaming"]))
+    records = p | TailAvroLogs(str(tmp_path / "part-*.avro"), interval_seconds=0.25,
+                               stop_timestamp=started + 4.5)
+    assert_that(event_times(records, "Times"), equal_to(
+        [(r["request_id"], "click", r["ts_ms"]) for h in range(4) for r in batch(h)]))
+    thread = threading.Thread(target=logger, daemon=True)
+    thread.start()
+    result = p.run()
+    result.wait_until_finish()
+    thread.join()
+    assert len(landed) == 3 and landed[-1] < started + 4.5
+    assert metrics_dict(result)["counters"]["sources.files_read"] == 4
+
+
+def test_tail_watermark_follows_event_time(tmp_path):
+    """After each file the watermark is its latest event time; a damaged file is skipped."""
+    from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from apache_beam.runners.sdf_utils import (RestrictionTrackerView,
+                                               ThreadsafeRestrictionTracker)
+    from apache_beam.utils.timestamp import Timestamp
+
+    from transforms.sources import _NO_END, TailAvroFilesFn
+
+    def run(start_index):
+        tracker = ThreadsafeRestrictionTracker(
+            OffsetRestrictionTracker(OffsetRange(start_index, _NO_END)))
+        estimator = ManualWatermarkEstimator(None)
+        out = list(fn.process(str(tmp_path / "part-*.avro"),
+                              tracker=RestrictionTrackerView(tracker), watermark=estimator))
+        residual, _ = tracker.deferred_status()
+        return out, estimator.current_watermark(), residual
+
+    fn = TailAvroFilesFn(interval_seconds=1.0, stop_timestamp=Timestamp.of(2 ** 40))
+    land(tmp_path, "part-00.avro", [{"request_id": "a", "ts_ms": 5_000, "action": "click"},
+                                    {"request_id": "b", "ts_ms": 9_000, "action": "like"}])
+    out, watermark, residual = run(0)
+    assert [(o.value["request_id"], o.timestamp) for o in out] == [
+        ("a", Timestamp(5)), ("b", Timestamp(9))]
+    assert watermark == Timestamp(9)
+    assert residual.start == 1  # waits for the next file
+
+    (tmp_path / "part-01.avro").write_bytes(b"Obj\x01garbage")
+    land(tmp_path, "part-02.avro", [{"request_id": "c", "ts_ms": 20_000, "action": "click"}])
+    out, watermark, residual = run(1)
+    assert [o.value["request_id"] for o in out] == ["c"]
+    assert watermark == Timestamp(20)
+    assert residual.start == 3

@@ -278,16 +278,16 @@ class ExtractFeaturesFn(beam.DoFn):
         try:
             out = self.extractor(record)
         except ExtractError as e:
-            self._count(e.reason)
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(record, e.reason, e.detail))
-            return
+            reason, detail = e.reason, e.detail
         except Exception as e:  # noqa: BLE001 - a bad record must never kill a stream
-            reason = f"unexpected_error:{type(e).__name__}"
+            reason, detail = f"unexpected_error:{type(e).__name__}", str(e)
+        else:
+            self.extracted.inc()
+            yield out
+            reason = None
+        if reason is not None:
             self._count(reason)
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(record, reason, str(e)))
-            return
-        self.extracted.inc()
-        yield out
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(record, reason, detail))
 
 
 class ExtractFeatures(beam.PTransform):
