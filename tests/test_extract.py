@@ -6,6 +6,7 @@ import copy
 import math
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -80,6 +81,8 @@ def test_lists_optional_and_defaults():
     assert out == expected(genres=(), zip_="94043", views=99.0)
     out = extract(feature_log(hour=13.0, zip=None), CONFIG)  # an integral double hashes as int
     assert out == expected()
+    record = feature_log(hour=np.int64(13), age=np.float32(30.0))  # NumPy scalars from serving
+    assert extract(record, CONFIG) == expected()
     record = feature_log()
     record["user_id"] = 7  # serving may hand over a numeric id
     assert extract(record, CONFIG)["user_id"] == "7"

@@ -39,6 +39,7 @@ import math
 from typing import Any, Mapping
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
 from schemas.feature_config import FeatureConfig, SlotSpec
@@ -63,9 +64,14 @@ class ExtractError(ValueError):
         self.detail = detail
 
 
+# Avro decoding gives Python types; serving code may hand over NumPy scalars too.
+_INTS = (int, np.integer)
+_NUMBERS = (int, float, np.integer, np.floating)
+
+
 def _is_number(v) -> bool:
-    return (type(v) is float or type(v) is int) or \
-        (isinstance(v, (int, float)) and not isinstance(v, bool))
+    return type(v) is float or type(v) is int or \
+        (isinstance(v, _NUMBERS) and not isinstance(v, (bool, np.bool_)))
 
 
 def _finite(field: str, v) -> float:
@@ -81,11 +87,11 @@ def _text(field: str, v) -> str:
     """The canonical text of one categorical value (what schemas.fid would hash)."""
     if type(v) is str:
         return v
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if not _is_number(v):
         raise ExtractError(f"wrong_type:{field}",
                            f"expected a string or number, got {type(v).__name__} {v!r}")
-    if isinstance(v, int):
-        return str(v)
+    if isinstance(v, _INTS):
+        return str(int(v))
     v = _finite(field, v)
     return str(int(v)) if v.is_integer() else repr(v)
 
@@ -127,7 +133,9 @@ class FeatureExtractor:
             raise self._bad_top("request_id", request_id, "a string")
         ts_ms = record.get("ts_ms")
         if type(ts_ms) is not int:
-            raise self._bad_top("ts_ms", ts_ms, "an integer (ms since the epoch)")
+            if not isinstance(ts_ms, _INTS) or isinstance(ts_ms, bool):
+                raise self._bad_top("ts_ms", ts_ms, "an integer (ms since the epoch)")
+            ts_ms = int(ts_ms)
         user_id = self._id(record, "user_id")
         item_id = self._id(record, "item_id")
         features = record.get("features")
@@ -174,8 +182,8 @@ class FeatureExtractor:
         value = record.get(field)
         if type(value) is str:
             return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # serving may hand over numeric ids
+        if isinstance(value, _INTS) and not isinstance(value, bool):
+            return str(int(value))  # serving may hand over numeric ids
         raise self._bad_top(field, value, "a string id")
 
     def _single(self, slot: _Slot, value, fids: list) -> None:
