@@ -721,7 +721,11 @@ class EmbeddingTable:
         self.stats.rehashes += 1
 
     def _grow_arena(self, minimum):
-        self._arena.resize(max(minimum, math.ceil(self._arena.capacity * ARENA_GROWTH), self._arena.capacity + 64))
+        # Double while small, then steps of one huge page of rows, then ARENA_GROWTH: few resize
+        # calls for small tables, little slack for big ones.
+        capacity = self._arena.capacity
+        step = max(capacity * (ARENA_GROWTH - 1), min(capacity, _HUGE_PAGE // (4 * self.width)))
+        self._arena.resize(max(minimum, capacity + math.ceil(step)))
 
     def _find_rows(self, fids):
         row_ids = np.empty(fids.shape[0], dtype=np.intp)
