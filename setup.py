@@ -37,7 +37,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["dataflow*", "transforms*", "ps*", "schemas*", "benchmarks*"]),
-    package_data={"schemas": ["*.avsc"]},
+    package_data={"schemas": ["*.avsc", "configs/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     license="Apache-2.0",
