@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tensorflow-metadata==1.16.1",
     "keras==3.6.0",
     "numpy==1.26.4",
+    "pandas==1.5.3",  # transforms.model (fast unique fids); the version tfx-bsl allows
     "numba==0.68.1",  # the table's kernels (ps/); supports numpy 1.26
     "fastavro==1.13.1",
     "PyYAML==6.0.4",

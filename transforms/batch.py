@@ -11,6 +11,8 @@ about a millisecond.
 (2, [0, 2, 3], [1, 2, 3])
 >>> batch.example_index().tolist()
 [0, 0, 1]
+>>> len(batch._replace(weight=batch.weight * 2))
+2
 """
 from __future__ import annotations
 
@@ -33,7 +35,13 @@ class ExampleBatch(NamedTuple):
     true_ctr: np.ndarray  #: float32 [n], NaN where unknown
 
     def __len__(self) -> int:
+        """Number of examples (not of fields: ``_make`` below knows)."""
         return int(self.label.shape[0])
+
+    @classmethod
+    def _make(cls, iterable):
+        # NamedTuple._make checks len(result) == number of fields, which __len__ redefines.
+        return tuple.__new__(cls, iterable)
 
     def example_index(self) -> np.ndarray:
         """int64 [nnz]: the example each fid belongs to."""
