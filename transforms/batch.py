@@ -38,11 +38,6 @@ class ExampleBatch(NamedTuple):
         """Number of examples (not of fields: ``_make`` below knows)."""
         return int(self.label.shape[0])
 
-    @classmethod
-    def _make(cls, iterable):
-        # NamedTuple._make checks len(result) == number of fields, which __len__ redefines.
-        return tuple.__new__(cls, iterable)
-
     def example_index(self) -> np.ndarray:
         """int64 [nnz]: the example each fid belongs to."""
         return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.row_splits))
@@ -73,6 +68,11 @@ class ExampleBatch(NamedTuple):
             true_ctr=np.fromiter((np.nan if e.get("true_ctr") is None else e["true_ctr"]
                                   for e in examples), dtype=np.float32, count=n),
         )
+
+
+# NamedTuple._make (used by _replace) checks len(result) == number of fields, which __len__
+# redefines as the number of examples; NamedTuple forbids overriding _make in the class body.
+ExampleBatch._make = classmethod(lambda cls, iterable: tuple.__new__(cls, iterable))
 
 
 class SparseGradients(NamedTuple):
