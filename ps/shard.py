@@ -57,6 +57,8 @@ L4  After every (re)build the store is reconciled: ``replace_shard`` with the re
 L5  Replays do not touch metrics: counters count each input once, in the bundle that applied
     it (runners discard the metrics of failed bundles).
 
+Input must be in the global window (state is per key and window; anything else is refused).
+
 Event time: ``ts_ms`` of the gradient records, ``now = ts_ms // 1000`` for the tables (seconds
 since the epoch; slot expiry is in seconds). Publishing happens inline when event time has
 advanced ``sync_interval_s`` since the last publish (``0``: after every input), and on an
@@ -82,6 +84,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteStateSpec, TimerSpec,
                                               on_timer)
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from ps.embedding_table import EmbeddingTable, SlotConfig
@@ -281,6 +284,13 @@ class _LoggedShard(beam.DoFn):
             self._do_publish(key, live)
 
     @staticmethod
+    def _check_window(window):
+        """State is per key *and window*: a PS must see all its input in the global window."""
+        if not isinstance(window, GlobalWindow):
+            raise ValueError(f"PS shards need their input in the global window, got {window!r}: "
+                             f"window the training section with beam.WindowInto(GlobalWindows())")
+
+    @staticmethod
     def _entry(kind, seq, ts_ms, aux=0, dim=0, name=b"") -> bytes:
         return _ENTRY.pack(_ENTRY_MAGIC, kind, seq, ts_ms, aux, dim, len(name)) + name
 
@@ -440,7 +450,8 @@ class SparseShard(_LoggedShard):
                 log=beam.DoFn.StateParam(_LoggedShard.LOG),
                 version=beam.DoFn.StateParam(_LoggedShard.VERSION),
                 sync_timer=beam.DoFn.TimerParam(_LoggedShard.SYNC),
-                evict_timer=beam.DoFn.TimerParam(EVICT)):
+                evict_timer=beam.DoFn.TimerParam(EVICT), window=beam.DoFn.WindowParam):
+        self._check_window(window)
         shard, g = element
         dim = self.tables.get(g.table)
         if dim is None:
@@ -646,7 +657,8 @@ class DenseShard(_LoggedShard):
     def process(self, element, base=beam.DoFn.StateParam(_LoggedShard.BASE),
                 log=beam.DoFn.StateParam(_LoggedShard.LOG),
                 version=beam.DoFn.StateParam(_LoggedShard.VERSION),
-                sync_timer=beam.DoFn.TimerParam(_LoggedShard.SYNC)):
+                sync_timer=beam.DoFn.TimerParam(_LoggedShard.SYNC), window=beam.DoFn.WindowParam):
+        self._check_window(window)
         key, g = element
         grads = {}
         for k, v in g.grads.items():

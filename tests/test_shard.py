@@ -21,6 +21,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.coders import BytesCoder, VarIntCoder
+from apache_beam.transforms.window import GlobalWindow, IntervalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from dataflow.job import metrics_dict
@@ -160,7 +161,7 @@ class Harness:
             timers = dict(sync_timer=_Timer(cell, "sync"))
             if isinstance(self.dofn, SparseShard):
                 timers["evict_timer"] = _Timer(cell, "evict")
-            self.dofn.process((key, value), **cells, **timers)
+            self.dofn.process((key, value), **cells, **timers, window=GlobalWindow())
         return key, act
 
     def _timer_action(self, key, name, ts):
@@ -343,14 +344,18 @@ def test_clean_run_equals_plain_reference():
         assert info[f"sparse/{s}"]["ts_ms"] == max(g.ts_ms for k, g in batches if k == s)
 
 
-@pytest.mark.parametrize("seed,fail_rate,restore_rate", [
-    (1, 0.3, 0.0), (2, 0.5, 0.0), (3, 0.0, 0.15), (4, 0.3, 0.1), (5, 0.4, 0.2), (6, 0.2, 0.1)])
-def test_exactly_once_under_retries_and_restores(seed, fail_rate, restore_rate):
+@pytest.mark.parametrize("seed,fail_rate,restore_rate,backend", [
+    (1, 0.3, 0.0, "memory"), (2, 0.5, 0.0, "memory"), (3, 0.0, 0.15, "memory"),
+    (4, 0.3, 0.1, "memory"), (5, 0.4, 0.2, "memory"), (6, 0.2, 0.1, "memory"),
+    (7, 0.3, 0.15, "redis")])
+def test_exactly_once_under_retries_and_restores(seed, fail_rate, restore_rate, backend, request):
     batches = make_batches(seed=seed)
     events = events_with_watermarks(batches)
 
     def run(fail, restore):
         url = f"memory://eo-{uuid.uuid4().hex}"
+        if backend == "redis":
+            url = f"{request.getfixturevalue('redis_server')}/2?prefix=eo{uuid.uuid4().hex}"
         factory = sparse_factory(url)
         harness = Harness(factory, seed=seed, fail_rate=fail, restore_rate=restore)
         harness.run(events)
@@ -464,6 +469,9 @@ def test_bad_input_fails_loudly():
         harness._run_bundle([harness._element_action(1, SparseGradients("t4", f0, np.zeros((3, 4)), T0_MS, 1))])
     with pytest.raises(ValueError, match="grads"):
         harness._run_bundle([harness._element_action(0, SparseGradients("t4", f0, np.zeros((3, 2)), T0_MS, 1))])
+    with pytest.raises(ValueError, match="global window"):
+        harness.dofn.process((0, SparseGradients("t4", f0, np.zeros((3, 4)), T0_MS, 1)),
+                             window=IntervalWindow(0, 60))
 
 
 # ---------------------------------------------------------------------------- dense

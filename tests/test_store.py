@@ -139,6 +139,17 @@ def test_errors(make_store):
         open_store(store.url, num_shards=3).read_rows("t", fid0, 4)
 
 
+def test_handle_without_shard_count_adopts_the_stores(make_store):
+    store = make_store(3)
+    fids = _fids([f for f in range(30) if shard_of(_fids([f]), 3)[0] == 2][:2])
+    store.write_rows("t", 2, fids, np.ones((2, 2), np.float32))
+    other = open_store(store.url, None)  # e.g. the dense PS: it does not route rows
+    other.write_dense("d", {"w": np.ones(1, np.float32)}, 1)
+    assert other.num_shards in (None, 3)
+    assert other.read_rows("t", fids, 2)[1].all() and other.num_shards == 3
+    assert store.read_dense("d")[1] == 1
+
+
 def test_dense_round_trip(make_store):
     store = make_store()
     assert store.read_dense("model") == (None, -1)
