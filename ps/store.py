@@ -427,10 +427,12 @@ class RedisStore(ParameterStore):
         self._client = None
         self._pid = None
         self._client_lock = threading.Lock()
+        self._widths = {}  # (table, shard) -> width this handle checked or wrote
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_client"] = state["_pid"] = state["_client_lock"] = None
+        state["_widths"] = {}
         return state
 
     def __setstate__(self, state):
@@ -490,11 +492,14 @@ class RedisStore(ParameterStore):
             pipe.execute_command("HDEL", key, *fields[start:start + _CHUNK])
 
     def _check_width(self, table, shard, width):
-        """S2 on writes: compare with one stored value of the group (one cheap command)."""
+        """S2 on writes: compare with one stored value of the group (once per handle)."""
+        if self._widths.get((table, shard)) == width:
+            return
         sample = self._redis.hrandfield(self._rows_key(table, shard), 1, withvalues=True)
         if sample and len(sample[1]) != 4 * width:
             raise ValueError(f"table {table!r} shard {shard} holds rows of width "
                              f"{len(sample[1]) // 4}, written with width {width}")
+        self._widths[(table, shard)] = width
 
     def write_rows(self, table, shard, fids, rows, deleted=None):
         fids = _as_fids(fids)
@@ -543,6 +548,7 @@ class RedisStore(ParameterStore):
         rows = _as_rows(rows, fids.size)
         shard = self._check_shard(shard, fids)
         key = self._rows_key(table, shard)
+        self._widths[(table, shard)] = rows.shape[1]
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(key)
         if fids.size:
@@ -579,6 +585,7 @@ class RedisStore(ParameterStore):
 
     def clear(self):
         client = self._redis
+        self._widths.clear()
         keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start:start + 1000])
