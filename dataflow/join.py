@@ -11,7 +11,8 @@
 ``DIR`` afterwards (``PERIOD`` is the UTC start of an event-time period, e.g.
 ``20240101T130000Z`` with the default ``--period_s=3600``)::
 
-    examples/PERIOD-SSSSS-of-NNNNN.avro   training examples (schemas/example.avsc) of the
+    examples/PERIOD-SSSSS-of-NNNNN-DIGEST.avro
+                                          training examples (schemas/example.avsc) of the
                                           requests *served* in PERIOD, sorted by (ts_ms,
                                           request_id); shards split a period by request id
     unmatched/PERIOD-...jsonl             actions whose request was never served
@@ -19,11 +20,12 @@
     duplicates/PERIOD-...jsonl            repeated actions and feature records
     invalid/PERIOD-...jsonl               records that failed validation, with the reason
 
-Side-output files are named by the period in which the joiner classified their records.
-In a streaming run a period's files are written when the watermark passes its end (plus
-the join window for examples); records that come later still are written as extra files
-``...-lateK.avro`` (K = pane index). :func:`read_examples_in_order` merges any set of
-example files into one stream in event-time order.
+``DIGEST`` is a digest of the file's content. Side-output files are named by the period in
+which the joiner classified their records. A batch run writes one file per period and
+shard. A streaming run writes a period's files when the watermark passes its end (plus the
+join window for examples); records that come later still go to extra files of the same
+period and shard. :func:`read_examples_in_order` merges any set of example files into one
+stream in event-time order.
 
 Feature records: until ``ExtractFeatures`` lands, ``--features`` are Avro files of
 already-extracted records (:data:`EXTRACTED_FEATURES_SCHEMA`); :func:`read_features` is the
@@ -32,6 +34,7 @@ one place where reading raw feature logs and extracting fids will plug in.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import heapq
 import json
 import logging
@@ -173,10 +176,15 @@ def write_json_lines(f, records) -> None:
 
 
 class _WriteSortedFile(beam.DoFn):
-    """(shard, records) of one window → one file, sorted, named by the window's period.
+    """(shard, records) of one window pane → one file, sorted, named by the window's period
+    and a digest of its content: ``PERIOD-SSSSS-of-NNNNN-DIGEST.suffix``.
 
-    Written to a temporary name and renamed, so a reader never sees half a file and a
-    retried bundle replaces the file with the same content.
+    Why a digest and not the pane index: a streaming run fires a window more than once (late
+    records come in later panes), and Flink's portable runner (Beam 2.62) reports every pane
+    as the first, on-time one — and fires an extra *empty* pane at the window's garbage
+    collection. Named by content, a retried write replaces its own file and never another
+    pane's; empty panes write nothing. Files are written under a temporary name and renamed,
+    so a reader never sees half a file.
     """
 
     def __init__(self, directory, suffix, encode, sort_key, shards, stamped_after_s):
@@ -184,16 +192,18 @@ class _WriteSortedFile(beam.DoFn):
         self.sort_key, self.shards = sort_key, shards
         self.stamped_after_s = stamped_after_s
 
-    def process(self, element, window=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+    def process(self, element, window=beam.DoFn.WindowParam):
         shard, records = element
-        records = sorted(records, key=self.sort_key)
+        keyed = sorted(((self.sort_key(r), r) for r in records), key=lambda kr: kr[0])
+        if not keyed:
+            return
+        digest = hashlib.sha1(repr([k for k, _ in keyed]).encode("utf-8")).hexdigest()[:8]
         period = period_name(window.start.micros / 1e6 - self.stamped_after_s)
-        late = f"-late{pane.index}" if pane is not None and pane.index else ""
-        name = f"{period}-{shard:05d}-of-{self.shards:05d}{late}{self.suffix}"
+        name = f"{period}-{shard:05d}-of-{self.shards:05d}-{digest}{self.suffix}"
         path = FileSystems.join(self.directory, name)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         with FileSystems.create(tmp) as f:
-            self.encode(f, records)
+            self.encode(f, [r for _, r in keyed])
         FileSystems.rename([tmp], [path])
         yield path
 
@@ -233,7 +243,7 @@ class WriteEventTimeFiles(beam.PTransform):
 
 
 class WriteExampleLog(WriteEventTimeFiles):
-    """Examples from :class:`OnlineJoiner` → ``directory/PERIOD-SSSSS-of-NNNNN.avro``."""
+    """Examples from :class:`OnlineJoiner` → ``directory/PERIOD-SSSSS-of-NNNNN-DIGEST.avro``."""
 
     def __init__(self, directory: str, join_window_s: float, period_s: int = 3600,
                  shards: int = 1):

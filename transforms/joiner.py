@@ -38,7 +38,7 @@ Input records carry event time in ``ts_ms`` (the joiner re-stamps elements from 
   carries ``sample_rate=r``, ``sample_weight=1/r``; positives carry 1 and 1. See
   :func:`log_odds_correction` for serving a model trained on sampled data.
 * *Late and unmatched actions* are counted and sent to side outputs, never dropped. After
-  a window closes the request is remembered (one integer of state) for ``late_horizon_s``
+  a window closes the request is remembered (a small tombstone) for ``late_horizon_s``
   more, so its late actions are told apart from unmatched ones; then its state is gone.
   Every key that holds state has a pending timer, so state never outlives
   ``window end + late_horizon`` (or ``action ts + join_window`` for unmatched actions).
