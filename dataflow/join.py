@@ -57,8 +57,6 @@ from dataflow.options import MonolithOptions, pipeline_options
 from schemas import load_schema
 from transforms.joiner import DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner
 
-_LOG = logging.getLogger(__name__)
-
 # What ExtractFeatures outputs, as an Avro record (the input format of --features for now).
 EXTRACTED_FEATURES_SCHEMA = fastavro.parse_schema({
     "type": "record", "name": "ExtractedFeatures", "namespace": "beam_monolith",

@@ -33,6 +33,9 @@ Input records carry event time in ``ts_ms`` (the joiner re-stamps elements from 
   click, like, share); others (dislike, skip, ...) are kept in ``actions`` but do not make
   a positive. ``actions`` lists distinct actions ordered by their first ``ts_ms`` (ties by
   name); repeats go to ``duplicate_actions`` and are not counted twice.
+* *Duplicate feature records* of one request id: the earliest (then a stable order of their
+  contents) is joined, the others go to ``duplicate_features``; so the choice does not
+  depend on arrival order while the window is open.
 * *Negative sampling* (:func:`keep_negative`): a negative is kept with probability ``r``
   decided by a hash of the request id (a retried bundle or a replay decides the same), and
   carries ``sample_rate=r``, ``sample_weight=1/r``; positives carry 1 and 1. See
@@ -114,8 +117,10 @@ def sampling_hash(request_id: str, salt: str = "") -> float:
     >>> sampling_hash("r1") == sampling_hash("r1") != sampling_hash("r1", salt="exp2")
     True
     """
-    digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=8,
-                             key=salt.encode("utf-8")).digest()
+    key = salt.encode("utf-8")
+    if len(key) > 64:  # blake2b's longest key
+        key = hashlib.blake2b(key).digest()
+    digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=8, key=key).digest()
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
 
@@ -131,10 +136,11 @@ def keep_negative(request_id: str, rate: float, salt: str = "") -> bool:
 
 def log_odds_correction(logit, rate: float):
     """The logit of a model trained on negatives kept at ``rate`` (unweighted), corrected
-    to the logit of the unsampled data: ``logit + log(rate)``.
+    to the logit of the unsampled data: ``logit + log(rate)`` (floats or NumPy arrays).
 
     Sampling negatives at rate r multiplies the odds the model sees by 1/r, so its logit
-    is ``log(r)`` too high (Monolith §2.3, after Wang, Zhang & Wang, NeurIPS 2021). Use
+    is ``log(r)`` too high (the Monolith paper's online joiner, citing Wang, Zhang & Wang,
+    NeurIPS 2021). Use
     either this at serving *or* ``sample_weight`` in the training loss, never both:
     a loss weighted by 1/r already learns the unsampled CTR.
 
@@ -288,6 +294,8 @@ class JoinByRequestFn(beam.DoFn):
             raise ValueError(f"late_horizon_s must be >= 0, got {late_horizon_s}")
         self.late_horizon_ms = int(round(late_horizon_s * 1000))
         self.rate = float(negative_sample_rate)
+        if isinstance(positive_actions, str):  # one action, not a set of characters
+            positive_actions = [positive_actions]
         self.positive_actions = frozenset(positive_actions)
         self.salt = sampling_salt
         counter = lambda name: Metrics.counter(_NAMESPACE, name)  # noqa: E731
