@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import apache_beam as beam
 
@@ -59,6 +60,11 @@ class TrainOptions(MonolithOptions):
                             help="backfill: write PS snapshots here when the input ends")
         parser.add_argument("--restore", default=None,
                             help="online: bootstrap empty PS shards from these snapshots")
+        parser.add_argument("--poll_interval_s", type=float, default=5.0,
+                            help="online: how often the input folder is listed for new files")
+        parser.add_argument("--run_for_s", type=float, default=0.0,
+                            help="online: stop watching the folder after this many seconds of "
+                                 "wall time (0: run until cancelled)")
         parser.add_argument("--seed", type=int, default=0)
 
 
@@ -81,13 +87,20 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     from schemas.feature_config import load_feature_config
     from transforms.metrics import OnlineMetrics
     from transforms.model import Model
-    from transforms.batch import ReadExampleBatches
+    from transforms.batch import ReadExampleBatches, TailExampleBatches
     from transforms.worker import TrainWorker
 
     config = load_feature_config(opts.config)
     spec = model_spec(config, opts.model, opts.seed)
-    batches = pipeline | "ReadExamples" >> ReadExampleBatches(opts.input, opts.batch_size,
-                                                               spec.dense_dim)
+    if mode == "backfill":
+        batches = pipeline | "ReadExamples" >> ReadExampleBatches(opts.input, opts.batch_size,
+                                                                   spec.dense_dim)
+    else:
+        batches = pipeline | "TailExamples" >> TailExampleBatches(
+            opts.input, opts.batch_size, spec.dense_dim, opts.poll_interval_s,
+            stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None)
+    export_dir = opts.export_dir if mode == "backfill" else None
+    restore_dir = opts.restore if mode == "online" else None
     worker = (batches
               | "Worker" >> beam.ParDo(TrainWorker(
                   spec, opts.store, opts.num_shards,
@@ -97,11 +110,13 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     applied_sparse = worker.sparse | "SparseShard" >> beam.ParDo(SparseShard(
         opts.store, opts.num_shards, sparse_tables, slots=slot_policies(config),
         optimizer=opts.optimizer, lr=opts.learning_rate, sync_interval_s=opts.sync_interval_s,
-        init_scale=0.01 if spec.kind != "lr" else 0.0, seed=opts.seed))
+        init_scale=0.01 if spec.kind != "lr" else 0.0, seed=opts.seed,
+        export_dir=export_dir, restore_dir=restore_dir))
     applied_dense = worker[TrainWorker.DENSE] | "DenseShard" >> beam.ParDo(DenseShard(
         opts.store, "dense", Model(spec).initial_dense_params(),
         optimizer=opts.dense_optimizer, lr=opts.dense_learning_rate,
-        sync_interval_s=opts.dense_sync_interval_s))
+        sync_interval_s=opts.dense_sync_interval_s, export_dir=export_dir,
+        restore_dir=restore_dir))
     os.makedirs(opts.metrics_dir, exist_ok=True)
     metrics = worker[TrainWorker.SCORES] | "OnlineMetrics" >> OnlineMetrics(
         opts.metrics_window_s, out_prefix=os.path.join(opts.metrics_dir, f"online-{mode}"),

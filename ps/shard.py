@@ -59,6 +59,17 @@ L5  Replays do not touch metrics: counters count each input once, in the bundle 
 
 Input must be in the global window (state is per key and window; anything else is refused).
 
+Snapshots: batch, then online (DESIGN §4, path b)
+-------------------------------------------------
+With ``export_dir``, each key arms an event-time timer at the end of the global window; it
+fires when a bounded input ends (backfill) and writes the key's whole state (the ``base``
+encoding, so optimizer slots, last-seen times and filter counts included) to
+``export_dir/<kind>-<key>.snap`` in a checksummed envelope (:func:`write_snapshot`), plus
+``manifest.json``. With ``restore_dir``, a key that has no state yet starts from its snapshot
+instead of empty, and the restored state is written to Beam state at once (so a later failure
+rebuilds from it, not from nothing). A different shard count re-shards the sparse rows with
+``shard_of`` (filter counts of row-less ids are then lost: they start counting again).
+
 Event time: ``ts_ms`` of the gradient records, ``now = ts_ms // 1000`` for the tables (seconds
 since the epoch; slot expiry is in seconds). Publishing happens inline when event time has
 advanced ``sync_interval_s`` since the last publish (``0``: after every input), and on an
@@ -92,7 +103,8 @@ from ps.optimizers import Adagrad, Optimizer, optimizer_from_config
 from ps.store import decode_arrays, encode_arrays, open_store
 from transforms.batch import shard_of
 
-__all__ = ["SparseShard", "DenseShard", "DenseOptimizer", "dense_optimizer", "sparse_optimizer"]
+__all__ = ["SparseShard", "DenseShard", "DenseOptimizer", "dense_optimizer", "sparse_optimizer",
+           "write_snapshot", "read_snapshot", "SnapshotFileError"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -106,6 +118,55 @@ _BASE_HEAD = struct.Struct("<8sI")
 
 def _new_token() -> int:
     return secrets.randbits(63) or 1
+
+
+_SNAP_MAGIC = b"PSSNAP01"
+_SNAP_HEAD = struct.Struct("<8sIIQ")  # magic, header length, crc32 of payload, payload length
+
+
+class SnapshotFileError(ValueError):
+    """A PS snapshot file is missing, truncated, corrupted or of another kind."""
+
+
+def write_snapshot(path: str, payload: bytes, meta: dict) -> None:
+    """Write ``payload`` (a shard's base encoding) with ``meta`` atomically and checksummed."""
+    import os
+    import zlib
+    header = json.dumps(meta, sort_keys=True).encode()
+    head = _SNAP_HEAD.pack(_SNAP_MAGIC, len(header), zlib.crc32(payload), len(payload))
+    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+    with open(tmp, "wb") as f:
+        f.write(head + header + payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_snapshot(path: str) -> tuple:
+    """``(meta, payload)`` of a snapshot file, or :class:`SnapshotFileError` saying what is wrong."""
+    import zlib
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SnapshotFileError(f"cannot read PS snapshot {path}: {e}") from e
+    if len(data) < _SNAP_HEAD.size:
+        raise SnapshotFileError(f"PS snapshot {path} is truncated ({len(data)} bytes)")
+    magic, header_len, crc, length = _SNAP_HEAD.unpack_from(data)
+    if magic != _SNAP_MAGIC:
+        raise SnapshotFileError(f"{path} is not a PS snapshot (magic {magic!r})")
+    start = _SNAP_HEAD.size + header_len
+    if len(data) != start + length:
+        raise SnapshotFileError(f"PS snapshot {path} is truncated or padded: "
+                                f"{len(data)} bytes, expected {start + length}")
+    payload = data[start:]
+    if zlib.crc32(payload) != crc:
+        raise SnapshotFileError(f"PS snapshot {path} is corrupted (checksum mismatch)")
+    try:
+        meta = json.loads(data[_SNAP_HEAD.size:start])
+    except ValueError as e:
+        raise SnapshotFileError(f"PS snapshot {path} has a corrupted header: {e}") from e
+    return meta, payload
 
 
 def _as_slot_config(config) -> SlotConfig:
@@ -155,9 +216,13 @@ class _LoggedShard(beam.DoFn):
     BASE = ReadModifyWriteStateSpec("base", BytesCoder())
     LOG = BagStateSpec("log", BytesCoder())
     VERSION = ReadModifyWriteStateSpec("version", VarIntCoder())
-    SYNC = TimerSpec("sync", TimeDomain.WATERMARK)
+    # Timers are declared by each subclass under its own names: the FnApiRunner mixes up the
+    # timers of two stateful transforms fused into one stage when their timer ids are equal
+    # (a SparseShard's end-of-input timers fired a DenseShard's callback, and vice versa).
+    KIND = "shard"  # snapshot file prefix; also the prefix of the timer ids
 
-    def __init__(self, store_url: str, num_shards: int, sync_interval_s: float, compact_every: int):
+    def __init__(self, store_url: str, num_shards: int, sync_interval_s: float, compact_every: int,
+                 export_dir: Optional[str] = None, restore_dir: Optional[str] = None):
         if compact_every < 1:
             raise ValueError(f"compact_every must be >= 1, got {compact_every}")
         if sync_interval_s < 0:
@@ -166,6 +231,10 @@ class _LoggedShard(beam.DoFn):
         self.num_shards = None if num_shards is None else int(num_shards)
         self.sync_interval_s = int(sync_interval_s)
         self.compact_every = int(compact_every)
+        self.export_dir = export_dir
+        self.restore_dir = restore_dir
+        self.exports = Metrics.counter("ps", "snapshots_exported")
+        self.restores = Metrics.counter("ps", "snapshots_restored")
         self.publishes = Metrics.counter("ps", "publishes")
         self.rebuilds = Metrics.counter("ps", "rebuilds")
         self.compactions = Metrics.counter("ps", "compactions")
@@ -207,6 +276,20 @@ class _LoggedShard(beam.DoFn):
     def _publish(self, key, live: _Live) -> None:
         raise NotImplementedError
 
+    def _snapshot_key(self, key) -> str:
+        return str(key)
+
+    def _restore(self, key) -> Optional[_Live]:
+        """The key's state from ``restore_dir`` (None: nothing to restore for it)."""
+        import os
+        path = os.path.join(self.restore_dir, f"{self.KIND}-{self._snapshot_key(key)}.snap")
+        if not os.path.exists(path):
+            return None
+        meta, payload = read_snapshot(path)
+        if meta.get("kind") != self.KIND:
+            raise SnapshotFileError(f"{path} holds a {meta.get('kind')!r} snapshot, not {self.KIND!r}")
+        return self._decode_base(key, payload)
+
     # --------------------------------------------------------- machinery
     def _live(self, key, base, log, version) -> _Live:
         """The cached live state of ``key`` if it equals the committed state (L3), else a
@@ -238,7 +321,18 @@ class _LoggedShard(beam.DoFn):
         else:
             if live is not None:  # state rolled back to nothing: a failed first bundle
                 self.rebuilds.inc()
-            live = self._empty(key)
+            restored = self._restore(key) if self.restore_dir else None
+            if restored is not None:
+                # Persist at once: a failure after this must rebuild from the snapshot.
+                base.write(self._encode_base(restored))
+                log.clear()
+                token = _new_token()
+                version.write(token)
+                restored.log_entries = 0
+                self.restores.inc()
+                live = restored
+            else:
+                live = self._empty(key)
         live.token = token
         self._reconcile(key, live)
         live.dirty = False
@@ -275,13 +369,30 @@ class _LoggedShard(beam.DoFn):
         live.next_publish_s = live.ts_ms // 1000 + self.sync_interval_s
         self.publishes.inc()
 
-    @on_timer(SYNC)
-    def on_sync(self, key=beam.DoFn.KeyParam, base=beam.DoFn.StateParam(BASE),
-                log=beam.DoFn.StateParam(LOG), version=beam.DoFn.StateParam(VERSION)):
+    def _on_sync(self, key, base, log, version):
         live = self._live(key, base, log, version)
         live.sync_timer_at = None
         if live.dirty:
             self._do_publish(key, live)
+
+    def _arm_export(self, live: _Live, export_timer) -> None:
+        if self.export_dir and not getattr(live, "export_armed", False):
+            export_timer.set(GlobalWindow().max_timestamp())
+            live.export_armed = True
+
+    def _on_export(self, key, base, log, version):
+        """End of a bounded input: publish what is pending, then write the key's snapshot."""
+        import os
+        live = self._live(key, base, log, version)
+        if live.dirty:
+            self._do_publish(key, live)
+        os.makedirs(self.export_dir, exist_ok=True)
+        name = self._snapshot_key(key)
+        write_snapshot(os.path.join(self.export_dir, f"{self.KIND}-{name}.snap"),
+                       self._encode_base(live),
+                       {"kind": self.KIND, "key": name, "seq": int(live.seq),
+                        "ts_ms": int(live.ts_ms), "num_shards": self.num_shards})
+        self.exports.inc()
 
     @staticmethod
     def _check_window(window):
@@ -320,14 +431,32 @@ class SparseShard(_LoggedShard):
         seed: seeds the tables (hashes, initial weights).
     """
 
-    EVICT = TimerSpec("evict", TimeDomain.WATERMARK)
+    EVICT = TimerSpec("sparse_evict", TimeDomain.WATERMARK)
+    KIND = "sparse"
+
+    SYNC = TimerSpec("sparse_sync", TimeDomain.WATERMARK)
+    EXPORT = TimerSpec("sparse_export", TimeDomain.WATERMARK)
+
+    @on_timer(SYNC)
+    def on_sync(self, key=beam.DoFn.KeyParam, base=beam.DoFn.StateParam(_LoggedShard.BASE),
+                log=beam.DoFn.StateParam(_LoggedShard.LOG),
+                version=beam.DoFn.StateParam(_LoggedShard.VERSION)):
+        self._on_sync(key, base, log, version)
+
+    @on_timer(EXPORT)
+    def on_export(self, key=beam.DoFn.KeyParam, base=beam.DoFn.StateParam(_LoggedShard.BASE),
+                  log=beam.DoFn.StateParam(_LoggedShard.LOG),
+                  version=beam.DoFn.StateParam(_LoggedShard.VERSION)):
+        self._on_export(key, base, log, version)
 
     def __init__(self, store_url: str, num_shards: int, tables: Dict[str, int], *,
                  slots: Optional[dict] = None, default_slot=None, optimizer="adagrad",
                  lr: Optional[float] = None, sync_interval_s: float = 10,
                  evict_interval_s: Optional[float] = 3600, compact_every: int = 64,
-                 init_scale: float = 0.0, filter_bytes: int = 1 << 20, seed: int = 0):
-        super().__init__(store_url, num_shards, sync_interval_s, compact_every)
+                 init_scale: float = 0.0, filter_bytes: int = 1 << 20, seed: int = 0,
+                 export_dir: Optional[str] = None, restore_dir: Optional[str] = None):
+        super().__init__(store_url, num_shards, sync_interval_s, compact_every, export_dir,
+                         restore_dir)
         if not tables:
             raise ValueError("tables must name at least one table: {name: dim}")
         self.tables = {str(k): int(v) for k, v in tables.items()}
@@ -386,6 +515,28 @@ class SparseShard(_LoggedShard):
             live.tables[name] = table
         for name, dim in self.tables.items():
             live.tables.setdefault(name, self.new_table(dim))
+        return live
+
+    def _restore(self, shard):
+        """This shard's snapshot; from snapshots of another shard count, its share of their rows."""
+        import glob
+        import os
+        paths = sorted(glob.glob(os.path.join(self.restore_dir, f"{self.KIND}-*.snap")))
+        if not paths:
+            return None
+        metas = [read_snapshot(p) for p in paths]
+        if all(meta.get("num_shards") == self.num_shards for meta, _ in metas):
+            return super()._restore(shard)
+        live = self._empty(shard)
+        for meta, payload in metas:  # re-shard: take the rows this shard owns now
+            old = self._decode_base(meta.get("key"), payload)
+            live.seq = max(live.seq, old.seq)
+            live.ts_ms = max(live.ts_ms, old.ts_ms)
+            live.last_evict_s = old.last_evict_s
+            for name, table in old.tables.items():
+                for fids, rows, last_seen in table.items():
+                    mine = shard_of(fids, self.num_shards) == shard
+                    live.tables[name].insert(fids[mine], now=last_seen[mine], weights=rows[mine])
         return live
 
     # --------------------------------------------------------- the two operations
@@ -449,8 +600,10 @@ class SparseShard(_LoggedShard):
     def process(self, element, base=beam.DoFn.StateParam(_LoggedShard.BASE),
                 log=beam.DoFn.StateParam(_LoggedShard.LOG),
                 version=beam.DoFn.StateParam(_LoggedShard.VERSION),
-                sync_timer=beam.DoFn.TimerParam(_LoggedShard.SYNC),
-                evict_timer=beam.DoFn.TimerParam(EVICT), window=beam.DoFn.WindowParam):
+                sync_timer=beam.DoFn.TimerParam(SYNC),
+                evict_timer=beam.DoFn.TimerParam(EVICT),
+                export_timer=beam.DoFn.TimerParam(EXPORT),
+                window=beam.DoFn.WindowParam):
         self._check_window(window)
         shard, g = element
         dim = self.tables.get(g.table)
@@ -468,6 +621,7 @@ class SparseShard(_LoggedShard):
         if not 0 <= ts_ms // 1000 < 2**32:
             raise ValueError(f"SparseShard: ts_ms {ts_ms} is out of range")
         live = self._live(shard, base, log, version)
+        self._arm_export(live, export_timer)
         name = g.table.encode()
         entry = b"".join([self._entry(_GRADS, live.seq + 1, ts_ms, fids.size, dim, name),
                           fids.astype("<u8", copy=False).tobytes(),
@@ -501,7 +655,7 @@ class SparseShard(_LoggedShard):
                  base=beam.DoFn.StateParam(_LoggedShard.BASE),
                  log=beam.DoFn.StateParam(_LoggedShard.LOG),
                  version=beam.DoFn.StateParam(_LoggedShard.VERSION),
-                 sync_timer=beam.DoFn.TimerParam(_LoggedShard.SYNC)):
+                 sync_timer=beam.DoFn.TimerParam(SYNC)):
         live = self._live(key, base, log, version)
         live.evict_timer_at = None
         now_s = int(timestamp.micros // 1_000_000)
@@ -595,14 +749,36 @@ class DenseShard(_LoggedShard):
     The published version is the number of gradient batches applied (``seq``).
     """
 
+    KIND = "dense"
+
+    SYNC = TimerSpec("dense_sync", TimeDomain.WATERMARK)
+    EXPORT = TimerSpec("dense_export", TimeDomain.WATERMARK)
+
+    @on_timer(SYNC)
+    def on_sync(self, key=beam.DoFn.KeyParam, base=beam.DoFn.StateParam(_LoggedShard.BASE),
+                log=beam.DoFn.StateParam(_LoggedShard.LOG),
+                version=beam.DoFn.StateParam(_LoggedShard.VERSION)):
+        self._on_sync(key, base, log, version)
+
+    @on_timer(EXPORT)
+    def on_export(self, key=beam.DoFn.KeyParam, base=beam.DoFn.StateParam(_LoggedShard.BASE),
+                  log=beam.DoFn.StateParam(_LoggedShard.LOG),
+                  version=beam.DoFn.StateParam(_LoggedShard.VERSION)):
+        self._on_export(key, base, log, version)
+
     def __init__(self, store_url: str, name: str, initial_params: Dict[str, np.ndarray], *,
                  optimizer="adam", lr: Optional[float] = None, sync_interval_s: float = 10,
-                 compact_every: int = 64):
-        super().__init__(store_url, None, sync_interval_s, compact_every)
+                 compact_every: int = 64, export_dir: Optional[str] = None,
+                 restore_dir: Optional[str] = None):
+        super().__init__(store_url, None, sync_interval_s, compact_every, export_dir,
+                         restore_dir)
         self.name = str(name)
         self.initial_params = {str(k): np.array(v, dtype=np.float32) for k, v in initial_params.items()}
         self.optimizer = dense_optimizer(optimizer, lr)
         self.gradient_batches = Metrics.counter("ps", "dense_gradient_batches")
+
+    def _snapshot_key(self, key) -> str:
+        return self.name
 
     def _empty(self, key):
         live = _Live()
@@ -657,7 +833,9 @@ class DenseShard(_LoggedShard):
     def process(self, element, base=beam.DoFn.StateParam(_LoggedShard.BASE),
                 log=beam.DoFn.StateParam(_LoggedShard.LOG),
                 version=beam.DoFn.StateParam(_LoggedShard.VERSION),
-                sync_timer=beam.DoFn.TimerParam(_LoggedShard.SYNC), window=beam.DoFn.WindowParam):
+                sync_timer=beam.DoFn.TimerParam(SYNC),
+                export_timer=beam.DoFn.TimerParam(EXPORT),
+                window=beam.DoFn.WindowParam):
         self._check_window(window)
         key, g = element
         grads = {}
@@ -671,6 +849,7 @@ class DenseShard(_LoggedShard):
             grads[k] = v
         ts_ms = int(g.ts_ms)
         live = self._live(key, base, log, version)
+        self._arm_export(live, export_timer)
         entry = self._entry(_DENSE, live.seq + 1, ts_ms) + encode_arrays(grads)
         self._apply_grads(live, grads, ts_ms)
         live.seq += 1

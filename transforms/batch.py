@@ -150,3 +150,34 @@ class _ReadBatchesFn(beam.DoFn):
 
 def _timestamped(batch):
     return TimestampedValue(batch, int(batch.ts_ms.max()) / 1000.0)
+
+
+class TailExampleBatches(beam.PTransform):
+    """A folder of example log files, watched for new ones → ``ExampleBatch`` es.
+
+    Files are read in name order (the example log names them by event-time period) with
+    ``transforms.sources.TailAvroLogs``, whose watermark follows the examples' event time;
+    records are batched within a bundle (``BatchElements``, fusable) and made columnar.
+    """
+
+    def __init__(self, folder: str, batch_size: int, dense_dim: int,
+                 poll_interval_s: float = 5.0, stop_timestamp: float | None = None):
+        super().__init__()
+        self.pattern = folder if any(c in folder for c in "*?[") else \
+            folder.rstrip("/") + "/*.avro"
+        self.batch_size = int(batch_size)
+        self.dense_dim = int(dense_dim)
+        self.poll_interval_s = poll_interval_s
+        self.stop_timestamp = stop_timestamp
+
+    def expand(self, pbegin):
+        from apache_beam.utils.timestamp import MAX_TIMESTAMP
+
+        from transforms.sources import TailAvroLogs
+        dense_dim = self.dense_dim
+        stop = MAX_TIMESTAMP if self.stop_timestamp is None else self.stop_timestamp
+        return (pbegin
+                | "Tail" >> TailAvroLogs(self.pattern, self.poll_interval_s, stop_timestamp=stop)
+                | "Batch" >> beam.BatchElements(min_batch_size=1,
+                                                max_batch_size=self.batch_size)
+                | "Columnar" >> beam.Map(lambda rows: ExampleBatch.from_examples(rows, dense_dim)))
