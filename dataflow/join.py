@@ -99,6 +99,9 @@ class JoinOptions(MonolithOptions):
                             help="event-time period of one set of output files")
         parser.add_argument("--shards_per_period", type=int, default=1,
                             help="files per period (split by request id)")
+        parser.add_argument("--append", action="store_true",
+                            help="allow an --out that already holds an example log (e.g. "
+                                 "resuming a stream); otherwise it must be new or empty")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -307,6 +310,11 @@ def main(argv: list[str] | None = None):
     opts = options.view_as(JoinOptions)
     if not opts.features or not opts.actions or not opts.out:
         raise SystemExit("join: --features, --actions and --out are required (see --help)")
+    if not opts.append and example_files(os.path.join(opts.out, "examples", "*")):
+        # Files are named by content: a run with other input or options would not replace
+        # an earlier run's files but add to them.
+        raise SystemExit(f"join: {opts.out}/examples already holds an example log; use a "
+                         "new --out, or --append to add to it")
     return run_job(lambda p: build(p, opts), options)
 
 

@@ -199,3 +199,10 @@ def test_cli_lists_the_join_pipeline(capsys):
 def test_doctests():
     import doctest
     assert doctest.testmod(join).failed == 0
+
+
+def test_refuses_to_mix_into_an_existing_example_log(tmp_path):
+    (tmp_path / "out" / "examples").mkdir(parents=True)
+    (tmp_path / "out" / "examples" / "20240101T000000Z-00000-of-00001-0123abcd.avro").touch()
+    with pytest.raises(SystemExit, match="--append"):
+        join.main(["--features=x", "--actions=y", f"--out={tmp_path / 'out'}"])
