@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
 from typing import Callable
 
 import apache_beam as beam
@@ -18,7 +20,7 @@ def metrics_dict(result) -> dict:
     """Committed counters and distributions of a finished pipeline, by metric name."""
     out: dict = {"counters": {}, "distributions": {}}
     try:
-        queried = result.metrics().query(MetricsFilter())
+        queried = _query_metrics(result)
     except (NotImplementedError, AttributeError):  # runners without metrics
         return out
     for c in queried.get("counters", []):
@@ -32,6 +34,27 @@ def metrics_dict(result) -> dict:
         out["distributions"][name] = {"count": r.count, "sum": r.sum, "min": r.min,
                                       "max": r.max}
     return out
+
+
+def _query_metrics(result):
+    try:
+        return result.metrics().query(MetricsFilter())
+    except RecursionError:
+        # Beam 2.62's monitoring_infos.consolidate recurses once per monitoring info: a long
+        # streaming run on the FnApiRunner (many SDF bundles) passes the default limit.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 1_000_000))
+        threading.stack_size(512 * 1024 * 1024)
+        try:
+            box: dict = {}
+            worker = threading.Thread(
+                target=lambda: box.update(r=result.metrics().query(MetricsFilter())))
+            worker.start()
+            worker.join()
+            return box["r"]
+        finally:
+            sys.setrecursionlimit(limit)
+            threading.stack_size(0)
 
 
 def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions):
