@@ -17,6 +17,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, FlinkRunnerOpti
 PIPELINES = {
     "demo": ("dataflow.demo", "the main job on the embedded default (make demo)"),
     "smoke": ("dataflow.smoke", "Avro events -> keyed state + event-time timers -> JSON lines"),
+    "train": ("dataflow.train", "train {backfill,online}: worker -> sharded PS -> store, online AUC"),
     "join": ("dataflow.join", "feature records + actions -> example log (Avro, event-time order)"),
 }
 
