@@ -276,8 +276,9 @@ def example_files(pattern: str) -> list[str]:
     return sorted(m.path for m in matches)
 
 
-def read_examples_in_order(pattern: str) -> Iterator[dict]:
-    """Every example in the files ``pattern`` names, in event-time order (ts_ms, then
+def read_examples_in_order(pattern) -> Iterator[dict]:
+    """Every example in the files ``pattern`` names (a glob, a directory or a list of paths), in
+    event-time order (ts_ms, then
     request_id), merging the files lazily: each file is sorted, so this holds one record
     per file in memory.
 
@@ -291,7 +292,7 @@ def read_examples_in_order(pattern: str) -> Iterator[dict]:
     >>> [e["request_id"] for e in read_examples_in_order(d)]
     ['a', 'b', 'c']
     """
-    paths = example_files(pattern)
+    paths = example_files(pattern) if isinstance(pattern, str) else sorted(pattern)
     with ExitStack() as stack:
         readers = [fastavro.reader(stack.enter_context(FileSystems.open(p))) for p in paths]
         yield from heapq.merge(*readers, key=_example_order)

@@ -52,6 +52,15 @@ class TrainOptions(MonolithOptions):
                             help="event-time seconds between sparse syncs to the store (0: every batch)")
         parser.add_argument("--dense_sync_interval_s", type=float, default=0.0,
                             help="event-time seconds between dense syncs / worker refreshes")
+        parser.add_argument("--max_staleness_s", type=float, default=0.0,
+                            help="backfill: after each reader checkpoint, wait until the PS has "
+                                 "published the gradients of batches older than this (event-time "
+                                 "seconds) before reading on; negative: never wait")
+        parser.add_argument("--reader_checkpoint_s", type=float, default=0.05,
+                            help="backfill on Flink: the reader ends its bundle this often "
+                                 "(wall seconds) so gradients flow to the PS as it reads")
+        parser.add_argument("--staleness_timeout_s", type=float, default=30.0,
+                            help="longest the reader waits for the PS before reading on")
         parser.add_argument("--metrics_window_s", type=int, default=3600,
                             help="event-time window of the online metrics")
         parser.add_argument("--metrics_dir", default="out/train",
@@ -81,6 +90,12 @@ def slot_policies(config) -> dict:
             for s in config.slots}
 
 
+def _runner_name(pipeline: beam.Pipeline) -> str:
+    from apache_beam.options.pipeline_options import StandardOptions
+    runner = pipeline.options.view_as(StandardOptions).runner or "DirectRunner"
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
 def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     """Adds the training section to ``pipeline``; returns its PCollections by name."""
     from ps.shard import DenseShard, SparseShard
@@ -93,8 +108,14 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     config = load_feature_config(opts.config)
     spec = model_spec(config, opts.model, opts.seed)
     if mode == "backfill":
-        batches = pipeline | "ReadExamples" >> ReadExampleBatches(opts.input, opts.batch_size,
-                                                                   spec.dense_dim)
+        staleness = opts.max_staleness_s + max(opts.sync_interval_s, opts.dense_sync_interval_s)
+        fused = _runner_name(pipeline) in ("DirectRunner", "BundleBasedDirectRunner")
+        batches = pipeline | "ReadExamples" >> ReadExampleBatches(
+            opts.input, opts.batch_size, spec.dense_dim,
+            checkpoint_s=None if fused else opts.reader_checkpoint_s,
+            store_url=opts.store if opts.max_staleness_s >= 0 and not fused else None,
+            max_staleness_s=staleness, staleness_timeout_s=opts.staleness_timeout_s,
+            publishers=("dense", *(f"sparse/{i}" for i in range(opts.num_shards))))
     else:
         batches = pipeline | "TailExamples" >> TailExampleBatches(
             opts.input, opts.batch_size, spec.dense_dim, opts.poll_interval_s,

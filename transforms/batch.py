@@ -18,8 +18,17 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import itertools
+import logging
+import os
+import re
+import time
+
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 
 
@@ -114,38 +123,163 @@ def shard_of(fids: np.ndarray, num_shards: int) -> np.ndarray:
 class ReadExampleBatches(beam.PTransform):
     """Example log files → ``ExampleBatch`` es of ``batch_size``, in event-time order.
 
-    One reader merges every file by ``ts_ms`` (each file of the example log is sorted), so
-    training sees the stream in the order it happened: a batch is scored with what the PS
-    learned from every earlier batch (DESIGN §4b: no GroupByKey between reader and PS).
+    The files are grouped by event-time period (the example log's ``PERIOD-…`` names; any
+    other name is a period of its own, in name order); each period's files are merged by
+    ``ts_ms``, so training sees the stream in the order it happened and a batch is scored
+    with what the PS learned from every earlier batch (DESIGN §4b: no GroupByKey between
+    reader and PS). A period's last batch may be short.
+
+    The reader is a splittable DoFn over (period, batch) positions. With ``checkpoint_s`` it
+    checkpoints itself every ``checkpoint_s`` of wall time: a runner that hands a stage's
+    output downstream only when its bundle ends (Flink's portable runner does) then sees
+    bundles end as the log is read, so gradients reach the PS while the worker is still
+    reading, and with a ``store_url`` it waits at each checkpoint for the PS to catch up
+    (:class:`PSCatchUp`). Leave it None on the DirectRunner: there the stages are fused
+    (nothing to wait for), and the FnApiRunner treats each resumption as a new run of the
+    stage, firing end-of-input timers (PS snapshots, metrics) every time.
     """
 
-    def __init__(self, pattern: str, batch_size: int, dense_dim: int):
+    def __init__(self, pattern: str, batch_size: int, dense_dim: int,
+                 checkpoint_s: float | None = None, store_url: str | None = None,
+                 max_staleness_s: float = 0.0, staleness_timeout_s: float = 30.0,
+                 publishers: tuple = ()):
         super().__init__()
         self.pattern = pattern
         self.batch_size = int(batch_size)
         self.dense_dim = int(dense_dim)
+        self.gate = None if store_url is None else PSCatchUp(
+            store_url, max_staleness_s, staleness_timeout_s, publishers)
+        self.checkpoint_s = checkpoint_s
 
     def expand(self, pbegin):
         return (pbegin
                 | "Start" >> beam.Create([self.pattern])
-                | "ReadInOrder" >> beam.ParDo(_ReadBatchesFn(self.batch_size, self.dense_dim)))
+                | "Periods" >> beam.Map(example_periods)
+                | "ReadInOrder" >> beam.ParDo(_ReadBatchesFn(self.batch_size, self.dense_dim,
+                                                             self.checkpoint_s, self.gate)))
+
+
+_PERIOD_NAME = re.compile(r"^(\d{8}T\d{6}Z)-\d{5}-of-\d{5}-")
+
+
+def example_periods(pattern: str) -> list:
+    """The files ``pattern`` names, as lists of one event-time period each, in time order."""
+    from dataflow.join import example_files
+    groups: dict = {}
+    for path in example_files(pattern):
+        match = _PERIOD_NAME.match(os.path.basename(path))
+        groups.setdefault(match.group(1) if match else os.path.basename(path), []).append(path)
+    return [groups[k] for k in sorted(groups)]
+
+
+_BATCHES_PER_PERIOD = 1 << 32  # restriction offset = period * this + batch within the period
+
+
+class _PeriodRange(RestrictionProvider):
+    """Restriction: the (period, batch) positions still to read. Never split: order matters."""
+
+    def initial_restriction(self, periods):
+        return OffsetRange(0, len(periods) * _BATCHES_PER_PERIOD)
+
+    def create_tracker(self, restriction):
+        return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, periods, restriction):
+        return max(1, restriction.size() // _BATCHES_PER_PERIOD)
+
+    def split(self, periods, restriction):
+        yield restriction
+
+
+class PSCatchUp:
+    """Bounded staleness between the reader and the PS (stale-synchronous training).
+
+    Before the reader resumes after a checkpoint, it waits until every PS publisher in the
+    store has applied gradients up to ``max_staleness_s`` (event time) before the last batch
+    it emitted. On the DirectRunner the worker and PS are fused, so this passes at once; on
+    Flink the stages run concurrently and a stage's output moves on only when its bundle
+    ends, so without it the reader runs ahead and the worker scores with ever older
+    parameters. Waits at most ``timeout_s``, then goes on (counted).
+    """
+
+    def __init__(self, store_url: str, max_staleness_s: float, timeout_s: float,
+                 publishers: tuple = ()):
+        self.store_url = store_url
+        self.publishers = tuple(publishers)  # those that must exist (a PS not yet up is behind)
+        self.max_staleness_ms = int(max_staleness_s * 1000)
+        self.timeout_s = timeout_s
+        self.waits = Metrics.distribution("reader", "ps_catch_up_wait_ms")
+        self.timeouts = Metrics.counter("reader", "ps_catch_up_timeouts")
+        self._store = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_store": None}
+
+    def wait(self, emitted_ts_ms: int) -> None:
+        if self._store is None:
+            from ps.store import open_store
+            self._store = open_store(self.store_url, num_shards=None)
+        due = emitted_ts_ms - self.max_staleness_ms
+        start = time.monotonic()
+        delay = 0.001
+        while True:
+            info = self._store.sync_info()
+            keys = set(self.publishers) | {k for k in info
+                                           if k == "dense" or k.startswith("sparse/")}
+            behind = sorted(k for k in keys if info.get(k, {}).get("ts_ms", -1) < due)
+            if not behind:
+                break
+            if time.monotonic() - start > self.timeout_s:
+                self.timeouts.inc()
+                _LOG.warning("PS publishers %s still behind %d after %.0fs; reading on",
+                             behind, due, self.timeout_s)
+                break
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+        self.waits.update(int(1000 * (time.monotonic() - start)))
 
 
 class _ReadBatchesFn(beam.DoFn):
-    def __init__(self, batch_size: int, dense_dim: int):
+    def __init__(self, batch_size: int, dense_dim: int, checkpoint_s: float, gate=None):
         self.batch_size = batch_size
         self.dense_dim = dense_dim
+        self.checkpoint_s = checkpoint_s
+        self.gate = gate
+        self._emitted_ts = None
 
-    def process(self, pattern):
+    def process(self, periods, tracker=beam.DoFn.RestrictionParam(_PeriodRange())):
         from dataflow.join import read_examples_in_order
-        chunk = []
-        for example in read_examples_in_order(pattern):
-            chunk.append(example)
-            if len(chunk) == self.batch_size:
-                yield _timestamped(ExampleBatch.from_examples(chunk, self.dense_dim))
-                chunk = []
-        if chunk:
-            yield _timestamped(ExampleBatch.from_examples(chunk, self.dense_dim))
+        if self.gate is not None and self._emitted_ts is not None:
+            self.gate.wait(self._emitted_ts)
+        started = time.monotonic()
+        position = tracker.current_restriction().start
+        while True:
+            period, done = divmod(position, _BATCHES_PER_PERIOD)
+            if period >= len(periods):
+                tracker.try_claim(tracker.current_restriction().stop)  # finishes the range
+                return
+            examples = itertools.islice(read_examples_in_order(periods[period]),
+                                        done * self.batch_size, None)
+            while True:
+                chunk = list(itertools.islice(examples, self.batch_size))
+                if not chunk:
+                    break
+                if not tracker.try_claim(period * _BATCHES_PER_PERIOD + done):
+                    return
+                yield self._batch(chunk)
+                done += 1
+                if self.checkpoint_s is not None and \
+                        time.monotonic() - started > self.checkpoint_s:
+                    # Resumes at the next batch (the rest of the period is read again from
+                    # its start and skipped up to there): bundles end as the log is read.
+                    tracker.defer_remainder()
+                    return
+            position = (period + 1) * _BATCHES_PER_PERIOD
+
+    def _batch(self, chunk):
+        batch = ExampleBatch.from_examples(chunk, self.dense_dim)
+        self._emitted_ts = int(batch.ts_ms.max())
+        return _timestamped(batch)
 
 
 def _timestamped(batch):

@@ -48,6 +48,9 @@ class TrainWorker(beam.DoFn):
         self.batches = Metrics.counter("worker", "batches")
         self.rows_emitted = Metrics.counter("worker", "gradient_rows_emitted")
         self.unknown_slot_fids = Metrics.counter("worker", "fids_of_unknown_slots")
+        # rows_found / rows_read: how much of what a batch needs serving already holds
+        self.rows_read = Metrics.counter("worker", "rows_read")
+        self.rows_found = Metrics.counter("worker", "rows_found")
         self.param_age = Metrics.distribution("worker", "dense_param_age_ms")
         self.steady_rate = Metrics.distribution("worker", "examples_per_s_after_first_batch")
 
@@ -78,7 +81,9 @@ class TrainWorker(beam.DoFn):
         index = self.model.index(batch)
         if index.ignored:
             self.unknown_slot_fids.inc(index.ignored)
-        rows, _found = self.store.read_rows(self._table, index.keys, self._width)
+        rows, found = self.store.read_rows(self._table, index.keys, self._width)
+        self.rows_read.inc(len(found))
+        self.rows_found.inc(int(found.sum()))
         probs, _loss, sparse_grads, dense_grads = self.model.train_step(
             batch, {self._table: (index.keys, rows)}, dense, index=index)
         yield beam.pvalue.TaggedOutput(
