@@ -474,6 +474,9 @@ class _OnlineMetricsFn(beam.DoFn):
             window_timer.set(Timestamp(micros=first_end * 1000))
             timer_at.write(first_end)
         if pending is None:
+            # (Re-)armed whenever no window timer is pending: the FnApiRunner fires
+            # end-of-input timers after every resumption of a self-checkpointing source
+            # (polling a folder), so "the end" may come more than once.
             end_timer.set(beam_window.GlobalWindow().max_timestamp())
         return ()  # rows come from the timers
 
@@ -533,8 +536,9 @@ class _OnlineMetricsFn(beam.DoFn):
                timer_at=beam.DoFn.StateParam(WINDOW_TIMER_AT)):
         accumulator, rows = self._update(accumulator_state, arrived, None)
         self._keep_and_write(accumulator, rows, rows_state, force=True)
-        accumulator_state.clear()
-        rows_state.clear()
+        # Keep the accumulator and the rows: on the FnApiRunner this fires again after each
+        # resumption of a polling source, and later examples must add to the same totals.
+        accumulator_state.write(accumulator)
         timer_at.clear()
         yield from rows
 
