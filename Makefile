@@ -13,7 +13,7 @@ FLINK_WHEEL_VERSION := 1.19.3
 JOBSERVER_JAR := .cache/flink/beam-runners-flink-1.19-job-server-2.62.0.jar
 PYTEST_ARGS   ?=
 
-.PHONY: demo test setup flink-dist flink-jobserver check-java clean
+.PHONY: demo test setup flink-dist flink-jobserver check-java clean peers
 
 demo: $(VENV)/.installed
 	$(PY) -m dataflow demo
@@ -23,9 +23,11 @@ test: $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
 
 setup: $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
 
-$(VENV)/.installed: setup.py
+# constraints.txt pins every transitive version that the tests passed with (pip freeze):
+# installs are reproducible, and pip does not spend minutes resolving Beam's extras.
+$(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 flink-dist: $(FLINK_VENV)/.installed
@@ -42,9 +44,16 @@ $(JOBSERVER_JAR): flink/jobserver/pom.xml | check-java
 	mv flink/jobserver/target/$(notdir $@) $@
 	rm -rf flink/jobserver/target
 
+# river (numpy 2) for benchmarks.train --peers, apart from .venv (numpy 1.26 for TF 2.16)
+peers: .venv-peers/.installed
+.venv-peers/.installed:
+	test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install -q river==0.26.1 fastavro==1.13.1
+	touch $@
+
 check-java:
 	@command -v java >/dev/null || { echo "Java 17 is missing: apt-get install openjdk-17-jdk-headless"; exit 1; }
 	@command -v mvn >/dev/null || { echo "Maven is missing: apt-get install maven"; exit 1; }
 
 clean:
-	rm -rf $(VENV) $(FLINK_VENV) .cache flink/jobserver/target *.egg-info
+	rm -rf $(VENV) $(FLINK_VENV) .venv-peers .cache flink/jobserver/target *.egg-info

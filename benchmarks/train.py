@@ -10,6 +10,7 @@ for: reading the example log through to applied PS updates. Prints one JSON obje
 
     python -m benchmarks.train --json --requests 200000
     python -m benchmarks.train --json --runner FlinkRunner
+    python -m benchmarks.train --json --dataset movielens --peers   # + river, same stream
 """
 from __future__ import annotations
 
@@ -22,16 +23,40 @@ import tempfile
 import time
 
 
-def example_log(work: str, requests: int, seed: int, config: str) -> str:
-    """Synthetic logs → joined example log in ``work``; returns the examples glob."""
+def example_log(work: str, dataset: str, requests: int, seed: int) -> str:
+    """Synthetic or MovieLens logs → joined example log in ``work``; returns its glob."""
     from dataflow import data, join
     logs = os.path.join(work, "logs")
-    data.synth(logs, requests=requests, seed=seed, users=max(1000, requests // 50),
-               items=max(1000, requests // 40), days=max(1.0, requests / 100_000))
+    if dataset == "movielens":
+        data.movielens(logs)
+    else:
+        data.synth(logs, requests=requests, seed=seed, users=max(1000, requests // 50),
+                   items=max(1000, requests // 40), days=max(1.0, requests / 100_000))
     out = os.path.join(work, "joined")
     join.main([f"--features={logs}/feature_log/*.avro", f"--actions={logs}/action_log/*.avro",
-               f"--out={out}", f"--config={config}", "--shards_per_period=1"])
+               f"--out={out}", f"--config={dataset}", "--shards_per_period=1"])
     return os.path.join(out, "examples", "*.avro")
+
+
+PEERS_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            ".venv-peers", "bin", "python")
+
+
+def river_peer(examples: str, kind: str) -> dict:
+    """river's online AUC and speed on the same example stream (in ``.venv-peers``)."""
+    import subprocess
+
+    import numpy as np
+
+    from transforms.metrics import auc
+    if not os.path.exists(PEERS_PYTHON):
+        raise SystemExit("--peers needs river in .venv-peers: run `make peers`")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "river_peer.py")
+    out = subprocess.run([PEERS_PYTHON, script, examples, kind], check=True,
+                         capture_output=True, text=True).stdout
+    r = json.loads(out)
+    return {f"river_{kind}_auc": auc(np.asarray(r["scores"]), np.asarray(r["labels"])),
+            f"river_{kind}_examples_per_s": round(r["examples"] / r["seconds"], 1)}
 
 
 def peak_rss_mb() -> float:
@@ -49,16 +74,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="deepfm", choices=["lr", "fm", "deepfm"])
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default="synthetic")
+    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "movielens"])
+    parser.add_argument("--peers", action="store_true",
+                        help="also run river's FMClassifier and LogisticRegression on the same "
+                             "example stream (needs `make peers`)")
     parser.add_argument("--workdir", default=None, help="keep the generated files here")
     args = parser.parse_args(argv)
 
     from dataflow import train
     work = args.workdir or tempfile.mkdtemp(prefix="bench-train-")
-    examples = example_log(work, args.requests, args.seed, args.config)
+    examples = example_log(work, args.dataset, args.requests, args.seed)
     metrics_dir = os.path.join(work, "metrics")
     metrics_out = os.path.join(work, f"metrics-{args.runner}.json")
-    flags = [f"--input={examples}", f"--config={args.config}", f"--model={args.model}",
+    flags = [f"--input={examples}", f"--config={args.dataset}", f"--model={args.model}",
              f"--batch_size={args.batch_size}", f"--metrics_dir={metrics_dir}",
              f"--metrics_out={metrics_out}", f"--runner={args.runner}",
              f"--store=memory://bench-{os.getpid()}"]
@@ -86,7 +114,11 @@ def main(argv=None) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "gradient_rows_emitted": metrics["counters"].get("worker.gradient_rows_emitted"),
         "gradient_rows_applied": metrics["counters"].get("ps.gradient_rows_applied"),
+        "dataset": args.dataset,
     }
+    if args.peers:
+        for kind in ("fm", "lr"):
+            result.update(river_peer(examples, kind))
     print(json.dumps(result))
     return result
 
