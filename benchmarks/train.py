@@ -119,6 +119,8 @@ def main(argv=None) -> dict:
     if args.peers:
         for kind in ("fm", "lr"):
             result.update(river_peer(examples, kind))
+    # NaN (no Bayes AUC for real data) is not JSON: null instead.
+    result = {k: (None if isinstance(v, float) and v != v else v) for k, v in result.items()}
     print(json.dumps(result))
     return result
 
