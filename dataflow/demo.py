@@ -28,7 +28,7 @@ from dataflow.join import example_files, read_examples_in_order
 
 OUT = os.path.abspath(os.path.join("out", "demo"))
 CONFIG = "movielens"
-COMMON = [f"--config={CONFIG}", "--model=deepfm", "--learning_rate=0.05",
+COMMON = [f"--config={CONFIG}", "--model=deepfm", "--learning_rate=0.05", "--batch_size=128",
           "--metrics_window_s=604800", "--store=memory://demo"]
 
 
