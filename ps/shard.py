@@ -100,6 +100,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from ps.embedding_table import EmbeddingTable, SlotConfig
 from ps.optimizers import Adagrad, Optimizer, optimizer_from_config
+from ps.snapshot import SnapshotError
 from ps.store import decode_arrays, encode_arrays, open_store
 from transforms.batch import shard_of
 
@@ -124,8 +125,9 @@ _SNAP_MAGIC = b"PSSNAP01"
 _SNAP_HEAD = struct.Struct("<8sIIQ")  # magic, header length, crc32 of payload, payload length
 
 
-class SnapshotFileError(ValueError):
-    """A PS snapshot file is missing, truncated, corrupted or of another kind."""
+class SnapshotFileError(SnapshotError):
+    """A PS snapshot file is missing, truncated, corrupted or of another kind (a
+    ``ps.SnapshotError``, like a damaged table snapshot inside it)."""
 
 
 def write_snapshot(path: str, payload: bytes, meta: dict) -> None:
