@@ -64,8 +64,12 @@ def _flag_given(argv: list[str], name: str) -> bool:
     return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
 
 
-def pipeline_options(argv: list[str], *option_classes, **overrides) -> PipelineOptions:
+def pipeline_options(argv: list[str], *option_classes, flink_defaults: dict | None = None,
+                     **overrides) -> PipelineOptions:
     """``PipelineOptions`` from command-line flags with this project's runner defaults.
+
+    ``flink_defaults``: ``{flag name: value}`` a pipeline wants on Flink unless given (e.g. the
+    job server's ``max_bundle_time_mills``).
 
     >>> opts = pipeline_options(["--runner=FlinkRunner", "--flink_master=[local]"])
     ... # doctest: +SKIP
@@ -86,6 +90,8 @@ def pipeline_options(argv: list[str], *option_classes, **overrides) -> PipelineO
             extra.append(f"--flink_version={flink.FLINK_VERSION}")
         if not _flag_given(argv, "environment_type"):
             extra.append("--environment_type=LOOPBACK")
+        extra += [f"--{name}={value}" for name, value in (flink_defaults or {}).items()
+                  if not _flag_given(argv, name)]
     elif runner in ("DirectRunner", "BundleBasedDirectRunner"):
         if not _flag_given(argv, "direct_running_mode"):
             extra.append("--direct_running_mode=in_memory")

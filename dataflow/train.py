@@ -57,8 +57,10 @@ class TrainOptions(MonolithOptions):
                                  "published the gradients of batches older than this (event-time "
                                  "seconds) before reading on; negative: never wait")
         parser.add_argument("--reader_checkpoint_s", type=float, default=0.05,
-                            help="backfill on Flink: the reader ends its bundle this often "
-                                 "(wall seconds) so gradients flow to the PS as it reads")
+                            help="backfill on Flink: the reader ends its bundle at least this "
+                                 "often (wall seconds), and as soon as its batches span more "
+                                 "than --max_staleness_s of event time, so gradients flow to "
+                                 "the PS as it reads")
         parser.add_argument("--staleness_timeout_s", type=float, default=30.0,
                             help="longest the reader waits for the PS before reading on")
         parser.add_argument("--metrics_window_s", type=int, default=3600,
@@ -147,6 +149,7 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
 
 
 MODES = ("backfill", "online")
+FLINK_BUNDLE_MS = 20
 
 
 def main(argv: list[str] | None = None):
@@ -155,7 +158,10 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"usage: python -m dataflow.train {{{','.join(MODES)}}} --input ... "
                          "--config ... [flags]; see --help")
     mode, argv = argv[0], argv[1:]
-    options = pipeline_options(argv, TrainOptions)
+    # Flink's portable runner ends a bundle of a downstream stage after 1 s by default: that
+    # is the round trip reader → worker → PS → store the reader waits for (bounded staleness).
+    options = pipeline_options(argv, TrainOptions,
+                               flink_defaults={"max_bundle_time_mills": FLINK_BUNDLE_MS})
     opts = options.view_as(TrainOptions)
     if not opts.input or not opts.config:
         raise SystemExit("train: --input and --config are required (see --help)")

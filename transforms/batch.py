@@ -130,13 +130,16 @@ class ReadExampleBatches(beam.PTransform):
     reader and PS). A period's last batch may be short.
 
     The reader is a splittable DoFn over (period, batch) positions. With ``checkpoint_s`` it
-    checkpoints itself every ``checkpoint_s`` of wall time: a runner that hands a stage's
-    output downstream only when its bundle ends (Flink's portable runner does) then sees
-    bundles end as the log is read, so gradients reach the PS while the worker is still
-    reading, and with a ``store_url`` it waits at each checkpoint for the PS to catch up
-    (:class:`PSCatchUp`). Leave it None on the DirectRunner: there the stages are fused
-    (nothing to wait for), and the FnApiRunner treats each resumption as a new run of the
-    stage, firing end-of-input timers (PS snapshots, metrics) every time.
+    checkpoints itself (ends its bundle): a runner that hands a stage's output downstream
+    only when its bundle ends (Flink's portable runner does) then sees bundles end as the
+    log is read, so gradients reach the PS while the worker is still reading. With a
+    ``store_url`` it waits at each resumption for the PS to catch up (:class:`PSCatchUp`)
+    and ends a bundle as soon as its batches span more than ``max_staleness_s`` of event
+    time (so ``0``: one batch per bundle, and every batch is scored with the parameters
+    learned from all earlier ones, as on the fused DirectRunner); ``checkpoint_s`` bounds
+    a bundle's wall time either way. Leave it None on the DirectRunner: there the stages
+    are fused (nothing to wait for), and the FnApiRunner treats each resumption as a new
+    run of the stage, firing end-of-input timers (PS snapshots, metrics) every time.
     """
 
     def __init__(self, pattern: str, batch_size: int, dense_dim: int,
@@ -252,6 +255,7 @@ class _ReadBatchesFn(beam.DoFn):
         if self.gate is not None and self._emitted_ts is not None:
             self.gate.wait(self._emitted_ts)
         started = time.monotonic()
+        first_ts = None
         position = tracker.current_restriction().start
         while True:
             period, done = divmod(position, _BATCHES_PER_PERIOD)
@@ -268,8 +272,11 @@ class _ReadBatchesFn(beam.DoFn):
                     return
                 yield self._batch(chunk)
                 done += 1
-                if self.checkpoint_s is not None and \
-                        time.monotonic() - started > self.checkpoint_s:
+                first_ts = self._emitted_ts if first_ts is None else first_ts
+                if self.checkpoint_s is not None and (
+                        time.monotonic() - started > self.checkpoint_s or
+                        (self.gate is not None and
+                         self._emitted_ts - first_ts >= self.gate.max_staleness_ms)):
                     # Resumes at the next batch (the rest of the period is read again from
                     # its start and skipped up to there): bundles end as the log is read.
                     tracker.defer_remainder()
