@@ -64,9 +64,11 @@ Snapshots: batch, then online (DESIGN §4, path b)
 With ``export_dir``, each key arms an event-time timer at the end of the global window; it
 fires when a bounded input ends (backfill) and writes the key's whole state (the ``base``
 encoding, so optimizer slots, last-seen times and filter counts included) to
-``export_dir/<kind>-<key>.snap`` in a checksummed envelope (:func:`write_snapshot`), plus
-``manifest.json``. With ``restore_dir``, a key that has no state yet starts from its snapshot
-instead of empty, and the restored state is written to Beam state at once (so a later failure
+``export_dir/<kind>-<key>.snap`` in an envelope checksummed over header and payload
+(:func:`write_snapshot`). With ``restore_dir``, every snapshot file of the shard's kind is
+read and checked when the DoFn is constructed (:func:`check_restore_dir`), so a job refuses to
+start on a damaged, foreign or missing snapshot; then a key that has no state yet starts from
+its snapshot instead of empty, and the restored state is written to Beam state at once (so a later failure
 rebuilds from it, not from nothing). A different shard count re-shards the sparse rows with
 ``shard_of`` (filter counts of row-less ids are then lost: they start counting again).
 
@@ -105,7 +107,7 @@ from ps.store import decode_arrays, encode_arrays, open_store
 from transforms.batch import shard_of
 
 __all__ = ["SparseShard", "DenseShard", "DenseOptimizer", "dense_optimizer", "sparse_optimizer",
-           "write_snapshot", "read_snapshot", "SnapshotFileError"]
+           "write_snapshot", "read_snapshot", "check_restore_dir", "SnapshotFileError"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -121,8 +123,9 @@ def _new_token() -> int:
     return secrets.randbits(63) or 1
 
 
-_SNAP_MAGIC = b"PSSNAP01"
-_SNAP_HEAD = struct.Struct("<8sIIQ")  # magic, header length, crc32 of payload, payload length
+_SNAP_MAGIC = b"PSSNAP02"  # the checksum covers the header and the payload
+_SNAP_MAGIC_V1 = b"PSSNAP01"  # older files: the checksum covers the payload only
+_SNAP_HEAD = struct.Struct("<8sIIQ")  # magic, header length, crc32, payload length
 
 
 class SnapshotFileError(SnapshotError):
@@ -135,7 +138,8 @@ def write_snapshot(path: str, payload: bytes, meta: dict) -> None:
     import os
     import zlib
     header = json.dumps(meta, sort_keys=True).encode()
-    head = _SNAP_HEAD.pack(_SNAP_MAGIC, len(header), zlib.crc32(payload), len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(header))
+    head = _SNAP_HEAD.pack(_SNAP_MAGIC, len(header), crc, len(payload))
     tmp = f"{path}.tmp-{secrets.token_hex(4)}"
     with open(tmp, "wb") as f:
         f.write(head + header + payload)
@@ -155,20 +159,41 @@ def read_snapshot(path: str) -> tuple:
     if len(data) < _SNAP_HEAD.size:
         raise SnapshotFileError(f"PS snapshot {path} is truncated ({len(data)} bytes)")
     magic, header_len, crc, length = _SNAP_HEAD.unpack_from(data)
-    if magic != _SNAP_MAGIC:
+    if magic not in (_SNAP_MAGIC, _SNAP_MAGIC_V1):
         raise SnapshotFileError(f"{path} is not a PS snapshot (magic {magic!r})")
     start = _SNAP_HEAD.size + header_len
     if len(data) != start + length:
         raise SnapshotFileError(f"PS snapshot {path} is truncated or padded: "
                                 f"{len(data)} bytes, expected {start + length}")
-    payload = data[start:]
-    if zlib.crc32(payload) != crc:
+    header, payload = data[_SNAP_HEAD.size:start], data[start:]
+    # A flipped bit in the header (kind, key, shard count, event time) must be caught too.
+    covered = zlib.crc32(payload, zlib.crc32(header)) if magic == _SNAP_MAGIC else zlib.crc32(payload)
+    if covered != crc:
         raise SnapshotFileError(f"PS snapshot {path} is corrupted (checksum mismatch)")
     try:
-        meta = json.loads(data[_SNAP_HEAD.size:start])
+        meta = json.loads(header)
     except ValueError as e:
         raise SnapshotFileError(f"PS snapshot {path} has a corrupted header: {e}") from e
+    if not isinstance(meta, dict):
+        raise SnapshotFileError(f"PS snapshot {path} has a corrupted header: {meta!r}")
     return meta, payload
+
+
+def check_restore_dir(restore_dir: str, kind: str) -> list:
+    """The ``kind-*.snap`` files of ``restore_dir``, each read whole and checked (checksum,
+    kind); :class:`SnapshotFileError` naming the file if one is damaged, and if there is none
+    (a mistyped ``--restore`` must not start a job cold)."""
+    import glob
+    import os
+    paths = sorted(glob.glob(os.path.join(glob.escape(restore_dir), f"{kind}-*.snap")))
+    if not paths:
+        raise SnapshotFileError(f"restore directory {restore_dir} holds no {kind}-*.snap PS "
+                                f"snapshot (it must be the --export_dir of a finished backfill)")
+    for path in paths:
+        meta, _ = read_snapshot(path)
+        if meta.get("kind") != kind:
+            raise SnapshotFileError(f"{path} holds a {meta.get('kind')!r} snapshot, not {kind!r}")
+    return paths
 
 
 def _as_slot_config(config) -> SlotConfig:
@@ -235,6 +260,8 @@ class _LoggedShard(beam.DoFn):
         self.compact_every = int(compact_every)
         self.export_dir = export_dir
         self.restore_dir = restore_dir
+        if restore_dir:  # at construction: a job must not start on damaged snapshots
+            check_restore_dir(restore_dir, self.KIND)
         self.exports = Metrics.counter("ps", "snapshots_exported")
         self.restores = Metrics.counter("ps", "snapshots_restored")
         self.publishes = Metrics.counter("ps", "publishes")
