@@ -60,7 +60,8 @@ ML100K = "recbole/dataset_example/ml-100k/ml-100k"
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 
-__all__ = ["SynthParams", "SyntheticLogs", "generate_synthetic", "write_synthetic", "synth",
+__all__ = ["SynthParams", "SyntheticLogs", "SyntheticWorld", "draw_world", "draw_tags",
+           "generate_synthetic", "write_synthetic", "synth",
            "MovieLensLogs", "load_movielens", "write_movielens", "movielens",
            "movielens_wheel", "roc_auc", "write_logs", "main"]
 
@@ -231,11 +232,74 @@ def _solve_bias(logits: np.ndarray, target: float) -> float:
     return (lo + hi) / 2
 
 
-def generate_synthetic(params: SynthParams = SynthParams()) -> SyntheticLogs:
-    """Draw the whole stream in bulk (see the module docstring); deterministic in the seed."""
+@dataclasses.dataclass
+class SyntheticWorld:
+    """The synthetic platform without its requests: users, creators, items and the effects
+    that make the true click logit. :func:`generate_synthetic` draws a stream from it in bulk;
+    ``dataflow.simulate`` serves it live. Times are ms relative to ``params.start_ms``.
+    """
+    params: SynthParams
+    gender: np.ndarray            # per user: index into GENDERS
+    age: np.ndarray
+    age_group: np.ndarray         # bucket of AGE_BOUNDS
+    region: np.ndarray
+    main_device: np.ndarray
+    activity: np.ndarray          # probability that a request is this user's
+    user_bias: np.ndarray
+    age_vec: np.ndarray
+    gender_vec: np.ndarray
+    taste_from: np.ndarray        # personal taste turns from taste_from towards taste_to
+    taste_to: np.ndarray
+    creator_bias: np.ndarray
+    creator_home: np.ndarray
+    creator_of: np.ndarray        # per item
+    category: np.ndarray
+    birth_ms: np.ndarray          # relative to the start (a quarter are born before it)
+    peak_h: np.ndarray            # hours after birth at which popularity peaks
+    popularity: np.ndarray
+    duration_s: np.ndarray
+    item_bias: np.ndarray
+    category_vec: np.ndarray
+    item_vec: np.ndarray
+    hour_effect: np.ndarray
+    device_effect: np.ndarray
+    network_effect: np.ndarray
+    gender_category: np.ndarray
+    tags: list | None = None      # per item: tag names (:func:`draw_tags`)
+
+    def item_weights(self, t_rel_ms: float) -> np.ndarray:
+        """Unnormalised probability of serving each item at ``t_rel_ms``: popularity times
+        its life curve (age/peak * e^(1 - age/peak)); items not yet born weigh 0."""
+        age_h = (t_rel_ms - self.birth_ms) / HOUR_MS
+        life = np.where(age_h > 0, age_h / self.peak_h * np.exp(1 - age_h / self.peak_h), 0.0)
+        weight = self.popularity * life
+        if weight.sum() <= 0:  # nothing born yet: the initial catalogue at its first hour
+            weight = self.popularity * (self.birth_ms <= t_rel_ms)
+        return weight
+
+    def logit(self, ts_rel: np.ndarray, user: np.ndarray, item: np.ndarray,
+              device: np.ndarray, network: np.ndarray) -> np.ndarray:
+        """The true click logit of each (time, user, item, device, network), without the
+        global bias ``b0`` (solved per stream for the target CTR; see ``_solve_bias``)."""
+        p = self.params
+        hour = (ts_rel // HOUR_MS + p.start_ms // HOUR_MS) % 24
+        turn = p.drift * ts_rel / DAY_MS
+        taste = (self.age_vec[self.age_group[user]] + self.gender_vec[self.gender[user]]
+                 + np.cos(turn)[:, None] * self.taste_from[user]
+                 + np.sin(turn)[:, None] * self.taste_to[user])
+        item_age_h = (ts_rel - self.birth_ms[item]) / HOUR_MS
+        return (self.user_bias[user] + self.item_bias[item]
+                + self.creator_bias[self.creator_of[item]]
+                + self.hour_effect[hour] + self.device_effect[device]
+                + self.network_effect[network]
+                + self.gender_category[self.gender[user], self.category[item]]
+                - 0.3 * np.log1p(item_age_h / 24) - 0.15 * np.log(self.duration_s[item] / 30.0)
+                + np.einsum("ij,ij->i", taste, self.item_vec[item]))
+
+
+def draw_world(params: SynthParams, rng: np.random.Generator) -> SyntheticWorld:
+    """Users, creators, items and effects, drawn in bulk from ``rng`` (tags not included)."""
     p = params
-    rng = np.random.default_rng(p.seed)
-    n_hours = int(np.ceil(p.days * 24))
     span_ms = int(p.days * DAY_MS)
     sd = lambda s, *shape: rng.normal(0.0, s, size=shape)  # noqa: E731
 
@@ -270,10 +334,43 @@ def generate_synthetic(params: SynthParams = SynthParams()) -> SyntheticLogs:
     hour_effect = 0.25 * np.sin(2 * np.pi * (np.arange(24) - 15) / 24) + sd(0.05, 24)
     device_effect, network_effect = sd(0.2, 3), np.array([0.1, -0.05, 0.0])
     gender_category = sd(0.4, 3, p.categories)
+    return SyntheticWorld(
+        params=p, gender=gender, age=age, age_group=age_group, region=region,
+        main_device=main_device, activity=activity, user_bias=user_bias, age_vec=age_vec,
+        gender_vec=gender_vec, taste_from=taste_from, taste_to=taste_to,
+        creator_bias=creator_bias, creator_home=creator_home, creator_of=creator_of,
+        category=category, birth_ms=birth_ms, peak_h=peak_h, popularity=popularity,
+        duration_s=duration_s, item_bias=item_bias, category_vec=category_vec,
+        item_vec=item_vec, hour_effect=hour_effect, device_effect=device_effect,
+        network_effect=network_effect, gender_category=gender_category)
+
+
+def draw_tags(world: SyntheticWorld, rng: np.random.Generator) -> list:
+    """Each item's tags: 1-3 of its category's, maybe a trending one; sets ``world.tags``."""
+    p = world.params
+    tags = [None] * p.items
+    n_tags = rng.integers(1, 4, size=p.items)
+    tag_pick = rng.integers(0, TAGS_PER_CATEGORY, size=(p.items, 3))
+    trending = rng.random(p.items) < 0.3
+    trending_tag = rng.integers(0, TRENDING_TAGS, size=p.items)
+    category = world.category
+    for i in range(p.items):  # per item, not per request: small
+        names = [f"c{category[i]}.t{t}" for t in sorted(set(tag_pick[i, :n_tags[i]]))]
+        tags[i] = names + ([f"trend{trending_tag[i]}"] if trending[i] else [])
+    world.tags = tags
+    return tags
+
+
+def generate_synthetic(params: SynthParams = SynthParams()) -> SyntheticLogs:
+    """Draw the whole stream in bulk (see the module docstring); deterministic in the seed."""
+    p = params
+    rng = np.random.default_rng(p.seed)
+    n_hours = int(np.ceil(p.days * 24))
+    world = draw_world(p, rng)
 
     # Requests: a diurnal number per hour; in each hour items are drawn by popularity times
-    # their life curve (age/peak * e^(1 - age/peak)) at the hour's start, so no item is
-    # served before it is born, and users by activity.
+    # their life curve at the hour's start, so no item is served before it is born, and
+    # users by activity.
     hour_of_day = (np.arange(n_hours) + p.start_ms // HOUR_MS) % 24
     diurnal = 1 + 0.6 * np.sin(2 * np.pi * (hour_of_day - 9) / 24)   # busiest at 15:00
     per_hour = rng.multinomial(p.requests, diurnal / diurnal.sum())
@@ -281,31 +378,18 @@ def generate_synthetic(params: SynthParams = SynthParams()) -> SyntheticLogs:
     for h, count in enumerate(per_hour):
         if not count:
             continue
-        age_h = (h * HOUR_MS - birth_ms) / HOUR_MS
-        life = np.where(age_h > 0, age_h / peak_h * np.exp(1 - age_h / peak_h), 0.0)
-        weight = popularity * life
-        if weight.sum() <= 0:  # nothing born yet: the initial catalogue at its first hour
-            weight = popularity * (birth_ms <= h * HOUR_MS)
+        weight = world.item_weights(h * HOUR_MS)
         item_parts.append(rng.choice(p.items, size=count, p=weight / weight.sum()))
         ts_parts.append(np.sort(rng.integers(h * HOUR_MS, (h + 1) * HOUR_MS, size=count)))
     ts_rel = np.concatenate(ts_parts)
     item = np.concatenate(item_parts)
-    user = rng.choice(p.users, size=p.requests, p=activity)
-    device = np.where(rng.random(p.requests) < 0.85, main_device[user],
+    user = rng.choice(p.users, size=p.requests, p=world.activity)
+    device = np.where(rng.random(p.requests) < 0.85, world.main_device[user],
                       rng.integers(0, 3, size=p.requests))
     network = rng.choice(3, size=p.requests, p=[0.6, 0.3, 0.1])
-    hour = (ts_rel // HOUR_MS + p.start_ms // HOUR_MS) % 24
 
     # The true click probability.
-    turn = p.drift * ts_rel / DAY_MS
-    taste = (age_vec[age_group[user]] + gender_vec[gender[user]]
-             + np.cos(turn)[:, None] * taste_from[user] + np.sin(turn)[:, None] * taste_to[user])
-    item_age_h = (ts_rel - birth_ms[item]) / HOUR_MS
-    logit = (user_bias[user] + item_bias[item] + creator_bias[creator_of[item]]
-             + hour_effect[hour] + device_effect[device] + network_effect[network]
-             + gender_category[gender[user], category[item]]
-             - 0.3 * np.log1p(item_age_h / 24) - 0.15 * np.log(duration_s[item] / 30.0)
-             + np.einsum("ij,ij->i", taste, item_vec[item]))
+    logit = world.logit(ts_rel, user, item, device, network)
     logit += _solve_bias(logit, p.ctr)
     true_ctr = 1.0 / (1.0 + np.exp(-logit))
     # What a production model scored: the truth seen through noise (serving AUC < Bayes AUC).
@@ -318,23 +402,15 @@ def generate_synthetic(params: SynthParams = SynthParams()) -> SyntheticLogs:
     like_delay = np.clip(np.exp(rng.normal(np.log(60_000), 1.0, p.requests)), 1_000, 3_600_000)
     ts_ms = p.start_ms + ts_rel
     click_ts = ts_ms + click_delay.astype(np.int64)
-
-    tags = [None] * p.items
-    n_tags = rng.integers(1, 4, size=p.items)
-    tag_pick = rng.integers(0, TAGS_PER_CATEGORY, size=(p.items, 3))
-    trending = rng.random(p.items) < 0.3
-    trending_tag = rng.integers(0, TRENDING_TAGS, size=p.items)
-    for i in range(p.items):  # per item, not per request: small
-        names = [f"c{category[i]}.t{t}" for t in sorted(set(tag_pick[i, :n_tags[i]]))]
-        tags[i] = names + ([f"trend{trending_tag[i]}"] if trending[i] else [])
+    tags = draw_tags(world, rng)
 
     return SyntheticLogs(
         params=p, ts_ms=ts_ms, user=user, item=item, device=device, network=network,
         true_ctr=true_ctr, served_score=served_score, click=click, click_ts_ms=click_ts,
         like=like, like_ts_ms=click_ts + like_delay.astype(np.int64),
-        users={"gender": gender, "age": age, "region": region},
-        items={"birth_ms": birth_ms + p.start_ms, "category": category,
-               "creator": creator_of, "tags": tags, "duration_s": duration_s})
+        users={"gender": world.gender, "age": world.age, "region": world.region},
+        items={"birth_ms": world.birth_ms + p.start_ms, "category": world.category,
+               "creator": world.creator_of, "tags": tags, "duration_s": world.duration_s})
 
 
 def write_synthetic(logs: SyntheticLogs, out_dir: str | os.PathLike) -> dict:
