@@ -77,6 +77,14 @@ class TrainOptions(MonolithOptions):
                             help="online: stop watching the folder after this many seconds of "
                                  "wall time (0: run until cancelled)")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--model_dir", default=None,
+                            help="export the dense model as a TensorFlow SavedModel into this "
+                                 "folder every --model_export_interval_s of event time, for "
+                                 "serving (python -m dataflow.serve)")
+        parser.add_argument("--model_export_interval_s", type=float, default=60.0,
+                            help="event-time seconds between SavedModel exports")
+        parser.add_argument("--model_keep", type=int, default=3,
+                            help="how many of the newest exported models to keep")
 
 
 def model_spec(config, kind: str, seed: int = 0):
@@ -140,6 +148,11 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
         optimizer=opts.dense_optimizer, lr=opts.dense_learning_rate,
         sync_interval_s=opts.dense_sync_interval_s, export_dir=export_dir,
         restore_dir=restore_dir))
+    if opts.model_dir:
+        from transforms.export import ExportDenseModel
+        worker[TrainWorker.DENSE] | "ExportModel" >> beam.ParDo(ExportDenseModel(
+            opts.store, "dense", spec, opts.model_dir, opts.model_export_interval_s,
+            opts.model_keep))
     os.makedirs(opts.metrics_dir, exist_ok=True)
     metrics = worker[TrainWorker.SCORES] | "OnlineMetrics" >> OnlineMetrics(
         opts.metrics_window_s, out_prefix=os.path.join(opts.metrics_dir, f"online-{mode}"),
