@@ -53,11 +53,11 @@ class TrainOptions(MonolithOptions):
         parser.add_argument("--dense_sync_interval_s", type=float, default=0.0,
                             help="event-time seconds between dense syncs / worker refreshes")
         parser.add_argument("--max_staleness_s", type=float, default=0.0,
-                            help="backfill: after each reader checkpoint, wait until the PS has "
+                            help="Flink: after each reader checkpoint, wait until the PS has "
                                  "published the gradients of batches older than this (event-time "
                                  "seconds) before reading on; negative: never wait")
         parser.add_argument("--reader_checkpoint_s", type=float, default=0.05,
-                            help="backfill on Flink: the reader ends its bundle at least this "
+                            help="Flink: the reader ends its bundle at least this "
                                  "often (wall seconds), and as soon as its batches span more "
                                  "than --max_staleness_s of event time, so gradients flow to "
                                  "the PS as it reads")
@@ -112,24 +112,21 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     from schemas.feature_config import load_feature_config
     from transforms.metrics import OnlineMetrics
     from transforms.model import Model
-    from transforms.batch import ReadExampleBatches, TailExampleBatches
+    from transforms.batch import ReadExampleBatches
     from transforms.worker import TrainWorker
 
     config = load_feature_config(opts.config)
     spec = model_spec(config, opts.model, opts.seed)
-    if mode == "backfill":
-        staleness = opts.max_staleness_s + max(opts.sync_interval_s, opts.dense_sync_interval_s)
-        fused = _runner_name(pipeline) in ("DirectRunner", "BundleBasedDirectRunner")
-        batches = pipeline | "ReadExamples" >> ReadExampleBatches(
-            opts.input, opts.batch_size, spec.dense_dim,
-            checkpoint_s=None if fused else opts.reader_checkpoint_s,
-            store_url=opts.store if opts.max_staleness_s >= 0 and not fused else None,
-            max_staleness_s=staleness, staleness_timeout_s=opts.staleness_timeout_s,
-            publishers=("dense", *(f"sparse/{i}" for i in range(opts.num_shards))))
-    else:
-        batches = pipeline | "TailExamples" >> TailExampleBatches(
-            opts.input, opts.batch_size, spec.dense_dim, opts.poll_interval_s,
-            stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None)
+    staleness = opts.max_staleness_s + max(opts.sync_interval_s, opts.dense_sync_interval_s)
+    fused = _runner_name(pipeline) in ("DirectRunner", "BundleBasedDirectRunner")
+    batches = pipeline | "ReadExamples" >> ReadExampleBatches(
+        opts.input, opts.batch_size, spec.dense_dim,
+        checkpoint_s=None if fused else opts.reader_checkpoint_s,
+        store_url=opts.store if opts.max_staleness_s >= 0 and not fused else None,
+        max_staleness_s=staleness, staleness_timeout_s=opts.staleness_timeout_s,
+        publishers=("dense", *(f"sparse/{i}" for i in range(opts.num_shards))),
+        follow=mode == "online", poll_interval_s=opts.poll_interval_s,
+        stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None)
     export_dir = opts.export_dir if mode == "backfill" else None
     restore_dir = opts.restore if mode == "online" else None
     worker = (batches
@@ -173,8 +170,11 @@ def main(argv: list[str] | None = None):
     mode, argv = argv[0], argv[1:]
     # Flink's portable runner ends a bundle of a downstream stage after 1 s by default: that
     # is the round trip reader → worker → PS → store the reader waits for (bounded staleness).
+    # With checkpointing on, Beam's Flink runner keeps finished sources idle forever unless
+    # told otherwise: then a bounded or --run_for_s job would never end.
     options = pipeline_options(argv, TrainOptions,
-                               flink_defaults={"max_bundle_time_mills": FLINK_BUNDLE_MS})
+                               flink_defaults={"max_bundle_time_mills": FLINK_BUNDLE_MS,
+                                               "shutdown_sources_after_idle_ms": 0})
     opts = options.view_as(TrainOptions)
     if not opts.input or not opts.config:
         raise SystemExit("train: --input and --config are required (see --help)")

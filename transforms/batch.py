@@ -27,9 +27,11 @@ import time
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Duration, Timestamp
 
 
 class ExampleBatch(NamedTuple):
@@ -129,6 +131,13 @@ class ReadExampleBatches(beam.PTransform):
     with what the PS learned from every earlier batch (DESIGN §4b: no GroupByKey between
     reader and PS). A period's last batch may be short.
 
+    ``follow=True`` (online training) watches the folder or glob instead: it reads the
+    periods there, then lists it again every ``poll_interval_s`` for new ones, until
+    ``stop_timestamp`` (wall clock, seconds; default never), with the output watermark at
+    the event time read. A period is read once all its shards (``-of-N``) are there; files
+    must land in time order (a period sorting before one already read is skipped, counted
+    as ``reader.late_files``).
+
     The reader is a splittable DoFn over (period, batch) positions. With ``checkpoint_s`` it
     checkpoints itself (ends its bundle): a runner that hands a stage's output downstream
     only when its bundle ends (Flink's portable runner does) then sees bundles end as the
@@ -145,53 +154,87 @@ class ReadExampleBatches(beam.PTransform):
     def __init__(self, pattern: str, batch_size: int, dense_dim: int,
                  checkpoint_s: float | None = None, store_url: str | None = None,
                  max_staleness_s: float = 0.0, staleness_timeout_s: float = 30.0,
-                 publishers: tuple = ()):
+                 publishers: tuple = (), follow: bool = False, poll_interval_s: float = 5.0,
+                 stop_timestamp: float | None = None):
         super().__init__()
         self.pattern = pattern
+        if follow and not any(c in pattern for c in "*?["):
+            self.pattern = pattern.rstrip("/") + "/*.avro"
         self.batch_size = int(batch_size)
         self.dense_dim = int(dense_dim)
         self.gate = None if store_url is None else PSCatchUp(
             store_url, max_staleness_s, staleness_timeout_s, publishers)
         self.checkpoint_s = checkpoint_s
+        self.follow = follow
+        self.poll_interval_s = poll_interval_s
+        self.stop_timestamp = stop_timestamp
 
     def expand(self, pbegin):
+        read = (_TailBatchesFn(self.batch_size, self.dense_dim, self.checkpoint_s, self.gate,
+                               self.poll_interval_s, self.stop_timestamp) if self.follow else
+                _ReadBatchesFn(self.batch_size, self.dense_dim, self.checkpoint_s, self.gate))
         return (pbegin
                 | "Start" >> beam.Create([self.pattern])
-                | "Periods" >> beam.Map(example_periods)
-                | "ReadInOrder" >> beam.ParDo(_ReadBatchesFn(self.batch_size, self.dense_dim,
-                                                             self.checkpoint_s, self.gate)))
+                | "ReadInOrder" >> beam.ParDo(read))
 
 
-_PERIOD_NAME = re.compile(r"^(\d{8}T\d{6}Z)-\d{5}-of-\d{5}-")
+_PERIOD_NAME = re.compile(r"^(\d{8}T\d{6}Z)-(\d{5})-of-(\d{5})-")
 
 
-def example_periods(pattern: str) -> list:
-    """The files ``pattern`` names, as lists of one event-time period each, in time order."""
+def example_periods(pattern: str, complete_only: bool = False) -> list:
+    """The files ``pattern`` names, as lists of one event-time period each, in time order.
+
+    ``complete_only``: leave out the periods of the example log that do not have all their
+    shards yet (``-00003-of-00004-`` names), and every period after the first such one.
+    """
     from dataflow.join import example_files
     groups: dict = {}
+    shards: dict = {}
     for path in example_files(pattern):
         match = _PERIOD_NAME.match(os.path.basename(path))
-        groups.setdefault(match.group(1) if match else os.path.basename(path), []).append(path)
-    return [groups[k] for k in sorted(groups)]
+        key = match.group(1) if match else os.path.basename(path)
+        groups.setdefault(key, []).append(path)
+        if match:
+            shards.setdefault(key, (set(), int(match.group(3))))[0].add(int(match.group(2)))
+    periods = []
+    for key in sorted(groups):
+        if complete_only and key in shards and len(shards[key][0]) < shards[key][1]:
+            break
+        periods.append(groups[key])
+    return periods
 
 
 _BATCHES_PER_PERIOD = 1 << 32  # restriction offset = period * this + batch within the period
+_NO_END = 1 << 62  # the restriction of a followed folder (period index < 2**30)
 
 
 class _PeriodRange(RestrictionProvider):
     """Restriction: the (period, batch) positions still to read. Never split: order matters."""
 
-    def initial_restriction(self, periods):
-        return OffsetRange(0, len(periods) * _BATCHES_PER_PERIOD)
+    def initial_restriction(self, pattern):
+        return OffsetRange(0, len(example_periods(pattern)) * _BATCHES_PER_PERIOD)
 
     def create_tracker(self, restriction):
         return OffsetRestrictionTracker(restriction)
 
-    def restriction_size(self, periods, restriction):
+    def restriction_size(self, pattern, restriction):
         return max(1, restriction.size() // _BATCHES_PER_PERIOD)
 
-    def split(self, periods, restriction):
+    def split(self, pattern, restriction):
         yield restriction
+
+
+class _FollowRange(_PeriodRange):
+    """The positions of a followed folder: no end until the reader claims ``_NO_END``."""
+
+    def initial_restriction(self, pattern):
+        return OffsetRange(0, _NO_END)
+
+    def restriction_size(self, pattern, restriction):
+        return 1  # the backlog is unknown until the folder is listed
+
+    def truncate(self, pattern, restriction):
+        return None  # on drain, stop reading
 
 
 class PSCatchUp:
@@ -242,15 +285,51 @@ class PSCatchUp:
         self.waits.update(int(1000 * (time.monotonic() - start)))
 
 
+_LOG = logging.getLogger(__name__)
+
+
 class _ReadBatchesFn(beam.DoFn):
-    def __init__(self, batch_size: int, dense_dim: int, checkpoint_s: float, gate=None):
+    """pattern → its periods' ``ExampleBatch`` es, in order (bounded)."""
+
+    def __init__(self, batch_size: int, dense_dim: int, checkpoint_s: float | None, gate=None):
         self.batch_size = batch_size
         self.dense_dim = dense_dim
         self.checkpoint_s = checkpoint_s
         self.gate = gate
-        self._emitted_ts = None
+        self.late_files = Metrics.counter("reader", "late_files")
 
-    def process(self, periods, tracker=beam.DoFn.RestrictionParam(_PeriodRange())):
+    def setup(self):
+        self._emitted_ts = None
+        self._periods = None  # (pattern, [[path, ...], ...]) as last listed
+        # The period being read: (pattern, period, next batch, example iterator). A resumed
+        # restriction that starts where it stopped (Flink hands the residual back to the
+        # same instance) reads on from it instead of re-reading the period's head.
+        self._cursor = None
+
+    def teardown(self):
+        self._close_cursor()
+
+    def _close_cursor(self):
+        if getattr(self, "_cursor", None) is not None:
+            self._cursor[3].close()
+            self._cursor = None
+
+    def _list(self, pattern: str, period: int) -> list:
+        """The periods of ``pattern``, listed again only when ``period`` is past the last."""
+        if self._periods is None or self._periods[0] != pattern or \
+                period >= len(self._periods[1]):
+            self._periods = (pattern, example_periods(pattern, complete_only=self.follow))
+        return self._periods[1]
+
+    follow = False
+
+    def process(self, pattern, tracker=beam.DoFn.RestrictionParam(_PeriodRange())):
+        if (yield from self._read(pattern, tracker)):
+            tracker.try_claim(tracker.current_restriction().stop)  # finishes the range
+
+    def _read(self, pattern, tracker, watermark=None):
+        """Claims and emits batches from the restriction's start; True if it read to the
+        end of what is listed, False if it stopped early (checkpoint or split)."""
         from dataflow.join import read_examples_in_order
         if self.gate is not None and self._emitted_ts is not None:
             self.gate.wait(self._emitted_ts)
@@ -259,66 +338,90 @@ class _ReadBatchesFn(beam.DoFn):
         position = tracker.current_restriction().start
         while True:
             period, done = divmod(position, _BATCHES_PER_PERIOD)
+            periods = self._list(pattern, period)
             if period >= len(periods):
-                tracker.try_claim(tracker.current_restriction().stop)  # finishes the range
-                return
-            examples = itertools.islice(read_examples_in_order(periods[period]),
-                                        done * self.batch_size, None)
+                return True
+            cursor = self._cursor
+            if cursor is not None and cursor[:3] == (pattern, period, done):
+                examples = cursor[3]
+            else:
+                self._close_cursor()
+                examples = read_examples_in_order(periods[period])
+                for _ in itertools.islice(examples, done * self.batch_size):
+                    pass
+            self._cursor = None
             while True:
                 chunk = list(itertools.islice(examples, self.batch_size))
                 if not chunk:
+                    examples.close()
                     break
                 if not tracker.try_claim(period * _BATCHES_PER_PERIOD + done):
-                    return
-                yield self._batch(chunk)
+                    examples.close()
+                    return False
+                batch = ExampleBatch.from_examples(chunk, self.dense_dim)
+                self._emitted_ts = int(batch.ts_ms.max())
+                yield _timestamped(batch)
+                if watermark is not None:
+                    _advance_watermark(watermark, self._emitted_ts)
                 done += 1
                 first_ts = self._emitted_ts if first_ts is None else first_ts
                 if self.checkpoint_s is not None and (
                         time.monotonic() - started > self.checkpoint_s or
                         (self.gate is not None and
                          self._emitted_ts - first_ts >= self.gate.max_staleness_ms)):
-                    # Resumes at the next batch (the rest of the period is read again from
-                    # its start and skipped up to there): bundles end as the log is read.
+                    # Bundles end as the log is read (class docstring); the next call
+                    # reads on from the cursor.
+                    self._cursor = (pattern, period, done, examples)
                     tracker.defer_remainder()
-                    return
+                    return False
             position = (period + 1) * _BATCHES_PER_PERIOD
 
-    def _batch(self, chunk):
-        batch = ExampleBatch.from_examples(chunk, self.dense_dim)
-        self._emitted_ts = int(batch.ts_ms.max())
-        return _timestamped(batch)
+
+class _TailBatchesFn(_ReadBatchesFn):
+    """pattern → the batches of its periods as they land (unbounded, event-time watermark)."""
+
+    follow = True
+
+    def __init__(self, batch_size, dense_dim, checkpoint_s, gate, poll_interval_s: float,
+                 stop_timestamp: float | None):
+        super().__init__(batch_size, dense_dim, checkpoint_s, gate)
+        self.poll_interval_s = poll_interval_s
+        self.stop_timestamp = stop_timestamp
+
+    @beam.DoFn.unbounded_per_element()
+    def process(self, pattern, tracker=beam.DoFn.RestrictionParam(_FollowRange()),
+                watermark=beam.DoFn.WatermarkEstimatorParam(
+                    ManualWatermarkEstimator.default_provider())):
+        if not (yield from self._read(pattern, tracker, watermark)):
+            return
+        if self.stop_timestamp is not None and time.time() >= self.stop_timestamp:
+            tracker.try_claim(_NO_END)  # past the range: the restriction is done
+        else:
+            tracker.defer_remainder(Duration.of(self.poll_interval_s))
+
+    def _list(self, pattern, period):
+        periods = super()._list(pattern, period)
+        if period >= len(periods) and self._emitted_ts is not None:
+            # A period sorting before the one read last landed late: it cannot be read in
+            # event-time order any more (the watermark has passed it).
+            from dataflow.join import example_files
+            listed = {p for group in periods for p in group}
+            late = [p for p in example_files(pattern) if p not in listed and
+                    os.path.basename(p) < os.path.basename(periods[-1][0])] if periods else []
+            if late and late != getattr(self, "_late_seen", None):
+                self._late_seen = late
+                self.late_files.inc(len(late))
+                _LOG.warning("skipping %d example files that landed after a later period "
+                             "was read: %s", len(late), late[:3])
+        return periods
+
+
+def _advance_watermark(watermark, ts_ms: int) -> None:
+    event_time = Timestamp(micros=ts_ms * 1000)
+    current = watermark.current_watermark()
+    if current is None or event_time > current:
+        watermark.set_watermark(event_time)
 
 
 def _timestamped(batch):
     return TimestampedValue(batch, int(batch.ts_ms.max()) / 1000.0)
-
-
-class TailExampleBatches(beam.PTransform):
-    """A folder of example log files, watched for new ones → ``ExampleBatch`` es.
-
-    Files are read in name order (the example log names them by event-time period) with
-    ``transforms.sources.TailAvroLogs``, whose watermark follows the examples' event time;
-    records are batched within a bundle (``BatchElements``, fusable) and made columnar.
-    """
-
-    def __init__(self, folder: str, batch_size: int, dense_dim: int,
-                 poll_interval_s: float = 5.0, stop_timestamp: float | None = None):
-        super().__init__()
-        self.pattern = folder if any(c in folder for c in "*?[") else \
-            folder.rstrip("/") + "/*.avro"
-        self.batch_size = int(batch_size)
-        self.dense_dim = int(dense_dim)
-        self.poll_interval_s = poll_interval_s
-        self.stop_timestamp = stop_timestamp
-
-    def expand(self, pbegin):
-        from apache_beam.utils.timestamp import MAX_TIMESTAMP
-
-        from transforms.sources import TailAvroLogs
-        dense_dim = self.dense_dim
-        stop = MAX_TIMESTAMP if self.stop_timestamp is None else self.stop_timestamp
-        return (pbegin
-                | "Tail" >> TailAvroLogs(self.pattern, self.poll_interval_s, stop_timestamp=stop)
-                | "Batch" >> beam.BatchElements(min_batch_size=1,
-                                                max_batch_size=self.batch_size)
-                | "Columnar" >> beam.Map(lambda rows: ExampleBatch.from_examples(rows, dense_dim)))
