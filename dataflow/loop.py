@@ -1,0 +1,637 @@
+"""The closed loop on one machine: serving → user actions → joining → online training →
+parameter sync → serving, and its metric, **online serving AUC**.
+
+    python -m dataflow.loop --out out/loop --duration_s 7200 --speed 60      # or: make loop
+
+What it starts, and stops again at the end (or on an error, or Ctrl-C)::
+
+    redis-server ─────────────── the ParameterStore (unless --store is given)
+    python -m dataflow.serve ─── scores with rows from the store and the newest SavedModel,
+        ▲        │                writes the feature log (served scores)
+        │        ▼
+    python -m dataflow.simulate  synthetic users: ask, see the top items, click with the
+        │                        true probability, later; writes the action log
+        ▼
+    join (dataflow.join) ─────── feature log + action log → example log, per closed period
+        ▼
+    python -m dataflow.train online --model_dir ──► store (rows, dense) + SavedModels
+                                                                        └──► serving
+
+Why Redis: serving, the simulator and training are separate processes (as in production),
+and ``memory://`` is one process's memory; ``redis://`` is the store they share.
+
+Why the join runs per period on the DirectRunner: the DirectRunner (FnApiRunner) fires
+event-time timers and hands GroupByKey output downstream only at the end of its input, so a
+streaming join over tailed folders emits nothing until it is stopped (measured). So, as
+soon as the feature log and the action log are complete up to the end of a period plus the
+join window (their writers keep ``_watermark.json``), the loop runs the join pipeline,
+bounded, on that period's feature log and the action log files up to its end plus the join
+window, and lands the examples (one file per period, event-time order) in the folder that
+online training follows. With ``--runner FlinkRunner`` the join is one streaming job over
+the tailed folders (``transforms.sources.TailAvroLogs``) and training runs on Flink too.
+
+Time: the simulated clock (event time) runs ``--speed`` times faster than the wall clock.
+Everything event-time (the log periods ``--period_s``, the join window, model exports, the
+report) is in simulated seconds.
+
+At the end it prints and plots (``OUT/loop.png``, ``OUT/report.json``,
+``OUT/auc_over_time.csv``): online serving AUC over time (the served scores against the
+actions that followed) next to the Bayes-optimal AUC of the same served items (their true
+click probabilities), the age of the parameters serving used (sparse rows and dense model,
+in event time), and throughput (requests, served items, trained examples per second).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+_LOG = logging.getLogger(__name__)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LOG_NAME_TIME = "part-%Y%m%d-%H%M%S"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Child processes started by the loop; ``stop_all`` ends each of them (its whole
+    process group), newest first."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self.children: list = []  # (name, Popen, log file)
+
+    def start(self, name: str, argv: list, env: Optional[dict] = None) -> subprocess.Popen:
+        log = open(os.path.join(self.log_dir, f"{name}.log"), "wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        self.children.append((name, proc, log))
+        _LOG.info("loop: started %s (pid %d): %s", name, proc.pid, " ".join(argv))
+        return proc
+
+    def check(self, *names) -> None:
+        """Raise if a child of these names has exited with an error."""
+        for name, proc, _ in self.children:
+            if name in names and proc.poll() not in (None, 0):
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see "
+                                   f"{self.log_dir}/{name}.log")
+
+    def stop(self, name: str, timeout_s: float = 15.0) -> None:
+        for child_name, proc, log in list(self.children):
+            if child_name != name:
+                continue
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                try:
+                    proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait()
+            log.close()
+            self.children.remove((child_name, proc, log))
+
+    def stop_all(self) -> None:
+        for name, _, _ in reversed(list(self.children)):
+            self.stop(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(procs: Processes, workdir: str) -> str:
+    """A private redis-server (no persistence) on a free port; returns its URL."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.path.exists(binary):
+        raise RuntimeError("redis-server is missing: apt-get install redis-server "
+                           "(or pass --store redis://HOST:PORT/DB)")
+    port = _free_port()
+    proc = procs.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--dir", workdir, "--save", "", "--appendonly", "no"])
+    deadline = time.monotonic() + 10
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server did not answer on port {port}")
+        time.sleep(0.05)
+
+
+def _wait_for_file(path: str, procs: Processes, name: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        procs.check(name)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start within {timeout_s:.0f} s; see "
+                               f"{procs.log_dir}/{name}.log")
+        time.sleep(0.1)
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+# --------------------------------------------------------------------------- the join
+
+
+def _period_of(path: str) -> int:
+    """Start (ms) of the period of a log file ``part-YYYYmmdd-HHMMSS.avro``."""
+    import calendar
+    stamp = time.strptime(os.path.basename(path)[:len("part-YYYYmmdd-HHMMSS")],
+                          _LOG_NAME_TIME)
+    return calendar.timegm(stamp) * 1000
+
+
+def _log_files(folder: str) -> list:
+    """(period start ms, path) of a log folder's complete files, in time order."""
+    return sorted((_period_of(p), p) for p in glob.glob(os.path.join(folder, "part-*.avro")))
+
+
+class PeriodJoin:
+    """Runs the join pipeline (``dataflow.join``), bounded, on each closed period of the
+    logs and lands its example files in ``examples_dir`` (see the module docstring).
+
+    A period ``[t0, t1)`` is closed when the feature log is complete up to ``t1`` and the
+    action log up to ``t1 + join window`` (their ``_watermark.json``); several closed
+    periods are joined in one run. The runs' side outputs (unmatched, late, ...) stay in
+    ``work_dir/run-NNNNN/out``; a run's unmatched actions include the clicks of requests of
+    earlier periods, which the run before it joined.
+    """
+
+    def __init__(self, features_dir: str, actions_dir: str, examples_dir: str,
+                 work_dir: str, config: str, period_s: float, join_window_s: float,
+                 negative_sample_rate: float = 1.0, beam_args: tuple = ()):
+        self.features_dir, self.actions_dir = features_dir, actions_dir
+        self.examples_dir, self.work_dir = examples_dir, work_dir
+        self.config = config
+        self.period_ms = int(period_s * 1000)
+        self.window_ms = int(join_window_s * 1000)
+        self.negative_sample_rate = negative_sample_rate
+        self.beam_args = list(beam_args)
+        self.cursor: Optional[int] = None  # start of the next period to join
+        self.runs: list = []  # per run: wall start/seconds, periods, examples
+        os.makedirs(examples_dir, exist_ok=True)
+        os.makedirs(work_dir, exist_ok=True)
+
+    def ready_until(self, final: bool = False) -> Optional[int]:
+        """End (ms) of the closed periods not joined yet, or None."""
+        from dataflow.serve import read_watermark
+        features = _log_files(self.features_dir)
+        if self.cursor is None:
+            if not features:
+                return None
+            self.cursor = features[0][0]
+        if final:
+            ends = [p + self.period_ms for p, _ in features]
+            end = max(ends, default=self.cursor)
+        else:
+            fw, aw = read_watermark(self.features_dir), read_watermark(self.actions_dir)
+            if fw is None or aw is None:
+                return None
+            end = min(fw, aw - self.window_ms)
+            end -= end % self.period_ms
+        return end if end > self.cursor else None
+
+    def run_once(self, final: bool = False) -> int:
+        """Join what is closed (``final``: everything left); returns examples landed."""
+        end = self.ready_until(final)
+        if end is None:
+            return 0
+        from dataflow.join import main as join_main
+        start = self.cursor
+        features = [p for t, p in _log_files(self.features_dir) if start <= t < end]
+        actions = [p for t, p in _log_files(self.actions_dir)
+                   if start <= t < end + self.window_ms]
+        run = os.path.join(self.work_dir, f"run-{len(self.runs):05d}")
+        wall = time.time()
+        examples = 0
+        if features:
+            for kind, paths in (("features", features), ("actions", actions)):
+                os.makedirs(os.path.join(run, "in", kind))
+                for path in paths:
+                    os.link(path, os.path.join(run, "in", kind, os.path.basename(path)))
+            if not actions:  # the join reads a glob: it needs one file, even empty
+                from schemas import write_avro
+                write_avro(os.path.join(run, "in", "actions", "none.avro"), "action_log", [])
+            join_main([f"--features={run}/in/features/*.avro",
+                       f"--actions={run}/in/actions/*.avro", f"--config={self.config}",
+                       f"--out={run}/out", f"--join_window_s={self.window_ms / 1000}",
+                       f"--period_s={self.period_ms // 1000}",
+                       f"--negative_sample_rate={self.negative_sample_rate}",
+                       *self.beam_args])
+            examples = self._land(os.path.join(run, "out", "examples"))
+        self.cursor = end
+        self.runs.append({"wall_time": wall, "seconds": round(time.time() - wall, 3),
+                          "from_ms": start, "to_ms": end, "feature_files": len(features),
+                          "action_files": len(actions), "examples": examples})
+        _LOG.info("loop: joined %d periods in %.1f s: %d examples", (end - start)
+                  // self.period_ms, time.time() - wall, examples)
+        return examples
+
+    def _land(self, folder: str) -> int:
+        """Move the run's example files into the folder training follows, in name (event
+        time) order, each by an atomic rename."""
+        import fastavro
+        count = 0
+        for path in sorted(glob.glob(os.path.join(folder, "*.avro"))):
+            with open(path, "rb") as f:
+                count += sum(1 for _ in fastavro.reader(f))
+            os.rename(path, os.path.join(self.examples_dir, os.path.basename(path)))
+        return count
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def read_log(folder: str) -> list:
+    import fastavro
+    records = []
+    for _, path in _log_files(folder):
+        with open(path, "rb") as f:
+            records.extend(fastavro.reader(f))
+    return records
+
+
+def serving_auc_over_time(features_dir: str, actions_dir: str, join_window_s: float,
+                          buckets: int = 12, positive_actions=("click", "like", "share")):
+    """Online serving AUC per bucket of event time: the scores serving returned against the
+    actions that followed within the join window, and the Bayes-optimal AUC (true CTRs) of
+    the same served items. Returns (rows, totals)."""
+    from dataflow.data import roc_auc
+    served = read_log(features_dir)
+    actions = read_log(actions_dir)
+    if not served:
+        return [], {}
+    served_at = {r["request_id"]: r["ts_ms"] for r in served}
+    window = int(join_window_s * 1000)
+    clicked = {a["request_id"] for a in actions if a["action"] in positive_actions
+               and a["request_id"] in served_at
+               and a["ts_ms"] <= served_at[a["request_id"]] + window}
+    ts = np.array([r["ts_ms"] for r in served], np.int64)
+    score = np.array([r["served_score"] for r in served], np.float64)
+    ctr = np.array([np.nan if r.get("true_ctr") is None else r["true_ctr"] for r in served])
+    label = np.array([r["request_id"] in clicked for r in served], bool)
+    t0, t1 = int(ts.min()), int(ts.max()) + 1
+    edges = np.linspace(t0, t1, buckets + 1).astype(np.int64)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (ts >= lo) & (ts < hi)
+        rows.append({"from_s": round((lo - t0) / 1000, 1), "to_s": round((hi - t0) / 1000, 1),
+                     "served": int(sel.sum()), "positives": int(label[sel].sum()),
+                     "serving_auc": _round(roc_auc(score[sel], label[sel])),
+                     "bayes_auc": _round(roc_auc(ctr[sel], label[sel]))})
+
+    def span(sel):
+        auc, bayes = roc_auc(score[sel], label[sel]), roc_auc(ctr[sel], label[sel])
+        return {"served": int(sel.sum()), "positives": int(label[sel].sum()),
+                "serving_auc": _round(auc), "bayes_auc": _round(bayes),
+                "ratio": _round(auc / bayes)}
+
+    quarter = t0 + (t1 - t0) * 3 // 4
+    first = t0 + (t1 - t0) // 4
+    totals = {"all": span(ts >= t0), "first_quarter": span(ts < first),
+              "last_quarter": span(ts >= quarter)}
+    return rows, totals
+
+
+def _round(x, digits: int = 4):
+    return None if x is None or not np.isfinite(x) else round(float(x), digits)
+
+
+def read_sim_stats(path: str) -> dict:
+    cols: dict = {}
+    if not os.path.exists(path):
+        return cols
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                cols.setdefault(k, []).append(v)
+
+    def num(name):
+        return np.array([float(v) if v not in ("", "None") else np.nan
+                         for v in cols.get(name, [])])
+    return {k: num(k) for k in ("wall_s", "ts_ms", "latency_ms", "served", "model_version",
+                                "dense_age_ms", "sparse_age_ms", "sparse_wall_age_s",
+                                "status")}
+
+
+def plot(path: str, rows: list, stats: dict, trained: list, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(3, 1, figsize=(9, 10))
+    ax = axes[0]
+    mid = [(r["from_s"] + r["to_s"]) / 2 / 60 for r in rows]
+    ax.plot(mid, [r["serving_auc"] for r in rows], "o-", label="online serving AUC")
+    ax.plot(mid, [r["bayes_auc"] for r in rows], "s--", label="Bayes-optimal AUC (true CTR)")
+    ax.set_xlabel("event time (simulated minutes)")
+    ax.set_ylabel("AUC")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    if stats.get("ts_ms") is not None and len(stats["ts_ms"]):
+        t = (stats["ts_ms"] - np.nanmin(stats["ts_ms"])) / 60_000
+        ax.plot(t, stats["sparse_age_ms"] / 60_000, ".", ms=2, label="sparse rows")
+        ax.plot(t, stats["dense_age_ms"] / 60_000, ".", ms=2, label="dense model")
+    ax.set_xlabel("event time (simulated minutes)")
+    ax.set_ylabel("parameter age at serving\n(simulated minutes)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax = axes[2]
+    if stats.get("wall_s") is not None and len(stats["wall_s"]):
+        wall = stats["wall_s"]
+        bins = np.arange(0, np.nanmax(wall) + 2, 2.0)
+        counts, _ = np.histogram(wall, bins)
+        items, _ = np.histogram(wall, bins, weights=np.nan_to_num(stats["served"]))
+        ax.plot(bins[:-1], counts / 2.0, label="requests/s")
+        ax.plot(bins[:-1], items / 2.0, label="served items/s")
+    if trained:
+        tw = np.array([w for w, _ in trained])
+        te = np.array([e for _, e in trained], np.float64)
+        if len(tw) > 1:
+            rate = np.diff(te) / np.maximum(np.diff(tw), 1e-9)
+            ax.plot(tw[1:], rate, label="trained examples/s")
+    ax.set_xlabel("wall seconds since the simulator started")
+    ax.set_ylabel("per wall second")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dataflow.loop", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/loop", help="working folder (emptied first)")
+    p.add_argument("--duration_s", type=float, default=7200.0, help="simulated seconds")
+    p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per wall second")
+    p.add_argument("--rps", type=float, default=20.0, help="requests per wall second")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--candidates", type=int, default=30)
+    p.add_argument("--top_k", type=int, default=10)
+    p.add_argument("--users", type=int, default=300)
+    p.add_argument("--items", type=int, default=400)
+    p.add_argument("--categories", type=int, default=30)
+    p.add_argument("--drift", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default="synthetic")
+    p.add_argument("--model", default="fm", choices=["lr", "fm", "deepfm"])
+    p.add_argument("--learning_rate", type=float, default=0.05)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--num_shards", type=int, default=2)
+    p.add_argument("--period_s", type=float, default=300.0,
+                   help="event-time seconds per log file and per example period")
+    p.add_argument("--join_window_s", type=float, default=900.0)
+    p.add_argument("--max_delay_s", type=float, default=1800.0,
+                   help="longest delay of a user action (later than the join window: late)")
+    p.add_argument("--negative_sample_rate", type=float, default=1.0)
+    p.add_argument("--model_export_interval_s", type=float, default=300.0,
+                   help="event-time seconds between SavedModel exports")
+    p.add_argument("--store", default=None,
+                   help="redis://HOST:PORT/DB (default: a private redis-server)")
+    p.add_argument("--runner", default="DirectRunner", choices=["DirectRunner", "FlinkRunner"])
+    p.add_argument("--report_buckets", type=int, default=12)
+    p.add_argument("--serve_start_timeout_s", type=float, default=180.0)
+    p.add_argument("--drain_timeout_s", type=float, default=120.0,
+                   help="after the simulation: how long to wait for training to catch up")
+    return p
+
+
+def run(args) -> dict:
+    out = os.path.abspath(args.out)
+    for sub in ("feature_log", "action_log", "examples", "models", "join", "train", "logs"):
+        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+        os.makedirs(os.path.join(out, sub))
+    for name in ("serve.url", "sim_stats.csv", "sim_summary.json", "report.json",
+                 "loop.png", "auc_over_time.csv"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    procs = Processes(os.path.join(out, "logs"))
+    py = sys.executable
+    flink = args.runner == "FlinkRunner"
+    beam_args = (["--runner=FlinkRunner", "--flink_master=[local]", "--parallelism=1",
+                  "--streaming"] if flink else ["--runner=DirectRunner"])
+    started = time.monotonic()
+    trained: list = []
+    try:
+        store = args.store or start_redis(procs, os.path.join(out, "logs"))
+        _clear_store(store, args.num_shards)
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        procs.start("serve", [
+            py, "-m", "dataflow.serve", "--store", store, "--model", f"{out}/models",
+            "--config", args.config, "--model_kind", args.model, "--seed", str(args.seed),
+            "--num_shards", str(args.num_shards), "--feature_log", f"{out}/feature_log",
+            "--roll_s", str(args.period_s), "--port", str(port),
+            "--port_file", f"{out}/serve.url", "--poll_s", "0.5"])
+        expected_wall = args.duration_s / args.speed
+        procs.start("train", [
+            py, "-m", "dataflow.train", "online", f"--input={out}/examples",
+            f"--config={args.config}", f"--model={args.model}", f"--store={store}",
+            f"--num_shards={args.num_shards}", f"--batch_size={args.batch_size}",
+            f"--learning_rate={args.learning_rate}", f"--model_dir={out}/models",
+            f"--model_export_interval_s={args.model_export_interval_s}", "--poll_interval_s=0.5",
+            f"--run_for_s={expected_wall * 3 + 600:.0f}", f"--metrics_dir={out}/train",
+            f"--metrics_window_s={int(max(args.period_s, args.duration_s / 12))}",
+            f"--seed={args.seed}", "--streaming", *beam_args])
+        # The simulator starts its clock once serving answers.
+        procs.start("simulate", [
+            py, "-m", "dataflow.simulate", "--serve", url, "--actions", f"{out}/action_log",
+            "--duration_s", str(args.duration_s), "--speed", str(args.speed),
+            "--rps", str(args.rps), "--concurrency", str(args.concurrency),
+            "--candidates", str(args.candidates), "--top_k", str(args.top_k),
+            "--roll_s", str(args.period_s), "--max_delay_s", str(args.max_delay_s),
+            "--users", str(args.users), "--items", str(args.items),
+            "--categories", str(args.categories), "--drift", str(args.drift),
+            "--seed", str(args.seed), "--stats", f"{out}/sim_stats.csv",
+            "--summary", f"{out}/sim_summary.json",
+            "--wait_for_serve_s", str(args.serve_start_timeout_s)])
+        _wait_for_file(f"{out}/serve.url", procs, "serve", args.serve_start_timeout_s)
+        sim_started = time.monotonic()
+        joiner = PeriodJoin(f"{out}/feature_log", f"{out}/action_log", f"{out}/examples",
+                            f"{out}/join", args.config, args.period_s, args.join_window_s,
+                            args.negative_sample_rate)
+        from ps.store import open_store
+        store_handle = open_store(store, num_shards=args.num_shards)
+        sim = next(p for n, p, _ in procs.children if n == "simulate")
+        last_print = 0.0
+        while sim.poll() is None:
+            procs.check("serve", "train", "redis")
+            joiner.run_once()
+            trained.append((time.monotonic() - sim_started,
+                            _trained_examples(store_handle, args.batch_size)))
+            if time.monotonic() - last_print > 10:
+                last_print = time.monotonic()
+                print(f"loop: {time.monotonic() - started:.0f} s, "
+                      f"{sum(r['examples'] for r in joiner.runs):,} examples joined, "
+                      f"~{trained[-1][1]:,} trained", flush=True)
+            time.sleep(0.25)
+        if sim.returncode != 0:
+            raise RuntimeError(f"simulate exited with {sim.returncode}; see "
+                               f"{out}/logs/simulate.log")
+        # The simulator wrote every action and closed the feature log: join the rest.
+        joiner.run_once(final=True)
+        last_example_ms = joiner.cursor
+        deadline = time.monotonic() + args.drain_timeout_s
+        while True:
+            procs.check("train")
+            info = store_handle.sync_info().get("dense", {})
+            trained.append((time.monotonic() - sim_started,
+                            _trained_examples(store_handle, args.batch_size)))
+            if _caught_up(joiner, info):
+                break
+            if time.monotonic() > deadline:
+                _LOG.warning("loop: training did not catch up within %.0f s",
+                             args.drain_timeout_s)
+                break
+            time.sleep(0.5)
+        store_handle.close()
+    finally:
+        procs.stop_all()
+    wall = time.monotonic() - started
+    return report(out, args, joiner, trained, wall, last_example_ms)
+
+
+def _clear_store(url: str, num_shards: int) -> None:
+    from ps.store import open_store
+    store = open_store(url, num_shards=num_shards)
+    store.clear()
+    store.close()
+
+
+def _trained_examples(store, batch_size: int) -> int:
+    """About the examples the dense PS applied so far: its version counts gradient batches
+    (a batch is short when a period ends, so this overestimates a little)."""
+    try:
+        return int(store.sync_info().get("dense", {}).get("version", 0)) * batch_size
+    except Exception:  # noqa: BLE001 - a progress figure only
+        return 0
+
+
+def _caught_up(joiner: PeriodJoin, dense_sync: dict) -> bool:
+    """Training has applied gradients up to the last example landed."""
+    import fastavro
+    files = sorted(glob.glob(os.path.join(joiner.examples_dir, "*.avro")))
+    if not files:
+        return True
+    with open(files[-1], "rb") as f:
+        last = max((r["ts_ms"] for r in fastavro.reader(f)), default=0)
+    return dense_sync.get("ts_ms", -1) >= last
+
+
+def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
+           last_example_ms) -> dict:
+    rows, totals = serving_auc_over_time(f"{out}/feature_log", f"{out}/action_log",
+                                         args.join_window_s, args.report_buckets)
+    stats = read_sim_stats(f"{out}/sim_stats.csv")
+    sim_summary = {}
+    if os.path.exists(f"{out}/sim_summary.json"):
+        with open(f"{out}/sim_summary.json", encoding="utf-8") as f:
+            sim_summary = json.load(f)
+    with open(f"{out}/auc_over_time.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["from_s", "to_s", "served", "positives", "serving_auc",
+                                    "bayes_auc"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def pct(values, q):
+        values = values[np.isfinite(values)] if values is not None and len(values) else []
+        return None if not len(values) else round(float(np.percentile(values, q)), 1)
+
+    ok = stats.get("status", np.zeros(0)) == 200
+    staleness = {
+        "sparse_age_s_p50": _div(pct(stats.get("sparse_age_ms")[ok], 50), 1000)
+        if ok.any() else None,
+        "sparse_age_s_p99": _div(pct(stats.get("sparse_age_ms")[ok], 99), 1000)
+        if ok.any() else None,
+        "dense_age_s_p50": _div(pct(stats.get("dense_age_ms")[ok], 50), 1000)
+        if ok.any() else None,
+        "sparse_sync_wall_age_s_p50": pct(stats.get("sparse_wall_age_s")[ok], 50)
+        if ok.any() else None,
+    }
+    examples = sum(r["examples"] for r in joiner.runs)
+    result = {
+        "auc": totals, "auc_over_time": rows, "staleness": staleness,
+        "throughput": {
+            "wall_s": round(wall, 1),
+            "requests_per_s": sim_summary.get("requests_per_s"),
+            "served_items_per_s": round(sim_summary.get("served", 0)
+                                        / max(sim_summary.get("wall_s", 1), 1e-9), 1),
+            "serving_latency_ms_p50": sim_summary.get("latency_ms_p50"),
+            "serving_latency_ms_p99": sim_summary.get("latency_ms_p99"),
+            "examples_joined": examples, "join_runs": len(joiner.runs),
+            "join_seconds": round(sum(r["seconds"] for r in joiner.runs), 1),
+            "examples_trained_about": trained[-1][1] if trained else 0,
+        },
+        "simulator": sim_summary,
+        "models_exported": len(glob.glob(f"{out}/models/*-v*")),
+        "settings": {k: v for k, v in vars(args).items()},
+    }
+    with open(f"{out}/report.json", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    last = totals.get("last_quarter", {})
+    title = (f"closed loop ({args.model}, {args.runner}): last quarter serving AUC "
+             f"{last.get('serving_auc')} vs Bayes {last.get('bayes_auc')}")
+    plot(f"{out}/loop.png", rows, stats, trained, title)
+    return result
+
+
+def _div(x, d):
+    return None if x is None else round(x / d, 1)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"loop: {e}", file=sys.stderr)
+        return 2
+    print("\nonline serving AUC over time (event time since the start):")
+    print(f"  {'from':>8} {'to':>8} {'served':>7} {'clicks':>6} {'serving':>8} {'bayes':>7}")
+    for r in result["auc_over_time"]:
+        print(f"  {r['from_s']:>8.0f} {r['to_s']:>8.0f} {r['served']:>7} "
+              f"{r['positives']:>6} {r['serving_auc'] or float('nan'):>8.4f} "
+              f"{r['bayes_auc'] or float('nan'):>7.4f}")
+    print(json.dumps({k: result[k] for k in ("auc", "staleness", "throughput",
+                                             "models_exported")}, indent=2))
+    print(f"wrote {args.out}/report.json, {args.out}/loop.png, {args.out}/auc_over_time.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from dataflow import loop as _loop  # the importable module (Beam pickles its DoFns)
+    sys.exit(_loop.main())

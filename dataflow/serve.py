@@ -1,0 +1,692 @@
+"""Serving: score candidate items with the parameters training publishes; log what was served.
+
+    python -m dataflow.serve --store redis://127.0.0.1:6379/0 --model out/models \\
+        --config synthetic --model_kind fm --feature_log out/loop/feature_log [--port 8500]
+
+For each request (user, context, candidate items) the service
+
+1. extracts each candidate's fids with the pipeline's own code
+   (``transforms.features.extract``: training and serving make the same fids);
+2. reads their embedding rows from the ParameterStore, the serving PS that the training
+   job's PS shards publish to (a row the store does not hold reads as zeros: the initial
+   value of a row the PS has not created);
+3. runs the dense part of the model from the newest SavedModel in ``--model``
+   (``transforms.export``: reloaded in the background when training publishes a newer
+   one; until the first one, the model's initial dense weights, as the PS starts from);
+4. adds the log-odds correction of negative sampling (``--score_correction_rate``) and
+   returns the candidates ranked by score (the ``top_k`` first, if asked);
+5. appends the served items to the **feature log** (``schemas/feature_log.avsc``, Avro, one
+   file per ``--roll_s`` of event time, written atomically, ``_watermark.json`` saying up to
+   when the folder is complete) with the scores it returned.
+
+It keeps serving when the store is down (rows it read before, from a local copy; the rest
+as zeros; the store is tried again every ``--store_retry_s``) and when a new model cannot
+be loaded (the last good one), and says so in every answer (``params``).
+
+The API (JSON over HTTP/1.1, keep-alive)::
+
+    POST /score  {"user_id": "u1", "ts_ms": 1704067200000,          # ts_ms: optional
+                  "request_id": "r1",                                 # optional
+                  "context": {"gender": "f", "age": 31, "device": "ios", "hour": 9, ...},
+                  "candidates": [{"item_id": "i7", "features": {"category": "c3", ...},
+                                  "true_ctr": 0.03},                  # optional, logged only
+                                 ...],
+                  "top_k": 10}                                        # optional
+      200 {"request_id": "r1", "ts_ms": ..., "items": [{"item_id", "request_id", "score"}, ...],
+           "params": {"model_version", "model_ts_ms", "dense_age_ms", "sparse_age_ms",
+                      "sparse_wall_age_s", "store": "ok" | "unavailable", "rows_found",
+                      "rows_read"}}
+      400 {"error": "<reason code>", "detail": "..."}       a request it cannot score
+    GET  /healthz   model and store state          GET /stats   counters
+    POST /flush     closes the feature log's open file (tests, end of a run)
+
+A candidate's feature record is ``{"request_id": "<request_id>-<position>", "ts_ms",
+"user_id", "item_id", "features": context + the candidate's features}``; ``ts_ms`` is the
+request's (clamped so that the log's event time never goes back) or the wall clock.
+``true_ctr`` is not used for scoring: a simulator passes it so that the log can tell the
+Bayes-optimal AUC of what was served.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import math
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+
+import numpy as np
+
+_LOG = logging.getLogger(__name__)
+
+MAX_BODY = 16 << 20
+
+
+class BadRequest(ValueError):
+    """A request serving cannot score: ``reason`` is a short code, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------- rolling log
+
+
+class RollingAvroLog:
+    """Records → ``folder/part-YYYYmmdd-HHMMSS.avro``, one file per ``roll_s`` of event time.
+
+    ``append`` buffers records of the open period; a record of a later period closes it: its
+    file is written by a background thread under a temporary name and renamed (a reader of
+    the folder never sees half a file; ``transforms.sources.TailAvroLogs`` can tail it).
+    ``_watermark.json`` (``{"ts_ms": T}``) then says that every record before ``T`` is in a
+    file. Records must come in event-time order (a late one goes into the open file, and is
+    counted in ``late``).
+    """
+
+    WATERMARK = "_watermark.json"
+
+    def __init__(self, folder: str, schema_name: str, roll_s: float, codec: str = "deflate"):
+        from schemas import load_schema
+        if roll_s <= 0:
+            raise ValueError(f"roll_s must be > 0, got {roll_s}")
+        self.folder = folder
+        self.schema = load_schema(schema_name)
+        self.roll_ms = int(roll_s * 1000)
+        self.codec = codec
+        os.makedirs(folder, exist_ok=True)
+        self._lock = threading.Lock()
+        self._period = None  # start (ms) of the open period
+        self._buffer: list = []
+        self.records = 0
+        self.files = 0
+        self.late = 0
+        self.errors = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="avro-log-writer",
+                                        daemon=True)
+        self._writer.start()
+
+    def append(self, records: list, ts_ms: int) -> None:
+        """Append records of event time ``ts_ms`` (all of one request)."""
+        period = ts_ms - ts_ms % self.roll_ms
+        with self._lock:
+            if self._period is None:
+                self._period = period
+            elif period > self._period:
+                self._roll(period)
+            elif period < self._period:
+                self.late += len(records)
+            self._buffer.extend(records)
+            self.records += len(records)
+
+    def advance(self, ts_ms: int) -> None:
+        """Event time has reached ``ts_ms``: close the open period if it ended before it."""
+        period = ts_ms - ts_ms % self.roll_ms
+        with self._lock:
+            if self._period is None or period > self._period:
+                self._roll(period)
+
+    def _roll(self, new_period: int) -> None:
+        if self._period is not None and self._buffer:
+            self._queue.put(("file", self._period, self._buffer))
+        self._buffer = []
+        self._period = new_period
+        self._queue.put(("watermark", new_period, None))
+
+    def close(self, until_ms: Optional[int] = None) -> None:
+        """Write the open file; the watermark moves to ``until_ms`` (default: the end of the
+        open period). Waits until everything is on disk."""
+        with self._lock:
+            end = until_ms
+            if end is None:
+                end = (self._period + self.roll_ms) if self._period is not None else None
+            if end is not None:
+                self._roll(max(end, self._period or end))
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until the files of every closed period are written."""
+        done = threading.Event()
+        self._queue.put(("sync", 0, done))
+        done.wait()
+
+    def _write_loop(self):
+        import fastavro
+        while True:
+            kind, period, payload = self._queue.get()
+            try:
+                if kind == "sync":
+                    payload.set()
+                elif kind == "file":
+                    name = time.strftime("part-%Y%m%d-%H%M%S", time.gmtime(period / 1000))
+                    path = os.path.join(self.folder, f"{name}.avro")
+                    tmp = os.path.join(self.folder, f".{name}.avro.tmp")
+                    with open(tmp, "wb") as f:
+                        fastavro.writer(f, self.schema, payload, codec=self.codec)
+                    os.replace(tmp, path)
+                    self.files += 1
+                else:
+                    tmp = os.path.join(self.folder, f".{self.WATERMARK}.tmp")
+                    with open(tmp, "w", encoding="utf-8") as f:
+                        json.dump({"ts_ms": int(period)}, f)
+                    os.replace(tmp, os.path.join(self.folder, self.WATERMARK))
+            except Exception:  # noqa: BLE001 - the service goes on; the error is counted
+                self.errors += 1
+                _LOG.exception("feature log: writing %s of period %s failed", kind, period)
+
+
+def read_watermark(folder: str) -> Optional[int]:
+    """The ``_watermark.json`` of a folder a :class:`RollingAvroLog` writes (None: none yet)."""
+    try:
+        with open(os.path.join(folder, RollingAvroLog.WATERMARK), encoding="utf-8") as f:
+            return int(json.load(f)["ts_ms"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+# --------------------------------------------------------------------------- the scorer
+
+
+def _check_feature_values(where: str, features) -> dict:
+    """Feature maps must hold what the feature log's Avro map holds: null, string, long,
+    double or a list of strings (anything else could not be logged)."""
+    if features is None:
+        return {}
+    if not isinstance(features, dict):
+        raise BadRequest(f"wrong_type:{where}", f"expected an object, got "
+                                                f"{type(features).__name__}")
+    for name, value in features.items():
+        if value is None or type(value) in (str, int, float):
+            if type(value) is float and not math.isfinite(value):
+                raise BadRequest(f"not_finite:{where}.{name}", f"{value!r}")
+            continue
+        if type(value) is list and all(type(v) is str for v in value):
+            continue
+        raise BadRequest(f"wrong_type:{where}.{name}",
+                         f"a feature is a string, a number, null or a list of strings, got "
+                         f"{type(value).__name__} {value!r}"[:300])
+    return features
+
+
+class Scorer:
+    """Scores requests; holds the model, the store handle and the last good parameters.
+
+    ``refresh()`` (called by a background thread every ``poll_s``) loads a newer model and
+    the store's sync records; ``score(request)`` is thread-safe.
+    """
+
+    def __init__(self, config, spec, store_url: str, num_shards: int,
+                 model_dir: Optional[str] = None, score_correction_rate: float = 1.0,
+                 feature_log: Optional[RollingAvroLog] = None, store_retry_s: float = 1.0,
+                 max_candidates: int = 2000, max_cached_rows: int = 2_000_000):
+        from ps.store import _row_map, open_store
+        from transforms.export import DenseModule
+        from transforms.model import Model
+        if not 0 < score_correction_rate <= 1:
+            raise ValueError(f"score_correction_rate must be in (0, 1], got "
+                             f"{score_correction_rate}")
+        self.config = config
+        self.spec = spec
+        self.model = Model(spec)
+        self.store_url = _with_timeouts(store_url)
+        self.store = open_store(self.store_url, num_shards=num_shards)
+        self.model_dir = model_dir
+        self.correction_rate = float(score_correction_rate)
+        self.feature_log = feature_log
+        self.store_retry_s = store_retry_s
+        self.max_candidates = max_candidates
+        self.max_cached_rows = max_cached_rows
+        self._row_map = _row_map
+        self._cache = _row_map(spec.width)
+        self._cache_lock = threading.Lock()
+        self._store_down_until = 0.0
+        self._store_ok = True
+        self._sync: dict = {}
+        self._clock_lock = threading.Lock()
+        self._last_ts = 0
+        self._request_seq = 0
+        self._prefix = uuid.uuid4().hex[:8]
+        # Until training publishes a model: the initial weights, as DenseShard starts from.
+        self.dense = _warmed_up(DenseModule(spec, self.model.initial_dense_params(),
+                                            version=-1, ts_ms=0), spec)
+        self.model_version, self.model_ts_ms, self.model_path = -1, None, None
+        self.counters = collections.Counter()
+        self._counter_lock = threading.Lock()
+
+    # -- background refresh -------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Load a newer model if one was published; read the store's sync records."""
+        from transforms.export import latest_model, load_model
+        if self.model_dir:
+            path = latest_model(self.model_dir)
+            if path is not None and path != self.model_path:
+                try:
+                    loaded = load_model(path)
+                    if loaded.spec != self.spec:
+                        raise ValueError(f"its spec {loaded.spec} is not serving's {self.spec}")
+                    _warmed_up(loaded, self.spec)  # before it takes requests: no slow first call
+                except Exception as e:  # noqa: BLE001 - keep serving the last good model
+                    self._count("model_load_errors")
+                    _LOG.error("serve: cannot load model %s (%s); serving version %d still",
+                               path, e, self.model_version)
+                    self.model_path = path  # do not retry this one; a newer one will come
+                else:
+                    self.dense = loaded
+                    self.model_version, self.model_ts_ms = loaded.version, loaded.ts_ms
+                    self.model_path = path
+                    self._count("model_loads")
+                    _LOG.info("serve: model version %d (event time %d) from %s",
+                              loaded.version, loaded.ts_ms, path)
+        if time.monotonic() >= self._store_down_until:
+            try:
+                self._sync = self.store.sync_info()
+            except Exception as e:  # noqa: BLE001
+                self._store_failed(e)
+
+    def _store_failed(self, error) -> None:
+        if self._store_ok:
+            _LOG.warning("serve: the store %s is unavailable (%s); serving the rows read "
+                         "before", self.store_url, error)
+        self._store_ok = False
+        self._store_down_until = time.monotonic() + self.store_retry_s
+        self._count("store_errors")
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += n
+
+    # -- scoring --------------------------------------------------------------------------
+
+    def _event_time(self, ts_ms: int) -> int:
+        with self._clock_lock:
+            ts_ms = max(int(ts_ms), self._last_ts)  # the log's event time never goes back
+            self._last_ts = ts_ms
+            return ts_ms
+
+    def _read_rows(self, keys: np.ndarray):
+        table, width = self.spec.table, self.spec.width
+        if time.monotonic() >= self._store_down_until:
+            try:
+                rows, found = self.store.read_rows(table, keys, width)
+            except Exception as e:  # noqa: BLE001 - redis down, timeouts, ...
+                self._store_failed(e)
+            else:
+                if not self._store_ok:
+                    _LOG.info("serve: the store is back")
+                self._store_ok = True
+                with self._cache_lock:
+                    if len(self._cache) > self.max_cached_rows:
+                        self._cache = self._row_map(width)
+                    if found.any():
+                        self._cache.insert(keys[found], weights=rows[found])
+                return rows, found, True
+        with self._cache_lock:
+            rows, found = self._cache.lookup(keys)
+        return np.asarray(rows, np.float32), np.asarray(found, bool), False
+
+    def parse(self, request) -> tuple:
+        """(records to extract, their true CTRs, top_k, request id, event time)."""
+        if not isinstance(request, dict):
+            raise BadRequest("not_an_object", f"the request must be a JSON object, got "
+                                              f"{type(request).__name__}")
+        user_id = request.get("user_id")
+        if type(user_id) is int:
+            user_id = str(user_id)
+        if type(user_id) is not str or not user_id:
+            raise BadRequest("missing_field:user_id" if user_id is None
+                             else "wrong_type:user_id", "user_id must be a non-empty string")
+        ts_ms = request.get("ts_ms")
+        if ts_ms is not None and (type(ts_ms) is not int or ts_ms < 0):
+            raise BadRequest("wrong_type:ts_ms", "ts_ms must be a non-negative integer (ms "
+                                                 "since the epoch)")
+        context = _check_feature_values("context", request.get("context"))
+        candidates = request.get("candidates")
+        if not isinstance(candidates, list):
+            raise BadRequest("missing_field:candidates" if candidates is None
+                             else "wrong_type:candidates", "candidates must be a list")
+        if not candidates:
+            raise BadRequest("no_candidates", "candidates is empty")
+        if len(candidates) > self.max_candidates:
+            raise BadRequest("too_many_candidates", f"{len(candidates)} > "
+                                                    f"{self.max_candidates}")
+        top_k = request.get("top_k")
+        if top_k is not None and (type(top_k) is not int or top_k < 1):
+            raise BadRequest("wrong_type:top_k", "top_k must be a positive integer")
+        request_id = request.get("request_id")
+        if request_id is not None and (type(request_id) is not str or not request_id):
+            raise BadRequest("wrong_type:request_id", "request_id must be a non-empty string")
+        if ts_ms is None:
+            ts_ms = int(time.time() * 1000)
+        if request_id is None:
+            with self._clock_lock:
+                self._request_seq += 1
+                request_id = f"{self._prefix}-{self._request_seq}"
+        records, true_ctr = [], []
+        for j, candidate in enumerate(candidates):
+            if not isinstance(candidate, dict):
+                raise BadRequest(f"wrong_type:candidates[{j}]", "a candidate is an object")
+            item_id = candidate.get("item_id")
+            if type(item_id) is int:
+                item_id = str(item_id)
+            if type(item_id) is not str or not item_id:
+                raise BadRequest(f"missing_field:candidates[{j}].item_id",
+                                 "every candidate needs an item_id string")
+            features = _check_feature_values(f"candidates[{j}].features",
+                                             candidate.get("features"))
+            ctr = candidate.get("true_ctr")
+            if ctr is not None and (type(ctr) not in (int, float) or not 0 <= ctr <= 1):
+                raise BadRequest(f"wrong_type:candidates[{j}].true_ctr",
+                                 "true_ctr must be a probability")
+            merged = dict(context)
+            merged.update(features)
+            records.append({"request_id": f"{request_id}-{j}", "ts_ms": ts_ms,
+                            "user_id": user_id, "item_id": item_id, "features": merged})
+            true_ctr.append(None if ctr is None else float(ctr))
+        return records, true_ctr, top_k, request_id, ts_ms
+
+    def score(self, request) -> dict:
+        """The answer to one request (raises :class:`BadRequest`)."""
+        from transforms.batch import ExampleBatch
+        from transforms.features import ExtractError, extract
+        records, true_ctr, top_k, request_id, ts_ms = self.parse(request)
+        n = len(records)
+        fids, lengths = [], np.empty(n, np.int64)
+        dense = np.empty((n, self.spec.dense_dim), np.float32)
+        for j, record in enumerate(records):
+            try:
+                out = extract(record, self.config)
+            except ExtractError as e:
+                raise BadRequest(f"{e.reason}", f"candidate {j}: {e.detail}") from None
+            fids.extend(out["fids"])
+            lengths[j] = len(out["fids"])
+            dense[j] = out["dense"]
+        # Only a request that can be scored moves the service's event time.
+        clamped = self._event_time(ts_ms)
+        if clamped != ts_ms:
+            ts_ms = clamped
+            for record in records:
+                record["ts_ms"] = ts_ms
+        row_splits = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=row_splits[1:])
+        batch = ExampleBatch(
+            fids=np.array(fids, dtype=np.uint64), row_splits=row_splits, dense=dense,
+            label=np.zeros(n, np.float32), weight=np.ones(n, np.float32),
+            ts_ms=np.full(n, ts_ms, np.int64), true_ctr=np.full(n, np.nan, np.float32))
+        index = self.model.index(batch)
+        rows, found, fresh = self._read_rows(index.keys)
+        gathered = self.model.gather(batch, {self.spec.table: (index.keys, rows)}, index)
+        occurrences = np.stack([gathered.row_of_occurrence, gathered.segment])
+        dense_model = self.dense  # one model for the whole request, even if one is loading
+        logits = np.asarray(dense_model.logits(rows, occurrences, dense), np.float64)
+        if self.correction_rate != 1.0:
+            from transforms.joiner import log_odds_correction
+            logits = log_odds_correction(logits, self.correction_rate)
+        scores = 1.0 / (1.0 + np.exp(-logits))
+        order = np.argsort(-scores, kind="stable")
+        if top_k is not None:
+            order = order[:top_k]
+        served = order.tolist()
+        score_list = scores.tolist()
+        if self.feature_log is not None:
+            log = []
+            for j in served:
+                r = records[j]
+                log.append({**r, "served_score": score_list[j], "true_ctr": true_ctr[j]})
+            self.feature_log.append(log, ts_ms)
+        self._count("requests")
+        self._count("candidates", n)
+        self._count("served", len(served))
+        return {"request_id": request_id, "ts_ms": ts_ms,
+                "items": [{"item_id": records[j]["item_id"],
+                           "request_id": records[j]["request_id"],
+                           "score": score_list[j]} for j in served],
+                "params": self.params_info(ts_ms, fresh, int(found.sum()), len(found))}
+
+    def params_info(self, ts_ms: int, fresh: bool = True, rows_found: int = 0,
+                    rows_read: int = 0) -> dict:
+        """How old the parameters are: event time of the model and of the sparse rows
+        (the oldest shard's last publish) before ``ts_ms``, and wall seconds since then."""
+        sync = self._sync
+        # shards that have applied nothing yet (event time 0) say nothing about age
+        sparse = [v for k, v in sync.items()
+                  if k.startswith("sparse/") and v.get("ts_ms", 0) > 0]
+        sparse_ts = min((v.get("ts_ms", 0) for v in sparse), default=None)
+        sparse_wall = min((v.get("wall_time", 0) for v in sparse), default=None)
+        return {"model_version": self.model_version, "model_ts_ms": self.model_ts_ms,
+                "dense_age_ms": None if self.model_ts_ms is None else ts_ms - self.model_ts_ms,
+                "sparse_ts_ms": sparse_ts,
+                "sparse_age_ms": None if sparse_ts is None else ts_ms - sparse_ts,
+                "sparse_wall_age_s": None if sparse_wall is None
+                else round(time.time() - sparse_wall, 3),
+                "store": "ok" if fresh else "unavailable",
+                "rows_found": rows_found, "rows_read": rows_read}
+
+    def health(self) -> dict:
+        return {"status": "ok", "model_version": self.model_version,
+                "model_ts_ms": self.model_ts_ms, "model_path": self.model_path,
+                "store": "ok" if self._store_ok else "unavailable",
+                "sync": self._sync, "event_time_ms": self._last_ts}
+
+
+def _warmed_up(dense_model, spec):
+    """Run a model once on one example (TensorFlow optimises a graph at its first call)."""
+    rows = np.zeros((1, spec.width), np.float32)
+    occurrences = np.zeros((2, 1), np.int32)
+    dense_model.logits(rows, occurrences, np.zeros((1, spec.dense_dim), np.float32))
+    return dense_model
+
+
+def _with_timeouts(url: str) -> str:
+    """A redis URL with short socket timeouts (unless given): a hung store must not hang
+    requests; serving falls back to the rows it read before."""
+    if not url.startswith(("redis://", "rediss://")):
+        return url
+    for name, value in (("socket_timeout", "0.5"), ("socket_connect_timeout", "0.5")):
+        if f"{name}=" not in url:
+            url += ("&" if "?" in url else "?") + f"{name}={value}"
+    return url
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: no TCP handshake per request
+    server_version = "beam-monolith-serve/1"
+
+    def log_message(self, fmt, *args):  # one line per request would be the bottleneck
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, reason: str, detail: str) -> None:
+        self.server.scorer._count(f"http_{status}")
+        self._send(status, {"error": reason, "detail": detail})
+
+    def do_GET(self):
+        scorer = self.server.scorer
+        if self.path == "/healthz":
+            self._send(200, scorer.health())
+        elif self.path == "/stats":
+            with scorer._counter_lock:
+                counters = dict(scorer.counters)
+            log = scorer.feature_log
+            if log is not None:
+                counters.update(feature_log_records=log.records, feature_log_files=log.files,
+                                feature_log_late=log.late, feature_log_errors=log.errors)
+            self._send(200, counters)
+        else:
+            self._error(404, "not_found", f"no such path {self.path!r}: POST /score, "
+                                          f"GET /healthz, GET /stats, POST /flush")
+
+    def do_POST(self):
+        scorer = self.server.scorer
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            return self._error(411, "length_required", "send a Content-Length")
+        length = int(length)
+        if length > MAX_BODY:
+            self.close_connection = True
+            return self._error(413, "too_large", f"body of {length} bytes > {MAX_BODY}")
+        body = self.rfile.read(length)
+        if self.path == "/flush":
+            if scorer.feature_log is not None:
+                scorer.feature_log.close()
+            return self._send(200, {"flushed": scorer.feature_log is not None})
+        if self.path != "/score":
+            return self._error(404, "not_found", f"no such path {self.path!r}")
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return self._error(400, "bad_json", str(e)[:300])
+        try:
+            answer = scorer.score(request)
+        except BadRequest as e:
+            return self._error(400, e.reason, e.detail)
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the service
+            _LOG.exception("serve: scoring failed")
+            return self._error(500, "internal_error", f"{type(e).__name__}: {e}"[:300])
+        self._send(200, answer)
+
+
+class Server:
+    """The HTTP service around a :class:`Scorer`; ``start()`` serves in background threads.
+
+        server = Server(scorer, port=0).start()   # port 0: any free port
+        server.url                                # http://127.0.0.1:PORT
+        server.stop()
+    """
+
+    def __init__(self, scorer: Scorer, host: str = "127.0.0.1", port: int = 0,
+                 poll_s: float = 1.0):
+        self.scorer = scorer
+        self.httpd = ThreadingHTTPServer((host, port), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.scorer = scorer
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._threads: list = []
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def _refresh_loop(self):
+        while not self._stop.is_set():
+            try:
+                self.scorer.refresh()
+            except Exception:  # noqa: BLE001
+                _LOG.exception("serve: refresh failed")
+            self._stop.wait(self.poll_s)
+
+    def start(self) -> "Server":
+        self.scorer.refresh()
+        for target, name in ((self.httpd.serve_forever, "http"),
+                             (self._refresh_loop, "refresh")):
+            t = threading.Thread(target=target, name=f"serve-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self.scorer.feature_log is not None:
+            self.scorer.feature_log.close()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dataflow.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True,
+                   help="ParameterStore URL (redis://HOST:PORT/DB; memory://NAME only in-process)")
+    p.add_argument("--model", dest="model_dir", default=None,
+                   help="model directory that training exports SavedModels into "
+                        "(dataflow.train --model_dir); the newest is loaded")
+    p.add_argument("--config", required=True, help="feature config (YAML path or name)")
+    p.add_argument("--model_kind", default="deepfm", choices=["lr", "fm", "deepfm"],
+                   help="the model training trains (dataflow.train --model)")
+    p.add_argument("--seed", type=int, default=0, help="dataflow.train --seed (initial weights)")
+    p.add_argument("--num_shards", type=int, default=2, help="dataflow.train --num_shards")
+    p.add_argument("--feature_log", default=None, help="folder of the feature log")
+    p.add_argument("--roll_s", type=float, default=60.0,
+                   help="event-time seconds per feature log file")
+    p.add_argument("--score_correction_rate", type=float, default=1.0,
+                   help="add log(rate) to every logit: the joiner's --negative_sample_rate "
+                        "for a model trained on sampled negatives without their sample "
+                        "weights (dataflow.train weighs its loss by them: leave it 1)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8500, help="0: any free port")
+    p.add_argument("--port_file", default=None,
+                   help="write the URL served here (useful with --port 0)")
+    p.add_argument("--poll_s", type=float, default=1.0,
+                   help="how often to look for a newer model and the store's sync records")
+    p.add_argument("--store_retry_s", type=float, default=1.0,
+                   help="after a store error, serve from the local copy this long")
+    p.add_argument("--max_candidates", type=int, default=2000)
+    return p
+
+
+def build_scorer(args) -> Scorer:
+    from dataflow.train import model_spec
+    from schemas.feature_config import load_feature_config
+    config = load_feature_config(args.config)
+    spec = model_spec(config, args.model_kind, args.seed)
+    log = RollingAvroLog(args.feature_log, "feature_log", args.roll_s) \
+        if args.feature_log else None
+    return Scorer(config, spec, args.store, args.num_shards, args.model_dir,
+                  args.score_correction_rate, log, args.store_retry_s, args.max_candidates)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        scorer = build_scorer(args)
+        server = Server(scorer, args.host, args.port, args.poll_s).start()
+    except (ValueError, OSError) as e:
+        print(f"serve: {e}", file=sys.stderr)
+        return 2
+    if args.port_file:
+        tmp = f"{args.port_file}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(server.url)
+        os.replace(tmp, args.port_file)
+    print(f"serving on {server.url} (store {args.store}, models {args.model_dir})", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    log = scorer.feature_log
+    print(f"serve: stopped; {scorer.counters['requests']} requests"
+          + (f", {log.records} records in {log.files} feature log files" if log else ""),
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    sys.exit(main())
