@@ -161,6 +161,7 @@ class SynthParams:
     creators: int = 2_000
     start: str = "2024-01-01"     # UTC day the stream starts
     file_hours: int = 1
+    user_life_days: float = 0.0   # ID churn: each user is active this long (0: for ever)
 
     def __post_init__(self):
         for name in ("users", "items", "requests", "dim", "categories", "creators",
@@ -169,6 +170,8 @@ class SynthParams:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.days <= 0:
             raise ValueError(f"--days must be positive, got {self.days}")
+        if self.user_life_days < 0:
+            raise ValueError(f"--user_life_days must be >= 0, got {self.user_life_days}")
         if not 0 < self.ctr < 1:
             raise ValueError(f"--ctr must be in (0, 1), got {self.ctr}")
         try:
@@ -374,16 +377,25 @@ def generate_synthetic(params: SynthParams = SynthParams()) -> SyntheticLogs:
     hour_of_day = (np.arange(n_hours) + p.start_ms // HOUR_MS) % 24
     diurnal = 1 + 0.6 * np.sin(2 * np.pi * (hour_of_day - 9) / 24)   # busiest at 15:00
     per_hour = rng.multinomial(p.requests, diurnal / diurnal.sum())
-    ts_parts, item_parts = [], []
+    life_ms = int(p.user_life_days * DAY_MS)
+    if life_ms:  # ID churn: users join at uniform times and leave life_ms later
+        user_birth = rng.uniform(-life_ms, p.days * DAY_MS, p.users)
+    ts_parts, item_parts, user_parts = [], [], []
     for h, count in enumerate(per_hour):
         if not count:
             continue
         weight = world.item_weights(h * HOUR_MS)
         item_parts.append(rng.choice(p.items, size=count, p=weight / weight.sum()))
         ts_parts.append(np.sort(rng.integers(h * HOUR_MS, (h + 1) * HOUR_MS, size=count)))
+        if life_ms:  # only the users active at the hour's start
+            alive = world.activity * ((user_birth <= h * HOUR_MS)
+                                      & (h * HOUR_MS < user_birth + life_ms))
+            alive = alive if alive.sum() > 0 else world.activity
+            user_parts.append(rng.choice(p.users, size=count, p=alive / alive.sum()))
     ts_rel = np.concatenate(ts_parts)
     item = np.concatenate(item_parts)
-    user = rng.choice(p.users, size=p.requests, p=world.activity)
+    user = (np.concatenate(user_parts) if life_ms
+            else rng.choice(p.users, size=p.requests, p=world.activity))
     device = np.where(rng.random(p.requests) < 0.85, world.main_device[user],
                       rng.integers(0, 3, size=p.requests))
     network = rng.choice(3, size=p.requests, p=[0.6, 0.3, 0.1])
@@ -614,7 +626,9 @@ def _parser() -> argparse.ArgumentParser:
             ("drift", float, "radians per day each user's taste turns (0: stationary)"),
             ("categories", int, "item categories"), ("creators", int, "item creators"),
             ("start", str, "UTC start day YYYY-MM-DD"),
-            ("file_hours", int, "hours of event time per Avro file")]:
+            ("file_hours", int, "hours of event time per Avro file"),
+            ("user_life_days", float, "ID churn: days each user stays active, joining at a "
+                                      "uniform time (0: users never leave)")]:
         s.add_argument(f"--{name}", type=kind, default=getattr(d, name),
                        help=f"{text} (default {getattr(d, name)})")
     m = sub.add_parser("movielens", help="MovieLens-100K as a time-ordered stream")
