@@ -23,6 +23,21 @@ A ``source`` names a field of the FeatureLog's ``features`` map, or its top-leve
 values. ``bucketize`` turns a number into the index of its bucket (``x < b[0]`` is 0,
 ``b[i-1] <= x < b[i]`` is i), which is then the value hashed.
 
+Analysers (tensorflow-transform, computed over a backfill by ``python -m dataflow.analyze``):
+``bucketize: {quantiles: 8}`` asks for 8 buckets whose 7 boundaries are the backfill's
+quantiles of the field (``epsilon``, optional, is the sketch's error tolerance; TFT's
+default ``min(1/quantiles, 0.01)``), and ``normalize: z_score`` on a dense input subtracts
+the backfill's mean and divides by its standard deviation (after ``transform``). A config
+with analysers is applied with the transform output the analysis wrote
+(``transforms.features.Preprocessor``); its names must be letters, digits and ``_``, as they
+name tensors of the transform graph::
+
+    slots:
+      - {name: age, slot: 3, source: age, bucketize: {quantiles: 8}}
+    dense:
+      - {name: item_age, source: item_age_years, default: 0, transform: log1p,
+         normalize: z_score}
+
 >>> config = FeatureConfig.from_dict({"slots": [
 ...     {"name": "user", "slot": 1, "source": "user_id"},
 ...     {"name": "age", "slot": 2, "source": "age", "dim": 4,
@@ -39,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,11 +63,16 @@ import yaml
 from schemas.fid import MAX_SLOT
 
 __all__ = ["FeatureConfig", "SlotSpec", "DenseSpec", "FeatureConfigError", "CONFIG_DIR",
-           "load_feature_config"]
+           "CONFIG_FILE", "load_feature_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# The config a transform output directory was analysed with (python -m dataflow.analyze).
+CONFIG_FILE = "feature_config.yaml"
 MAX_THRESHOLD = 65535  # the PS filter's widest counter
+MAX_QUANTILES = 10_000
 DENSE_TRANSFORMS = ("identity", "log1p")
+DENSE_NORMALIZERS = ("z_score",)
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 class FeatureConfigError(ValueError):
@@ -74,10 +95,17 @@ class SlotSpec:
     expiry_seconds: float | None = None     # evict a row unseen this long (event time)
     boundaries: tuple[float, ...] | None = None  # bucketize a number by these
     optional: bool = False                  # missing field: no fid (else: dead letter)
+    quantiles: int | None = None            # bucketize by the analysis' quantiles (buckets)
+    epsilon: float | None = None            # their sketch's error tolerance (None: TFT's)
 
     @property
     def is_cross(self) -> bool:
         return len(self.fields) > 1
+
+    @property
+    def analysed(self) -> bool:
+        """Its boundaries come from the analysis (the transform output), not the config."""
+        return self.quantiles is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +115,11 @@ class DenseSpec:
     source: str
     default: float | None = None            # used when the field is missing; None: required
     transform: str = "identity"             # or log1p: sign(x) * log(1 + |x|)
+    normalize: str | None = None            # z_score: by the analysis' mean and variance
+
+    @property
+    def analysed(self) -> bool:
+        return self.normalize is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +144,11 @@ class FeatureConfig:
     def dense_names(self) -> list[str]:
         return [d.name for d in self.dense]
 
+    @property
+    def needs_analysis(self) -> bool:
+        """True if some slot or dense input needs a transform output (dataflow.analyze)."""
+        return any(s.analysed for s in self.slots) or any(d.analysed for d in self.dense)
+
     @classmethod
     def from_dict(cls, raw: Any) -> "FeatureConfig":
         """Validate a parsed config; raises :class:`FeatureConfigError` naming the entry."""
@@ -126,8 +164,11 @@ class FeatureConfig:
 
     @classmethod
     def load(cls, path_or_name: str | Path) -> "FeatureConfig":
-        """From a YAML (or JSON) file, or by name from ``schemas/configs/`` ("movielens")."""
+        """From a YAML (or JSON) file, by name from ``schemas/configs/`` ("movielens"), or
+        from a transform output directory (the config it was analysed with)."""
         path = Path(path_or_name)
+        if path.is_dir() and (path / CONFIG_FILE).is_file():
+            path = path / CONFIG_FILE
         if not path.is_file() and (CONFIG_DIR / f"{path_or_name}.yaml").is_file():
             path = CONFIG_DIR / f"{path_or_name}.yaml"
         if not path.is_file():
@@ -150,6 +191,10 @@ class FeatureConfig:
                  "expiry_seconds": s.expiry_seconds, "optional": s.optional}
             if s.boundaries is not None:
                 d["bucketize"] = {"boundaries": list(s.boundaries)}
+            elif s.quantiles is not None:
+                d["bucketize"] = {"quantiles": s.quantiles}
+                if s.epsilon is not None:
+                    d["bucketize"]["epsilon"] = s.epsilon
             slots.append(d)
         dense = [dataclasses.asdict(d) for d in self.dense]
         return {"version": 1, "max_list_length": self.max_list_length, "slots": slots,
@@ -167,7 +212,7 @@ def load_feature_config(path_or_name: str | Path) -> FeatureConfig:
 TOP_KEYS = ("version", "description", "max_list_length", "defaults", "slots", "dense")
 DEFAULT_KEYS = ("dim", "occurrence_threshold", "expiry_seconds", "optional")
 SLOT_KEYS = ("name", "slot", "source", "bucketize") + DEFAULT_KEYS
-DENSE_KEYS = ("name", "source", "default", "transform")
+DENSE_KEYS = ("name", "source", "default", "transform", "normalize")
 BUILTIN_DEFAULTS = {"dim": 8, "occurrence_threshold": 0, "expiry_seconds": None,
                     "optional": False}
 
@@ -230,8 +275,33 @@ def _policy(where: str, raw: Mapping, base: dict) -> dict:
     return out
 
 
+def _bucketize(where: str, raw: Any) -> dict:
+    """``{"boundaries": (...)}`` or ``{"quantiles": n, "epsilon": e or None}``."""
+    _check_keys(where, raw, ("boundaries", "quantiles", "epsilon"))
+    if ("boundaries" in raw) == ("quantiles" in raw):
+        raise FeatureConfigError(where, "give either 'boundaries' (fixed) or 'quantiles' "
+                                        "(a number of buckets from the analysis)")
+    if "boundaries" in raw:
+        if "epsilon" in raw:
+            raise FeatureConfigError(f"{where}.epsilon", "only applies to 'quantiles'")
+        return {"boundaries": _boundaries(where, raw)}
+    quantiles = _int(f"{where}.quantiles", raw["quantiles"], 2, MAX_QUANTILES)
+    epsilon = raw.get("epsilon")
+    if epsilon is not None:
+        epsilon = _number(f"{where}.epsilon", epsilon)
+        if not 0 < epsilon < 1:
+            raise FeatureConfigError(f"{where}.epsilon", f"must be in (0, 1), got {epsilon!r}")
+        epsilon = float(epsilon)
+    return {"quantiles": quantiles, "epsilon": epsilon}
+
+
+def _tensor_name(where: str, name: str) -> None:
+    if not _TENSOR_NAME.fullmatch(name):
+        raise FeatureConfigError(where, f"{name!r}: an analysed entry's name must be letters, "
+                                        "digits and '_' (it names a tensor of the transform)")
+
+
 def _boundaries(where: str, raw: Any) -> tuple[float, ...]:
-    _check_keys(where, raw, ("boundaries",), required=("boundaries",))
     bounds = raw["boundaries"]
     where = f"{where}.boundaries"
     if not isinstance(bounds, list) or not bounds:
@@ -260,13 +330,15 @@ def _slot(i: int, raw: Any, defaults: dict) -> SlotSpec:
             raise FeatureConfigError(f"{where}.source", f"a field repeats in {list(fields)}")
     else:
         fields = (_field_name(f"{where}.source", source),)
-    boundaries = None
+    bucketize = {}
     if raw.get("bucketize") is not None:
         if len(fields) > 1:
             raise FeatureConfigError(f"{where}.bucketize",
                                      "bucketize applies to a single-field slot, not a cross")
-        boundaries = _boundaries(f"{where}.bucketize", raw["bucketize"])
-    return SlotSpec(name=name, slot=slot, fields=fields, boundaries=boundaries,
+        bucketize = _bucketize(f"{where}.bucketize", raw["bucketize"])
+        if "quantiles" in bucketize:
+            _tensor_name(f"{where}.name", name)
+    return SlotSpec(name=name, slot=slot, fields=fields, **bucketize,
                     **_policy(where, raw, defaults))
 
 
@@ -282,9 +354,15 @@ def _dense(i: int, raw: Any) -> DenseSpec:
     if transform not in DENSE_TRANSFORMS:
         raise FeatureConfigError(f"{where}.transform",
                                  f"{transform!r} is not one of {list(DENSE_TRANSFORMS)}")
-    return DenseSpec(name=_field_name(f"{where}.name", raw["name"]),
-                     source=_field_name(f"{where}.source", raw["source"]),
-                     default=default, transform=transform)
+    name = _field_name(f"{where}.name", raw["name"])
+    normalize = raw.get("normalize")
+    if normalize is not None:
+        if normalize not in DENSE_NORMALIZERS:
+            raise FeatureConfigError(f"{where}.normalize", f"{normalize!r} is not one of "
+                                                           f"{list(DENSE_NORMALIZERS)} or null")
+        _tensor_name(f"{where}.name", name)
+    return DenseSpec(name=name, source=_field_name(f"{where}.source", raw["source"]),
+                     default=default, transform=transform, normalize=normalize)
 
 
 def _unique(kind: str, items, key, what: str) -> None:

@@ -4,6 +4,14 @@
 training and serving make the same fids); :class:`ExtractFeatures` is the PTransform that
 runs it on a PCollection and routes what it cannot parse to a ``dead_letter`` output.
 
+A config with analysers (quantile buckets, z-scores: ``transforms/preprocess.py``) needs the
+transform output that ``python -m dataflow.analyze`` wrote; :class:`Preprocessor` is then the
+one entry point, for a batch of records, that the pipelines and serving share::
+
+    pre = Preprocessor.load("out/transform")     # its config and transform
+    results = pre(records)                       # per record: output dict or ExtractError
+    features, dead = logs | ExtractFeatures("out/transform")   # the same, in Beam
+
 >>> from schemas.feature_config import FeatureConfig
 >>> config = FeatureConfig.from_dict({"slots": [
 ...     {"name": "user", "slot": 1, "source": "user_id"},
@@ -36,23 +44,41 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import os
 from typing import Any, Mapping
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from schemas.feature_config import FeatureConfig, SlotSpec
+from apache_beam.utils.windowed_value import WindowedValue
+
+from schemas.feature_config import CONFIG_FILE, FeatureConfig, FeatureConfigError, SlotSpec
 from schemas.fid import HASH_BITS, _hash_text, hash48
 
-__all__ = ["extract", "ExtractError", "ExtractFeatures", "FeatureExtractor", "DEAD_LETTER",
-           "OUTPUT_KEYS"]
+__all__ = ["extract", "ExtractError", "ExtractFeatures", "FeatureExtractor", "Preprocessor",
+           "TransformRequiredError", "DEAD_LETTER", "OUTPUT_KEYS"]
 
 DEAD_LETTER = "dead_letter"
 OUTPUT_KEYS = ("request_id", "ts_ms", "user_id", "item_id", "fids", "dense", "served_score",
                "true_ctr")
 CROSS_SEPARATOR = "\x1f"  # ASCII unit separator: no field value of ours contains it
 _MAX_REPR = 2000
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+PLACEHOLDER_FID = -1  # where an analysed slot's fid goes until its bucket is known
+
+
+class TransformRequiredError(FeatureConfigError):
+    """A config with analysers used without the transform output they need."""
+
+
+def _needs_transform(config: FeatureConfig) -> TransformRequiredError:
+    names = [s.name for s in config.slots if s.analysed] + \
+        [d.name for d in config.dense if d.analysed]
+    return TransformRequiredError("", f"the config analyses {names} (quantile buckets or "
+                                      "z-scores): give the transform output of python -m "
+                                      "dataflow.analyze (Preprocessor.load(DIR), "
+                                      "ExtractFeatures(DIR) or --config DIR)")
 
 
 class ExtractError(ValueError):
@@ -99,7 +125,7 @@ def _text(field: str, v) -> str:
 class _Slot:
     """A slot compiled for the per-record loop."""
     __slots__ = ("name", "high", "fields", "field", "plain", "is_cross", "boundaries",
-                 "bucket_fids", "optional")
+                 "bucket_fids", "optional", "analysed", "analysed_k")
 
     def __init__(self, spec: SlotSpec):
         self.name = spec.name
@@ -107,7 +133,9 @@ class _Slot:
         self.fields = spec.fields
         self.field = spec.fields[0]
         self.is_cross = spec.is_cross
-        self.plain = not spec.is_cross and spec.boundaries is None
+        self.analysed = spec.analysed  # bucketized by the transform's quantiles
+        self.analysed_k = None         # its index among the analysed slots
+        self.plain = not spec.is_cross and spec.boundaries is None and not spec.analysed
         self.optional = spec.optional
         self.boundaries = list(spec.boundaries) if spec.boundaries is not None else None
         # Bucket indices are few: their fids are computed once, not per record.
@@ -116,15 +144,45 @@ class _Slot:
 
 
 class FeatureExtractor:
-    """``extractor(record) -> dict`` for one config, compiled once (see :func:`extract`)."""
+    """``extractor(record) -> dict`` for one config, compiled once (see :func:`extract`).
+
+    A config with analysers cannot be extracted record by record without its transform
+    (:class:`Preprocessor` applies it); :meth:`parse` gives what is known before it.
+    """
 
     def __init__(self, config: FeatureConfig):
         self.config = config
         self.slots = [_Slot(s) for s in config.slots]
         self.dense = [(d.source, d.default, d.transform == "log1p") for d in config.dense]
         self.max_list = config.max_list_length
+        self.analysed_slots = [s for s in self.slots if s.analysed]
+        for k, slot in enumerate(self.analysed_slots):
+            slot.analysed_k = k
+        self.normalized = [j for j, d in enumerate(config.dense) if d.analysed]
+        self.needs_transform = config.needs_analysis
 
     def __call__(self, record: Any) -> dict:
+        if self.needs_transform:
+            raise _needs_transform(self.config)
+        return self._parse(record, None)
+
+    def parse(self, record: Any) -> tuple[dict, list | None]:
+        """``(output, pending)`` before the transform: an analysed slot's fid is
+        ``PLACEHOLDER_FID`` and ``pending`` holds ``(k, position in fids, value)`` for it
+        (``k``: its index among the analysed slots); normalised dense values are raw (after
+        the config's ``transform``). ``pending`` is None for configs without analysers."""
+        pending = [] if self.needs_transform else None
+        out = self._parse(record, pending)
+        if self.normalized:
+            dense = out["dense"]
+            for j in self.normalized:
+                if abs(dense[j]) > _FLOAT32_MAX:
+                    source = self.config.dense[j].source
+                    raise ExtractError(f"not_finite:{source}", f"{dense[j]!r} overflows "
+                                       "float32, the transform's input type")
+        return out, pending
+
+    def _parse(self, record: Any, pending: list | None) -> dict:
         if type(record) is not dict and not isinstance(record, Mapping):
             raise ExtractError("not_a_record",
                                f"expected a FeatureLog dict, got {type(record).__name__}")
@@ -159,6 +217,8 @@ class FeatureExtractor:
                 self._single(slot, value, fids)
             elif slot.is_cross:
                 self._cross(slot, fields, fids)
+            elif slot.analysed:
+                self._analysed(slot, fields.get(slot.field), fids, pending)
             else:
                 self._single(slot, fields.get(slot.field), fids)
         dense = [self._dense(source, default, log1p, fields)
@@ -206,6 +266,20 @@ class FeatureExtractor:
         else:
             fids.append(slot.high | _hash_text(_text(field, value)))
 
+    def _analysed(self, slot: _Slot, value, fids: list, pending: list) -> None:
+        field = slot.field
+        if value is None:
+            if slot.optional:
+                return
+            raise ExtractError(f"missing_field:{field}",
+                               f"slot {slot.name!r} needs field {field!r}")
+        value = _finite(field, value)
+        if abs(value) > _FLOAT32_MAX:
+            raise ExtractError(f"not_finite:{field}",
+                               f"{value!r} overflows float32, the transform's input type")
+        pending.append((slot.analysed_k, len(fids), value))
+        fids.append(PLACEHOLDER_FID)
+
     def _cross(self, slot: _Slot, fields, fids: list) -> None:
         parts = []
         for field in slot.fields:
@@ -248,7 +322,8 @@ _EXTRACTORS: dict = {}
 def extract(record: Any, config: FeatureConfig) -> dict:
     """One FeatureLog record → its output dict (module docstring); raises :class:`ExtractError`.
 
-    The config is compiled on first use and the compiled form kept for the next calls.
+    The config is compiled on first use and the compiled form kept for the next calls. A
+    config with analysers raises :class:`TransformRequiredError`: use :class:`Preprocessor`.
     """
     cached = _EXTRACTORS.get(id(config))
     if cached is None or cached.config is not config:
@@ -256,6 +331,110 @@ def extract(record: Any, config: FeatureConfig) -> dict:
             _EXTRACTORS.clear()
         cached = _EXTRACTORS[id(config)] = FeatureExtractor(config)
     return cached(record)
+
+
+class Preprocessor:
+    """A batch of FeatureLog records → their outputs, with the saved transform applied.
+
+    The one entry point that extraction in the pipelines (:class:`ExtractFeatures`) and
+    serving share, so both make the same fids and dense values. Each result is the output
+    dict of :func:`extract` or the :class:`ExtractError` that rejects the record. The
+    transform (``transforms.preprocess.FittedTransform``) is applied with NumPy, once per
+    batch: an analysed slot's bucket becomes its fid (``slot << 48 | hash48(bucket)``, as a
+    fixed ``bucketize``), a normalised dense value its z-score (float32).
+
+    ``transform`` is required when the config has analysers, and must have been analysed
+    for it. :meth:`load` takes both from a transform output directory.
+
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "user", "slot": 1, "source": "user_id"}]})
+    >>> good = {"request_id": "r1", "ts_ms": 5, "user_id": "u1", "item_id": "i1"}
+    >>> [type(r).__name__ for r in Preprocessor(config)([good, {"ts_ms": 5}])]
+    ['dict', 'ExtractError']
+    """
+
+    def __init__(self, config: FeatureConfig, transform=None):
+        self.config = config
+        self.extractor = FeatureExtractor(config)
+        if transform is None and config.needs_analysis:
+            raise _needs_transform(config)
+        if transform is not None:
+            transform.check(config)
+        self.transform = transform
+        # (slot name, fid of every bucket index) per analysed slot: few, computed once.
+        self.buckets = [] if transform is None else [
+            (slot.name, np.array([slot.high | hash48(i) for i in
+                                  range(len(transform.boundaries[slot.name]) + 1)], np.int64))
+            for slot in self.extractor.analysed_slots]
+        self.normalized = [(j, config.dense[j].name, config.dense[j].source)
+                           for j in self.extractor.normalized]
+
+    @classmethod
+    def load(cls, directory) -> "Preprocessor":
+        """The config and transform that ``python -m dataflow.analyze --out DIR`` wrote."""
+        from transforms.preprocess import FittedTransform  # it imports this module
+        return cls(FeatureConfig.load(directory), FittedTransform.load(directory))
+
+    def __call__(self, records) -> list:
+        extractor = self.extractor
+        results: list = []
+        append = results.append
+        if not extractor.needs_transform:
+            for record in records:
+                try:
+                    append(extractor(record))
+                except ExtractError as e:
+                    append(e)
+            return results
+        parse = extractor.parse
+        ok: list = []                                   # (index in results, output)
+        fid_lists, positions, slot_ks, values = [], [], [], []
+        for record in records:
+            try:
+                out, pending = parse(record)
+            except ExtractError as e:
+                append(e)
+                continue
+            ok.append((len(results), out))
+            append(out)
+            fids = out["fids"]
+            for k, position, value in pending:
+                fid_lists.append(fids)
+                positions.append(position)
+                slot_ks.append(k)
+                values.append(value)
+        if values:
+            self._bucketize(fid_lists, positions, np.array(slot_ks),
+                            np.array(values, np.float32))
+        if self.normalized and ok:
+            self._normalize(ok, results)
+        return results
+
+    def _bucketize(self, fid_lists, positions, slot_ks, values) -> None:
+        if len(self.buckets) == 1:
+            name, bucket_fids = self.buckets[0]
+            fids = bucket_fids[self.transform.bucketize(name, values)]
+        else:
+            fids = np.empty(len(values), np.int64)
+            for k, (name, bucket_fids) in enumerate(self.buckets):
+                mine = slot_ks == k
+                fids[mine] = bucket_fids[self.transform.bucketize(name, values[mine])]
+        for fid_list, position, fid in zip(fid_lists, positions, fids.tolist()):
+            fid_list[position] = fid
+
+    def _normalize(self, ok, results) -> None:
+        dense = np.array([out["dense"] for _, out in ok], np.float64)
+        for j, name, source in self.normalized:
+            z = self.transform.normalize(name, dense[:, j].astype(np.float32))
+            finite = np.isfinite(z)
+            for (_, out), value in zip(ok, z.tolist()):
+                out["dense"][j] = value
+            if not finite.all():  # only with a variance so small that z overflows float32
+                for i in np.flatnonzero(~finite).tolist():
+                    index = ok[i][0]
+                    results[index] = ExtractError(
+                        f"not_finite:{source}", f"the z-score of {dense[i, j]!r} by dense "
+                        f"input {name!r}'s mean and variance overflows float32")
 
 
 def dead_letter(record: Any, reason: str, detail: str) -> dict:
@@ -298,19 +477,93 @@ class ExtractFeaturesFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(record, reason, detail))
 
 
+class ExtractBatchesFn(ExtractFeaturesFn):
+    """Runs :class:`Preprocessor` on batches of ``batch_size`` records of a bundle (the rest
+    at the bundle's end); each output keeps its record's timestamp and window."""
+
+    def __init__(self, config: FeatureConfig, transform, batch_size: int):
+        super().__init__(config)
+        self.transform = transform
+        self.batch_size = batch_size
+        self.buffer: list = []
+
+    def setup(self):
+        super().setup()
+        self.preprocessor = Preprocessor(self.config, self.transform)
+
+    def start_bundle(self):
+        self.buffer = []
+
+    def process(self, record, timestamp=beam.DoFn.TimestampParam,
+                window=beam.DoFn.WindowParam):
+        self.buffer.append((record, timestamp, window))
+        if len(self.buffer) >= self.batch_size:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        yield from self._flush()
+
+    def _flush(self):
+        batch, self.buffer = self.buffer, []
+        if not batch:
+            return
+        try:
+            results = self.preprocessor([record for record, _, _ in batch])
+        except Exception:  # noqa: BLE001 - find the record that broke it, keep the others
+            results = [self._one(record) for record, _, _ in batch]
+        for (record, timestamp, window), out in zip(batch, results):
+            if isinstance(out, ExtractError):
+                reason, detail = out.reason, out.detail
+            elif isinstance(out, Exception):
+                reason, detail = f"unexpected_error:{type(out).__name__}", str(out)
+            else:
+                self.extracted.inc()
+                yield WindowedValue(out, timestamp, (window,))
+                continue
+            self._count(reason)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, WindowedValue(
+                dead_letter(record, reason, detail), timestamp, (window,)))
+
+    def _one(self, record):
+        try:
+            return self.preprocessor([record])[0]
+        except Exception as e:  # noqa: BLE001
+            return e
+
+
 class ExtractFeatures(beam.PTransform):
     """FeatureLog dicts → feature dicts (main output) and ``dead_letter`` dicts.
 
-    ``config``: a :class:`FeatureConfig`, a YAML path or a config name ("movielens").
+    ``config``: a :class:`FeatureConfig`, a YAML path, a config name ("movielens"), or a
+    transform output directory of ``python -m dataflow.analyze`` (its config and transform).
+    ``transform``: for a config with analysers, a ``FittedTransform`` or the directory to
+    load it from; :class:`Preprocessor` then applies it to ``batch_size`` records at a time.
 
         features, dead = logs | ExtractFeatures("synthetic")
+        features, dead = logs | ExtractFeatures("out/transform")    # analysed config
         # or: out = logs | ExtractFeatures(config); out.features, out.dead_letter
     """
 
-    def __init__(self, config: FeatureConfig | str):
+    def __init__(self, config: FeatureConfig | str, transform=None, batch_size: int = 256):
         super().__init__()
-        self.config = config if isinstance(config, FeatureConfig) else FeatureConfig.load(config)
+        directory = None
+        if not isinstance(config, FeatureConfig):
+            if os.path.isdir(config) and os.path.isfile(os.path.join(config, CONFIG_FILE)):
+                directory = config
+            config = FeatureConfig.load(config)
+        if transform is None and directory is not None and config.needs_analysis:
+            transform = directory
+        if isinstance(transform, (str, os.PathLike)):
+            from transforms.preprocess import FittedTransform  # it imports this module
+            transform = FittedTransform.load(transform)
+        self.config = config
+        self.transform = transform
+        self.batch_size = batch_size
+        Preprocessor(config, transform)  # refuse a missing or mismatched transform now
 
     def expand(self, records):
-        return records | "Extract" >> beam.ParDo(ExtractFeaturesFn(self.config)).with_outputs(
-            DEAD_LETTER, main="features")
+        if self.transform is None:
+            fn = ExtractFeaturesFn(self.config)
+        else:
+            fn = ExtractBatchesFn(self.config, self.transform, self.batch_size)
+        return records | "Extract" >> beam.ParDo(fn).with_outputs(DEAD_LETTER, main="features")

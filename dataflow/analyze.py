@@ -1,0 +1,127 @@
+"""Analysis pipeline: feature logs of a backfill → the tensorflow-transform output that
+extraction (streaming pipelines) and serving apply, so that they never skew.
+
+    python -m dataflow.analyze --input 'out/synth/feature_log/*.avro' \\
+        --config synthetic_tft --out out/transform [--runner=FlinkRunner --flink_master=[local]]
+    python -m dataflow join --config out/transform ...      # extraction with the transform
+
+The config's analysers (``bucketize: {quantiles: N}``, ``normalize: z_score``; see
+``schemas/feature_config.py``) run as TFT analysers over every record that extraction accepts
+(``transforms/preprocess.py``)::
+
+    feature logs ─► ReadFeatureLogs ─► AnalyzeFeatureLogs ──► DIR/transform_fn/, transformed_metadata/
+                                          │ (TFT AnalyzeDataset)
+                                          └─ dead letters ──► DIR/dead_letter/
+
+then the driver reads the results out of the graph and writes ``DIR/summary.json`` (bucket
+boundaries, means, variances, counts, minima and maxima; what extraction applies) and
+``DIR/feature_config.yaml`` (the config analysed). ``DIR`` must be new or empty: a transform
+is never mixed with another run's files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+
+from dataflow.job import metrics_dict, run_job
+from dataflow.options import MonolithOptions, pipeline_options
+from schemas.feature_config import FeatureConfig
+
+_LOG = logging.getLogger(__name__)
+
+
+class AnalyzeOptions(MonolithOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", help="glob of feature log Avro files of the backfill "
+                                            "(schemas/feature_log.avsc)")
+        parser.add_argument("--config", help="feature config with analysers (YAML path or a "
+                                             "name in schemas/configs)")
+        parser.add_argument("--out", help="transform output directory (new or empty)")
+        parser.add_argument("--temp_dir", default=None,
+                            help="TFT's scratch directory, reachable by the workers "
+                                 "(default: OUT/tmp, removed afterwards)")
+        parser.add_argument("--analysis_batch_size", type=int, default=1000,
+                            help="records per Arrow batch fed to TFT's analysers")
+
+
+class AnalysisError(RuntimeError):
+    """The analysis ran but its result cannot be used (e.g. a field had no values)."""
+
+
+def build(pipeline, opts, config: FeatureConfig, temp_dir: str) -> None:
+    from dataflow.join import WriteEventTimeFiles
+    from transforms.preprocess import AnalyzeFeatureLogs
+    from transforms.sources import ReadFeatureLogs
+
+    dead = (pipeline
+            | "ReadFeatureLogs" >> ReadFeatureLogs(opts.input)
+            | "Analyze" >> AnalyzeFeatureLogs(config, opts.out, temp_dir,
+                                              opts.analysis_batch_size))
+    dead | "WriteDeadLetter" >> WriteEventTimeFiles(os.path.join(opts.out, "dead_letter"))
+
+
+def finish(out: str, config: FeatureConfig, input_glob: str, metrics: dict):
+    """Read the results out of the written graph; write summary.json and the config."""
+    from transforms.preprocess import FittedTransform, write_analysed_config
+
+    fitted = FittedTransform.from_transform_graph(out, config)
+    summary = fitted.summary
+    empty = [f"slot {n!r} (field {s['source']!r})" for n, s in summary["slots"].items()
+             if not s["count"]]
+    empty += [f"dense {n!r} (field {d['source']!r})" for n, d in summary["dense"].items()
+              if not d["count"]]
+    if empty:
+        raise AnalysisError(f"no values to analyse for {', '.join(empty)} in "
+                            f"{summary['records']} records of {input_glob}; {out} is not "
+                            "usable (no summary.json)")
+    dead = {k.split(".", 1)[1]: v for k, v in metrics["counters"].items()
+            if k.startswith("analyze.") and k != "analyze.records" and v}
+    fitted.save(out, input=input_glob, dead_letters=dead)
+    write_analysed_config(config, out)
+    return fitted
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    options = pipeline_options(argv, AnalyzeOptions)
+    opts = options.view_as(AnalyzeOptions)
+    if not opts.input or not opts.config or not opts.out:
+        raise SystemExit("analyze: --input, --config and --out are required (see --help)")
+    config = FeatureConfig.load(opts.config)
+    if not config.needs_analysis:
+        raise SystemExit(f"analyze: config {opts.config!r} asks for no analysers "
+                         "(bucketize: {quantiles: N} or normalize: z_score)")
+    if os.path.isdir(opts.out) and os.listdir(opts.out):
+        raise SystemExit(f"analyze: {opts.out} is not empty; give a new --out")
+    os.makedirs(opts.out, exist_ok=True)
+    temp_dir = opts.temp_dir or os.path.join(opts.out, "tmp")
+    result = run_job(lambda p: build(p, opts, config, temp_dir), options)
+    if not opts.temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    fitted = finish(opts.out, config, opts.input, metrics_dict(result))
+    _LOG.info("transform written to %s:\n%s", opts.out, describe(fitted.summary))
+    return fitted
+
+
+def describe(summary: dict) -> str:
+    """A few readable lines: boundaries per slot, mean ± std per dense input."""
+    lines = [f"{summary['records']} records analysed"]
+    for name, s in summary["slots"].items():
+        lines.append(f"  slot {name} ({s['source']}): {len(s['boundaries']) + 1} buckets, "
+                     f"boundaries {json.dumps(s['boundaries'])} over {s['count']} values "
+                     f"in [{s['min']}, {s['max']}]")
+    for name, d in summary["dense"].items():
+        lines.append(f"  dense {name} ({d['source']}, {d['transform']}): mean {d['mean']:.6g}"
+                     f", std {d['std']:.6g} over {d['count']} values")
+    return "\n".join(lines)
+
+
+OPTIONS = [AnalyzeOptions]
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main()
