@@ -19,6 +19,7 @@ PIPELINES = {
     "smoke": ("dataflow.smoke", "Avro events -> keyed state + event-time timers -> JSON lines"),
     "train": ("dataflow.train", "train {backfill,online}: worker -> sharded PS -> store, online AUC"),
     "join": ("dataflow.join", "feature records + actions -> example log (Avro, event-time order)"),
+    "analyze": ("dataflow.analyze", "feature logs -> TFT transform (quantile buckets, z-scores)"),
 }
 
 BEAM_OPTION_GROUPS = [StandardOptions, DirectOptions, PortableOptions, FlinkRunnerOptions]
