@@ -111,7 +111,7 @@ def _spec(config: FeatureConfig) -> dict:
 
 # --------------------------------------------------------------------------- the numbers
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FittedTransform:
     """The analysers' results, applied with NumPy exactly as the transform graph applies them.
 
@@ -124,6 +124,14 @@ class FittedTransform:
     var: Mapping[str, np.float32]
     summary: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, FittedTransform):
+            return NotImplemented
+        return (self.mean == other.mean and self.var == other.var
+                and self.boundaries.keys() == other.boundaries.keys()
+                and all(np.array_equal(b, other.boundaries[k])
+                        for k, b in self.boundaries.items()))
+
     def bucketize(self, slot: str, values: np.ndarray) -> np.ndarray:
         """float32 values → bucket indices (int64): ``b[i-1] <= x < b[i]`` is i, as
         ``tft.apply_buckets`` (a sorted search on the right side)."""
@@ -134,7 +142,10 @@ class FittedTransform:
         """float32 values → ``(x - mean) / sqrt(var)`` in float32 (``x - mean`` if var is 0)."""
         centred = values.astype(np.float32, copy=False) - self.mean[name]
         std = np.sqrt(self.var[name])
-        return centred / std if std != 0 else centred
+        if std == 0:
+            return centred
+        with np.errstate(over="ignore"):  # inf where float32 overflows: the caller rejects it
+            return centred / std
 
     # ----------------------------------------------------------------- files
 
