@@ -20,7 +20,6 @@ is never mixed with another run's files.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -111,9 +110,10 @@ def describe(summary: dict) -> str:
     """A few readable lines: boundaries per slot, mean ± std per dense input."""
     lines = [f"{summary['records']} records analysed"]
     for name, s in summary["slots"].items():
+        bounds = ", ".join(f"{b:.7g}" for b in s["boundaries"])  # float32: 7 digits
         lines.append(f"  slot {name} ({s['source']}): {len(s['boundaries']) + 1} buckets, "
-                     f"boundaries {json.dumps(s['boundaries'])} over {s['count']} values "
-                     f"in [{s['min']}, {s['max']}]")
+                     f"boundaries [{bounds}] over {s['count']} values "
+                     f"in [{s['min']:.7g}, {s['max']:.7g}]")
     for name, d in summary["dense"].items():
         lines.append(f"  dense {name} ({d['source']}, {d['transform']}): mean {d['mean']:.6g}"
                      f", std {d['std']:.6g} over {d['count']} values")
