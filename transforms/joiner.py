@@ -45,7 +45,9 @@ Input records carry event time in ``ts_ms`` (the joiner re-stamps elements from 
   more, so its late actions are told apart from unmatched ones; then its state is gone.
   Every key that holds state has a pending timer, so state never outlives
   ``window end + late_horizon`` (or ``action ts + join_window`` for unmatched actions).
-* *Bad input never kills the job*: records that fail validation go to ``invalid``.
+* *Bad input never kills the job*: records that fail validation go to ``invalid`` with the
+  reason (:func:`features_error`, :func:`action_error`): wrong types, empty or non-Unicode
+  ids, NaN or infinite numbers, event times outside 1970-2106 (what the PS can hold).
 
 Counters (namespace ``joiner``): features, actions, examples, positives, negatives,
 negatives_sampled_out, unmatched_actions, late_actions, duplicate_actions,
@@ -71,6 +73,7 @@ A runnable example (DirectRunner):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 from typing import Any, Iterable, NamedTuple, Tuple
@@ -161,12 +164,44 @@ def corrected_ctr(p, rate: float):
 
 # --------------------------------------------------------------------------- validation
 
+# Event times the training side can hold: the PS keeps them as uint32 seconds (1970-2106).
+MAX_TS_MS = (1 << 32) * 1000
+
+
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_finite(x) -> bool:
+    """A number that is a finite float (an int too large for a float is not)."""
+    try:
+        return _is_number(x) and math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _is_text(x) -> bool:
+    """A str that UTF-8 can encode (no lone surrogates): what keys, state and files hold."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _ts_error(record) -> str | None:
+    ts_ms = record.get("ts_ms")
+    if not _is_int(ts_ms):
+        return "ts_ms must be an integer"
+    if not 0 <= ts_ms < MAX_TS_MS:
+        return f"ts_ms must be in [0, {MAX_TS_MS}) (ms since the epoch, 1970-2106)"
+    return None
 
 
 def features_error(record) -> str | None:
@@ -176,10 +211,13 @@ def features_error(record) -> str | None:
     for key in ("request_id", "user_id", "item_id"):
         if not isinstance(record.get(key), str):
             return f"{key} must be a string"
+        if not _is_text(record[key]):
+            return f"{key} is not valid Unicode text"
     if not record["request_id"]:
         return "request_id is empty"
-    if not _is_int(record.get("ts_ms")):
-        return "ts_ms must be an integer"
+    ts_error = _ts_error(record)
+    if ts_error:
+        return ts_error
     fids = record.get("fids")
     if not isinstance(fids, (list, tuple)) or not all(
             _is_int(f) and 0 <= f < 2 ** 63 for f in fids):
@@ -187,9 +225,13 @@ def features_error(record) -> str | None:
     dense = record.get("dense", [])
     if not isinstance(dense, (list, tuple)) or not all(_is_number(d) for d in dense):
         return "dense must be a list of numbers"
+    if not all(_is_finite(d) for d in dense):
+        return "dense values must be finite (no NaN or infinity)"
     for key in ("served_score", "true_ctr"):
         if record.get(key) is not None and not _is_number(record[key]):
             return f"{key} must be a number or None"
+        if record.get(key) is not None and not _is_finite(record[key]):
+            return f"{key} must be finite"
     return None
 
 
@@ -199,11 +241,27 @@ def action_error(record) -> str | None:
         return f"not a dict: {type(record).__name__}"
     if not isinstance(record.get("request_id"), str) or not record["request_id"]:
         return "request_id must be a non-empty string"
-    if not _is_int(record.get("ts_ms")):
-        return "ts_ms must be an integer"
+    if not _is_text(record["request_id"]):
+        return "request_id is not valid Unicode text"
+    ts_error = _ts_error(record)
+    if ts_error:
+        return ts_error
     if not isinstance(record.get("action"), str):
         return "action must be a string"
+    if not _is_text(record["action"]):
+        return "action is not valid Unicode text"
     return None
+
+
+def _carriable(record):
+    """The record if Beam's coders and the JSON dead-letter files can carry it, else its repr
+    (a bad record must not fail the step that reports it)."""
+    try:
+        FastPrimitivesCoder().encode(record)
+        json.dumps(record, default=repr).encode("utf-8")
+    except Exception:  # noqa: BLE001 - anything a coder or JSON refuses
+        return repr(record)[:2000]
+    return record
 
 
 def _slim_features(r: dict) -> dict:
@@ -239,7 +297,7 @@ class KeyByRequest(beam.DoFn):
         if error is not None:
             self.invalid.inc()
             yield pvalue.TaggedOutput(INVALID, {"kind": self.kind, "error": error,
-                                                "record": record})
+                                                "record": _carriable(record)})
             return
         ts_ms = int(record["ts_ms"])
         payload = (_slim_features(record) if self.kind == _FEATURES
@@ -479,4 +537,5 @@ class OnlineJoiner(beam.PTransform):
 
 __all__ = ["OnlineJoiner", "JoinResult", "JoinByRequestFn", "KeyByRequest", "label_of",
            "keep_negative", "sampling_hash", "log_odds_correction", "corrected_ctr",
-           "features_error", "action_error", "POSITIVE_ACTIONS", "DEFAULT_JOIN_WINDOW_S"]
+           "features_error", "action_error", "POSITIVE_ACTIONS", "DEFAULT_JOIN_WINDOW_S",
+           "MAX_TS_MS"]
