@@ -13,10 +13,16 @@ FLINK_WHEEL_VERSION := 1.19.3
 JOBSERVER_JAR := .cache/flink/beam-runners-flink-1.19-job-server-2.62.0.jar
 PYTEST_ARGS   ?=
 
-.PHONY: demo test setup flink-dist flink-jobserver check-java clean peers
+.PHONY: demo test setup flink-dist flink-jobserver check-java clean peers loop
 
 demo: $(VENV)/.installed
 	$(PY) -m dataflow demo
+
+# The closed loop (serving, simulated users, joins, online training, Redis) for a simulated
+# 3 hours; prints and plots online serving AUC (out/loop/). LOOP_ARGS: more flags.
+LOOP_ARGS ?=
+loop: $(VENV)/.installed
+	$(PY) -m dataflow.loop --out out/loop $(LOOP_ARGS)
 
 test: $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
 	$(PY) -m pytest -p no:cacheprovider --durations=15 $(PYTEST_ARGS) tests
