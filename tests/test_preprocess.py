@@ -241,6 +241,10 @@ def test_configs_without_analysers_work_unchanged(data):
             assert result == want
     transform = ExtractFeatures("synthetic")
     assert transform.transform is None and transform.config == config
+    assert Preprocessor.load("synthetic").transform is None
+    assert [r if isinstance(r, dict) else r.reason for r in
+            Preprocessor.load("synthetic")(inputs)] == \
+        [r if isinstance(r, dict) else r.reason for r in results]
 
 
 def test_a_config_with_analysers_needs_its_transform(data):
@@ -249,6 +253,8 @@ def test_a_config_with_analysers_needs_its_transform(data):
         extract(records[0], CONFIG)
     with pytest.raises(TransformRequiredError):
         Preprocessor(CONFIG)
+    with pytest.raises(TransformRequiredError):
+        Preprocessor.load("synthetic_tft")
     with pytest.raises(TransformRequiredError):
         ExtractFeatures("synthetic_tft")
     # The config from elsewhere and the transform dir given apart: the same result.

@@ -370,10 +370,16 @@ class Preprocessor:
                            for j in self.extractor.normalized]
 
     @classmethod
-    def load(cls, directory) -> "Preprocessor":
-        """The config and transform that ``python -m dataflow.analyze --out DIR`` wrote."""
+    def load(cls, config_or_dir) -> "Preprocessor":
+        """The config and transform that ``python -m dataflow.analyze --out DIR`` wrote, or
+        a config without analysers (YAML path or name), as ``--config`` takes them."""
+        config = FeatureConfig.load(config_or_dir)
+        if not config.needs_analysis:
+            return cls(config)
+        if not os.path.isdir(config_or_dir):
+            raise _needs_transform(config)
         from transforms.preprocess import FittedTransform  # it imports this module
-        return cls(FeatureConfig.load(directory), FittedTransform.load(directory))
+        return cls(config, FittedTransform.load(config_or_dir))
 
     def __call__(self, records) -> list:
         extractor = self.extractor
