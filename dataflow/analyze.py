@@ -10,8 +10,9 @@ The config's analysers (``bucketize: {quantiles: N}``, ``normalize: z_score``; s
 (``transforms/preprocess.py``)::
 
     feature logs ─► ReadFeatureLogs ─► AnalyzeFeatureLogs ──► DIR/transform_fn/, transformed_metadata/
-                                          │ (TFT AnalyzeDataset)
-                                          └─ dead letters ──► DIR/dead_letter/
+                        │ unreadable      │ (TFT AnalyzeDataset)
+                        │                 └─ rejected ─┬─► DIR/dead_letter/
+                        └──────────────────────────────┘
 
 then the driver reads the results out of the graph and writes ``DIR/summary.json`` (bucket
 boundaries, means, variances, counts, minima and maxima; what extraction applies) and
@@ -24,6 +25,8 @@ import logging
 import os
 import shutil
 import sys
+
+import apache_beam as beam
 
 from dataflow.job import metrics_dict, run_job
 from dataflow.options import MonolithOptions, pipeline_options
@@ -56,11 +59,12 @@ def build(pipeline, opts, config: FeatureConfig, temp_dir: str) -> None:
     from transforms.preprocess import AnalyzeFeatureLogs
     from transforms.sources import ReadFeatureLogs
 
-    dead = (pipeline
-            | "ReadFeatureLogs" >> ReadFeatureLogs(opts.input)
-            | "Analyze" >> AnalyzeFeatureLogs(config, opts.out, temp_dir,
-                                              opts.analysis_batch_size))
-    dead | "WriteDeadLetter" >> WriteEventTimeFiles(os.path.join(opts.out, "dead_letter"))
+    records, unreadable = pipeline | "ReadFeatureLogs" >> ReadFeatureLogs(
+        opts.input).with_dead_letters()
+    rejected = records | "Analyze" >> AnalyzeFeatureLogs(config, opts.out, temp_dir,
+                                                         opts.analysis_batch_size)
+    ((unreadable, rejected) | "DeadLetters" >> beam.Flatten()
+     | "WriteDeadLetter" >> WriteEventTimeFiles(os.path.join(opts.out, "dead_letter")))
 
 
 def finish(out: str, config: FeatureConfig, input_glob: str, metrics: dict):
