@@ -77,7 +77,7 @@ from typing import Optional
 
 import apache_beam as beam
 import fastavro
-from apache_beam.io.fileio import MatchContinuously, MatchFiles, ReadMatches
+from apache_beam.io.fileio import EmptyMatchTreatment, MatchContinuously, MatchFiles, ReadMatches
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
@@ -439,7 +439,8 @@ class ReadAvroLogs(_WithDeadLetters, beam.PTransform):
     def expand(self, pbegin):
         return self._outputs(
             pbegin
-            | "Match" >> MatchFiles(self.file_pattern)
+            | "Match" >> MatchFiles(self.file_pattern,  # no file at all: a wrong pattern
+                                    empty_match_treatment=EmptyMatchTreatment.DISALLOW)
             | "SpreadFiles" >> beam.Reshuffle()
             | "Open" >> ReadMatches()
             | "ReadRecords" >> beam.ParDo(ReadAvroFileFn(self.time_field)).with_outputs(
