@@ -74,12 +74,14 @@ class Processes:
     def __init__(self, log_dir: str):
         self.log_dir = log_dir
         self.children: list = []  # (name, Popen, log file)
+        self.pids: dict = {}  # name -> pid of everything ever started
 
     def start(self, name: str, argv: list, env: Optional[dict] = None) -> subprocess.Popen:
         log = open(os.path.join(self.log_dir, f"{name}.log"), "wb")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         self.children.append((name, proc, log))
+        self.pids[name] = proc.pid
         _LOG.info("loop: started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         return proc
 
@@ -395,29 +397,32 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dataflow.loop", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/loop", help="working folder (emptied first)")
-    p.add_argument("--duration_s", type=float, default=7200.0, help="simulated seconds")
+    p.add_argument("--duration_s", type=float, default=14400.0, help="simulated seconds")
     p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per wall second")
     p.add_argument("--rps", type=float, default=20.0, help="requests per wall second")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--candidates", type=int, default=30)
     p.add_argument("--top_k", type=int, default=10)
-    p.add_argument("--users", type=int, default=300)
-    p.add_argument("--items", type=int, default=400)
-    p.add_argument("--categories", type=int, default=30)
+    p.add_argument("--users", type=int, default=100)
+    p.add_argument("--items", type=int, default=300,
+                   help="items born over a day (a quarter before the start)")
+    p.add_argument("--categories", type=int, default=10)
     p.add_argument("--drift", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="synthetic")
     p.add_argument("--model", default="fm", choices=["lr", "fm", "deepfm"])
-    p.add_argument("--learning_rate", type=float, default=0.05)
+    p.add_argument("--learning_rate", type=float, default=0.1, help="sparse rows (Adagrad)")
+    p.add_argument("--dense_learning_rate", type=float, default=0.02,
+                   help="dense weights (Adam); the bias must find the base rate quickly")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--num_shards", type=int, default=2)
-    p.add_argument("--period_s", type=float, default=300.0,
+    p.add_argument("--period_s", type=float, default=120.0,
                    help="event-time seconds per log file and per example period")
-    p.add_argument("--join_window_s", type=float, default=900.0)
-    p.add_argument("--max_delay_s", type=float, default=1800.0,
+    p.add_argument("--join_window_s", type=float, default=300.0)
+    p.add_argument("--max_delay_s", type=float, default=600.0,
                    help="longest delay of a user action (later than the join window: late)")
     p.add_argument("--negative_sample_rate", type=float, default=1.0)
-    p.add_argument("--model_export_interval_s", type=float, default=300.0,
+    p.add_argument("--model_export_interval_s", type=float, default=120.0,
                    help="event-time seconds between SavedModel exports")
     p.add_argument("--store", default=None,
                    help="redis://HOST:PORT/DB (default: a private redis-server)")
@@ -461,7 +466,8 @@ def run(args) -> dict:
             py, "-m", "dataflow.train", "online", f"--input={out}/examples",
             f"--config={args.config}", f"--model={args.model}", f"--store={store}",
             f"--num_shards={args.num_shards}", f"--batch_size={args.batch_size}",
-            f"--learning_rate={args.learning_rate}", f"--model_dir={out}/models",
+            f"--learning_rate={args.learning_rate}",
+            f"--dense_learning_rate={args.dense_learning_rate}", f"--model_dir={out}/models",
             f"--model_export_interval_s={args.model_export_interval_s}", "--poll_interval_s=0.5",
             f"--run_for_s={expected_wall * 3 + 600:.0f}", f"--metrics_dir={out}/train",
             f"--metrics_window_s={int(max(args.period_s, args.duration_s / 12))}",
@@ -483,27 +489,45 @@ def run(args) -> dict:
         joiner = PeriodJoin(f"{out}/feature_log", f"{out}/action_log", f"{out}/examples",
                             f"{out}/join", args.config, args.period_s, args.join_window_s,
                             args.negative_sample_rate)
+        if flink:
+            # One streaming job over the tailed logs; its sources stop listing the folders
+            # once the simulation (whose clock is the wall clock times --speed) is over.
+            procs.start("join", [
+                py, "-m", "dataflow.loop", "stream-join", f"--features={out}/feature_log",
+                f"--actions={out}/action_log", f"--examples={out}/examples",
+                f"--config={args.config}", f"--join_window_s={args.join_window_s}",
+                f"--period_s={int(args.period_s)}",
+                f"--negative_sample_rate={args.negative_sample_rate}",
+                f"--stop_after_s={expected_wall + 30:.0f}", f"--dead_letter={out}/join",
+                *beam_args])
         from ps.store import open_store
         store_handle = open_store(store, num_shards=args.num_shards)
         sim = next(p for n, p, _ in procs.children if n == "simulate")
         last_print = 0.0
         while sim.poll() is None:
-            procs.check("serve", "train", "redis")
-            joiner.run_once()
+            procs.check("serve", "train", "redis", "join")
+            if not flink:
+                joiner.run_once()
             trained.append((time.monotonic() - sim_started,
                             _trained_examples(store_handle, args.batch_size)))
             if time.monotonic() - last_print > 10:
                 last_print = time.monotonic()
                 print(f"loop: {time.monotonic() - started:.0f} s, "
-                      f"{sum(r['examples'] for r in joiner.runs):,} examples joined, "
+                      f"{_count_examples(joiner.examples_dir):,} examples joined, "
                       f"~{trained[-1][1]:,} trained", flush=True)
             time.sleep(0.25)
         if sim.returncode != 0:
             raise RuntimeError(f"simulate exited with {sim.returncode}; see "
                                f"{out}/logs/simulate.log")
-        # The simulator wrote every action and closed the feature log: join the rest.
-        joiner.run_once(final=True)
-        last_example_ms = joiner.cursor
+        if flink:  # its sources stop after --stop_after_s; then every window closes
+            join_proc = next(p for n, p, _ in procs.children if n == "join")
+            try:
+                join_proc.wait(timeout=expected_wall + 300)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError("the streaming join did not finish") from None
+            procs.check("join")
+        else:  # the simulator wrote every action and closed the feature log: join the rest
+            joiner.run_once(final=True)
         deadline = time.monotonic() + args.drain_timeout_s
         while True:
             procs.check("train")
@@ -521,7 +545,9 @@ def run(args) -> dict:
     finally:
         procs.stop_all()
     wall = time.monotonic() - started
-    return report(out, args, joiner, trained, wall, last_example_ms)
+    result = report(out, args, joiner, trained, wall)
+    result["pids"] = procs.pids
+    return result
 
 
 def _clear_store(url: str, num_shards: int) -> None:
@@ -540,6 +566,15 @@ def _trained_examples(store, batch_size: int) -> int:
         return 0
 
 
+def _count_examples(folder: str) -> int:
+    import fastavro
+    count = 0
+    for path in glob.glob(os.path.join(folder, "*.avro")):
+        with open(path, "rb") as f:
+            count += sum(1 for _ in fastavro.reader(f))
+    return count
+
+
 def _caught_up(joiner: PeriodJoin, dense_sync: dict) -> bool:
     """Training has applied gradients up to the last example landed."""
     import fastavro
@@ -551,8 +586,7 @@ def _caught_up(joiner: PeriodJoin, dense_sync: dict) -> bool:
     return dense_sync.get("ts_ms", -1) >= last
 
 
-def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
-           last_example_ms) -> dict:
+def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float) -> dict:
     rows, totals = serving_auc_over_time(f"{out}/feature_log", f"{out}/action_log",
                                          args.join_window_s, args.report_buckets)
     stats = read_sim_stats(f"{out}/sim_stats.csv")
@@ -581,7 +615,7 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
         "sparse_sync_wall_age_s_p50": pct(stats.get("sparse_wall_age_s")[ok], 50)
         if ok.any() else None,
     }
-    examples = sum(r["examples"] for r in joiner.runs)
+    examples = _count_examples(joiner.examples_dir)
     result = {
         "auc": totals, "auc_over_time": rows, "staleness": staleness,
         "throughput": {
@@ -612,7 +646,58 @@ def _div(x, d):
     return None if x is None else round(x / d, 1)
 
 
+# --------------------------------------------------------------------------- Flink join
+
+
+def build_stream_join(pipeline, opts) -> None:
+    """The join as one streaming pipeline over the tailed log folders (for Flink): the same
+    transforms as ``dataflow.join``, with ``TailAvroLogs`` (event-time watermarks)."""
+    from dataflow.join import WriteEventTimeFiles, WriteExampleLog
+    from transforms.features import ExtractFeatures
+    from transforms.joiner import OnlineJoiner
+    from transforms.sources import TailAvroLogs
+    stop = time.time() + opts.stop_after_s
+    extracted = (pipeline
+                 | "TailFeatureLog" >> TailAvroLogs(f"{opts.features}/part-*.avro",
+                                                    opts.poll_s, stop_timestamp=stop)
+                 | "ExtractFeatures" >> ExtractFeatures(opts.config))
+    actions = pipeline | "TailActionLog" >> TailAvroLogs(f"{opts.actions}/part-*.avro",
+                                                         opts.poll_s, stop_timestamp=stop)
+    joined = (extracted.features, actions) | "Join" >> OnlineJoiner(
+        join_window_s=opts.join_window_s, negative_sample_rate=opts.negative_sample_rate)
+    joined.examples | "WriteExamples" >> WriteExampleLog(opts.examples, opts.join_window_s,
+                                                         opts.period_s)
+    extracted.dead_letter | "WriteDeadLetter" >> WriteEventTimeFiles(
+        os.path.join(opts.dead_letter, "dead_letter"), opts.period_s)
+
+
+def stream_join_main(argv) -> int:
+    from dataflow.job import run_job
+    from dataflow.options import MonolithOptions, pipeline_options
+
+    class StreamJoinOptions(MonolithOptions):
+        @classmethod
+        def _add_argparse_args(cls, parser):
+            parser.add_argument("--features", required=True)
+            parser.add_argument("--actions", required=True)
+            parser.add_argument("--examples", required=True)
+            parser.add_argument("--dead_letter", required=True)
+            parser.add_argument("--config", required=True)
+            parser.add_argument("--join_window_s", type=float, required=True)
+            parser.add_argument("--period_s", type=int, required=True)
+            parser.add_argument("--negative_sample_rate", type=float, default=1.0)
+            parser.add_argument("--stop_after_s", type=float, required=True)
+            parser.add_argument("--poll_s", type=float, default=0.5)
+
+    options = pipeline_options(argv, StreamJoinOptions)
+    run_job(lambda p: build_stream_join(p, options.view_as(StreamJoinOptions)), options)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "stream-join":
+        return stream_join_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         result = run(args)

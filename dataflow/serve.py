@@ -308,12 +308,6 @@ class Scorer:
 
     # -- scoring --------------------------------------------------------------------------
 
-    def _event_time(self, ts_ms: int) -> int:
-        with self._clock_lock:
-            ts_ms = max(int(ts_ms), self._last_ts)  # the log's event time never goes back
-            self._last_ts = ts_ms
-            return ts_ms
-
     def _read_rows(self, keys: np.ndarray):
         table, width = self.spec.table, self.spec.width
         if time.monotonic() >= self._store_down_until:
@@ -411,12 +405,6 @@ class Scorer:
             fids.extend(out["fids"])
             lengths[j] = len(out["fids"])
             dense[j] = out["dense"]
-        # Only a request that can be scored moves the service's event time.
-        clamped = self._event_time(ts_ms)
-        if clamped != ts_ms:
-            ts_ms = clamped
-            for record in records:
-                record["ts_ms"] = ts_ms
         row_splits = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=row_splits[1:])
         batch = ExampleBatch(
@@ -438,12 +426,17 @@ class Scorer:
             order = order[:top_k]
         served = order.tolist()
         score_list = scores.tolist()
-        if self.feature_log is not None:
-            log = []
-            for j in served:
-                r = records[j]
-                log.append({**r, "served_score": score_list[j], "true_ctr": true_ctr[j]})
-            self.feature_log.append(log, ts_ms)
+        log = [{**records[j], "served_score": score_list[j], "true_ctr": true_ctr[j]}
+               for j in served] if self.feature_log is not None else None
+        # Only a request that was scored moves the service's event time, and it is logged
+        # in the same step: the feature log's event time never goes back.
+        with self._clock_lock:
+            ts_ms = max(int(ts_ms), self._last_ts)
+            self._last_ts = ts_ms
+            if log is not None:
+                for record in log:
+                    record["ts_ms"] = ts_ms
+                self.feature_log.append(log, ts_ms)
         self._count("requests")
         self._count("candidates", n)
         self._count("served", len(served))

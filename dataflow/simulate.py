@@ -52,8 +52,10 @@ class World:
 
     def __init__(self, users: int, items: int, duration_s: float, seed: int, ctr: float,
                  start: str, drift: float = 0.6, categories: int = 30, creators: int = 2000):
+        # Items are born over a day at least (a quarter before the start), as in
+        # ``dataflow.data``: a short run sees the catalogue change at the world's pace.
         self.params = SynthParams(users=users, items=items, requests=1,
-                                  days=max(duration_s, 1.0) / 86400, seed=seed, ctr=ctr,
+                                  days=max(duration_s, 86400.0) / 86400, seed=seed, ctr=ctr,
                                   start=start, drift=drift, categories=categories,
                                   creators=creators)
         rng = np.random.default_rng(seed)

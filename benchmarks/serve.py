@@ -1,0 +1,200 @@
+"""Benchmark of serving: requests/s and p50/p99 latency for requests of 100 candidates.
+
+    python -m benchmarks.serve --json                        # memory and redis stores
+    python -m benchmarks.serve --json --stores redis --model deepfm --candidates 100
+
+The service (``dataflow.serve``'s Scorer and HTTP server, DeepFM by default, feature log on)
+runs in this process, pinned to one core; its store holds a row for every fid the requests
+use. A load generator in a child process, pinned to the other core, sends pre-built
+requests of the synthetic world (``dataflow.simulate``) over loopback with keep-alive:
+first one at a time (latency: p50, p99, max), then ``--concurrency`` at once (throughput).
+Each phase is bounded by ``--requests`` and ``--seconds``. Latency is the client's: from
+sending the request to having read the whole answer.
+
+Measured on the shared 2-core machine (Beam 2.62 / TF 2.16, DeepFM over the 15 slots of
+``schemas/configs/synthetic.yaml``, 100 candidates, top 10 served): see README (Serving).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _load(url: str, bodies_path: str, requests: int, seconds: float, concurrency: int) -> dict:
+    """The load generator (child process): ``concurrency`` keep-alive clients."""
+    import threading
+    with open(bodies_path, "rb") as f:
+        bodies = [line.rstrip(b"\n") for line in f]
+    host, port = url.split("//")[1].split(":")
+    latencies: list = []
+    errors = [0]
+    lock = threading.Lock()
+    counter = [0]
+    deadline = time.monotonic() + seconds
+
+    def client(worker):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        while time.monotonic() < deadline:
+            with lock:
+                if counter[0] >= requests:
+                    break
+                k = counter[0]
+                counter[0] += 1
+            body = bodies[k % len(bodies)]
+            started = time.perf_counter()
+            conn.request("POST", "/score", body=body,
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            elapsed = time.perf_counter() - started
+            with lock:
+                if response.status == 200:
+                    latencies.append(elapsed)
+                else:
+                    errors[0] += 1
+        conn.close()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {"requests": len(latencies), "errors": errors[0], "seconds": round(wall, 2),
+            "requests_per_s": round(len(latencies) / wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "max_ms": round(float(np.max(ms)), 2)}
+
+
+def _pin(core: int) -> None:
+    try:
+        os.sched_setaffinity(0, {core % os.cpu_count()})
+    except (AttributeError, OSError):
+        pass
+
+
+def _run_load(url, bodies_path, requests, seconds, concurrency) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.serve", "--load", url, "--bodies", bodies_path,
+         "--requests", str(requests), "--seconds", str(seconds),
+         "--concurrency", str(concurrency)],
+        capture_output=True, text=True, timeout=seconds + 120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_store(store_url: str, args, workdir: str) -> dict:
+    from dataflow import serve
+    from dataflow.simulate import World
+    from dataflow.train import model_spec
+    from ps.store import open_store
+    from schemas.feature_config import load_feature_config
+    from transforms.batch import shard_of
+    from transforms.features import extract
+
+    config = load_feature_config("synthetic")
+    spec = model_spec(config, args.model)
+    world = World(args.users, args.items, 3600, seed=0, ctr=0.08, start="2024-01-01")
+    rng = np.random.default_rng(0)
+    bodies, fids = [], set()
+    for k in range(args.distinct_requests):
+        t_rel = int(rng.integers(0, 3600_000))
+        body, _, _, _ = world.request(rng, t_rel, args.candidates)
+        body["ts_ms"] = world.start_ms + t_rel
+        body["top_k"] = args.top_k
+        bodies.append(json.dumps(body, separators=(",", ":")))
+        for c in body["candidates"]:
+            record = {"request_id": "b", "ts_ms": body["ts_ms"], "user_id": body["user_id"],
+                      "item_id": c["item_id"], "features": {**body["context"], **c["features"]}}
+            fids.update(extract(record, config)["fids"])
+    store = open_store(store_url, num_shards=2)
+    store.clear()
+    fids = np.array(sorted(fids), np.uint64)
+    rows = rng.normal(0, 0.05, (len(fids), spec.width)).astype(np.float32)
+    shards = shard_of(fids, 2)
+    for s in range(2):
+        store.write_rows(spec.table, s, fids[shards == s], rows[shards == s])
+    bodies_path = os.path.join(workdir, f"bodies-{store_url.split(':')[0]}.jsonl")
+    with open(bodies_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(bodies) + "\n")
+    log = serve.RollingAvroLog(os.path.join(workdir, f"log-{store_url.split(':')[0]}"),
+                               "feature_log", roll_s=60)
+    scorer = serve.Scorer(config, spec, store_url, num_shards=2, feature_log=log)
+    server = serve.Server(scorer, port=0).start()
+    try:
+        _run_load(server.url, bodies_path, 50, 30, 1)  # warm-up
+        latency = _run_load(server.url, bodies_path, args.requests, args.seconds, 1)
+        throughput = _run_load(server.url, bodies_path, args.requests, args.seconds,
+                               args.concurrency)
+    finally:
+        server.stop()
+    return {"store": store_url.split(":")[0], "rows_in_store": int(len(fids)),
+            "sequential": latency, f"concurrency_{args.concurrency}": throughput,
+            "p50_ms": latency["p50_ms"], "p99_ms": latency["p99_ms"],
+            "requests_per_s": throughput["requests_per_s"],
+            "candidates_per_s": round(throughput["requests_per_s"] * args.candidates)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stores", default="memory,redis")
+    p.add_argument("--model", default="deepfm", choices=["lr", "fm", "deepfm"])
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--top_k", type=int, default=10)
+    p.add_argument("--requests", type=int, default=2000, help="per phase, at most")
+    p.add_argument("--seconds", type=float, default=20.0, help="per phase, at most")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--distinct_requests", type=int, default=200)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--items", type=int, default=2000)
+    # the load generator (child process)
+    p.add_argument("--load", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bodies", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.load:
+        _pin(1)
+        print(json.dumps(_load(args.load, args.bodies, args.requests, args.seconds,
+                               args.concurrency)))
+        return 0
+    _pin(0)  # the service on one core
+    from dataflow.loop import Processes, start_redis
+    results = {"model": args.model, "candidates": args.candidates, "top_k": args.top_k}
+    with tempfile.TemporaryDirectory() as workdir:
+        procs = Processes(workdir)
+        try:
+            for store in args.stores.split(","):
+                if store == "memory":
+                    url = "memory://bench-serve"
+                else:
+                    url = start_redis(procs, workdir)
+                    try:  # redis stands for another machine: off the service's core
+                        os.sched_setaffinity(procs.pids["redis"], {1 % os.cpu_count()})
+                    except (AttributeError, OSError):
+                        pass
+                results[store] = bench_store(url, args, workdir)
+        finally:
+            procs.stop_all()
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""A short closed loop: serving, the simulator, per-period joins and online training as
+separate processes around a private Redis, on the DirectRunner. The loop must learn: the
+serving AUC at the end beats the serving AUC at the start by a clear margin.
+
+A small world (30 users, 40 items) so that half a minute of traffic (~6,000 served items)
+is enough to learn from: measured 0.47 -> 0.72 (Bayes 0.76) in the last quarter.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from dataflow import loop
+from schemas import read_avro
+
+
+def test_closed_loop_learns(tmp_path):
+    out = tmp_path / "loop"
+    args = loop.parser().parse_args([
+        f"--out={out}", "--duration_s=2400", "--speed=80", "--rps=20", "--candidates=20",
+        "--top_k=10", "--users=30", "--items=40", "--categories=5", "--period_s=60",
+        "--join_window_s=120", "--max_delay_s=240", "--model_export_interval_s=60",
+        "--learning_rate=0.1", "--dense_learning_rate=0.02", "--report_buckets=8",
+        "--drain_timeout_s=30"])
+    result = loop.run(args)
+
+    auc = result["auc"]
+    first, last = auc["first_quarter"], auc["last_quarter"]
+    # before training has published anything every item scores the same: AUC 0.5
+    assert first["serving_auc"] < 0.56, auc
+    assert last["serving_auc"] > first["serving_auc"] + 0.1, auc  # the loop learns
+    assert last["serving_auc"] < last["bayes_auc"], auc  # no model beats the truth
+    assert last["served"] > 1000 and last["positives"] > 50, auc
+
+    # every process the loop started is gone
+    for name, pid in result["pids"].items():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"{name} (pid {pid}) still runs")
+
+    # every served item became exactly one example (nothing lost or doubled across periods)
+    served = [r for p in sorted((out / "feature_log").glob("part-*.avro"))
+              for r in read_avro(str(p))]
+    examples = [r for p in sorted((out / "examples").glob("*.avro")) for r in read_avro(str(p))]
+    assert len(served) == result["throughput"]["examples_joined"] == len(examples)
+    assert sorted(r["request_id"] for r in served) == sorted(r["request_id"] for r in examples)
+    assert all(0 < r["served_score"] < 1 and r["true_ctr"] is not None for r in served)
+    # the logs are in event-time order across files (what a tailing reader needs)
+    for folder in ("feature_log", "action_log"):
+        ts = [r["ts_ms"] for p in sorted((out / folder).glob("part-*.avro"))
+              for r in read_avro(str(p))]
+        assert ts == sorted(ts), folder
+    labels = {r["request_id"]: r["label"] for r in examples}
+    assert 0 < np.mean(list(labels.values())) < 0.5
+
+    # serving moved to exported models and reported how old its parameters were
+    assert result["models_exported"] >= 1
+    assert result["simulator"]["errors"] == 0
+    assert result["staleness"]["sparse_age_s_p50"] is not None
+    assert result["staleness"]["dense_age_s_p50"] is not None
+    assert (out / "loop.png").stat().st_size > 20_000
+    assert (out / "report.json").exists() and (out / "auc_over_time.csv").exists()
