@@ -180,13 +180,70 @@ class FlinkCluster:
         """[{id, status}] of every job the cluster knows."""
         return self.rest("/jobs").get("jobs", [])
 
-    def pids(self) -> list[int]:
+    def pids(self, daemon: str = "*") -> list[int]:
+        """PIDs the scripts recorded (``daemon``: ``taskexecutor``, ``standalonesession``)."""
         pids = []
-        for pid_file in self.workdir.glob("*.pid"):
+        for pid_file in self.workdir.glob(f"*-{daemon}.pid"):
             for line in pid_file.read_text().split():
                 if line.strip().isdigit():
                     pids.append(int(line))
         return pids
+
+    def running_job(self, timeout_s: float = 120.0) -> str:
+        """The id of the job running on the cluster (waits for it to be RUNNING)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            running = [j["id"] for j in self.jobs() if j["status"] == "RUNNING"]
+            if running:
+                return running[0]
+            time.sleep(0.2)
+        raise TimeoutError(f"no job RUNNING on {self.rest_url} after {timeout_s:.0f}s")
+
+    def checkpoints(self, job_id: str) -> dict:
+        """The job's checkpoint counts: ``{"completed": n, "restored": n, "failed": n, ...}``."""
+        return self.rest(f"/jobs/{job_id}/checkpoints").get("counts", {})
+
+    def kill_taskmanager(self) -> int:
+        """SIGKILL the newest TaskManager JVM (a crash: no clean shutdown); returns its pid."""
+        pids = [p for p in self.pids("taskexecutor") if _alive(p)]
+        if not pids:
+            raise RuntimeError("no TaskManager process to kill")
+        os.kill(pids[-1], signal.SIGKILL)
+        while _alive(pids[-1]):
+            time.sleep(0.05)
+        return pids[-1]
+
+    def start_taskmanager(self, timeout_s: float = 60.0) -> None:
+        """Start one more TaskManager and wait until the JobManager has it registered."""
+        def ids():
+            return {tm["id"] for tm in self.rest("/taskmanagers").get("taskmanagers", [])}
+        before = ids()  # may still list a killed one until its heartbeat times out
+        subprocess.run(["bash", os.path.join(self.home, "bin", "taskmanager.sh"), "start"],
+                       env=self._env(), check=True, capture_output=True, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ids() - before:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"the new TaskManager did not register within {timeout_s:.0f}s")
+
+    def stop_with_savepoint(self, job_id: str, directory: str, drain: bool = False,
+                            timeout_s: float = 120.0) -> str:
+        """``flink stop --savepointPath DIRECTORY JOB`` through the REST API; returns the
+        savepoint's path once it completed (the job then ends)."""
+        trigger = self.rest(f"/jobs/{job_id}/stop", "POST",
+                            {"targetDirectory": directory, "drain": drain})["request-id"]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.rest(f"/jobs/{job_id}/savepoints/{trigger}")
+            if status.get("status", {}).get("id") == "COMPLETED":
+                operation = status.get("operation", {})
+                if "location" in operation:
+                    return operation["location"]
+                raise RuntimeError(f"savepoint of job {job_id} failed: "
+                                   f"{operation.get('failure-cause', operation)}")
+            time.sleep(0.2)
+        raise TimeoutError(f"savepoint of job {job_id} not done within {timeout_s:.0f}s")
 
     def stop(self) -> None:
         try:
@@ -212,6 +269,18 @@ class FlinkCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a killed child of ours stays a zombie until reaped: not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,12 +57,37 @@ def _query_metrics(result):
             threading.stack_size(0)
 
 
-def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions):
-    """Build with ``build(pipeline)``, run to completion, write metrics if asked; -> result."""
+def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions,
+            finished: Callable[[], bool] | None = None, poll_s: float = 1.0):
+    """Build with ``build(pipeline)``, run to completion, write metrics if asked; -> result.
+
+    ``finished``: for a job that stays up after its input ended (a checkpointed Flink job
+    keeps its sources alive), a check that its work is done; the job is then cancelled.
+    """
     pipeline = beam.Pipeline(options=options)
     build(pipeline)
     result = pipeline.run()
-    result.wait_until_finish()
+    if finished is None:
+        result.wait_until_finish()
+    else:
+        import time
+
+        from apache_beam.runners.runner import PipelineState
+        # Poll the state (wait_until_finish with a duration, called again and again, breaks
+        # the portable runner's message stream).
+        cancelled = False
+        while not PipelineState.is_terminal(result.state):
+            if finished():
+                _LOG.info("the job's end-of-input work is done: cancelling it")
+                result.cancel()
+                cancelled = True
+                break
+            time.sleep(poll_s)
+        try:
+            result.wait_until_finish()
+        except RuntimeError:
+            if not (cancelled and result.state == PipelineState.CANCELLED):
+                raise
     metrics = metrics_dict(result)
     out = options.view_as(MonolithOptions).metrics_out
     if out:

@@ -68,7 +68,8 @@ class TrainOptions(MonolithOptions):
         parser.add_argument("--metrics_dir", default="out/train",
                             help="where the online metrics CSV and PNG go")
         parser.add_argument("--export_dir", default=None,
-                            help="backfill: write PS snapshots here when the input ends")
+                            help="write PS snapshots here when the input ends (backfill; "
+                                 "online: when --run_for_s is over)")
         parser.add_argument("--restore", default=None,
                             help="online: bootstrap empty PS shards from these snapshots")
         parser.add_argument("--poll_interval_s", type=float, default=5.0,
@@ -127,7 +128,7 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
         publishers=("dense", *(f"sparse/{i}" for i in range(opts.num_shards))),
         follow=mode == "online", poll_interval_s=opts.poll_interval_s,
         stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None)
-    export_dir = opts.export_dir if mode == "backfill" else None
+    export_dir = opts.export_dir
     restore_dir = opts.restore if mode == "online" else None
     worker = (batches
               | "Worker" >> beam.ParDo(TrainWorker(
@@ -170,17 +171,37 @@ def main(argv: list[str] | None = None):
     mode, argv = argv[0], argv[1:]
     # Flink's portable runner ends a bundle of a downstream stage after 1 s by default: that
     # is the round trip reader → worker → PS → store the reader waits for (bounded staleness).
-    # With checkpointing on, Beam's Flink runner keeps finished sources idle forever unless
-    # told otherwise: then a bounded or --run_for_s job would never end.
-    options = pipeline_options(argv, TrainOptions,
-                               flink_defaults={"max_bundle_time_mills": FLINK_BUNDLE_MS,
-                                               "shutdown_sources_after_idle_ms": 0})
+    flink_defaults = {"max_bundle_time_mills": FLINK_BUNDLE_MS}
+    checkpointed = any(a.startswith("--checkpointing_interval") for a in argv)
+    if not checkpointed:
+        # Without checkpoints a finished source may shut down, and the job ends with its input.
+        # With them it must stay (Flink 1.19 on Beam 2.62 fails every checkpoint once the
+        # Impulse source has finished), so the job ends when its end-of-input work is done.
+        flink_defaults["shutdown_sources_after_idle_ms"] = 0
+    options = pipeline_options(argv, TrainOptions, flink_defaults=flink_defaults)
     opts = options.view_as(TrainOptions)
     if not opts.input or not opts.config:
         raise SystemExit("train: --input and --config are required (see --help)")
-    result = run_job(lambda p: build(p, opts, mode), options)
+    finished = None
+    if checkpointed and (mode == "backfill" or opts.run_for_s):
+        finished = _end_of_input_done(opts, mode, time.time())
+    result = run_job(lambda p: build(p, opts, mode), options, finished=finished)
     return result
 
+
+def _end_of_input_done(opts, mode: str, since: float):
+    """A check that the job's end-of-input work is done: the online metrics' totals and,
+    with --export_dir, every PS snapshot, written after ``since``."""
+    totals = os.path.join(opts.metrics_dir, f"online-{mode}-totals.json")
+    wanted = [totals]
+    if opts.export_dir:
+        wanted += [os.path.join(opts.export_dir, f"sparse-{i}.snap")
+                   for i in range(opts.num_shards)]
+        wanted.append(os.path.join(opts.export_dir, "dense-dense.snap"))
+
+    def done() -> bool:
+        return all(os.path.exists(w) and os.path.getmtime(w) >= since for w in wanted)
+    return done
 
 OPTIONS = [TrainOptions]
 

@@ -235,6 +235,9 @@ class _Live:
         self.next_publish_s = 0  # event time at which to publish next
         self.sync_timer_at = None  # what the timers were last set to in a committed bundle
         self.evict_timer_at = None
+        # What the key has applied since it began, checkpointed with it (so exactly once):
+        # SparseShard {"gradient_rows": n}, DenseShard {"examples": n, "batches": n}.
+        self.totals = {}
 
 
 class _LoggedShard(beam.DoFn):
@@ -420,7 +423,8 @@ class _LoggedShard(beam.DoFn):
         write_snapshot(os.path.join(self.export_dir, f"{self.KIND}-{name}.snap"),
                        self._encode_base(live),
                        {"kind": self.KIND, "key": name, "seq": int(live.seq),
-                        "ts_ms": int(live.ts_ms), "num_shards": self.num_shards})
+                        "ts_ms": int(live.ts_ms), "num_shards": self.num_shards,
+                        "totals": dict(live.totals)})
         self.exports.inc()
 
     @staticmethod
@@ -518,6 +522,7 @@ class SparseShard(_LoggedShard):
     def _encode_base(self, live):
         blobs = [(name, t.to_bytes()) for name, t in live.tables.items()]
         header = json.dumps({"seq": live.seq, "ts_ms": live.ts_ms, "last_evict_s": live.last_evict_s,
+                             "totals": live.totals,
                              "tables": [[name, len(b)] for name, b in blobs]}).encode()
         return b"".join([_BASE_HEAD.pack(_BASE_MAGIC, len(header)), header, *(b for _, b in blobs)])
 
@@ -531,6 +536,7 @@ class SparseShard(_LoggedShard):
         offset += header_len
         live = _Live()
         live.seq, live.ts_ms, live.last_evict_s = header["seq"], header["ts_ms"], header["last_evict_s"]
+        live.totals = dict(header.get("totals", {}))
         live.tables = {}
         for name, size in header["tables"]:
             table = EmbeddingTable.from_bytes(data[offset:offset + size])
@@ -562,6 +568,8 @@ class SparseShard(_LoggedShard):
             live.seq = max(live.seq, old.seq)
             live.ts_ms = max(live.ts_ms, old.ts_ms)
             live.last_evict_s = old.last_evict_s
+            for k, v in old.totals.items():
+                live.totals[k] = live.totals.get(k, 0) + v
             for name, table in old.tables.items():
                 for fids, rows, last_seen in table.items():
                     mine = shard_of(fids, self.num_shards) == shard
@@ -575,6 +583,7 @@ class SparseShard(_LoggedShard):
         created, dropped = t.stats.rows_created, t.stats.dropped_gradients
         now_s = ts_ms // 1000
         t.apply_gradients(fids, grads, now=now_s)
+        live.totals["gradient_rows"] = live.totals.get("gradient_rows", 0) + int(fids.size)
         live.ts_ms = max(live.ts_ms, ts_ms)
         if live.last_evict_s is None:
             live.last_evict_s = now_s
@@ -623,7 +632,7 @@ class SparseShard(_LoggedShard):
 
     def _set_sync(self, shard, live):
         self.store.set_sync(f"sparse/{shard}", {"version": int(live.seq), "ts_ms": int(live.ts_ms),
-                                                "wall_time": time.time()})
+                                                "wall_time": time.time(), **live.totals})
 
     # --------------------------------------------------------- DoFn methods
     def process(self, element, base=beam.DoFn.StateParam(_LoggedShard.BASE),
@@ -821,12 +830,14 @@ class DenseShard(_LoggedShard):
         for k, slots in live.slots.items():
             arrays.update({f"s/{s}/{k}": v for s, v in slots.items()})
         return encode_arrays(arrays, meta={"seq": live.seq, "ts_ms": live.ts_ms, "steps": live.steps,
+                                           "totals": live.totals,
                                            "optimizer": self.optimizer.config()})
 
     def _decode_base(self, key, data):
         arrays, meta = decode_arrays(data)
         live = _Live()
         live.seq, live.ts_ms, live.steps = meta["seq"], meta["ts_ms"], dict(meta["steps"])
+        live.totals = dict(meta.get("totals", {}))
         live.params = {k[2:]: v for k, v in arrays.items() if k.startswith("p/")}
         live.slots = {k: {} for k in live.params}
         for k, v in arrays.items():
@@ -838,10 +849,12 @@ class DenseShard(_LoggedShard):
             raise ValueError(f"DenseShard {self.name}: restored state lacks parameters {sorted(missing)}")
         return live
 
-    def _apply_grads(self, live, grads, ts_ms):
+    def _apply_grads(self, live, grads, ts_ms, examples):
         for k, g in grads.items():
             live.steps[k] += 1
             self.optimizer.apply(live.params[k], live.slots[k], g, live.steps[k])
+        live.totals["examples"] = live.totals.get("examples", 0) + int(examples)
+        live.totals["batches"] = live.totals.get("batches", 0) + 1
         live.ts_ms = max(live.ts_ms, ts_ms)
         live.dirty = True
 
@@ -849,7 +862,7 @@ class DenseShard(_LoggedShard):
         if kind != _DENSE:
             raise RuntimeError(f"DenseShard: unknown log entry kind {kind}")
         grads, _ = decode_arrays(payload[head[6]:])
-        self._apply_grads(live, grads, head[3])
+        self._apply_grads(live, grads, head[3], head[4])
 
     def _reconcile(self, key, live):
         self._publish(key, live)
@@ -857,7 +870,7 @@ class DenseShard(_LoggedShard):
     def _publish(self, key, live):
         self.store.write_dense(self.name, live.params, int(live.seq))
         self.store.set_sync("dense", {"version": int(live.seq), "ts_ms": int(live.ts_ms),
-                                      "wall_time": time.time()})
+                                      "wall_time": time.time(), **live.totals})
 
     def process(self, element, base=beam.DoFn.StateParam(_LoggedShard.BASE),
                 log=beam.DoFn.StateParam(_LoggedShard.LOG),
@@ -879,8 +892,11 @@ class DenseShard(_LoggedShard):
         ts_ms = int(g.ts_ms)
         live = self._live(key, base, log, version)
         self._arm_export(live, export_timer)
-        entry = self._entry(_DENSE, live.seq + 1, ts_ms) + encode_arrays(grads)
-        self._apply_grads(live, grads, ts_ms)
+        examples = int(g.examples)
+        if not 0 <= examples < 2**32:
+            raise ValueError(f"DenseShard {self.name}: examples {examples} is out of range")
+        entry = self._entry(_DENSE, live.seq + 1, ts_ms, examples) + encode_arrays(grads)
+        self._apply_grads(live, grads, ts_ms, examples)
         live.seq += 1
         self._append(live, entry, base, log, version)
         self.gradient_batches.inc()

@@ -1,4 +1,4 @@
-"""Shared fixtures: Flink job server jar and a standalone Flink cluster.
+"""Shared fixtures: an example log, the Flink job server jar, a standalone Flink cluster, Redis.
 
 Flink tests never skip: without Java, the jar or the Flink distribution they fail with a
 message that says what to install (``make setup`` does all of it).
@@ -8,6 +8,26 @@ from __future__ import annotations
 import pytest
 
 from dataflow import flink
+
+
+@pytest.fixture(scope="session")
+def example_log(tmp_path_factory):
+    """A small, dense synthetic stream joined into an example log (hourly files, config
+    ``synthetic``): ``{"dir", "files", "summary", "examples"}``."""
+    import glob
+
+    from dataflow import data, join
+    from dataflow.join import read_examples_in_order
+    work = tmp_path_factory.mktemp("train-data")
+    summary = data.synth(str(work / "logs"), requests=24_000, users=300, items=400, days=1.0,
+                         seed=3)
+    join.main([f"--features={work}/logs/feature_log/*.avro",
+               f"--actions={work}/logs/action_log/*.avro", f"--out={work}/joined",
+               "--config=synthetic"])
+    files = sorted(glob.glob(f"{work}/joined/examples/*.avro"))
+    assert len(files) >= 20, files
+    return {"dir": str(work), "files": files, "summary": summary,
+            "examples": sum(1 for _ in read_examples_in_order(f"{work}/joined/examples"))}
 
 
 @pytest.fixture(scope="session")

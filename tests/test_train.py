@@ -13,25 +13,10 @@ import shutil
 
 import pytest
 
-from dataflow import data, join, train
+from dataflow import train
 from dataflow.join import read_examples_in_order
 
-CONFIG = "synthetic"
-
-
-@pytest.fixture(scope="module")
-def example_log(tmp_path_factory):
-    """A small, dense synthetic stream joined into an example log (hourly files)."""
-    work = tmp_path_factory.mktemp("train-data")
-    summary = data.synth(str(work / "logs"), requests=24_000, users=300, items=400, days=1.0,
-                         seed=3)
-    join.main([f"--features={work}/logs/feature_log/*.avro",
-               f"--actions={work}/logs/action_log/*.avro", f"--out={work}/joined",
-               f"--config={CONFIG}"])
-    files = sorted(glob.glob(f"{work}/joined/examples/*.avro"))
-    assert len(files) >= 20, files
-    return {"dir": str(work), "files": files, "summary": summary,
-            "examples": sum(1 for _ in read_examples_in_order(f"{work}/joined/examples"))}
+CONFIG = "synthetic"  # the example_log fixture (conftest.py) is joined with it
 
 
 def run_train(tmp_path, mode, input_, extra=()):

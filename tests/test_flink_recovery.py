@@ -1,0 +1,248 @@
+"""Exactly-once PS state on a standalone Flink cluster: a TaskManager killed mid-stream, and a
+job stopped with a savepoint and resumed from it (issue #7, parts 1, 2 and 5).
+
+Each run is the online training job (``python -m dataflow.train online``) in a subprocess,
+on a cluster from ``.venv-flink`` with checkpointing and the RocksDB state backend, with the
+Redis store (the resumed job is another process). What "nothing lost, nothing twice" means
+here is read from state Flink checkpointed, not from Beam's metrics (a restarted job's
+metrics start again): the dense PS's count of examples it applied, the sparse shards'
+count of gradient rows, and the online metrics' count of scored examples, all compared
+with a clean run of the same job on the DirectRunner (the same gated reader makes the two
+runners train identically, see ``test_train.test_backfill_on_flink``).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from dataflow import flink, train
+from ps.shard import read_snapshot
+from ps.store import open_store
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--config=synthetic", "--model=fm", "--learning_rate=0.05", "--batch_size=256",
+          "--num_shards=2"]
+
+
+@pytest.fixture(scope="module")
+def recovery_cluster(tmp_path_factory, flink_job_server_jar):
+    """A cluster that notices a dead TaskManager in seconds and restarts jobs from their
+    last checkpoint (fixed delay), one slot per TaskManager."""
+    try:
+        cluster = flink.FlinkCluster(
+            task_slots=1, workdir=str(tmp_path_factory.mktemp("flink-recovery")),
+            extra_conf={"heartbeat.interval": 1000, "heartbeat.timeout": 5000,
+                        "restart-strategy.type": "fixed-delay",
+                        "restart-strategy.fixed-delay.attempts": 5,
+                        "restart-strategy.fixed-delay.delay": "1 s"})
+        cluster.start()
+    except flink.FlinkSetupError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def stream(example_log, tmp_path_factory):
+    """The online part of the example log (its last 60%) and a clean DirectRunner run of it."""
+    files = example_log["files"][int(len(example_log["files"]) * 0.4):]
+    folder = tmp_path_factory.mktemp("online-examples")
+    for f in files:
+        shutil.copy(f, folder)
+    out = tmp_path_factory.mktemp("clean")
+    train.main(["online", f"--input={folder}", *COMMON, f"--store=memory://clean-{out.name}",
+                f"--metrics_dir={out}", f"--export_dir={out}/snapshots", "--streaming",
+                "--poll_interval_s=0.5", "--run_for_s=3"])
+    return {"files": files, "clean": outcome(out)}
+
+
+class Landing(threading.Thread):
+    """Lands the stream's files in a folder one by one (atomically: copy, then rename), as
+    the joiner would, so that the job is mid-stream for a while."""
+
+    def __init__(self, files, folder, every_s=1.0):
+        super().__init__(daemon=True)
+        self.files, self.folder, self.every_s = files, str(folder), every_s
+        os.makedirs(self.folder, exist_ok=True)
+        self.stopped = threading.Event()
+
+    def run(self):
+        for f in self.files:
+            if self.stopped.wait(self.every_s):
+                return
+            tmp = os.path.join(self.folder, "." + os.path.basename(f) + ".tmp")
+            shutil.copy(f, tmp)
+            os.rename(tmp, os.path.join(self.folder, os.path.basename(f)))
+
+
+def outcome(out) -> dict:
+    """What a finished job left: the online metrics' totals and the PS snapshots' totals."""
+    totals = json.loads((out / "online-online-totals.json").read_text())
+    snaps = {}
+    for path in sorted(glob.glob(f"{out}/snapshots/*.snap")):
+        meta, _ = read_snapshot(path)
+        snaps[os.path.basename(path)] = meta
+    assert sorted(snaps) == ["dense-dense.snap", "sparse-0.snap", "sparse-1.snap"], snaps
+    return {"auc": totals["auc"], "scored": totals["examples"],
+            "trained": snaps["dense-dense.snap"]["totals"]["examples"],
+            "batches": snaps["dense-dense.snap"]["totals"]["batches"],
+            "gradient_rows": sum(m["totals"]["gradient_rows"] for k, m in snaps.items()
+                                 if k.startswith("sparse")),
+            "snapshots": snaps}
+
+
+def start_job(cluster, out, store_url, folder, run_for_s, extra=()):
+    """The online job on the cluster, in a subprocess (its LOOPBACK Python workers with it)."""
+    out.mkdir(exist_ok=True)
+    argv = [sys.executable, "-m", "dataflow.train", "online", f"--input={folder}", *COMMON,
+            f"--store={store_url}", f"--metrics_dir={out}", f"--export_dir={out}/snapshots",
+            f"--metrics_out={out}/metrics.json", "--poll_interval_s=0.5",
+            f"--run_for_s={run_for_s}", "--runner=FlinkRunner",
+            f"--flink_master={cluster.master}", "--streaming", "--parallelism=1",
+            "--checkpointing_interval=1000", "--state_backend=rocksdb",
+            f"--state_backend_storage_path=file://{out}/checkpoints", *extra]
+    log = open(out / "job.log", "wb")
+    return subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until(predicate, timeout_s, what, job=None, out=None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if job is not None and job.poll() is not None:
+            break
+        time.sleep(0.1)
+    log = (out / "job.log").read_text(errors="replace")[-4000:] if out else ""
+    raise AssertionError(f"timed out waiting for {what}\n{log}")
+
+
+def trained(store) -> int:
+    return store.sync_info().get("dense", {}).get("examples", 0)
+
+
+def finish(job, out, timeout_s=240):
+    try:
+        rc = job.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        raise
+    assert rc == 0, (out / "job.log").read_text(errors="replace")[-4000:]
+
+
+def check_store_matches_snapshots(store_url, snapshots: dict, snap_dir):
+    """The store ends equal to the PS state (reconciled after the restore): every row of every
+    sparse shard's snapshot, and nothing else, is in the store with the same values."""
+    from ps.shard import SparseShard
+    from schemas.feature_config import load_feature_config
+    store = open_store(store_url, num_shards=2)
+    spec = train.model_spec(load_feature_config("synthetic"), "fm")
+    shard_dofn = SparseShard("memory://unused", 2, spec.tables())
+    for name, meta in snapshots.items():
+        if not name.startswith("sparse"):
+            continue
+        _, payload = read_snapshot(os.path.join(snap_dir, name))
+        live = shard_dofn._decode_base(meta["key"], payload)
+        for table_name, table in live.tables.items():
+            fids = np.concatenate([f for f, _, _ in table.items()] or [np.empty(0, np.uint64)])
+            rows = np.concatenate([r[:, :table.dim] for _, r, _ in table.items()] or
+                                  [np.empty((0, table.dim), np.float32)])
+            stored_fids, stored_rows = store.shard_rows(table_name, int(meta["key"]))
+            order, stored_order = np.argsort(fids), np.argsort(stored_fids)
+            np.testing.assert_array_equal(fids[order], stored_fids[stored_order])
+            np.testing.assert_array_equal(rows[order], stored_rows[stored_order])
+
+
+def test_taskmanager_killed_mid_stream(recovery_cluster, stream, tmp_path, redis_server):
+    """Kill -9 the TaskManager after a checkpoint, mid-stream; a new one takes over, the job
+    restarts from the checkpoint, and the result equals the clean run's: every example
+    scored and trained on once, every gradient row applied once."""
+    clean = stream["clean"]
+    store_url = f"{redis_server}/13"
+    store = open_store(store_url, num_shards=None)
+    store.clear()
+    out = tmp_path / "killed"
+    landing = Landing(stream["files"], tmp_path / "landing")
+    job = start_job(recovery_cluster, out, store_url, landing.folder, run_for_s=60)
+    try:
+        job_id = recovery_cluster.running_job()
+        wait_until(lambda: recovery_cluster.checkpoints(job_id).get("completed", 0) >= 1,
+                   120, "a completed checkpoint", job, out)
+        landing.start()
+        wait_until(lambda: trained(store) > clean["trained"] * 0.3, 120,
+                   "30% of the stream trained", job, out)
+        before_kill = trained(store)
+        killed = recovery_cluster.kill_taskmanager()
+        recovery_cluster.start_taskmanager()
+        finish(job, out)
+    finally:
+        landing.stopped.set()
+        if job.poll() is None:
+            job.kill()
+    counts = recovery_cluster.checkpoints(job_id)
+    failures = recovery_cluster.rest(f"/jobs/{job_id}/exceptions").get("exceptionHistory", {})
+    result = outcome(out)
+    report = {"killed_pid": killed, "trained_before_kill": before_kill,
+              "checkpoints": counts, "job_failures": len(failures.get("entries", [])), "clean": {k: v for k, v in clean.items() if k != "snapshots"},
+              "recovered": {k: v for k, v in result.items() if k != "snapshots"}}
+    print("RECOVERY", json.dumps(report))
+    assert report["job_failures"] >= 1, report  # the job really failed and restarted
+    assert before_kill < clean["trained"], report  # the kill came mid-stream
+    for key in ("scored", "trained", "batches", "gradient_rows"):
+        assert result[key] == clean[key], (key, report)
+    assert abs(result["auc"] - clean["auc"]) < 0.02, report
+    check_store_matches_snapshots(store_url, result["snapshots"], out / "snapshots")
+
+
+def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redis_server):
+    """``flink stop --savepointPath`` mid-stream, then the same job from the savepoint in a
+    new process: together they score and train on every example exactly once."""
+    clean = stream["clean"]
+    store_url = f"{redis_server}/14"
+    store = open_store(store_url, num_shards=None)
+    store.clear()
+    first = tmp_path / "first"
+    landing = Landing(stream["files"], tmp_path / "landing")
+    job = start_job(recovery_cluster, first, store_url, landing.folder, run_for_s=600)
+    try:
+        job_id = recovery_cluster.running_job()
+        landing.start()
+        wait_until(lambda: trained(store) > clean["trained"] * 0.3, 120,
+                   "30% of the stream trained", job, first)
+        savepoint = recovery_cluster.stop_with_savepoint(job_id, f"file://{tmp_path}/savepoints")
+        finish(job, first, timeout_s=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    landing.join()  # the rest of the stream lands while no job runs
+    at_stop = trained(store)
+    assert 0 < at_stop < clean["trained"]
+    assert not os.path.exists(first / "online-online-totals.json")  # it did not run to the end
+    second = tmp_path / "second"
+    job = start_job(recovery_cluster, second, store_url, landing.folder, run_for_s=20,
+                    extra=[f"--savepoint_path={savepoint}"])
+    try:
+        finish(job, second)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    result = outcome(second)
+    report = {"savepoint": savepoint, "trained_at_stop": at_stop,
+              "clean": {k: v for k, v in clean.items() if k != "snapshots"},
+              "resumed": {k: v for k, v in result.items() if k != "snapshots"}}
+    print("SAVEPOINT", json.dumps(report))
+    for key in ("scored", "trained", "batches", "gradient_rows"):
+        assert result[key] == clean[key], (key, report)
+    assert abs(result["auc"] - clean["auc"]) < 0.02, report
+    check_store_matches_snapshots(store_url, result["snapshots"], second / "snapshots")
