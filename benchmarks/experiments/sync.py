@@ -85,11 +85,14 @@ def run_dataset(name: str, args) -> dict:
             store = f"{base}-{label(setting)}"
             common.clone_store(base, store, tables, 2)
             interval = NEVER_S if setting is None else setting
+            dense = interval if setting is None or args.dense_sync_s is None \
+                else args.dense_sync_s
             run = common.train(
                 "online", ds, online_dir, os.path.join(work, f"seed{seed}", label(setting)),
                 seed=seed, store=store,
                 flags=(f"--restore={snapshots}", "--run_for_s=0.001",
-                       f"--sync_interval_s={interval}", f"--dense_sync_interval_s={interval}"),
+                       f"--sync_interval_s={interval}",
+                       f"--dense_sync_interval_s={dense}"),
                 metrics_window_s=WINDOW_H[name] * 3600)
             common.drop_store(store)
             examples = run.examples
@@ -104,6 +107,7 @@ def run_dataset(name: str, args) -> dict:
     summary = {k: common.mean_std(v) for k, v in aucs.items()}
     batch = summary["batch"]["mean"]
     return {
+        "dense_sync_s": args.dense_sync_s,
         "batch_examples": int(sum(len(common.read_examples([f])) for f in batch_files)),
         "online_examples": examples, "seeds": list(range(args.seeds)),
         "sync_intervals_s": list(intervals), "window_hours": WINDOW_H[name],
@@ -131,7 +135,7 @@ def plot(result: dict, path: str) -> None:
         colors = ["grey"] + [f"C{i}" for i in range(len(names) - 1)]
         ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
         for i, (m, s) in enumerate(zip(means, stds)):
-            ax.text(i, m + s + 0.0005, f"{m:.4f}", ha="center", fontsize=8)
+            ax.text(i + 0.1, m + s + 0.0005, f"{m:.4f}", ha="left", fontsize=8)
         lo = min(means) - 3 * max(max(stds), 0.002)
         ax.set_ylim(lo, max(means) + 3 * max(max(stds), 0.002))
         ax.set_xticks(range(len(names)))
@@ -151,7 +155,9 @@ def plot(result: dict, path: str) -> None:
         ax.set_xlabel("event time (UTC)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        fig.autofmt_xdate()
+        for tick in ax.get_xticklabels():
+            tick.set_rotation(25)
+            tick.set_horizontalalignment("right")
     fig.suptitle("Online vs. batch training (Algorithm 1: sync, evaluate on the shard, "
                  "train on it)")
     fig.tight_layout()
@@ -161,6 +167,9 @@ def plot(result: dict, path: str) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
+    parser.add_argument("--dense_sync_s", type=float, default=None,
+                        help="online runs: sync the dense weights at this interval instead "
+                             "of the sparse one (0: every batch); a diagnostic")
 
 
 def run(args) -> dict:
