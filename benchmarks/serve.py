@@ -136,7 +136,12 @@ def bench_store(store_url: str, args, workdir: str) -> dict:
     server = serve.Server(scorer, port=0).start()
     try:
         _run_load(server.url, bodies_path, 50, 30, 1)  # warm-up
+        cpu = time.process_time()
         latency = _run_load(server.url, bodies_path, args.requests, args.seconds, 1)
+        # CPU seconds of this process (the service's threads) per request: what a request
+        # costs on a core of its own, whatever else the machine runs meanwhile
+        latency["service_cpu_ms_per_request"] = round(
+            1000 * (time.process_time() - cpu) / max(latency["requests"], 1), 2)
         throughput = _run_load(server.url, bodies_path, args.requests, args.seconds,
                                args.concurrency)
     finally:
@@ -144,6 +149,7 @@ def bench_store(store_url: str, args, workdir: str) -> dict:
     return {"store": store_url.split(":")[0], "rows_in_store": int(len(fids)),
             "sequential": latency, f"concurrency_{args.concurrency}": throughput,
             "p50_ms": latency["p50_ms"], "p99_ms": latency["p99_ms"],
+            "service_cpu_ms_per_request": latency["service_cpu_ms_per_request"],
             "requests_per_s": throughput["requests_per_s"],
             "candidates_per_s": round(throughput["requests_per_s"] * args.candidates)}
 

@@ -56,6 +56,7 @@ import math
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -498,6 +499,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: no TCP handshake per request
     server_version = "beam-monolith-serve/1"
 
+    def setup(self):
+        super().setup()
+        # Small answers on a keep-alive connection: without this, Nagle's algorithm and the
+        # client's delayed ACK add ~40 ms to every answer.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, fmt, *args):  # one line per request would be the bottleneck
         pass
 
@@ -506,8 +513,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        # headers and body in one write (one TCP segment for a small answer)
+        self._headers_buffer.append(b"\r\n" + data)
+        self.flush_headers()
 
     def _error(self, status: int, reason: str, detail: str) -> None:
         self.server.scorer._count(f"http_{status}")

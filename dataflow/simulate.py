@@ -43,6 +43,7 @@ from dataflow.data import (DEVICES, GENDERS, HOUR_MS, NETWORKS, SynthParams, _so
 
 _LOG = logging.getLogger(__name__)
 
+MIN_DELAY_MS = 1_000  # the shortest delay of an action after serving (as in dataflow.data)
 STATS_FIELDS = ["wall_s", "ts_ms", "latency_ms", "served", "clicks", "model_version",
                 "dense_age_ms", "sparse_age_ms", "sparse_wall_age_s", "store", "status"]
 
@@ -153,6 +154,7 @@ class Simulator:
         self.rng = np.random.default_rng(seed + 1_000_003)
         self.lock = threading.Lock()
         self.pending: list = []  # heap of (ts_ms, seq, request_id, action)
+        self.inflight: dict = {}  # worker -> event time of its request awaiting an answer
         self.seq = 0
         self.stats_file = open(stats_path, "w", newline="", encoding="utf-8") \
             if stats_path else None
@@ -187,13 +189,13 @@ class Simulator:
                 if not clicked:
                     continue
                 clicks += 1
-                delay = int(min(max(np.exp(rng.normal(np.log(20_000), 1.2)), 1_000),
+                delay = int(min(max(np.exp(rng.normal(np.log(20_000), 1.2)), MIN_DELAY_MS),
                                 self.max_delay_ms))
                 click_ts = ts_ms + delay
                 self._push(click_ts, item["request_id"], "click")
                 if rng.random() < 1 / (1 + np.exp(-(logit_of[item["item_id"]] + 1.5))):
-                    like_delay = int(min(max(np.exp(rng.normal(np.log(60_000), 1.0)), 1_000),
-                                         self.max_delay_ms))
+                    like_delay = int(min(max(np.exp(rng.normal(np.log(60_000), 1.0)),
+                                             MIN_DELAY_MS), self.max_delay_ms))
                     self._push(click_ts + like_delay, item["request_id"], "like")
                     self.likes += 1
         return clicks
@@ -203,8 +205,12 @@ class Simulator:
         heapq.heappush(self.pending, (ts_ms, self.seq, request_id, action))
 
     def _write_due(self, now_ms: int) -> None:
-        """Actions whose time has come go to the action log, in event-time order."""
+        """Actions whose time has come go to the action log, in event-time order: up to
+        ``now_ms``, and not past the earliest action a request still waiting for its answer
+        could bring (its event time plus the shortest delay)."""
         with self.lock:
+            if self.inflight:
+                now_ms = min(now_ms, min(self.inflight.values()) + MIN_DELAY_MS - 1)
             due = []
             while self.pending and self.pending[0][0] <= now_ms:
                 ts, _, rid, action = heapq.heappop(self.pending)
@@ -255,9 +261,10 @@ class Simulator:
             t_rel = self.sim_rel_ms()
             if t_rel >= stop_rel_ms:
                 break
+            ts_ms = self.world.start_ms + t_rel
             with self.lock:
                 body, items, ctr, logit = self.world.request(rng, t_rel, self.n_candidates)
-            ts_ms = self.world.start_ms + t_rel
+                self.inflight[worker] = ts_ms
             body["ts_ms"] = ts_ms
             if self.top_k:
                 body["top_k"] = self.top_k
@@ -271,6 +278,7 @@ class Simulator:
             latency_ms = 1000 * (time.perf_counter() - started)
             if status != 200:
                 with self.lock:
+                    self.inflight.pop(worker, None)
                     self.errors += 1
                     if self.errors <= 5 or self.errors % 100 == 0:
                         _LOG.warning("simulate: serving answered %s: %s", status,
@@ -285,6 +293,7 @@ class Simulator:
             served = answer["items"]
             clicks = self._act(answer["ts_ms"], served, ctr_of, logit_of)
             with self.lock:
+                self.inflight.pop(worker, None)
                 self.requests += 1
                 self.served += len(served)
                 self.clicks += clicks
