@@ -136,7 +136,8 @@ def run_dataset(name: str, args) -> dict:
 def plot(result: dict, path: str) -> None:
     plt = common.pyplot()
     datasets = result["datasets"]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(8.0, 6.0 * len(datasets)), 4.8),
+                             squeeze=False)
     for ax, (name, r) in zip(axes[0], datasets.items()):
         for variant, v in r["variants"].items():
             rates = ", ".join(f"{s} {100 * info['collision_rate'][variant]:.2f}%"
