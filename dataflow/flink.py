@@ -271,6 +271,31 @@ class FlinkCluster:
         self.stop()
 
 
+def cancel_jobs_named(master: str, name: str, timeout_s: float = 60.0) -> list[str]:
+    """Cancel the jobs called ``name`` on the cluster at ``master`` (host:port); their ids.
+
+    Beam's job server, asked to cancel, stops its own invocation but leaves a job it
+    submitted to a remote cluster running (and restarting once its Python workers are gone).
+    """
+    base = master if master.startswith("http") else f"http://{master}"
+
+    def call(path, method="GET"):
+        req = urllib.request.Request(base + path, method=method)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"{}")
+    ids = [j["jid"] for j in call("/jobs/overview").get("jobs", [])
+           if j.get("name") == name and j.get("state") not in ("FINISHED", "CANCELED", "FAILED")]
+    for jid in ids:
+        call(f"/jobs/{jid}?mode=cancel", "PATCH")
+    deadline = time.monotonic() + timeout_s
+    while ids and time.monotonic() < deadline:
+        states = {j["jid"]: j["state"] for j in call("/jobs/overview").get("jobs", [])}
+        if all(states.get(jid) in ("CANCELED", "FINISHED", "FAILED") for jid in ids):
+            break
+        time.sleep(0.2)
+    return ids
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -57,6 +57,16 @@ def _query_metrics(result):
             threading.stack_size(0)
 
 
+def _cancel_on_remote_flink(options: PipelineOptions) -> None:
+    """Cancelling through Beam leaves a job on a remote Flink cluster running: cancel it there."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+    master = options.get_all_options().get("flink_master") or ""
+    name = options.view_as(GoogleCloudOptions).job_name
+    if master and not master.startswith("[") and name:
+        from dataflow.flink import cancel_jobs_named
+        _LOG.info("cancelled Flink jobs %s", cancel_jobs_named(master, name))
+
+
 def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions,
             finished: Callable[[], bool] | None = None, poll_s: float = 1.0):
     """Build with ``build(pipeline)``, run to completion, write metrics if asked; -> result.
@@ -80,6 +90,7 @@ def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions,
             if finished():
                 _LOG.info("the job's end-of-input work is done: cancelling it")
                 result.cancel()
+                _cancel_on_remote_flink(options)
                 cancelled = True
                 break
             time.sleep(poll_s)

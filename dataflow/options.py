@@ -69,7 +69,7 @@ def pipeline_options(argv: list[str], *option_classes, flink_defaults: dict | No
     """``PipelineOptions`` from command-line flags with this project's runner defaults.
 
     ``flink_defaults``: ``{flag name: value}`` a pipeline wants on Flink unless given (e.g. the
-    job server's ``max_bundle_time_mills``).
+    job server's ``max_bundle_time_mills``); ``True`` is a bare boolean flag.
 
     >>> opts = pipeline_options(["--runner=FlinkRunner", "--flink_master=[local]"])
     ... # doctest: +SKIP
@@ -90,7 +90,8 @@ def pipeline_options(argv: list[str], *option_classes, flink_defaults: dict | No
             extra.append(f"--flink_version={flink.FLINK_VERSION}")
         if not _flag_given(argv, "environment_type"):
             extra.append("--environment_type=LOOPBACK")
-        extra += [f"--{name}={value}" for name, value in (flink_defaults or {}).items()
+        extra += [f"--{name}" if value is True else f"--{name}={value}"
+                  for name, value in (flink_defaults or {}).items()
                   if not _flag_given(argv, name)]
     elif runner in ("DirectRunner", "BundleBasedDirectRunner"):
         if not _flag_given(argv, "direct_running_mode"):

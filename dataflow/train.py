@@ -171,13 +171,20 @@ def main(argv: list[str] | None = None):
     mode, argv = argv[0], argv[1:]
     # Flink's portable runner ends a bundle of a downstream stage after 1 s by default: that
     # is the round trip reader → worker → PS → store the reader waits for (bounded staleness).
-    flink_defaults = {"max_bundle_time_mills": FLINK_BUNDLE_MS}
+    # Bundles finish before a checkpoint: otherwise Beam stores a bundle's pending outputs in
+    # the checkpoint, and a job resumed from a savepoint re-emitted them on the wrong output
+    # (sparse gradients reached the DenseShard).
+    flink_defaults = {"max_bundle_time_mills": FLINK_BUNDLE_MS,
+                      "finish_bundle_before_checkpointing": True}
     checkpointed = any(a.startswith("--checkpointing_interval") for a in argv)
     if not checkpointed:
         # Without checkpoints a finished source may shut down, and the job ends with its input.
         # With them it must stay (Flink 1.19 on Beam 2.62 fails every checkpoint once the
         # Impulse source has finished), so the job ends when its end-of-input work is done.
         flink_defaults["shutdown_sources_after_idle_ms"] = 0
+    if not any(a.startswith("--job_name") for a in argv):
+        # a name the cluster's REST API can find the job by (dataflow.job cancels it there)
+        flink_defaults["job_name"] = f"beam-monolith-train-{mode}-{os.getpid()}-{int(time.time())}"
     options = pipeline_options(argv, TrainOptions, flink_defaults=flink_defaults)
     opts = options.view_as(TrainOptions)
     if not opts.input or not opts.config:

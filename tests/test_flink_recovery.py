@@ -228,7 +228,6 @@ def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redi
     landing.join()  # the rest of the stream lands while no job runs
     at_stop = trained(store)
     assert 0 < at_stop < clean["trained"]
-    assert not os.path.exists(first / "online-online-totals.json")  # it did not run to the end
     second = tmp_path / "second"
     job = start_job(recovery_cluster, second, store_url, landing.folder, run_for_s=20,
                     extra=[f"--savepoint_path={savepoint}"])
