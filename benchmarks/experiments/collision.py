@@ -18,6 +18,7 @@ epoch, and its first pass over the training part, scored before learning, is the
 from __future__ import annotations
 
 import math
+import shutil
 import os
 
 import numpy as np
@@ -103,7 +104,7 @@ def run_dataset(name: str, args) -> dict:
             info["collision_rate"].setdefault(variant, 0.0)
         fid_map = (lambda f, b=buckets: hash_fids(f, b)) if buckets else None
         log_dir = os.path.join(work, variant, "log")
-        common.shutil.rmtree(log_dir, ignore_errors=True)
+        shutil.rmtree(log_dir, ignore_errors=True)
         for k in range(args.epochs):
             common.rewrite_log(train_files, log_dir, k * shift_ms, fid_map=fid_map,
                                tag=f"e{k}train-")
@@ -121,7 +122,7 @@ def run_dataset(name: str, args) -> dict:
                 per_epoch[k].append(run.auc((epoch == k) & is_test))
             online.append(run.auc((epoch == 0) & ~is_test))
             seconds.append(run.seconds)
-            common._LOG.info("collision %s %s seed %d: test AUC per epoch %s, online %.4f",
+            common.LOG.info("collision %s %s seed %d: test AUC per epoch %s, online %.4f",
                              name, variant, seed, [round(a[-1], 4) for a in per_epoch],
                              online[-1])
         out["variants"][variant] = {

@@ -38,7 +38,7 @@ DEFAULT_WORKDIR = REPO / "out" / "experiments"
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 
-_LOG = logging.getLogger("benchmarks.experiments")
+LOG = logging.getLogger("benchmarks.experiments")  # progress lines, on stderr
 
 
 # --------------------------------------------------------------------------- data sets
@@ -112,7 +112,7 @@ def dataset(name: str, workdir: str, quick: bool) -> DataSet:
     if not os.path.exists(ready):
         shutil.rmtree(folder, ignore_errors=True)
         logs = os.path.join(folder, "logs")
-        _LOG.info("making data set %s in %s", name, folder)
+        LOG.info("making data set %s in %s", name, folder)
         if spec.synth is not None:
             summary = data.synth(logs, **(spec.synth_quick if quick else spec.synth))
         else:
@@ -150,7 +150,7 @@ def split_by_count(files: list, fraction: float) -> tuple:
     return split_by_time(files, fraction)
 
 
-def split_by_time(files: list, at_ms: int) -> tuple:
+def split_at(files: list, at_ms: int) -> tuple:
     """(files of periods starting before ``at_ms``, the rest)."""
     before = [f for f in files if period_start_ms(f) < at_ms]
     return before, [f for f in files if period_start_ms(f) >= at_ms]
@@ -328,7 +328,6 @@ def train(mode: str, ds: DataSet, input_pattern: str, run_dir: str, *, seed: int
     from dataflow import train as train_pipeline
     from dataflow.job import run_job
     from dataflow.options import pipeline_options
-    from transforms.model import ModelSpec  # noqa: F401 (import TF before timing)
 
     shutil.rmtree(run_dir, ignore_errors=True)
     scores_dir = os.path.join(run_dir, "scores")

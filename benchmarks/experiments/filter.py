@@ -77,7 +77,7 @@ def run_dataset(name: str, args) -> dict:
                 "rows_over_time": [[round((t - t0) / common.HOUR_MS, 2), int(r)]
                                    for t, r in samples.tolist()],
             })
-            common._LOG.info("filter %s %s: AUC %.4f, peak rows %d, final %d (%.0fs)", name,
+            common.LOG.info("filter %s %s: AUC %.4f, peak rows %d, final %d (%.0fs)", name,
                              key, run.auc(), peak, settings[-1]["rows_final"], run.seconds)
     return {"examples": settings[0]["examples"] if settings else 0,
             "id_slots": list(ID_SLOTS), "summary": {k: ds.summary.get(k) for k in (

@@ -32,7 +32,7 @@ def run_dataset(name: str, args) -> dict:
                       "seconds": round(ours.seconds, 1),
                       "settings": f"DeepFM dim 8, batch {ds.spec.batch_size}, rows Adagrad "
                                   f"0.05, dense Adagrad {ds.spec.dense_lr}, collisionless"}}
-    common._LOG.info("peers %s ours: AUC %.4f", name, ours.auc())
+    common.LOG.info("peers %s ours: AUC %.4f", name, ours.auc())
     for kind, settings in (("fm", "FMClassifier(n_factors=8, SGD(0.05))"),
                            ("lr", "LogisticRegression(SGD(0.1))")):
         key = f"river_{kind}"
@@ -44,7 +44,7 @@ def run_dataset(name: str, args) -> dict:
         peers[key] = {"online_auc": common.rounded(r[f"river_{kind}_auc"]),
                       "examples_per_s": r[f"river_{kind}_examples_per_s"],
                       "settings": settings}
-        common._LOG.info("peers %s %s: AUC %.4f", name, key, r[f"river_{kind}_auc"])
+        common.LOG.info("peers %s %s: AUC %.4f", name, key, r[f"river_{kind}_auc"])
     k = keras_peer.run(ds.files, ds.spec.config)
     peers["keras_daily"] = {key: k[key] for key in (
         "online_auc", "examples", "examples_per_s", "days", "num_bins", "collision_rate",
@@ -52,7 +52,7 @@ def run_dataset(name: str, args) -> dict:
     peers["keras_daily"]["settings"] = (f"Keras DeepFM, Hashing({k['num_bins']}) + "
                                         f"Embedding, Adam 1e-3, batch 256, 1 epoch per day, "
                                         f"warm start")
-    common._LOG.info("peers %s keras daily: AUC %.4f", name, k["online_auc"])
+    common.LOG.info("peers %s keras daily: AUC %.4f", name, k["online_auc"])
     ran = {p: v["online_auc"] for p, v in peers.items() if "online_auc" in v}
     return {"examples": ours.examples, "bayes_auc": ds.summary.get("bayes_auc"),
             "peers": peers,

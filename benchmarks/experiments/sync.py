@@ -20,6 +20,7 @@ Reported: AUC over the evaluated part, mean ± std over seeds, per setting.
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 
@@ -61,7 +62,7 @@ def run_dataset(name: str, args) -> dict:
     work = os.path.join(args.workdir, "sync", ds.name + ("-quick" if args.quick else ""))
     if ds.spec.synth is not None:
         at = common.period_start_ms(ds.files[0]) + BATCH_DAYS * common.DAY_MS
-        batch_files, online_files = common.split_by_time(ds.files, at)
+        batch_files, online_files = common.split_at(ds.files, at)
     else:
         batch_files, online_files = common.split_by_count(ds.files, 0.8)
     intervals = INTERVALS[name] if not args.quick else INTERVALS[name][::2]
@@ -76,7 +77,7 @@ def run_dataset(name: str, args) -> dict:
     for seed in range(args.seeds):
         base = f"memory://exp-sync-{name}-{seed}-{os.getpid()}"
         snapshots = os.path.join(work, f"seed{seed}", "snapshots")
-        common.shutil.rmtree(snapshots, ignore_errors=True)
+        shutil.rmtree(snapshots, ignore_errors=True)
         backfill = common.train("backfill", ds, batch_glob, os.path.join(work, f"seed{seed}",
                                                                         "backfill"),
                                 seed=seed, store=base, flags=(f"--export_dir={snapshots}",))
@@ -100,7 +101,7 @@ def run_dataset(name: str, args) -> dict:
             seconds[label(setting)].append(run.seconds)
             if seed == 0:
                 curves[label(setting)] = window_aucs(run, WINDOW_H[name] * common.HOUR_MS)
-            common._LOG.info("sync %s seed %d %s: AUC %.4f (%d examples, %.0fs)", name, seed,
+            common.LOG.info("sync %s seed %d %s: AUC %.4f (%d examples, %.0fs)", name, seed,
                              label(setting), aucs[label(setting)][-1], run.examples,
                              run.seconds)
         common.drop_store(base)
