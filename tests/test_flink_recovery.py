@@ -205,6 +205,39 @@ def test_taskmanager_killed_mid_stream(recovery_cluster, stream, tmp_path, redis
     check_store_matches_snapshots(store_url, result["snapshots"], out / "snapshots")
 
 
+def damaged_savepoints_are_refused(cluster, savepoint, tmp_path, store_url, folder, at_stop):
+    """A truncated and a bit-flipped copy of the savepoint: the job fails to start, with an
+    error about the savepoint, and trains nothing (issue #7 part 5, the Flink half)."""
+    source = savepoint.removeprefix("file:")
+    refused = []
+    for damage in ("truncated", "bit-flipped"):
+        bad = tmp_path / f"savepoint-{damage}"
+        shutil.copytree(source, bad)
+        meta = (bad / "_metadata").read_bytes()
+        if damage == "truncated":
+            meta = meta[:len(meta) // 2]
+        else:
+            meta = bytearray(meta)
+            meta[len(meta) // 3] ^= 0x10
+            meta = bytes(meta)
+        (bad / "_metadata").write_bytes(meta)
+        out = tmp_path / f"restore-{damage}"
+        job = start_job(cluster, out, store_url, folder, run_for_s=600,
+                        extra=[f"--savepoint_path=file://{bad}"])
+        try:
+            rc = job.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            raise AssertionError(f"the job started from a {damage} savepoint and kept running")
+        log = (out / "job.log").read_text(errors="replace")
+        assert rc != 0, log[-3000:]
+        assert "savepoint" in log.lower() or "_metadata" in log, log[-3000:]
+        refused.append(damage)
+    open_store(store_url, num_shards=None)
+    assert trained(open_store(store_url, num_shards=None)) == at_stop  # nothing was trained
+    return refused
+
+
 def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redis_server):
     """``flink stop --savepointPath`` mid-stream, then the same job from the savepoint in a
     new process: together they score and train on every example exactly once."""
@@ -228,6 +261,8 @@ def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redi
     landing.join()  # the rest of the stream lands while no job runs
     at_stop = trained(store)
     assert 0 < at_stop < clean["trained"]
+    refused = damaged_savepoints_are_refused(recovery_cluster, savepoint, tmp_path, store_url,
+                                             landing.folder, at_stop)
     second = tmp_path / "second"
     job = start_job(recovery_cluster, second, store_url, landing.folder, run_for_s=20,
                     extra=[f"--savepoint_path={savepoint}"])
@@ -237,7 +272,7 @@ def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redi
         if job.poll() is None:
             job.kill()
     result = outcome(second)
-    report = {"savepoint": savepoint, "trained_at_stop": at_stop,
+    report = {"savepoint": savepoint, "trained_at_stop": at_stop, "damaged_refused": refused,
               "clean": {k: v for k, v in clean.items() if k != "snapshots"},
               "resumed": {k: v for k, v in result.items() if k != "snapshots"}}
     print("SAVEPOINT", json.dumps(report))
