@@ -375,12 +375,13 @@ def plot(path: str, rows: list, stats: dict, trained: list, title: str) -> None:
         items, _ = np.histogram(wall, bins, weights=np.nan_to_num(stats["served"]))
         ax.plot(bins[:-1], counts / 2.0, label="requests/s")
         ax.plot(bins[:-1], items / 2.0, label="served items/s")
-    if trained:
+    if len(trained) > 1:
         tw = np.array([w for w, _ in trained])
         te = np.array([e for _, e in trained], np.float64)
-        if len(tw) > 1:
-            rate = np.diff(te) / np.maximum(np.diff(tw), 1e-9)
-            ax.plot(tw[1:], rate, label="trained examples/s")
+        # training applies the example log in bursts (a period at a time): 5 s averages
+        grid = np.arange(tw[0], tw[-1] + 5.0, 5.0)
+        ax.plot(grid[1:], np.diff(np.interp(grid, tw, te)) / 5.0,
+                label="trained examples/s (5 s means)")
     ax.set_xlabel("wall seconds since the simulator started")
     ax.set_ylabel("per wall second")
     ax.legend()
@@ -631,7 +632,10 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float) -> di
             "examples_trained_about": trained[-1][1] if trained else 0,
         },
         "simulator": sim_summary,
-        "models_exported": len(glob.glob(f"{out}/models/*-v*")),
+        "models_kept": len(glob.glob(f"{out}/models/*-v*")),
+        "model_versions_served": int(len(np.unique(
+            stats["model_version"][np.isfinite(stats["model_version"])])))
+        if stats.get("model_version") is not None else 0,
         "settings": {k: v for k, v in vars(args).items()},
     }
     with open(f"{out}/report.json", "w", encoding="utf-8") as f:
@@ -676,22 +680,29 @@ def stream_join_main(argv) -> int:
     from dataflow.job import run_job
     from dataflow.options import MonolithOptions, pipeline_options
 
+    # Beam parses every options class with every pipeline: no required=True here.
     class StreamJoinOptions(MonolithOptions):
         @classmethod
         def _add_argparse_args(cls, parser):
-            parser.add_argument("--features", required=True)
-            parser.add_argument("--actions", required=True)
-            parser.add_argument("--examples", required=True)
-            parser.add_argument("--dead_letter", required=True)
-            parser.add_argument("--config", required=True)
-            parser.add_argument("--join_window_s", type=float, required=True)
-            parser.add_argument("--period_s", type=int, required=True)
+            parser.add_argument("--features", help="feature log folder")
+            parser.add_argument("--actions", help="action log folder")
+            parser.add_argument("--examples", help="example log folder (training follows it)")
+            parser.add_argument("--dead_letter", help="folder for dead_letter/")
+            parser.add_argument("--config", default="synthetic")
+            parser.add_argument("--join_window_s", type=float, default=300.0)
+            parser.add_argument("--period_s", type=int, default=120)
             parser.add_argument("--negative_sample_rate", type=float, default=1.0)
-            parser.add_argument("--stop_after_s", type=float, required=True)
+            parser.add_argument("--stop_after_s", type=float, default=600.0,
+                                help="stop listing the folders after this many wall seconds")
             parser.add_argument("--poll_s", type=float, default=0.5)
 
     options = pipeline_options(argv, StreamJoinOptions)
-    run_job(lambda p: build_stream_join(p, options.view_as(StreamJoinOptions)), options)
+    opts = options.view_as(StreamJoinOptions)
+    missing = [f"--{n}" for n in ("features", "actions", "examples", "dead_letter")
+               if not getattr(opts, n)]
+    if missing:
+        raise SystemExit(f"stream-join: {', '.join(missing)} required")
+    run_job(lambda p: build_stream_join(p, opts), options)
     return 0
 
 
@@ -711,8 +722,8 @@ def main(argv=None) -> int:
         print(f"  {r['from_s']:>8.0f} {r['to_s']:>8.0f} {r['served']:>7} "
               f"{r['positives']:>6} {r['serving_auc'] or float('nan'):>8.4f} "
               f"{r['bayes_auc'] or float('nan'):>7.4f}")
-    print(json.dumps({k: result[k] for k in ("auc", "staleness", "throughput",
-                                             "models_exported")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("auc", "staleness", "throughput", "models_kept",
+                                             "model_versions_served")}, indent=2))
     print(f"wrote {args.out}/report.json, {args.out}/loop.png, {args.out}/auc_over_time.csv")
     return 0
 

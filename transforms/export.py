@@ -220,12 +220,16 @@ def load_model(path: str) -> LoadedModel:
 
 class ExportDenseModel(beam.DoFn):
     """Writes the dense weights that the ParameterStore holds as a SavedModel every
-    ``interval_s`` of event time (input: the worker's ``dense`` output,
-    ``(key, DenseGradients)``, used as the clock).
+    ``interval_s`` of their event time (input: the worker's ``dense`` output,
+    ``(key, DenseGradients)``, used as a tick).
 
-    It exports what serving would read (the store's copy, published by ``DenseShard``), with
-    the store's version, and skips an export when that version has not changed. Exports are
-    idempotent by name (event time + version), so a retried bundle rewrites nothing.
+    It exports what serving would read (the store's copy, published by ``DenseShard``) with
+    the store's version, stamped with the event time of its last publish (the store's sync
+    record), and skips a tick when the version has not changed. The clock is the store's,
+    not the tick's: on Flink the worker's output reaches this DoFn before the PS stage has
+    applied it, so the export trails the PS by a bundle and a bounded input's last
+    ``interval_s`` may go unexported. Exports are idempotent by name (event time +
+    version), so a retried bundle rewrites nothing.
     """
 
     def __init__(self, store_url: str, dense_name: str, spec, model_dir: str,
@@ -249,20 +253,19 @@ class ExportDenseModel(beam.DoFn):
         self.last_version = None
 
     def process(self, element):
-        _key, grads = element
-        ts_ms = int(grads.ts_ms)
-        if self.next_ms is not None and ts_ms < self.next_ms:
+        sync = self.store.sync_info().get("dense")  # DenseShard's sync record
+        if not sync or (self.next_ms is not None and sync["ts_ms"] < self.next_ms):
             return
         params, version = self.store.read_dense(self.dense_name)
         if params is None or version == self.last_version:
             return
+        ts_ms = int(sync["ts_ms"])
         start = time.monotonic()
         if self.module is None:
             self.module = DenseModule(self.spec, params, version, ts_ms)
-        sync = self.store.sync_info().get("dense", {})  # DenseShard's sync record
         path = write_model(self.model_dir, self.spec, params, version, ts_ms, self.keep,
                            meta={"dense_name": self.dense_name, "store": self.store_url,
-                                 "params_ts_ms": sync.get("ts_ms")}, module=self.module)
+                                 "tick_ts_ms": int(element[1].ts_ms)}, module=self.module)
         self.last_version = version
         self.next_ms = ts_ms + self.interval_ms
         self.written.inc()
