@@ -432,7 +432,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model_export_interval_s", type=float, default=120.0,
                    help="event-time seconds between SavedModel exports")
     p.add_argument("--store", default=None,
-                   help="redis://HOST:PORT/DB (default: a private redis-server)")
+                   help="redis://HOST:PORT/DB, emptied first (default: a private redis-server)")
     p.add_argument("--runner", default="DirectRunner", choices=["DirectRunner", "FlinkRunner"],
                    help="runner of online training (and of a streaming join)")
     p.add_argument("--join", default="periods", choices=["periods", "stream"],
