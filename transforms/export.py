@@ -55,7 +55,9 @@ from typing import NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.coders import VarIntCoder
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 __all__ = ["DenseModule", "write_model", "latest_model", "list_models", "load_model",
            "LoadedModel", "ExportDenseModel", "META_FILE", "spec_to_json", "spec_from_json"]
@@ -232,6 +234,12 @@ class ExportDenseModel(beam.DoFn):
     version), so a retried bundle rewrites nothing.
     """
 
+    # Keyed state (the input is keyed by the worker's dense key): the export runs in the
+    # stage of the PS it follows (on Flink a stateless DoFn here is chained to the reader's
+    # stage and got its input only when the input ended), and the last version exported
+    # survives a restart.
+    LAST_VERSION = ReadModifyWriteStateSpec("export_last_version", VarIntCoder())
+
     def __init__(self, store_url: str, dense_name: str, spec, model_dir: str,
                  interval_s: float = 60.0, keep: int = 3):
         if interval_s < 0:
@@ -250,14 +258,13 @@ class ExportDenseModel(beam.DoFn):
         self.store = open_store(self.store_url, num_shards=None)
         self.module = None
         self.next_ms = None
-        self.last_version = None
 
-    def process(self, element):
+    def process(self, element, last=beam.DoFn.StateParam(LAST_VERSION)):
         sync = self.store.sync_info().get("dense")  # DenseShard's sync record
         if not sync or (self.next_ms is not None and sync["ts_ms"] < self.next_ms):
             return
         params, version = self.store.read_dense(self.dense_name)
-        if params is None or version == self.last_version:
+        if params is None or version + 1 == (last.read() or 0):
             return
         ts_ms = int(sync["ts_ms"])
         start = time.monotonic()
@@ -266,7 +273,7 @@ class ExportDenseModel(beam.DoFn):
         path = write_model(self.model_dir, self.spec, params, version, ts_ms, self.keep,
                            meta={"dense_name": self.dense_name, "store": self.store_url,
                                  "tick_ts_ms": int(element[1].ts_ms)}, module=self.module)
-        self.last_version = version
+        last.write(version + 1)  # 0: nothing exported yet
         self.next_ms = ts_ms + self.interval_ms
         self.written.inc()
         elapsed = int(1000 * (time.monotonic() - start))
