@@ -28,9 +28,8 @@ join window (their writers keep ``_watermark.json``), the loop runs the join pip
 bounded, on that period's feature log and the action log files up to its end plus the join
 window, and lands the examples (one file per period, event-time order) in the folder that
 online training follows. ``--runner FlinkRunner`` runs online training on Flink's
-MiniCluster (measured: it keeps up, the loop learns as on the DirectRunner; the SavedModel
-export there sees the worker's output late, so serving mostly keeps an early dense model
-while the sparse rows stay fresh). ``--join stream`` (Flink only) runs the join as one
+MiniCluster (measured: it keeps up, and the loop learns as on the DirectRunner).
+``--join stream`` (Flink only) runs the join as one
 streaming job over the tailed folders (``transforms.sources.TailAvroLogs``) instead;
 measured on this 2-core machine it fell behind and joined most periods only when its sources
 stopped at the end of the run.
