@@ -230,7 +230,8 @@ class FlinkCluster:
     def stop_with_savepoint(self, job_id: str, directory: str, drain: bool = False,
                             timeout_s: float = 120.0) -> str:
         """``flink stop --savepointPath DIRECTORY JOB`` through the REST API; returns the
-        savepoint's path once it completed (the job then ends)."""
+        savepoint's path once it completed (the job then ends), sealed with the checksums
+        of its files (:func:`seal_savepoint`) that ``dataflow.train`` verifies on resume."""
         trigger = self.rest(f"/jobs/{job_id}/stop", "POST",
                             {"targetDirectory": directory, "drain": drain})["request-id"]
         deadline = time.monotonic() + timeout_s
@@ -239,6 +240,7 @@ class FlinkCluster:
             if status.get("status", {}).get("id") == "COMPLETED":
                 operation = status.get("operation", {})
                 if "location" in operation:
+                    seal_savepoint(operation["location"])
                     return operation["location"]
                 raise RuntimeError(f"savepoint of job {job_id} failed: "
                                    f"{operation.get('failure-cause', operation)}")
@@ -269,6 +271,58 @@ class FlinkCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+SAVEPOINT_SEAL = "beam-monolith.sha256"
+
+
+class SavepointError(RuntimeError):
+    """A savepoint that does not match the checksums taken when it was written."""
+
+
+def _savepoint_dir(path: str) -> Path:
+    return Path(path.removeprefix("file://").removeprefix("file:"))
+
+
+def _savepoint_files(root: Path) -> list:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != SAVEPOINT_SEAL)
+
+
+def seal_savepoint(path: str) -> str:
+    """Write the SHA-256 of every file of the savepoint at ``path`` next to them (Flink
+    checks no checksum: a bit flipped in ``_metadata`` or a state file may go unnoticed)."""
+    import hashlib
+    root = _savepoint_dir(path)
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(root)}"
+             for p in _savepoint_files(root)]
+    (root / SAVEPOINT_SEAL).write_text("\n".join(lines) + "\n")
+    return str(root / SAVEPOINT_SEAL)
+
+
+def verify_savepoint(path: str) -> bool:
+    """Check a savepoint against its seal (:func:`seal_savepoint`); raises
+    :class:`SavepointError` naming the damaged file. False if it has no seal (not written by
+    :meth:`FlinkCluster.stop_with_savepoint`): then only Flink's own checks apply."""
+    import hashlib
+    root = _savepoint_dir(path)
+    seal = root / SAVEPOINT_SEAL
+    if not root.is_dir():
+        raise SavepointError(f"savepoint {path}: no such directory")
+    if not seal.exists():
+        return False
+    expected = {}
+    for line in seal.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        expected[name] = digest
+    found = {str(p.relative_to(root)) for p in _savepoint_files(root)}
+    for name in sorted(set(expected) | found):
+        if name not in found:
+            raise SavepointError(f"savepoint {path}: {name} is missing")
+        if name not in expected:
+            raise SavepointError(f"savepoint {path}: {name} was not part of it")
+        if hashlib.sha256((root / name).read_bytes()).hexdigest() != expected[name]:
+            raise SavepointError(f"savepoint {path}: {name} is damaged (checksum mismatch)")
+    return True
 
 
 def cancel_jobs_named(master: str, name: str, timeout_s: float = 60.0) -> list[str]:

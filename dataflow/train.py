@@ -189,6 +189,12 @@ def main(argv: list[str] | None = None):
     opts = options.view_as(TrainOptions)
     if not opts.input or not opts.config:
         raise SystemExit("train: --input and --config are required (see --help)")
+    savepoint = options.get_all_options(retain_unknown_options=True).get("savepoint_path")
+    if savepoint:  # refuse a damaged savepoint before anything is submitted
+        from dataflow.flink import verify_savepoint
+        if not verify_savepoint(savepoint):
+            _LOG.warning("savepoint %s has no checksums (%s): only Flink's own checks apply",
+                         savepoint, "taken outside dataflow.flink")
     finished = None
     if checkpointed and (mode == "backfill" or opts.run_for_s):
         finished = _end_of_input_done(opts, mode, time.time())

@@ -1,0 +1,66 @@
+"""Savepoint seals: Flink checks no checksum, so a savepoint taken by ``FlinkCluster`` carries
+the SHA-256 of its files and ``dataflow.train`` refuses one that does not match."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataflow import train
+from dataflow.flink import SavepointError, seal_savepoint, verify_savepoint
+
+
+def make_savepoint(root):
+    os.makedirs(root / "op", exist_ok=True)
+    (root / "_metadata").write_bytes(bytes(range(256)) * 4)
+    (root / "op" / "state-1").write_bytes(b"rocksdb state" * 100)
+    seal_savepoint(f"file:{root}")
+    return root
+
+
+@settings(max_examples=60, deadline=None)
+@given(which=st.sampled_from(["_metadata", "op/state-1"]), position=st.floats(0, 1),
+       bit=st.integers(0, 7), data=st.data())
+def test_any_bit_flip_or_cut_is_refused_naming_the_file(tmp_path_factory, which, position, bit,
+                                                       data):
+    root = make_savepoint(tmp_path_factory.mktemp("sp"))
+    assert verify_savepoint(str(root)) is True
+    path = root / which
+    raw = bytearray(path.read_bytes())
+    i = min(int(position * len(raw)), len(raw) - 1)
+    if data.draw(st.booleans(), label="cut"):
+        raw = raw[:i]
+    else:
+        raw[i] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SavepointError, match=which):
+        verify_savepoint(f"file://{root}")
+
+
+def test_missing_and_foreign_files_are_refused(tmp_path):
+    root = make_savepoint(tmp_path / "a")
+    (root / "op" / "state-1").unlink()
+    with pytest.raises(SavepointError, match="missing"):
+        verify_savepoint(str(root))
+    root = make_savepoint(tmp_path / "b")
+    (root / "op" / "extra").write_bytes(b"x")
+    with pytest.raises(SavepointError, match="not part of it"):
+        verify_savepoint(str(root))
+    with pytest.raises(SavepointError, match="no such directory"):
+        verify_savepoint(str(tmp_path / "nowhere"))
+
+
+def test_unsealed_savepoint_is_left_to_flink(tmp_path):
+    (tmp_path / "_metadata").write_bytes(b"x")
+    assert verify_savepoint(str(tmp_path)) is False
+
+
+def test_train_refuses_a_damaged_savepoint_before_submitting(tmp_path):
+    root = make_savepoint(tmp_path / "sp")
+    (root / "_metadata").write_bytes(b"garbage")
+    with pytest.raises(SavepointError, match="_metadata is damaged"):
+        train.main(["online", f"--input={tmp_path}", "--config=synthetic",
+                    "--runner=FlinkRunner", "--flink_master=localhost:1",
+                    f"--savepoint_path=file://{root}", f"--metrics_dir={tmp_path}/m"])
