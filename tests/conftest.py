@@ -38,12 +38,11 @@ def flink_job_server_jar() -> str:
         pytest.fail(str(e), pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def flink_cluster(tmp_path_factory, flink_job_server_jar):
-    """A standalone cluster from .venv-flink, stopped afterwards even when a test fails."""
+def standalone_cluster(workdir, **kwargs):
+    """A started ``FlinkCluster`` (kwargs as its own), stopped afterwards even when a test
+    fails; fails the test with what to install when Flink is missing. Use with yield from."""
     try:
-        cluster = flink.FlinkCluster(task_slots=2,
-                                     workdir=str(tmp_path_factory.mktemp("flink-cluster")))
+        cluster = flink.FlinkCluster(workdir=str(workdir), **kwargs)
         cluster.start()
     except flink.FlinkSetupError as e:
         pytest.fail(str(e), pytrace=False)
@@ -51,6 +50,12 @@ def flink_cluster(tmp_path_factory, flink_job_server_jar):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def flink_cluster(tmp_path_factory, flink_job_server_jar):
+    """A standalone cluster from .venv-flink (two slots)."""
+    yield from standalone_cluster(tmp_path_factory.mktemp("flink-cluster"), task_slots=2)
 
 
 @pytest.fixture(scope="session")

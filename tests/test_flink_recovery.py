@@ -24,7 +24,8 @@ import time
 import numpy as np
 import pytest
 
-from dataflow import flink, train
+from conftest import standalone_cluster
+from dataflow import train
 from ps.shard import read_snapshot
 from ps.store import open_store
 
@@ -37,20 +38,12 @@ COMMON = ["--config=synthetic", "--model=fm", "--learning_rate=0.05", "--batch_s
 def recovery_cluster(tmp_path_factory, flink_job_server_jar):
     """A cluster that notices a dead TaskManager in seconds and restarts jobs from their
     last checkpoint (fixed delay), one slot per TaskManager."""
-    try:
-        cluster = flink.FlinkCluster(
-            task_slots=1, workdir=str(tmp_path_factory.mktemp("flink-recovery")),
-            extra_conf={"heartbeat.interval": 1000, "heartbeat.timeout": 5000,
-                        "restart-strategy.type": "fixed-delay",
-                        "restart-strategy.fixed-delay.attempts": 5,
-                        "restart-strategy.fixed-delay.delay": "1 s"})
-        cluster.start()
-    except flink.FlinkSetupError as e:
-        pytest.fail(str(e), pytrace=False)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from standalone_cluster(
+        tmp_path_factory.mktemp("flink-recovery"), task_slots=1,
+        extra_conf={"heartbeat.interval": 1000, "heartbeat.timeout": 5000,
+                    "restart-strategy.type": "fixed-delay",
+                    "restart-strategy.fixed-delay.attempts": 5,
+                    "restart-strategy.fixed-delay.delay": "1 s"})
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +121,14 @@ def wait_until(predicate, timeout_s, what, job=None, out=None):
     raise AssertionError(f"timed out waiting for {what}\n{log}")
 
 
+def fresh_store(redis_url, db):
+    """An emptied Redis database of the test's own: (url, store)."""
+    url = f"{redis_url}/{db}"
+    store = open_store(url, num_shards=None)
+    store.clear()
+    return url, store
+
+
 def trained(store) -> int:
     return store.sync_info().get("dense", {}).get("examples", 0)
 
@@ -169,9 +170,7 @@ def test_taskmanager_killed_mid_stream(recovery_cluster, stream, tmp_path, redis
     restarts from the checkpoint, and the result equals the clean run's: every example
     scored and trained on once, every gradient row applied once."""
     clean = stream["clean"]
-    store_url = f"{redis_server}/13"
-    store = open_store(store_url, num_shards=None)
-    store.clear()
+    store_url, store = fresh_store(redis_server, 13)
     out = tmp_path / "killed"
     landing = Landing(stream["files"], tmp_path / "landing")
     job = start_job(recovery_cluster, out, store_url, landing.folder, run_for_s=60)
@@ -244,9 +243,7 @@ def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redi
     """``flink stop --savepointPath`` mid-stream, then the same job from the savepoint in a
     new process: together they score and train on every example exactly once."""
     clean = stream["clean"]
-    store_url = f"{redis_server}/14"
-    store = open_store(store_url, num_shards=None)
-    store.clear()
+    store_url, store = fresh_store(redis_server, 14)
     first = tmp_path / "first"
     landing = Landing(stream["files"], tmp_path / "landing")
     job = start_job(recovery_cluster, first, store_url, landing.folder, run_for_s=600)
