@@ -431,3 +431,28 @@ def test_rolling_log_files_follow_event_time(tmp_path):
            for r in read_avro(str(p))]
     assert got == [f"r{i}" for i in range(5)]
     assert not list(tmp_path.glob(".*tmp")) and log.late == 0 and log.errors == 0
+
+
+def test_log_odds_correction_of_negative_sampling(tmp_path):
+    """A model trained on negatives kept at rate r without their weights scores odds 1/r too
+    high: serving adds log(r) to the logit (transforms.joiner.log_odds_correction)."""
+    from transforms.joiner import corrected_ctr
+    store_url = f"memory://correction-{tmp_path.name}"
+    store = open_store(store_url, num_shards=2)
+    spec = model_spec(CONFIG, "fm")
+    write_rows(store, spec, request_fids(request()), np.random.default_rng(5))
+    answers = {}
+    for rate in (1.0, 0.25):
+        (tmp_path / str(rate)).mkdir()
+        _, _, server = make_server(tmp_path / str(rate), store_url, "fm",
+                                   score_correction_rate=rate)
+        try:
+            status, answer = Client(server.url).score(request())
+            assert status == 200
+            answers[rate] = {it["item_id"]: it["score"] for it in answer["items"]}
+        finally:
+            server.stop()
+    for item, p in answers[1.0].items():
+        assert answers[0.25][item] == pytest.approx(corrected_ctr(p, 0.25), rel=1e-5)
+    with pytest.raises(ValueError, match="score_correction_rate"):
+        serve.Scorer(CONFIG, spec, store_url, num_shards=2, score_correction_rate=0.0)
