@@ -446,6 +446,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
+    stream = args.join == "stream"
+    if stream and args.runner != "FlinkRunner":
+        raise ValueError("--join stream needs --runner FlinkRunner: the DirectRunner fires "
+                         "event-time timers only at the end of its input")
     out = os.path.abspath(args.out)
     for sub in ("feature_log", "action_log", "examples", "models", "join", "train", "logs"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
@@ -500,10 +504,6 @@ def run(args) -> dict:
         joiner = PeriodJoin(f"{out}/feature_log", f"{out}/action_log", f"{out}/examples",
                             f"{out}/join", args.config, args.period_s, args.join_window_s,
                             args.negative_sample_rate)
-        stream = args.join == "stream"
-        if stream and not flink:
-            raise ValueError("--join stream needs --runner FlinkRunner: the DirectRunner fires "
-                             "event-time timers only at the end of its input")
         if stream:
             # One streaming job over the tailed logs; its sources stop listing the folders
             # once the simulation (whose clock is the wall clock times --speed) is over.
