@@ -165,6 +165,6 @@ def test_peers_quick(workdir):
     for name in ("river_fm", "river_lr"):
         if os.path.exists(PEERS_PYTHON):
             assert 0.0 <= peers[name]["online_auc"] <= 1.0
-        else:
-            assert "make peers" in peers[name]["skipped"]
+        else:  # run with --no_river (no .venv-peers on this machine)
+            assert peers[name]["skipped"] == "--no_river"
     assert all(p["examples_per_s"] > 0 for p in peers.values() if "online_auc" in p)
