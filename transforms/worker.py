@@ -14,6 +14,7 @@ The worker holds no parameters of its own: the PS DoFns own them (DESIGN §1).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import apache_beam as beam
@@ -144,5 +145,7 @@ class _Progress:
             rate = self.examples / max(now - self.start, 1e-9)
             _LOG.info("progress: %d examples, online AUC %.4f, %.0f examples/s",
                       self.examples, self.auc.result(), rate)
+            # stderr: a person watching sees it; stdout stays for a command's own output
+            # (benchmarks print one JSON object there)
             print(f"progress: {self.examples:,} examples, online AUC {self.auc.result():.4f}, "
-                  f"{rate:,.0f} examples/s", flush=True)
+                  f"{rate:,.0f} examples/s", file=sys.stderr, flush=True)
