@@ -246,13 +246,20 @@ class FeatureExtractor:
             return str(int(value))  # serving may hand over numeric ids
         raise self._bad_top(field, value, "a string id")
 
+    @staticmethod
+    def _present(slot: _Slot, value) -> bool:
+        """False for a missing optional field; a missing required one is an ExtractError."""
+        if value is not None:
+            return True
+        if slot.optional:
+            return False
+        raise ExtractError(f"missing_field:{slot.field}",
+                           f"slot {slot.name!r} needs field {slot.field!r}")
+
     def _single(self, slot: _Slot, value, fids: list) -> None:
         field = slot.field
-        if value is None:
-            if slot.optional:
-                return
-            raise ExtractError(f"missing_field:{field}",
-                               f"slot {slot.name!r} needs field {field!r}")
+        if not self._present(slot, value):
+            return
         if slot.boundaries is not None:
             fids.append(slot.bucket_fids[
                 bisect.bisect_right(slot.boundaries, _finite(field, value))])
@@ -268,11 +275,8 @@ class FeatureExtractor:
 
     def _analysed(self, slot: _Slot, value, fids: list, pending: list) -> None:
         field = slot.field
-        if value is None:
-            if slot.optional:
-                return
-            raise ExtractError(f"missing_field:{field}",
-                               f"slot {slot.name!r} needs field {field!r}")
+        if not self._present(slot, value):
+            return
         value = _finite(field, value)
         if abs(value) > _FLOAT32_MAX:
             raise ExtractError(f"not_finite:{field}",
