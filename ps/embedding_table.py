@@ -954,6 +954,20 @@ class EmbeddingTable:
             deleted = deleted[self._find_rows(deleted) < 0]
         return Delta(a.keys[row_ids], np.ascontiguousarray(rows), a.last_seen[row_ids], deleted)
 
+    def set_channels(self, channels):
+        """Change the number of delta channels. Channels kept keep what they have pending;
+        a new channel starts with nothing pending (its consumer must start from the whole
+        table, e.g. the PS reconciling a store view after a restore)."""
+        channels = int(channels)
+        if not 0 <= channels <= 8:
+            raise ValueError(f"channels must be in [0, 8], got {channels}")
+        keep = np.uint8((1 << min(channels, self.channels)) - 1)
+        self._arena.touched[: self._count] &= keep
+        self._deleted = (self._deleted + [[] for _ in range(channels)])[:channels]
+        self._deleted_count = sum(x.size for log in self._deleted for x in log)
+        self.channels = channels
+        self._touch_all = np.uint8((1 << channels) - 1)
+
     def apply_delta(self, delta):
         """Make this table follow another's ``delta()``: upsert its rows, delete its deletions."""
         if delta.fids.size:

@@ -72,6 +72,12 @@ its snapshot instead of empty, and the restored state is written to Beam state a
 rebuilds from it, not from nothing). A different shard count re-shards the sparse rows with
 ``shard_of`` (filter counts of row-less ids are then lost: they start counting again).
 
+Two views: with ``train_store_url`` the shard publishes after *every* input to that store
+(the training view, delta channel 1 of its tables) and every sync interval to ``store_url``
+(the serving view, channel 0), as Monolith's training PS is always fresh and only serving
+syncs periodically. Workers compute gradients on the training view and score with the
+serving view. A rebuild reconciles both views (L4). Sync records go to both.
+
 Event time: ``ts_ms`` of the gradient records, ``now = ts_ms // 1000`` for the tables (seconds
 since the epoch; slot expiry is in seconds). Publishing happens inline when event time has
 advanced ``sync_interval_s`` since the last publish (``0``: after every input), and on an
@@ -252,12 +258,14 @@ class _LoggedShard(beam.DoFn):
     KIND = "shard"  # snapshot file prefix; also the prefix of the timer ids
 
     def __init__(self, store_url: str, num_shards: int, sync_interval_s: float, compact_every: int,
-                 export_dir: Optional[str] = None, restore_dir: Optional[str] = None):
+                 export_dir: Optional[str] = None, restore_dir: Optional[str] = None,
+                 train_store_url: Optional[str] = None):
         if compact_every < 1:
             raise ValueError(f"compact_every must be >= 1, got {compact_every}")
         if sync_interval_s < 0:
             raise ValueError(f"sync_interval_s must be >= 0, got {sync_interval_s}")
         self.store_url = store_url
+        self.train_store_url = train_store_url
         self.num_shards = None if num_shards is None else int(num_shards)
         self.sync_interval_s = int(sync_interval_s)
         self.compact_every = int(compact_every)
@@ -272,22 +280,34 @@ class _LoggedShard(beam.DoFn):
         self.compactions = Metrics.counter("ps", "compactions")
         self.log_entries_dist = Metrics.distribution("ps", "log_entries")
         self._store = None
+        self._train_store = None
         self._cache = {}
 
     def setup(self):
         self._store = open_store(self.store_url, self.num_shards)
+        self._train_store = (open_store(self.train_store_url, self.num_shards)
+                             if self.train_store_url else None)
         self._cache = {}
 
     def __getstate__(self):  # the live objects and the store client stay in their process
         state = dict(self.__dict__)
-        state["_store"], state["_cache"] = None, {}
+        state["_store"], state["_train_store"], state["_cache"] = None, None, {}
         return state
 
     @property
     def store(self):
+        """The serving view: published every sync interval."""
         if self._store is None:
             self.setup()
         return self._store
+
+    @property
+    def train_store(self):
+        """The training view (None: the serving view is the training view): published after
+        every input, so the worker computes gradients on fresh parameters."""
+        if self._store is None:
+            self.setup()
+        return self._train_store
 
     # --------------------------------------------------------- subclass hooks
     def _empty(self, key) -> _Live:
@@ -306,6 +326,9 @@ class _LoggedShard(beam.DoFn):
         raise NotImplementedError
 
     def _publish(self, key, live: _Live) -> None:
+        raise NotImplementedError
+
+    def _publish_train(self, key, live: _Live) -> None:
         raise NotImplementedError
 
     def _snapshot_key(self, key) -> str:
@@ -385,9 +408,12 @@ class _LoggedShard(beam.DoFn):
         version.write(live.token)
 
     def _maybe_publish(self, key, live: _Live, sync_timer) -> None:
-        """Publish if the sync interval has passed in event time, else arm the sync timer."""
+        """Publish to the training view (if any) at once; to the serving view if the sync
+        interval has passed in event time, else arm the sync timer."""
         if not live.dirty:
             return
+        if self.train_store_url:
+            self._publish_train(key, live)
         now_s = live.ts_ms // 1000
         if self.sync_interval_s == 0 or now_s >= live.next_publish_s:
             self._do_publish(key, live)
@@ -456,6 +482,9 @@ class SparseShard(_LoggedShard):
         optimizer: ``"sgd" | "adagrad" | "ftrl" | "adam"``, a config dict or an Optimizer
             (default Adagrad, lr 0.001, initial accumulator 0.1); ``lr`` overrides its rate.
         sync_interval_s: event-time seconds between publishes (0: after every input).
+        train_store_url: a training view (``ps.store.view_url(store_url, "train")``) to
+            publish to after every input, so that training reads fresh parameters while
+            ``store_url`` (serving) lags by the sync interval; None: no such view.
         evict_interval_s: event-time seconds between evictions (None: never evict).
         compact_every: log entries after which the log is compacted into a new base.
         init_scale: new rows' weights are uniform in [-init_scale, init_scale), drawn from the
@@ -487,9 +516,10 @@ class SparseShard(_LoggedShard):
                  lr: Optional[float] = None, sync_interval_s: float = 10,
                  evict_interval_s: Optional[float] = 3600, compact_every: int = 64,
                  init_scale: float = 0.0, filter_bytes: int = 1 << 20, seed: int = 0,
-                 export_dir: Optional[str] = None, restore_dir: Optional[str] = None):
+                 export_dir: Optional[str] = None, restore_dir: Optional[str] = None,
+                 train_store_url: Optional[str] = None):
         super().__init__(store_url, num_shards, sync_interval_s, compact_every, export_dir,
-                         restore_dir)
+                         restore_dir, train_store_url)
         if not tables:
             raise ValueError("tables must name at least one table: {name: dim}")
         self.tables = {str(k): int(v) for k, v in tables.items()}
@@ -511,7 +541,12 @@ class SparseShard(_LoggedShard):
         """An empty table configured as this shard's tables are (also the tests' reference)."""
         return EmbeddingTable(dim, self.optimizer, slots=self.slots, default_slot=self.default_slot,
                               filter_bytes=self.filter_bytes, init_scale=self.init_scale,
-                              channels=1, seed=self.seed)
+                              channels=self._channels, seed=self.seed)
+
+    @property
+    def _channels(self) -> int:
+        """Delta channels: 0 the serving view, 1 the training view (when there is one)."""
+        return 2 if self.train_store_url else 1
 
     # --------------------------------------------------------- state encoding
     def _empty(self, key):
@@ -547,6 +582,8 @@ class SparseShard(_LoggedShard):
             if table.dim != self.tables[name]:
                 raise ValueError(f"shard {key}: restored table {name!r} has dim {table.dim}, "
                                  f"configured {self.tables[name]}")
+            if table.channels != self._channels:  # a snapshot of a job with(out) a training view
+                table.set_channels(self._channels)
             live.tables[name] = table
         for name, dim in self.tables.items():
             live.tables.setdefault(name, self.new_table(dim))
@@ -613,26 +650,36 @@ class SparseShard(_LoggedShard):
 
     # --------------------------------------------------------- the store
     def _reconcile(self, shard, live):
+        views = [(self.store, 0)] + ([(self.train_store, 1)] if self.train_store_url else [])
         for name, t in live.tables.items():
             parts = list(t.items())
             fids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.uint64)
             rows = (np.concatenate([p[1][:, :t.dim] for p in parts]) if parts
                     else np.empty((0, t.dim), np.float32))
-            self.store.replace_shard(name, shard, fids, rows)
-            t.delta()  # the store now has everything: nothing is pending
-        self._set_sync(shard, live)
+            for store, channel in views:
+                store.replace_shard(name, shard, fids, rows)
+                t.delta(channel)  # the view now has everything: nothing is pending
+        for store, _ in views:
+            self._set_sync(store, shard, live)
 
     def _publish(self, shard, live):
-        for name, t in live.tables.items():
-            d = t.delta()
-            if d.fids.size or d.deleted.size:
-                self.store.write_rows(name, shard, d.fids, d.weights, d.deleted)
-        self._set_sync(shard, live)
+        self._publish_to(self.store, 0, shard, live)
         self.table_size.update(sum(len(t) for t in live.tables.values()))
 
-    def _set_sync(self, shard, live):
-        self.store.set_sync(f"sparse/{shard}", {"version": int(live.seq), "ts_ms": int(live.ts_ms),
-                                                "wall_time": time.time(), **live.totals})
+    def _publish_train(self, shard, live):
+        self._publish_to(self.train_store, 1, shard, live)
+
+    def _publish_to(self, store, channel, shard, live):
+        for name, t in live.tables.items():
+            d = t.delta(channel)
+            if d.fids.size or d.deleted.size:
+                store.write_rows(name, shard, d.fids, d.weights, d.deleted)
+        self._set_sync(store, shard, live)
+
+    @staticmethod
+    def _set_sync(store, shard, live):
+        store.set_sync(f"sparse/{shard}", {"version": int(live.seq), "ts_ms": int(live.ts_ms),
+                                           "wall_time": time.time(), **live.totals})
 
     # --------------------------------------------------------- DoFn methods
     def process(self, element, base=beam.DoFn.StateParam(_LoggedShard.BASE),
@@ -782,6 +829,9 @@ class DenseShard(_LoggedShard):
         optimizer: ``"adam" | "adagrad" | "sgd"``, a config dict or a DenseOptimizer
             (default Adam, lr 0.001); ``lr`` overrides its rate.
         sync_interval_s: event-time seconds between publishes (0: after every input).
+        train_store_url: a training view (``ps.store.view_url(store_url, "train")``) to
+            publish to after every input, so that training reads fresh parameters while
+            ``store_url`` (serving) lags by the sync interval; None: no such view.
         compact_every: log entries after which the log is compacted into a new base.
 
     The published version is the number of gradient batches applied (``seq``).
@@ -807,9 +857,9 @@ class DenseShard(_LoggedShard):
     def __init__(self, store_url: str, name: str, initial_params: Dict[str, np.ndarray], *,
                  optimizer="adam", lr: Optional[float] = None, sync_interval_s: float = 10,
                  compact_every: int = 64, export_dir: Optional[str] = None,
-                 restore_dir: Optional[str] = None):
+                 restore_dir: Optional[str] = None, train_store_url: Optional[str] = None):
         super().__init__(store_url, None, sync_interval_s, compact_every, export_dir,
-                         restore_dir)
+                         restore_dir, train_store_url)
         self.name = str(name)
         self.initial_params = {str(k): np.array(v, dtype=np.float32) for k, v in initial_params.items()}
         self.optimizer = dense_optimizer(optimizer, lr)
@@ -866,11 +916,19 @@ class DenseShard(_LoggedShard):
 
     def _reconcile(self, key, live):
         self._publish(key, live)
+        if self.train_store_url:
+            self._publish_train(key, live)
 
     def _publish(self, key, live):
-        self.store.write_dense(self.name, live.params, int(live.seq))
-        self.store.set_sync("dense", {"version": int(live.seq), "ts_ms": int(live.ts_ms),
-                                      "wall_time": time.time(), **live.totals})
+        self._publish_to(self.store, live)
+
+    def _publish_train(self, key, live):
+        self._publish_to(self.train_store, live)
+
+    def _publish_to(self, store, live):
+        store.write_dense(self.name, live.params, int(live.seq))
+        store.set_sync("dense", {"version": int(live.seq), "ts_ms": int(live.ts_ms),
+                                 "wall_time": time.time(), **live.totals})
 
     def process(self, element, base=beam.DoFn.StateParam(_LoggedShard.BASE),
                 log=beam.DoFn.StateParam(_LoggedShard.LOG),

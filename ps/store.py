@@ -40,6 +40,12 @@ Dense parameter sets are one value each (``encode_arrays``: JSON header + raw by
 records are a hash of JSON values. ``{prefix}:num_shards`` records the shard count the store
 was first opened with; a handle with another count is refused (its reads would look in the
 wrong groups).
+
+Views: ``view_url(url, "train")`` names a second store beside ``url`` (memory: ``name/train``;
+redis: keys under ``{prefix}:view-train``, so a ``clear()`` of the store clears its views
+too, on both backends). The PS publishes every input to its training view and every sync
+interval to ``url``, the serving view: the worker trains on fresh parameters and scores with
+what serving holds (``ps.shard``).
 """
 from __future__ import annotations
 
@@ -54,8 +60,8 @@ import numpy as np
 
 from transforms.batch import shard_of
 
-__all__ = ["ParameterStore", "MemoryStore", "RedisStore", "open_store", "encode_arrays",
-           "decode_arrays"]
+__all__ = ["ParameterStore", "MemoryStore", "RedisStore", "open_store", "view_url",
+           "encode_arrays", "decode_arrays"]
 
 # Fields per HSET/HMGET command: bounded requests, still few round trips (they are pipelined).
 _CHUNK = 16384
@@ -193,6 +199,27 @@ class ParameterStore:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.url!r}, num_shards={self.num_shards})"
+
+
+def view_url(url: str, view: str) -> str:
+    """The URL of the store ``view`` kept beside the store at ``url`` (see the module docstring).
+
+    >>> view_url("memory://train", "train")
+    'memory://train/train'
+    >>> view_url("redis://localhost:6379/0?prefix=p", "train")
+    'redis://localhost:6379/0?prefix=p%3Aview-train'
+    """
+    if not view or not all(c.isalnum() or c in "-_" for c in view):
+        raise ValueError(f"a view name is letters, digits, '-' or '_', got {view!r}")
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme == "memory":
+        return f"{url.rstrip('/')}/{view}"
+    if scheme in ("redis", "rediss", "unix"):
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        query["prefix"] = [f"{query.get('prefix', ['ps'])[0]}:view-{view}"]
+        return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query, doseq=True)))
+    raise ValueError(f"unknown store URL {url!r}: use memory://name or redis://host:port/db")
 
 
 def open_store(url: str, num_shards: Optional[int] = 1) -> ParameterStore:
@@ -408,6 +435,11 @@ class MemoryStore(ParameterStore):
             self._groups_by_key.clear()
             self._dense.clear()
             self._sync.clear()
+        name = self.url.split("://", 1)[1]
+        with self._registry_lock:
+            views = [v for k, v in self._registry.items() if k.startswith(f"{name}/")]
+        for view in views:  # a cleared store must not leave a stale training view behind
+            view.clear()
 
 
 # ------------------------------------------------------------------ redis backend

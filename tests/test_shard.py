@@ -27,7 +27,7 @@ from apache_beam.utils.timestamp import Timestamp
 from dataflow.job import metrics_dict
 from dataflow.options import pipeline_options
 from ps.shard import DenseOptimizer, DenseShard, SparseShard
-from ps.store import open_store
+from ps.store import open_store, view_url
 from transforms.batch import DenseGradients, SparseGradients, shard_of
 
 T0_MS = 1_700_000_000_000
@@ -375,6 +375,101 @@ def test_exactly_once_under_retries_and_restores(seed, fail_rate, restore_rate, 
             assert table_content(got.tables[name]) == table_content(want.tables[name])
         assert faulty_store.sync_info()[f"sparse/{s}"]["version"] == want.seq
     assert_store_equals_tables(faulty_store, tables)
+
+
+class _CheckingHarness(Harness):
+    """A Harness that calls ``check()`` after every committed bundle."""
+
+    def __init__(self, *args, check, **kw):
+        super().__init__(*args, **kw)
+        self.check = check
+
+    def _run_bundle(self, actions, may_fail=True):
+        working = super()._run_bundle(actions, may_fail)
+        self.check(self, working)
+        return working
+
+
+@pytest.mark.parametrize("seed,fail_rate,restore_rate,backend", [
+    (1, 0.0, 0.0, "memory"), (4, 0.3, 0.1, "memory"), (7, 0.3, 0.15, "redis")])
+def test_training_view_is_fresh_serving_view_lags(seed, fail_rate, restore_rate, backend,
+                                                  request):
+    """With a training view the PS publishes every input there (the worker trains on fresh
+    rows) and every sync interval to serving; retries and restores keep both exact."""
+    url = f"memory://views-{uuid.uuid4().hex}"
+    if backend == "redis":
+        url = f"{request.getfixturevalue('redis_server')}/2?prefix=vw{uuid.uuid4().hex}"
+    train_url = view_url(url, "train")
+    factory = sparse_factory(url, train_store_url=train_url)
+    serving, train = open_store(url, 2), open_store(train_url, 2)
+    lagged = []
+
+    def check(harness, working):
+        for key in working:
+            live = harness.dofn._cache[key]  # equals the committed state after a bundle (L2)
+            assert train.sync_info()[f"sparse/{key}"]["version"] == live.seq
+            assert serving.sync_info()[f"sparse/{key}"]["version"] <= live.seq
+            lagged.append(serving.sync_info()[f"sparse/{key}"]["version"] < live.seq)
+            for name, t in live.tables.items():
+                fids, rows = train.shard_rows(name, key)
+                keys, full, *_ = table_content(t)
+                assert fids.tolist() == keys
+                want = np.frombuffer(full, np.float32).reshape(-1, t.width)[:, :t.dim]
+                np.testing.assert_array_equal(rows.reshape(-1, t.dim) if rows.size else want[:0],
+                                              want)
+
+    batches = make_batches(seed=seed)
+    harness = _CheckingHarness(factory, seed=seed, fail_rate=fail_rate,
+                               restore_rate=restore_rate, check=check)
+    harness.run(events_with_watermarks(batches))
+    assert any(lagged) and not all(lagged)  # serving did lag, and did catch up
+    if fail_rate or restore_rate:
+        assert harness.failures + harness.restores > 0
+    reference = reference_tables(batches, factory)
+    assert_store_equals_tables(serving, reference)  # the end: the last sync published all
+    assert_store_equals_tables(train, reference)
+    for s in (0, 1):
+        rows = sum(g.fids.size for k, g in batches if k == s)
+        assert serving.sync_info()[f"sparse/{s}"]["gradient_rows"] == rows
+        assert train.sync_info()[f"sparse/{s}"]["gradient_rows"] == rows
+
+
+def test_training_view_from_a_state_without_one():
+    """A base written by a shard without a training view (one delta channel) rebuilds into a
+    shard with one: both views get the whole table, then deltas flow to both."""
+    url = f"memory://noview-{uuid.uuid4().hex}"
+    batches = make_batches(seed=9)
+    harness = Harness(sparse_factory(url), seed=9)
+    harness.run([("element", k, g) for k, g in batches])
+    assert harness.committed[0]["base"]  # compacted: the rebuild decodes a base
+    train_url = view_url(url, "train")
+    with_view = sparse_factory(url, train_store_url=train_url)
+    live = committed_tables(harness, with_view, 0)
+    assert all(t.channels == 2 for t in live.tables.values())
+    assert_store_equals_tables(open_store(train_url, 2), {0: live.tables})
+    open_store(url, 2).clear()  # clears its views too
+    assert open_store(train_url, 2).shard_rows("t4", 0)[0].size == 0
+
+
+def test_dense_training_view_is_fresh():
+    url = f"memory://dense-views-{uuid.uuid4().hex}"
+    train_url = view_url(url, "train")
+    factory = lambda: DenseShard(url, "dense", dense_params(), optimizer="adam", lr=0.01,  # noqa: E731
+                                 sync_interval_s=12, compact_every=4, train_store_url=train_url)
+    serving, train = open_store(url, None), open_store(train_url, None)
+
+    def check(harness, working):
+        live = harness.dofn._cache["dense"]
+        got, version = train.read_dense("dense")
+        assert version == live.seq
+        for k, v in live.params.items():
+            np.testing.assert_array_equal(got[k], v)
+        assert serving.read_dense("dense")[1] <= live.seq
+
+    batches = dense_batches(seed=5)
+    harness = _CheckingHarness(factory, seed=5, fail_rate=0.3, check=check)
+    harness.run(events_with_watermarks(batches, every=4, lag_s=10))
+    assert serving.read_dense("dense")[1] == train.read_dense("dense")[1] == len(batches)
 
 
 def test_metrics_count_each_input_once_despite_retries():

@@ -54,6 +54,23 @@ def test_backfill_on_direct_runner(tmp_path, example_log, store, request):
     assert counters["ps.snapshots_exported"] == 3
 
 
+def test_sync_interval_scores_with_serving_trains_on_fresh(tmp_path, example_log):
+    """With a sync interval the worker scores with the serving copy (published every 30
+    event-time minutes) and trains on the training view (published every batch): only the
+    first batch, before any PS has published, trains on the serving copy."""
+    store_url = f"memory://sync-{tmp_path.name}"
+    counters, totals, _ = run_train(
+        tmp_path, "backfill", f"{example_log['dir']}/joined/examples/*.avro",
+        [f"--store={store_url}", "--sync_interval_s=1800", "--dense_sync_interval_s=1800"])
+    check_exactly_once(counters, example_log["examples"])
+    assert counters["worker.batches_trained_on_serving_copy"] == 1
+    assert totals["auc"] > 0.62, totals
+    from ps.store import open_store, view_url
+    serving, fresh = open_store(store_url, 2), open_store(view_url(store_url, "train"), 2)
+    for key, info in fresh.sync_info().items():  # the end of input published everything
+        assert serving.sync_info()[key]["version"] == info["version"]
+
+
 def test_online_continues_from_the_backfill_snapshots(tmp_path, example_log):
     """Batch, then online (DESIGN §4 path b): the online job bootstraps its PS from the
     backfill's snapshots and so scores the new examples better than a cold start does."""

@@ -1,13 +1,17 @@
-"""The training worker: score a batch with the parameters serving holds, then compute gradients.
+"""The training worker: score a batch with the parameters serving holds, train on fresh ones.
 
 For each ``ExampleBatch``:
 
-1. read the batch's embedding rows from the ParameterStore (what serving holds right now) and
-   the dense weights (refreshed every ``dense_sync_interval_s`` of event time);
+1. read the batch's embedding rows and the dense weights from the ParameterStore's serving
+   view (what serving holds right now: the PS publishes there every sync interval);
 2. **score first**: the probabilities go out on the ``scores`` output before anything is
    learned from the batch (progressive validation: online AUC);
-3. compute gradients in TensorFlow and emit sparse gradients keyed by PS shard (main output)
-   and dense gradients keyed by the dense shard's key (``dense`` output).
+3. compute gradients in TensorFlow on the *fresh* parameters: the store's training view
+   (``train_store_url``, published by the PS after every gradient batch), as Monolith trains
+   against its training PS while serving lags by the sync interval; emit sparse gradients
+   keyed by PS shard (main output) and dense gradients keyed by the dense shard's key
+   (``dense`` output). Without a training view (both sync intervals 0) serving holds the
+   fresh parameters already: one read and one TensorFlow call give scores and gradients.
 
 The worker holds no parameters of its own: the PS DoFns own them (DESIGN §1).
 """
@@ -38,12 +42,12 @@ class TrainWorker(beam.DoFn):
     DENSE = "dense"
 
     def __init__(self, spec, store_url: str, num_shards: int, dense_name: str = "dense",
-                 dense_sync_interval_s: float = 0.0, progress_every_s: float = 5.0):
+                 train_store_url: str | None = None, progress_every_s: float = 5.0):
         self.spec = spec
         self.store_url = store_url
+        self.train_store_url = train_store_url
         self.num_shards = int(num_shards)
         self.dense_name = dense_name
-        self.dense_sync_interval_ms = int(dense_sync_interval_s * 1000)
         self.progress_every_s = progress_every_s
         self.examples = Metrics.counter("worker", "examples")
         self.batches = Metrics.counter("worker", "batches")
@@ -52,7 +56,10 @@ class TrainWorker(beam.DoFn):
         # rows_found / rows_read: how much of what a batch needs serving already holds
         self.rows_read = Metrics.counter("worker", "rows_read")
         self.rows_found = Metrics.counter("worker", "rows_found")
+        # event time since the serving dense weights the batch was scored with changed
         self.param_age = Metrics.distribution("worker", "dense_param_age_ms")
+        # batches trained on the serving copy because the training view was not up yet
+        self.trained_on_serving = Metrics.counter("worker", "batches_trained_on_serving_copy")
         self.steady_rate = Metrics.distribution("worker", "examples_per_s_after_first_batch")
 
     def setup(self):
@@ -60,33 +67,56 @@ class TrainWorker(beam.DoFn):
         from transforms.model import Model
         self.model = Model(self.spec)
         self.store = open_store(self.store_url, num_shards=self.num_shards)
+        self.train_store = (open_store(self.train_store_url, num_shards=self.num_shards)
+                            if self.train_store_url else None)
+        self._train_ready = False
+        self._publishers = {"dense", *(f"sparse/{i}" for i in range(self.num_shards))}
         self._table = self.spec.table
         self._width = self.spec.width
-        self._dense = None
-        self._dense_ts = None
+        self._initial_dense = self.model.initial_dense_params()
+        self._dense_version = None
+        self._dense_since = None
         self._progress = _Progress(self.progress_every_s)
 
-    def _dense_params(self, now_ms: int) -> dict:
-        if (self._dense is None or now_ms - self._dense_ts >= self.dense_sync_interval_ms):
-            params, _version = self.store.read_dense(self.dense_name)
-            self._dense = params if params is not None else self.model.initial_dense_params()
-            self._dense_ts = now_ms
-        self.param_age.update(int(now_ms - self._dense_ts))
-        return self._dense
+    def _dense_params(self, store, now_ms: int | None = None) -> dict:
+        params, version = store.read_dense(self.dense_name)
+        if now_ms is not None:  # the serving copy: how long it has been what it is
+            if version != self._dense_version:
+                self._dense_version, self._dense_since = version, now_ms
+            self.param_age.update(int(now_ms - self._dense_since))
+        return params if params is not None else self._initial_dense
+
+    def _training_view_ready(self) -> bool:
+        """Whether every PS publisher has reached the training view (until then, e.g. while
+        restored shards have not seen their first input, train on the serving copy)."""
+        if not self._train_ready:
+            self._train_ready = self._publishers <= set(self.train_store.sync_info())
+        return self._train_ready
 
     def process(self, batch: ExampleBatch):
         if len(batch) == 0:
             return
         now_ms = int(batch.ts_ms.max())
-        dense = self._dense_params(now_ms)
+        dense = self._dense_params(self.store, now_ms)
         index = self.model.index(batch)
         if index.ignored:
             self.unknown_slot_fids.inc(index.ignored)
         rows, found = self.store.read_rows(self._table, index.keys, self._width)
         self.rows_read.inc(len(found))
         self.rows_found.inc(int(found.sum()))
-        probs, _loss, sparse_grads, dense_grads = self.model.train_step(
-            batch, {self._table: (index.keys, rows)}, dense, index=index)
+        if self.train_store is None:
+            probs, _loss, sparse_grads, dense_grads = self.model.train_step(
+                batch, {self._table: (index.keys, rows)}, dense, index=index)
+        else:
+            probs = self.model.predict(batch, {self._table: (index.keys, rows)}, dense,
+                                       index=index)
+            if self._training_view_ready():
+                dense = self._dense_params(self.train_store)
+                rows, _ = self.train_store.read_rows(self._table, index.keys, self._width)
+            else:
+                self.trained_on_serving.inc()
+            _probs, _loss, sparse_grads, dense_grads = self.model.train_step(
+                batch, {self._table: (index.keys, rows)}, dense, index=index)
         yield beam.pvalue.TaggedOutput(
             self.SCORES, (np.asarray(probs, np.float32), batch.label, batch.weight, batch.ts_ms,
                           batch.true_ctr))
