@@ -170,11 +170,7 @@ class FlinkCluster:
                               f"{timeout_s:.0f}s. Logs:\n{logs}")
 
     def rest(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.rest_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read() or b"{}")
+        return _rest(self.rest_url, path, method, body)
 
     def jobs(self) -> list[dict]:
         """[{id, status}] of every job the cluster knows."""
@@ -228,24 +224,9 @@ class FlinkCluster:
         raise TimeoutError(f"the new TaskManager did not register within {timeout_s:.0f}s")
 
     def stop_with_savepoint(self, job_id: str, directory: str, drain: bool = False,
-                            timeout_s: float = 120.0) -> str:
-        """``flink stop --savepointPath DIRECTORY JOB`` through the REST API; returns the
-        savepoint's path once it completed (the job then ends), sealed with the checksums
-        of its files (:func:`seal_savepoint`) that ``dataflow.train`` verifies on resume."""
-        trigger = self.rest(f"/jobs/{job_id}/stop", "POST",
-                            {"targetDirectory": directory, "drain": drain})["request-id"]
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            status = self.rest(f"/jobs/{job_id}/savepoints/{trigger}")
-            if status.get("status", {}).get("id") == "COMPLETED":
-                operation = status.get("operation", {})
-                if "location" in operation:
-                    seal_savepoint(operation["location"])
-                    return operation["location"]
-                raise RuntimeError(f"savepoint of job {job_id} failed: "
-                                   f"{operation.get('failure-cause', operation)}")
-            time.sleep(0.2)
-        raise TimeoutError(f"savepoint of job {job_id} not done within {timeout_s:.0f}s")
+                            timeout_s: float = 120.0, manifest: dict | None = None) -> str:
+        """``flink stop --savepointPath DIRECTORY JOB`` (:func:`stop_with_savepoint`)."""
+        return stop_with_savepoint(self.master, job_id, directory, drain, timeout_s, manifest)
 
     def stop(self) -> None:
         try:
@@ -274,6 +255,7 @@ class FlinkCluster:
 
 
 SAVEPOINT_SEAL = "beam-monolith.sha256"
+SAVEPOINT_MANIFEST = "beam-monolith.json"
 
 
 class SavepointError(RuntimeError):
@@ -325,29 +307,78 @@ def verify_savepoint(path: str) -> bool:
     return True
 
 
+def _rest(master: str, path: str, method: str = "GET", body: dict | None = None) -> dict:
+    """A call to the REST API of the cluster at ``master`` (host:port or a URL)."""
+    base = master if master.startswith("http") else f"http://{master}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+_ENDED = ("FINISHED", "CANCELED", "FAILED")
+
+
+def jobs_named(master: str, name: str) -> list[str]:
+    """The ids of the jobs called ``name`` on the cluster at ``master`` that have not ended."""
+    return [j["jid"] for j in _rest(master, "/jobs/overview").get("jobs", [])
+            if j.get("name") == name and j.get("state") not in _ENDED]
+
+
 def cancel_jobs_named(master: str, name: str, timeout_s: float = 60.0) -> list[str]:
     """Cancel the jobs called ``name`` on the cluster at ``master`` (host:port); their ids.
 
     Beam's job server, asked to cancel, stops its own invocation but leaves a job it
     submitted to a remote cluster running (and restarting once its Python workers are gone).
     """
-    base = master if master.startswith("http") else f"http://{master}"
-
-    def call(path, method="GET"):
-        req = urllib.request.Request(base + path, method=method)
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read() or b"{}")
-    ids = [j["jid"] for j in call("/jobs/overview").get("jobs", [])
-           if j.get("name") == name and j.get("state") not in ("FINISHED", "CANCELED", "FAILED")]
+    ids = jobs_named(master, name)
     for jid in ids:
-        call(f"/jobs/{jid}?mode=cancel", "PATCH")
+        _rest(master, f"/jobs/{jid}?mode=cancel", "PATCH")
     deadline = time.monotonic() + timeout_s
     while ids and time.monotonic() < deadline:
-        states = {j["jid"]: j["state"] for j in call("/jobs/overview").get("jobs", [])}
-        if all(states.get(jid) in ("CANCELED", "FINISHED", "FAILED") for jid in ids):
+        states = {j["jid"]: j["state"] for j in _rest(master, "/jobs/overview").get("jobs", [])}
+        if all(states.get(jid) in _ENDED for jid in ids):
             break
         time.sleep(0.2)
     return ids
+
+
+def stop_with_savepoint(master: str, job_id: str, directory: str, drain: bool = False,
+                        timeout_s: float = 120.0, manifest: dict | None = None) -> str:
+    """``flink stop --savepointPath DIRECTORY JOB`` through the REST API of the cluster at
+    ``master``; returns the savepoint's path once it completed (the job then ends).
+
+    ``manifest`` (what the job was: its input, model, shards...) goes into the savepoint as
+    ``beam-monolith.json`` (:func:`savepoint_manifest`); then the savepoint is sealed with
+    the checksums of its files (:func:`seal_savepoint`), which ``dataflow.train`` verifies
+    before it resumes from it.
+    """
+    trigger = _rest(master, f"/jobs/{job_id}/stop", "POST",
+                    {"targetDirectory": directory, "drain": drain})["request-id"]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _rest(master, f"/jobs/{job_id}/savepoints/{trigger}")
+        if status.get("status", {}).get("id") == "COMPLETED":
+            operation = status.get("operation", {})
+            if "location" not in operation:
+                raise RuntimeError(f"savepoint of job {job_id} failed: "
+                                   f"{operation.get('failure-cause', operation)}")
+            location = operation["location"]
+            if manifest is not None:
+                (_savepoint_dir(location) / SAVEPOINT_MANIFEST).write_text(
+                    json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            seal_savepoint(location)
+            return location
+        time.sleep(0.2)
+    raise TimeoutError(f"savepoint of job {job_id} not done within {timeout_s:.0f}s")
+
+
+def savepoint_manifest(path: str) -> dict | None:
+    """What the job that wrote the savepoint at ``path`` was (``stop_with_savepoint``'s
+    ``manifest``), or None if it has none."""
+    manifest = _savepoint_dir(path) / SAVEPOINT_MANIFEST
+    return json.loads(manifest.read_text()) if manifest.exists() else None
 
 
 def _alive(pid: int) -> bool:

@@ -68,11 +68,13 @@ def _cancel_on_remote_flink(options: PipelineOptions) -> None:
 
 
 def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions,
-            finished: Callable[[], bool] | None = None, poll_s: float = 1.0):
+            finished: Callable[[], bool] | None = None, poll_s: float = 1.0,
+            stop: Callable[[], None] | None = None):
     """Build with ``build(pipeline)``, run to completion, write metrics if asked; -> result.
 
     ``finished``: for a job that stays up after its input ended (a checkpointed Flink job
-    keeps its sources alive), a check that its work is done; the job is then cancelled.
+    keeps its sources alive), a check that its work is done; the job is then cancelled, or
+    ended by ``stop()`` if given (e.g. with a savepoint).
     """
     pipeline = beam.Pipeline(options=options)
     build(pipeline)
@@ -88,6 +90,9 @@ def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions,
         cancelled = False
         while not PipelineState.is_terminal(result.state):
             if finished():
+                if stop is not None:
+                    stop()
+                    break
                 _LOG.info("the job's end-of-input work is done: cancelling it")
                 result.cancel()
                 _cancel_on_remote_flink(options)

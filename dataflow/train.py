@@ -4,6 +4,11 @@
         --export_dir snapshots/ [--model deepfm] [--store memory://train] [--runner ...]
     python -m dataflow.train online --input examples/ --restore snapshots/ --config CONFIG ...
 
+    # on a Flink cluster, through a savepoint (docs/reliability.md):
+    python -m dataflow.train backfill --input examples/ --savepoint_dir savepoints/ ... \
+        --runner=FlinkRunner --flink_master=HOST:PORT --streaming
+    python -m dataflow.train online --input examples/ --savepoint_path savepoints/savepoint-… ...
+
 The pipeline, as it reads::
 
     example log ──► ReadExampleBatches ──► TrainWorker ──┬─ scores ──► OnlineMetrics (CSV, PNG)
@@ -72,6 +77,13 @@ class TrainOptions(MonolithOptions):
                                  "online: when --run_for_s is over)")
         parser.add_argument("--restore", default=None,
                             help="online: bootstrap empty PS shards from these snapshots")
+        parser.add_argument("--savepoint_dir", default=None,
+                            help="backfill on a Flink cluster (batch, then online via a "
+                                 "savepoint): read the --input folder with the online job's "
+                                 "reader and, once every example there is trained on, stop "
+                                 "the job with a savepoint in this folder; the online job "
+                                 "resumes from it with --savepoint_path and reads on in the "
+                                 "same folder")
         parser.add_argument("--poll_interval_s", type=float, default=5.0,
                             help="online: how often the input folder is listed for new files")
         parser.add_argument("--run_for_s", type=float, default=0.0,
@@ -110,7 +122,6 @@ def _runner_name(pipeline: beam.Pipeline) -> str:
 def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     """Adds the training section to ``pipeline``; returns its PCollections by name."""
     from ps.shard import DenseShard, SparseShard
-    from ps.store import view_url
     from schemas.feature_config import load_feature_config
     from transforms.metrics import OnlineMetrics
     from transforms.model import Model
@@ -119,38 +130,34 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
 
     config = load_feature_config(opts.config)
     spec = model_spec(config, opts.model, opts.seed)
-    # With a sync interval the PS also publishes every gradient batch to a training view of
-    # the store: the worker trains on fresh parameters and scores with the serving copy.
-    # So only --max_staleness_s bounds how stale training is (the reader waits on that view).
-    train_store = (view_url(opts.store, "train")
-                   if max(opts.sync_interval_s, opts.dense_sync_interval_s) > 0 else None)
+    staleness = opts.max_staleness_s + max(opts.sync_interval_s, opts.dense_sync_interval_s)
     fused = _runner_name(pipeline) in ("DirectRunner", "BundleBasedDirectRunner")
     batches = pipeline | "ReadExamples" >> ReadExampleBatches(
         opts.input, opts.batch_size, spec.dense_dim,
         checkpoint_s=None if fused else opts.reader_checkpoint_s,
-        store_url=(train_store or opts.store) if opts.max_staleness_s >= 0 and not fused else None,
-        max_staleness_s=opts.max_staleness_s, staleness_timeout_s=opts.staleness_timeout_s,
+        store_url=opts.store if opts.max_staleness_s >= 0 and not fused else None,
+        max_staleness_s=staleness, staleness_timeout_s=opts.staleness_timeout_s,
         publishers=("dense", *(f"sparse/{i}" for i in range(opts.num_shards))),
-        follow=mode == "online", poll_interval_s=opts.poll_interval_s,
+        follow=mode == "online" or bool(opts.savepoint_dir), poll_interval_s=opts.poll_interval_s,
         stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None)
     export_dir = opts.export_dir
     restore_dir = opts.restore if mode == "online" else None
     worker = (batches
               | "Worker" >> beam.ParDo(TrainWorker(
                   spec, opts.store, opts.num_shards,
-                  train_store_url=train_store)).with_outputs(
+                  dense_sync_interval_s=opts.dense_sync_interval_s)).with_outputs(
                       TrainWorker.SCORES, TrainWorker.DENSE, main="sparse"))
     sparse_tables = {name: width for name, width in spec.tables().items()}
     applied_sparse = worker.sparse | "SparseShard" >> beam.ParDo(SparseShard(
         opts.store, opts.num_shards, sparse_tables, slots=slot_policies(config),
         optimizer=opts.optimizer, lr=opts.learning_rate, sync_interval_s=opts.sync_interval_s,
         init_scale=0.01 if spec.kind != "lr" else 0.0, seed=opts.seed,
-        export_dir=export_dir, restore_dir=restore_dir, train_store_url=train_store))
+        export_dir=export_dir, restore_dir=restore_dir))
     applied_dense = worker[TrainWorker.DENSE] | "DenseShard" >> beam.ParDo(DenseShard(
         opts.store, "dense", Model(spec).initial_dense_params(),
         optimizer=opts.dense_optimizer, lr=opts.dense_learning_rate,
         sync_interval_s=opts.dense_sync_interval_s, export_dir=export_dir,
-        restore_dir=restore_dir, train_store_url=train_store))
+        restore_dir=restore_dir))
     if opts.model_dir:
         from transforms.export import ExportDenseModel
         worker[TrainWorker.DENSE] | "ExportModel" >> beam.ParDo(ExportDenseModel(
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None):
     flink_defaults = {"max_bundle_time_mills": FLINK_BUNDLE_MS,
                       "finish_bundle_before_checkpointing": True}
     checkpointed = any(a.startswith("--checkpointing_interval") for a in argv)
-    if not checkpointed:
+    to_savepoint = mode == "backfill" and any(a.startswith("--savepoint_dir") for a in argv)
+    if not (checkpointed or to_savepoint):
         # Without checkpoints a finished source may shut down, and the job ends with its input.
         # With them it must stay (Flink 1.19 on Beam 2.62 fails every checkpoint once the
         # Impulse source has finished), so the job ends when its end-of-input work is done.
@@ -194,17 +202,108 @@ def main(argv: list[str] | None = None):
     opts = options.view_as(TrainOptions)
     if not opts.input or not opts.config:
         raise SystemExit("train: --input and --config are required (see --help)")
-    savepoint = options.get_all_options(retain_unknown_options=True).get("savepoint_path")
-    if savepoint:  # refuse a damaged savepoint before anything is submitted
-        from dataflow.flink import verify_savepoint
-        if not verify_savepoint(savepoint):
-            _LOG.warning("savepoint %s has no checksums (%s): only Flink's own checks apply",
-                         savepoint, "taken outside dataflow.flink")
+    all_options = options.get_all_options(retain_unknown_options=True)
+    savepoint = all_options.get("savepoint_path")
+    if savepoint:  # refuse a damaged or foreign savepoint before anything is submitted
+        _check_savepoint(savepoint, opts, mode)
+    if opts.savepoint_dir:
+        if mode != "backfill":
+            raise SystemExit("train: --savepoint_dir ends a backfill; the online job resumes "
+                             "from the savepoint with --savepoint_path")
+        finished, stop = _backfill_to_savepoint(opts, all_options)
+        return run_job(lambda p: build(p, opts, mode), options, finished=finished, stop=stop)
     finished = None
     if checkpointed and (mode == "backfill" or opts.run_for_s):
         finished = _end_of_input_done(opts, mode, time.time())
     result = run_job(lambda p: build(p, opts, mode), options, finished=finished)
     return result
+
+
+# What must be equal between the job that wrote a savepoint and the job resuming from it:
+# the reader's element and cursor (input, batch size), the PS keying (shards) and the shapes
+# of the parameters (config, model).
+_RESUME_KEYS = ("input", "config", "model", "num_shards", "batch_size")
+
+
+def _manifest(opts) -> dict:
+    from transforms.batch import followed_pattern
+    return {"input": followed_pattern(opts.input), "config": opts.config, "model": opts.model,
+            "num_shards": opts.num_shards, "batch_size": opts.batch_size}
+
+
+def _check_savepoint(path: str, opts, mode: str) -> None:
+    """Refuse a damaged savepoint, or one of a job this one cannot carry on."""
+    from dataflow.flink import savepoint_manifest, verify_savepoint
+    if not verify_savepoint(path):
+        _LOG.warning("savepoint %s has no checksums (taken outside dataflow.flink): only "
+                     "Flink's own checks apply", path)
+    if mode == "online" and opts.restore:
+        raise SystemExit("train: give either --savepoint_path (Flink state) or --restore (PS "
+                         "snapshot files) to start from, not both")
+    manifest = savepoint_manifest(path)
+    if manifest is None:
+        return
+    ours = _manifest(opts)
+    wrong = [f"--{k}={ours[k]} (the savepoint's job: {manifest.get(k)})"
+             for k in _RESUME_KEYS if str(manifest.get(k)) != str(ours[k])]
+    if wrong:
+        raise SystemExit(f"train: savepoint {path} cannot be resumed with " + "; ".join(wrong)
+                         + ". Its reader resumes in the folder it read, at its position in "
+                         "batches, and its PS state has that model's shapes and sharding.")
+
+
+def _backfill_to_savepoint(opts, all_options: dict):
+    """Batch, then online on Flink (DESIGN §4 path a): (finished, stop) for ``run_job``.
+
+    The backfill runs the online job's pipeline (same reader, same labels) over the folder;
+    ``finished`` holds once the dense PS has trained on every example of the complete
+    periods there at the start, and ``stop`` then stops the job with a savepoint whose
+    manifest names what must match on resume (:func:`_check_savepoint`).
+    """
+    from dataflow.flink import jobs_named, stop_with_savepoint
+    from dataflow.join import read_examples_in_order
+    from ps.store import open_store
+    from transforms.batch import count_examples, example_periods, followed_pattern
+
+    master = all_options.get("flink_master") or ""
+    if all_options.get("runner") != "FlinkRunner" or not master or master.startswith("["):
+        raise SystemExit("train: --savepoint_dir needs a Flink cluster, --runner=FlinkRunner "
+                         f"--flink_master=HOST:PORT (got {all_options.get('runner')}, "
+                         f"{master or 'no master'}): Flink restores savepoints only there")
+    if opts.export_dir:
+        raise SystemExit("train: --savepoint_dir and --export_dir are two ways to end a "
+                         "backfill; give one")
+    periods = example_periods(followed_pattern(opts.input), complete_only=True)
+    if not periods:
+        raise SystemExit(f"train: nothing to backfill: no complete period in {opts.input}")
+    examples = count_examples(p for period in periods for p in period)
+    last_ts = max(e["ts_ms"] for e in read_examples_in_order(periods[-1]))
+    store = open_store(opts.store, num_shards=None)
+    before = store.sync_info().get("dense")
+    lag_ms = int(opts.dense_sync_interval_s * 1000)
+    _LOG.info("backfill to a savepoint: %d examples up to %d ms in %d periods", examples,
+              last_ts, len(periods))
+
+    def finished() -> bool:
+        info = store.sync_info().get("dense")
+        if not info or info == before:  # nothing published by this job yet
+            return False
+        # the dense PS publishes every dense sync interval of event time, at the latest
+        return info.get("examples", 0) >= examples or info.get("ts_ms", -1) >= last_ts - lag_ms
+
+    def stop() -> None:
+        name = all_options.get("job_name")
+        ids = jobs_named(master, name)
+        if len(ids) != 1:
+            raise RuntimeError(f"expected one running job named {name} on {master}: {ids}")
+        target = opts.savepoint_dir if "://" in opts.savepoint_dir else \
+            "file://" + os.path.abspath(opts.savepoint_dir)
+        manifest = {**_manifest(opts), "examples": examples, "last_ts_ms": last_ts,
+                    "trained_at_stop": store.sync_info().get("dense", {}).get("examples")}
+        location = stop_with_savepoint(master, ids[0], target, manifest=manifest)
+        _LOG.info("backfill done: savepoint %s", location)
+        print(f"savepoint: {location}", flush=True)
+    return finished, stop
 
 
 def _end_of_input_done(opts, mode: str, since: float):

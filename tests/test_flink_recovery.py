@@ -1,5 +1,6 @@
 """Exactly-once PS state on a standalone Flink cluster: a TaskManager killed mid-stream, and a
-job stopped with a savepoint and resumed from it (issue #7, parts 1, 2 and 5).
+job stopped with a savepoint and resumed from it, and batch-then-online through a savepoint
+(issue #7, parts 1, 2 and 5).
 
 Each run is the online training job (``python -m dataflow.train online``) in a subprocess,
 on a cluster from ``.venv-flink`` with checkpointing and the RocksDB state backend, with the
@@ -95,13 +96,16 @@ def outcome(out) -> dict:
             "snapshots": snaps}
 
 
-def start_job(cluster, out, store_url, folder, run_for_s, extra=()):
-    """The online job on the cluster, in a subprocess (its LOOPBACK Python workers with it)."""
+def start_job(cluster, out, store_url, folder, run_for_s, extra=(), mode="online"):
+    """The training job on the cluster, in a subprocess (its LOOPBACK Python workers with
+    it). ``run_for_s=None``: neither --run_for_s nor --export_dir (a backfill that ends in a
+    savepoint)."""
     out.mkdir(exist_ok=True)
-    argv = [sys.executable, "-m", "dataflow.train", "online", f"--input={folder}", *COMMON,
-            f"--store={store_url}", f"--metrics_dir={out}", f"--export_dir={out}/snapshots",
-            f"--metrics_out={out}/metrics.json", "--poll_interval_s=0.5",
-            f"--run_for_s={run_for_s}", "--runner=FlinkRunner",
+    ends = [f"--export_dir={out}/snapshots", f"--run_for_s={run_for_s}"] \
+        if run_for_s is not None else []
+    argv = [sys.executable, "-m", "dataflow.train", mode, f"--input={folder}", *COMMON,
+            f"--store={store_url}", f"--metrics_dir={out}", *ends,
+            f"--metrics_out={out}/metrics.json", "--poll_interval_s=0.5", "--runner=FlinkRunner",
             f"--flink_master={cluster.master}", "--streaming", "--parallelism=1",
             "--checkpointing_interval=1000", "--state_backend=rocksdb",
             f"--state_backend_storage_path=file://{out}/checkpoints", *extra]
@@ -279,3 +283,68 @@ def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redi
         assert result[key] == clean[key], (key, report)
     assert abs(result["auc"] - clean["auc"]) < 0.02, report
     check_store_matches_snapshots(store_url, result["snapshots"], second / "snapshots")
+
+
+def test_backfill_then_online_via_savepoint(recovery_cluster, stream, tmp_path, redis_server):
+    """Batch, then online, the Flink way (DESIGN §4 path a): ``train backfill
+    --savepoint_dir`` trains on the history in the example-log folder with the online job's
+    own pipeline and stops itself with a savepoint once every example there is trained on;
+    new files land; ``train online --savepoint_path`` resumes the reader where the backfill
+    stopped. Together they equal one clean run over everything: nothing read twice, nothing
+    skipped at the switch. A savepoint resumed on another folder is refused."""
+    from transforms.batch import count_examples
+    clean = stream["clean"]
+    store_url, store = fresh_store(redis_server, 12)
+    files = stream["files"]
+    history, live = files[:len(files) // 2], files[len(files) // 2:]
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    for f in history:
+        shutil.copy(f, folder)
+    backfill = tmp_path / "backfill"
+    started = time.monotonic()
+    job = start_job(recovery_cluster, backfill, store_url, folder, run_for_s=None,
+                    mode="backfill", extra=[f"--savepoint_dir={tmp_path}/savepoints"])
+    try:
+        finish(job, backfill)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    backfill_s = time.monotonic() - started
+    savepoints = glob.glob(f"{tmp_path}/savepoints/savepoint-*")
+    assert len(savepoints) == 1, savepoints
+    savepoint = savepoints[0]
+    log = (backfill / "job.log").read_text(errors="replace")
+    assert f"savepoint: file:{savepoint}" in log, log[-3000:]
+    at_stop = trained(store)
+    assert at_stop == count_examples(history), (at_stop, count_examples(history))
+    manifest = json.loads(open(os.path.join(savepoint, "beam-monolith.json")).read())
+    assert manifest["input"] == f"{folder}/*.avro" and manifest["examples"] == at_stop
+
+    elsewhere = tmp_path / "elsewhere"
+    refused = start_job(recovery_cluster, tmp_path / "refused", store_url, elsewhere, 5,
+                        extra=[f"--savepoint_path=file://{savepoint}"])
+    assert refused.wait(timeout=120) != 0
+    refusal = (tmp_path / "refused" / "job.log").read_text(errors="replace")
+    assert "cannot be resumed with --input" in refusal, refusal[-3000:]
+
+    for f in live:  # the stream goes on while no job runs
+        shutil.copy(f, folder)
+    online = tmp_path / "online"
+    job = start_job(recovery_cluster, online, store_url, folder, run_for_s=20,
+                    extra=[f"--savepoint_path=file://{savepoint}"])
+    try:
+        finish(job, online)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    result = outcome(online)
+    report = {"savepoint": savepoint, "history_examples": at_stop,
+              "backfill_wall_s": round(backfill_s, 1),
+              "clean": {k: v for k, v in clean.items() if k != "snapshots"},
+              "backfill_then_online": {k: v for k, v in result.items() if k != "snapshots"}}
+    print("BATCH_THEN_ONLINE", json.dumps(report))
+    for key in ("scored", "trained", "batches", "gradient_rows"):
+        assert result[key] == clean[key], (key, report)
+    assert abs(result["auc"] - clean["auc"]) < 0.02, report
+    check_store_matches_snapshots(store_url, result["snapshots"], online / "snapshots")

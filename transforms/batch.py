@@ -157,9 +157,7 @@ class ReadExampleBatches(beam.PTransform):
                  publishers: tuple = (), follow: bool = False, poll_interval_s: float = 5.0,
                  stop_timestamp: float | None = None):
         super().__init__()
-        self.pattern = pattern
-        if follow and not any(c in pattern for c in "*?["):
-            self.pattern = pattern.rstrip("/") + "/*.avro"
+        self.pattern = followed_pattern(pattern) if follow else pattern
         self.batch_size = int(batch_size)
         self.dense_dim = int(dense_dim)
         self.gate = None if store_url is None else PSCatchUp(
@@ -176,6 +174,30 @@ class ReadExampleBatches(beam.PTransform):
         return (pbegin
                 | "Start" >> beam.Create([self.pattern])
                 | "ReadInOrder" >> beam.ParDo(read))
+
+
+def followed_pattern(pattern: str) -> str:
+    """The glob a following reader lists: a folder becomes ``FOLDER/*.avro``; a local path is
+    made absolute (the pattern is the reader's element, kept in checkpoints and savepoints,
+    so a job resumed from another working directory reads the same files).
+
+    >>> followed_pattern("/logs/examples/")
+    '/logs/examples/*.avro'
+    """
+    if not any(c in pattern for c in "*?["):
+        pattern = pattern.rstrip("/") + "/*.avro"
+    return pattern if "://" in pattern else os.path.abspath(pattern)
+
+
+def count_examples(paths) -> int:
+    """How many records the Avro files hold, from their block headers (nothing is decoded)."""
+    import fastavro
+    from apache_beam.io.filesystems import FileSystems
+    total = 0
+    for path in paths:
+        with FileSystems.open(path) as f:
+            total += sum(block.num_records for block in fastavro.block_reader(f))
+    return total
 
 
 _PERIOD_NAME = re.compile(r"^(\d{8}T\d{6}Z)-(\d{5})-of-(\d{5})-")
