@@ -122,6 +122,7 @@ def _runner_name(pipeline: beam.Pipeline) -> str:
 def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     """Adds the training section to ``pipeline``; returns its PCollections by name."""
     from ps.shard import DenseShard, SparseShard
+    from ps.store import view_url
     from schemas.feature_config import load_feature_config
     from transforms.metrics import OnlineMetrics
     from transforms.model import Model
@@ -130,13 +131,17 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
 
     config = load_feature_config(opts.config)
     spec = model_spec(config, opts.model, opts.seed)
-    staleness = opts.max_staleness_s + max(opts.sync_interval_s, opts.dense_sync_interval_s)
+    # With a sync interval the PS also publishes every gradient batch to a training view of
+    # the store: the worker trains on fresh parameters and scores with the serving copy.
+    # So only --max_staleness_s bounds how stale training is (the reader waits on that view).
+    train_store = (view_url(opts.store, "train")
+                   if max(opts.sync_interval_s, opts.dense_sync_interval_s) > 0 else None)
     fused = _runner_name(pipeline) in ("DirectRunner", "BundleBasedDirectRunner")
     batches = pipeline | "ReadExamples" >> ReadExampleBatches(
         opts.input, opts.batch_size, spec.dense_dim,
         checkpoint_s=None if fused else opts.reader_checkpoint_s,
-        store_url=opts.store if opts.max_staleness_s >= 0 and not fused else None,
-        max_staleness_s=staleness, staleness_timeout_s=opts.staleness_timeout_s,
+        store_url=(train_store or opts.store) if opts.max_staleness_s >= 0 and not fused else None,
+        max_staleness_s=opts.max_staleness_s, staleness_timeout_s=opts.staleness_timeout_s,
         publishers=("dense", *(f"sparse/{i}" for i in range(opts.num_shards))),
         follow=mode == "online" or bool(opts.savepoint_dir), poll_interval_s=opts.poll_interval_s,
         stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None)
@@ -145,19 +150,19 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     worker = (batches
               | "Worker" >> beam.ParDo(TrainWorker(
                   spec, opts.store, opts.num_shards,
-                  dense_sync_interval_s=opts.dense_sync_interval_s)).with_outputs(
+                  train_store_url=train_store)).with_outputs(
                       TrainWorker.SCORES, TrainWorker.DENSE, main="sparse"))
     sparse_tables = {name: width for name, width in spec.tables().items()}
     applied_sparse = worker.sparse | "SparseShard" >> beam.ParDo(SparseShard(
         opts.store, opts.num_shards, sparse_tables, slots=slot_policies(config),
         optimizer=opts.optimizer, lr=opts.learning_rate, sync_interval_s=opts.sync_interval_s,
         init_scale=0.01 if spec.kind != "lr" else 0.0, seed=opts.seed,
-        export_dir=export_dir, restore_dir=restore_dir))
+        export_dir=export_dir, restore_dir=restore_dir, train_store_url=train_store))
     applied_dense = worker[TrainWorker.DENSE] | "DenseShard" >> beam.ParDo(DenseShard(
         opts.store, "dense", Model(spec).initial_dense_params(),
         optimizer=opts.dense_optimizer, lr=opts.dense_learning_rate,
         sync_interval_s=opts.dense_sync_interval_s, export_dir=export_dir,
-        restore_dir=restore_dir))
+        restore_dir=restore_dir, train_store_url=train_store))
     if opts.model_dir:
         from transforms.export import ExportDenseModel
         worker[TrainWorker.DENSE] | "ExportModel" >> beam.ParDo(ExportDenseModel(
