@@ -6,7 +6,10 @@ for: reading the example log through to applied PS updates. Prints one JSON obje
 
     runner, model, examples, batch_size, seconds, examples_per_s (whole training pipeline,
     start-up included), examples_per_s_after_first_batch (the worker's steady rate),
-    online_auc, bayes_auc, peak_rss_mb (this process + children: the Flink job server)
+    online_auc, bayes_auc (the whole run), online_auc_last_quarter, bayes_auc_last_quarter
+    (the last quarter of the examples in event-time order: the steady state, after the
+    cold start of the per-user and per-item rows), peak_rss_mb (this process + children:
+    the Flink job server)
 
     python -m benchmarks.train --json --requests 200000
     python -m benchmarks.train --json --runner FlinkRunner
@@ -24,15 +27,19 @@ import time
 
 
 def example_log(work: str, dataset: str, requests: int, seed: int) -> str:
-    """Synthetic or MovieLens logs → joined example log in ``work``; returns its glob."""
+    """Synthetic or MovieLens logs → joined example log in ``work``; returns its glob.
+    An example log already in ``work`` (a kept ``--workdir``) is reused."""
+    import glob
     from dataflow import data, join
+    out = os.path.join(work, "joined")
+    if glob.glob(os.path.join(out, "examples", "*.avro")):
+        return os.path.join(out, "examples", "*.avro")
     logs = os.path.join(work, "logs")
     if dataset == "movielens":
         data.movielens(logs)
     else:
         data.synth(logs, requests=requests, seed=seed, users=max(1000, requests // 50),
                    items=max(1000, requests // 40), days=max(1.0, requests / 100_000))
-    out = os.path.join(work, "joined")
     join.main([f"--features={logs}/feature_log/*.avro", f"--actions={logs}/action_log/*.avro",
                f"--out={out}", f"--config={dataset}", "--shards_per_period=1"])
     return os.path.join(out, "examples", "*.avro")
@@ -59,6 +66,21 @@ def river_peer(examples: str, kind: str) -> dict:
             f"river_{kind}_examples_per_s": round(r["examples"] / r["seconds"], 1)}
 
 
+def last_quarter_aucs(scores_dir: str) -> dict:
+    """Online and Bayes AUC over the last quarter of the examples (event-time order)."""
+    import numpy as np
+
+    from transforms.metrics import auc, read_scores
+    s = read_scores(scores_dir)
+    tail = slice(3 * len(s["scores"]) // 4, None)
+    labels, weights = s["labels"][tail], s["weights"][tail]
+    ctr = s["true_ctr"][tail]
+    return {"online_auc_last_quarter": auc(s["scores"][tail], labels, weights),
+            "bayes_auc_last_quarter": (float("nan") if np.isnan(ctr).any()
+                                       else auc(ctr, labels, weights)),
+            "examples_last_quarter": int(labels.size)}
+
+
 def peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -78,7 +100,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--peers", action="store_true",
                         help="also run river's FMClassifier and LogisticRegression on the same "
                              "example stream (needs `make peers`)")
-    parser.add_argument("--workdir", default=None, help="keep the generated files here")
+    parser.add_argument("--workdir", default=None,
+                        help="keep the generated files here (an example log there is reused)")
+    parser.add_argument("train_flags", nargs="*",
+                        help="more dataflow.train flags after --, e.g. -- --learning_rate=0.05")
     args = parser.parse_args(argv)
 
     from dataflow import train
@@ -86,10 +111,12 @@ def main(argv=None) -> dict:
     examples = example_log(work, args.dataset, args.requests, args.seed)
     metrics_dir = os.path.join(work, "metrics")
     metrics_out = os.path.join(work, f"metrics-{args.runner}.json")
+    scores_dir = os.path.join(work, f"scores-{args.runner}-{os.getpid()}")
     flags = [f"--input={examples}", f"--config={args.dataset}", f"--model={args.model}",
              f"--batch_size={args.batch_size}", f"--metrics_dir={metrics_dir}",
              f"--metrics_out={metrics_out}", f"--runner={args.runner}",
-             f"--store=memory://bench-{os.getpid()}"]
+             f"--store=memory://bench-{os.getpid()}", f"--scores_out={scores_dir}",
+             *args.train_flags]
     if args.runner == "FlinkRunner":
         flags += ["--flink_master=[local]", "--streaming"]
     start = time.monotonic()
@@ -111,6 +138,7 @@ def main(argv=None) -> dict:
         "examples_per_s_after_first_batch": steady.get("max"),
         "online_auc": totals.get("auc"),
         "bayes_auc": totals.get("bayes_auc"),
+        **last_quarter_aucs(scores_dir),
         "peak_rss_mb": peak_rss_mb(),
         "gradient_rows_emitted": metrics["counters"].get("worker.gradient_rows_emitted"),
         "gradient_rows_applied": metrics["counters"].get("ps.gradient_rows_applied"),

@@ -72,6 +72,10 @@ class TrainOptions(MonolithOptions):
                             help="event-time window of the online metrics")
         parser.add_argument("--metrics_dir", default="out/train",
                             help="where the online metrics CSV and PNG go")
+        parser.add_argument("--scores_out", default=None,
+                            help="also write every example's online score, label, weight, "
+                                 "event time and true CTR here (.npz files; "
+                                 "transforms.metrics.read_scores)")
         parser.add_argument("--export_dir", default=None,
                             help="write PS snapshots here when the input ends (backfill; "
                                  "online: when --run_for_s is over)")
@@ -172,6 +176,9 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     metrics = worker[TrainWorker.SCORES] | "OnlineMetrics" >> OnlineMetrics(
         opts.metrics_window_s, out_prefix=os.path.join(opts.metrics_dir, f"online-{mode}"),
         title=f"Online metrics, {mode} ({opts.model})")
+    if opts.scores_out:
+        from transforms.metrics import WriteScores
+        worker[TrainWorker.SCORES] | "WriteScores" >> beam.ParDo(WriteScores(opts.scores_out))
     return {"batches": batches, "scores": worker[TrainWorker.SCORES], "metrics": metrics,
             "sparse": applied_sparse, "dense": applied_dense}
 

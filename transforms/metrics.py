@@ -575,3 +575,53 @@ class OnlineMetrics(beam.PTransform):
                 | "GlobalWindow" >> beam.WindowInto(beam_window.GlobalWindows())
                 | "OneKey" >> beam.Map(lambda s: (0, s)).with_output_types(Tuple[int, Any])
                 | "PerWindow" >> beam.ParDo(self._fn))
+
+
+class WriteScores(beam.DoFn):
+    """The worker's score batches → ``.npz`` files in ``folder``, one per bundle: every
+    example's score, label, weight, event time and true CTR, for what the windowed metrics
+    do not answer (e.g. the AUC of the stream's last quarter). Read them with
+    :func:`read_scores`."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def setup(self):
+        os.makedirs(self.folder, exist_ok=True)
+
+    def start_bundle(self):
+        self._parts = []
+
+    def process(self, element):
+        s = as_scores(element)
+        n = s.scores.shape[0]
+        true_ctr = s.true_ctr if s.true_ctr is not None else np.full(n, np.nan)
+        self._parts.append((s.scores.astype(np.float32), s.labels.astype(np.float32),
+                            s.weights.astype(np.float32), s.ts_ms.astype(np.int64),
+                            np.asarray(true_ctr, np.float32)))
+
+    def finish_bundle(self):
+        if not self._parts:
+            return
+        import uuid
+        columns = [np.concatenate(c) for c in zip(*self._parts)]
+        path = os.path.join(self.folder, f"scores-{uuid.uuid4().hex}.npz")
+        np.savez(path + ".tmp.npz", **dict(zip(SCORE_COLUMNS, columns)))
+        os.replace(path + ".tmp.npz", path)  # readers never see half a file
+        self._parts = []
+
+
+SCORE_COLUMNS = ("scores", "labels", "weights", "ts_ms", "true_ctr")
+
+
+def read_scores(folder: str) -> dict:
+    """``{column: array}`` of every file :class:`WriteScores` wrote in ``folder``, in
+    event-time order (stable: a batch's examples keep their order)."""
+    import glob
+    parts = [np.load(p) for p in sorted(glob.glob(os.path.join(folder, "scores-*.npz")))
+             if not p.endswith(".tmp.npz")]
+    if not parts:
+        return {k: np.empty(0) for k in SCORE_COLUMNS}
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in SCORE_COLUMNS}
+    order = np.argsort(cols["ts_ms"], kind="stable")
+    return {k: v[order] for k, v in cols.items()}
