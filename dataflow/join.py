@@ -31,8 +31,10 @@ period and shard. :func:`read_examples_in_order` merges any set of example files
 stream in event-time order.
 
 Feature records: with ``--config``, ``--features`` are raw feature logs, extracted with
-``ExtractFeatures`` (bad records → ``dead_letter/`` with their reason); without it, Avro files
-of already-extracted records (:data:`EXTRACTED_FEATURES_SCHEMA`). See :func:`read_features`.
+``ExtractFeatures``; without it, Avro files of already-extracted records
+(:data:`EXTRACTED_FEATURES_SCHEMA`). See :func:`read_features`. What cannot be read (a damaged
+file, a record without a usable event time) or extracted goes to ``dead_letter/`` with its
+reason, for feature and action logs alike: a bad file never fails the join.
 """
 from __future__ import annotations
 
@@ -50,7 +52,6 @@ from typing import Any, Callable, Iterator, Tuple
 
 import apache_beam as beam
 import fastavro
-from apache_beam.io.avroio import ReadFromAvro
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 from apache_beam.utils.timestamp import Duration
@@ -114,36 +115,31 @@ class JoinOptions(MonolithOptions):
 
 # --------------------------------------------------------------------------- inputs
 
-def _stamp(record: dict):
-    """The record with its event time (ts_ms) as the element timestamp."""
-    ts_ms = record.get("ts_ms") if isinstance(record, dict) else None
-    return TimestampedValue(record, ts_ms / 1000.0) if isinstance(ts_ms, int) else record
-
-
 def read_features(pipeline: beam.Pipeline, pattern: str, config=None):
-    """``(feature records for the joiner, dead letters or None)``, stamped with serving time.
+    """``(feature records for the joiner, dead letters)``, stamped with serving time.
 
     With a feature ``config``, ``pattern`` names raw feature logs, read and extracted:
     ``ReadFeatureLogs(pattern) | ExtractFeatures(config)``. Without one it names Avro files
-    of already-extracted records (:data:`EXTRACTED_FEATURES_SCHEMA`).
+    of already-extracted records (:data:`EXTRACTED_FEATURES_SCHEMA`). The dead letters are
+    both the reader's (damaged files, records without a usable event time) and the
+    extractor's, each with its reason.
     """
-    if config is not None:
-        from transforms.features import ExtractFeatures
-        from transforms.sources import ReadFeatureLogs
-        extracted = (pipeline
-                     | "ReadFeatureLogs" >> ReadFeatureLogs(pattern)
-                     | "ExtractFeatures" >> ExtractFeatures(config))
-        return extracted.features, extracted.dead_letter
-    return (pipeline
-            | "ReadFeatureRecords" >> ReadFromAvro(pattern)
-            | "FeatureEventTime" >> beam.Map(_stamp)), None
+    from transforms.sources import ReadAvroLogs, ReadFeatureLogs
+    if config is None:
+        return pipeline | "ReadFeatureRecords" >> ReadAvroLogs(pattern).with_dead_letters()
+    from transforms.features import ExtractFeatures
+    records, unreadable = pipeline | "ReadFeatureLogs" >> ReadFeatureLogs(
+        pattern).with_dead_letters()
+    extracted = records | "ExtractFeatures" >> ExtractFeatures(config)
+    dead = (unreadable, extracted.dead_letter) | "FeatureDeadLetters" >> beam.Flatten()
+    return extracted.features, dead
 
 
-def read_actions(pipeline: beam.Pipeline, pattern: str) -> beam.PCollection:
-    """Action log records (schemas/action_log.avsc), stamped with their event time."""
-    return (pipeline
-            | "ReadActionLogs" >> ReadFromAvro(pattern)
-            | "ActionEventTime" >> beam.Map(_stamp))
+def read_actions(pipeline: beam.Pipeline, pattern: str):
+    """``(action log records, dead letters)`` (schemas/action_log.avsc), stamped with their
+    event time; a damaged file or record is dead-lettered, never fails the join."""
+    from transforms.sources import ReadActionLogs
+    return pipeline | "ReadActionLogs" >> ReadActionLogs(pattern).with_dead_letters()
 
 
 # --------------------------------------------------------------------------- outputs
@@ -301,8 +297,8 @@ def read_examples_in_order(pattern) -> Iterator[dict]:
 # --------------------------------------------------------------------------- pipeline
 
 def build(pipeline: beam.Pipeline, opts: JoinOptions) -> None:
-    features, dead_letter = read_features(pipeline, opts.features, opts.config)
-    actions = read_actions(pipeline, opts.actions)
+    features, feature_dead = read_features(pipeline, opts.features, opts.config)
+    actions, action_dead = read_actions(pipeline, opts.actions)
     joined = (features, actions) | "Join" >> OnlineJoiner(
         join_window_s=opts.join_window_s, negative_sample_rate=opts.negative_sample_rate,
         positive_actions=[a.strip() for a in opts.positive_actions.split(",") if a.strip()],
@@ -318,9 +314,8 @@ def build(pipeline: beam.Pipeline, opts: JoinOptions) -> None:
      | "WriteDuplicates" >> WriteEventTimeFiles(os.path.join(out, "duplicates"), period, 1))
     joined.invalid | "WriteInvalid" >> WriteEventTimeFiles(
         os.path.join(out, "invalid"), period, 1)
-    if dead_letter is not None:
-        dead_letter | "WriteDeadLetter" >> WriteEventTimeFiles(
-            os.path.join(out, "dead_letter"), period, 1)
+    ((feature_dead, action_dead) | "DeadLetters" >> beam.Flatten()
+     | "WriteDeadLetter" >> WriteEventTimeFiles(os.path.join(out, "dead_letter"), period, 1))
 
 
 def main(argv: list[str] | None = None):

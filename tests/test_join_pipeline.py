@@ -206,3 +206,33 @@ def test_refuses_to_mix_into_an_existing_example_log(tmp_path):
     (tmp_path / "out" / "examples" / "20240101T000000Z-00000-of-00001-0123abcd.avro").touch()
     with pytest.raises(SystemExit, match="--append"):
         join.main(["--features=x", "--actions=y", f"--out={tmp_path / 'out'}"])
+
+
+def test_damaged_log_files_are_dead_lettered_and_the_join_goes_on(tmp_path):
+    """A feature log and an action log cut short (a crashed writer): the join finishes, what
+    can still be read of them is joined exactly as the rules say, and the damage is in
+    ``dead_letter/`` with its reason and file, for actions as for features."""
+    from transforms.sources import read_avro_file
+    features, actions = make_logs(300, seed=11)
+    features_glob, actions_glob = write_inputs(tmp_path, features, actions)
+    readable = {}
+    for name in ("features-1.avro", "actions-2.avro"):
+        path = tmp_path / "in" / name
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) * 2 // 3])
+        readable[name], _ = read_avro_file(path.read_bytes(), str(path))
+    kept_features = [f for i in range(3) for f in (
+        readable["features-1.avro"] if i == 1 else features[i::3])]
+    kept_actions = [a for i in range(3) for a in (
+        readable["actions-2.avro"] if i == 2 else actions[i::3])]
+    assert len(kept_features) < len(features) and len(kept_actions) < len(actions)
+    out = tmp_path / "out"
+    join.main([f"--features={features_glob}", f"--actions={actions_glob}", f"--out={out}",
+               f"--join_window_s={W_S}", "--negative_sample_rate=1.0"])
+    valid = [f for f in kept_features if f["request_id"] and min(f["fids"]) >= 0]
+    want = reference_join(valid, kept_actions, window_ms=W, rate=1.0)
+    examples = list(join.read_examples_in_order(str(out / "examples")))
+    assert examples == sorted(want["examples"], key=lambda e: (e["ts_ms"], e["request_id"]))
+    dead = read_json_lines(out / "dead_letter")
+    assert sorted((os.path.basename(d["file"]), d["reason"]) for d in dead) == [
+        ("actions-2.avro", "truncated"), ("features-1.avro", "truncated")], dead
