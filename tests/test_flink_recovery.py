@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -110,7 +111,18 @@ def start_job(cluster, out, store_url, folder, run_for_s, extra=(), mode="online
             "--checkpointing_interval=1000", "--state_backend=rocksdb",
             f"--state_backend_storage_path=file://{out}/checkpoints", *extra]
     log = open(out / "job.log", "wb")
-    return subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    # a session of its own: kill_job ends the Beam job server JVM it starts along with it
+    return subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_job(job) -> None:
+    """SIGKILL a job started by :func:`start_job` and every process of its session."""
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    job.wait()
 
 
 def wait_until(predicate, timeout_s, what, job=None, out=None):
@@ -141,7 +153,7 @@ def finish(job, out, timeout_s=240):
     try:
         rc = job.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        job.kill()
+        kill_job(job)
         raise
     assert rc == 0, (out / "job.log").read_text(errors="replace")[-4000:]
 
@@ -192,7 +204,7 @@ def test_taskmanager_killed_mid_stream(recovery_cluster, stream, tmp_path, redis
     finally:
         landing.stopped.set()
         if job.poll() is None:
-            job.kill()
+            kill_job(job)
     counts = recovery_cluster.checkpoints(job_id)
     failures = recovery_cluster.rest(f"/jobs/{job_id}/exceptions").get("exceptionHistory", {})
     result = outcome(out)
@@ -232,7 +244,7 @@ def damaged_savepoints_are_refused(cluster, savepoint, tmp_path, store_url, fold
         try:
             rc = job.wait(timeout=240)
         except subprocess.TimeoutExpired:
-            job.kill()
+            kill_job(job)
             raise AssertionError(f"the job started from a {damage} savepoint and kept running")
         log = (out / "job.log").read_text(errors="replace")
         assert rc != 0, log[-3000:]
@@ -260,7 +272,7 @@ def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redi
         finish(job, first, timeout_s=120)
     finally:
         if job.poll() is None:
-            job.kill()
+            kill_job(job)
     landing.join()  # the rest of the stream lands while no job runs
     at_stop = trained(store)
     assert 0 < at_stop < clean["trained"]
@@ -273,7 +285,7 @@ def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redi
         finish(job, second)
     finally:
         if job.poll() is None:
-            job.kill()
+            kill_job(job)
     result = outcome(second)
     report = {"savepoint": savepoint, "trained_at_stop": at_stop, "damaged_refused": refused,
               "clean": {k: v for k, v in clean.items() if k != "snapshots"},
@@ -309,7 +321,7 @@ def test_backfill_then_online_via_savepoint(recovery_cluster, stream, tmp_path, 
         finish(job, backfill)
     finally:
         if job.poll() is None:
-            job.kill()
+            kill_job(job)
     backfill_s = time.monotonic() - started
     savepoints = glob.glob(f"{tmp_path}/savepoints/savepoint-*")
     assert len(savepoints) == 1, savepoints
@@ -337,7 +349,7 @@ def test_backfill_then_online_via_savepoint(recovery_cluster, stream, tmp_path, 
         finish(job, online)
     finally:
         if job.poll() is None:
-            job.kill()
+            kill_job(job)
     result = outcome(online)
     report = {"savepoint": savepoint, "history_examples": at_stop,
               "backfill_wall_s": round(backfill_s, 1),
