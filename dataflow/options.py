@@ -19,6 +19,7 @@ by ``view_as(PortableOptions)`` (and the Flink job server would then try to writ
 from __future__ import annotations
 
 import argparse
+import logging
 
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
                                                   PortableOptions, StandardOptions)
@@ -58,6 +59,22 @@ def split_flags(argv: list[str], option_classes=()) -> tuple[dict, list[str]]:
             cls._add_argparse_args(parser)
     ours, rest = parser.parse_known_args(argv)
     return vars(ours), rest
+
+
+class _OurOverridesAreValid(logging.Filter):
+    """Beam's ``get_all_options`` knows only direct ``PipelineOptions`` subclasses, so it warns
+    "Discarding invalid overrides" about every flag of ours on each run (the values are
+    kept: ``view_as`` reads them). Drop that warning when it names only our flags."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Discarding invalid overrides") or not record.args:
+            return True
+        overrides = record.args[0] if isinstance(record.args, tuple) else record.args
+        ours = set(split_flags([])[0])
+        return not (isinstance(overrides, dict) and set(overrides) <= ours)
+
+
+logging.getLogger("apache_beam.options.pipeline_options").addFilter(_OurOverridesAreValid())
 
 
 def _flag_given(argv: list[str], name: str) -> bool:
