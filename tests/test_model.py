@@ -203,6 +203,7 @@ def synthetic_batch(rng, n, slots, ids_per_slot, dense_dim):
 def test_no_retracing_across_batch_sizes():
     model = Model(ModelSpec("deepfm", [(s, 4) for s in range(1, 6)], dense_dim=3))
     params = model.initial_dense_params()
+    assert model.tracing_count() == 0  # traced at first use, not when made
     rng = np.random.default_rng(0)
     for n in (1, 7, 64, 300, 33):
         batch = synthetic_batch(rng, n, 5, 50, 3)

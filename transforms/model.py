@@ -226,9 +226,23 @@ class Model:
         )
         self._predict_fn = tf.function(self._probs, input_signature=signature)
         self._train_fn = tf.function(self._loss_and_grads, input_signature=signature)
-        # Calling the concrete functions skips the signature matching of tf.function calls.
-        self._predict_graph = self._predict_fn.get_concrete_function()
-        self._train_graph = self._train_fn.get_concrete_function()
+        self._concrete = {}
+
+    # Calling the concrete functions skips the signature matching of tf.function calls. They
+    # are traced at first use (~0.5 s each): a Model made for its dense weights' shapes and
+    # initial values (the pipeline's construction, exports), or a worker that never calls
+    # predict, traces nothing it does not run.
+    @property
+    def _predict_graph(self):
+        if "predict" not in self._concrete:
+            self._concrete["predict"] = self._predict_fn.get_concrete_function()
+        return self._concrete["predict"]
+
+    @property
+    def _train_graph(self):
+        if "train" not in self._concrete:
+            self._concrete["train"] = self._train_fn.get_concrete_function()
+        return self._concrete["train"]
 
     # -- parameters -------------------------------------------------------------------------
 
