@@ -77,6 +77,15 @@ def _load(url: str, bodies_path: str, requests: int, seconds: float, concurrency
             "max_ms": round(float(np.max(ms)), 2)}
 
 
+def _cpu_s(pid) -> float:
+    """User + system CPU seconds of process ``pid`` (0 for None)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pin(core: int) -> None:
     try:
         os.sched_setaffinity(0, {core % os.cpu_count()})
@@ -113,11 +122,13 @@ def bench_store(store_url: str, args, workdir: str) -> dict:
     for k in range(args.distinct_requests):
         t_rel = int(rng.integers(0, 3600_000))
         body, _, _, _ = world.request(rng, t_rel, args.candidates)
-        body["ts_ms"] = world.start_ms + t_rel
+        # no ts_ms: serving stamps the wall clock, so its feature log rolls a file every
+        # --roll_s as the run goes (as in production), and those writes are measured too
         body["top_k"] = args.top_k
         bodies.append(json.dumps(body, separators=(",", ":")))
         for c in body["candidates"]:
-            record = {"request_id": "b", "ts_ms": body["ts_ms"], "user_id": body["user_id"],
+            record = {"request_id": "b", "ts_ms": world.start_ms + t_rel,
+                      "user_id": body["user_id"],
                       "item_id": c["item_id"], "features": {**body["context"], **c["features"]}}
             fids.update(extract(record, config)["fids"])
     store = open_store(store_url, num_shards=2)
@@ -130,23 +141,29 @@ def bench_store(store_url: str, args, workdir: str) -> dict:
     bodies_path = os.path.join(workdir, f"bodies-{store_url.split(':')[0]}.jsonl")
     with open(bodies_path, "w", encoding="utf-8") as f:
         f.write("\n".join(bodies) + "\n")
-    log = serve.RollingAvroLog(os.path.join(workdir, f"log-{store_url.split(':')[0]}"),
-                               "feature_log", roll_s=60)
+    log = serve.open_feature_log(os.path.join(workdir, f"log-{store_url.split(':')[0]}"),
+                                 args.roll_s, args.log_in_process)
     scorer = serve.Scorer(config, spec, store_url, num_shards=2, feature_log=log)
     server = serve.Server(scorer, port=0).start()
     try:
         _run_load(server.url, bodies_path, 50, 30, 1)  # warm-up
-        cpu = time.process_time()
+        log_pid = getattr(getattr(log, "_proc", None), "pid", None)
+        cpu, log_cpu = time.process_time(), _cpu_s(log_pid)
         latency = _run_load(server.url, bodies_path, args.requests, args.seconds, 1)
-        # CPU seconds of this process (the service's threads) per request: what a request
-        # costs on a core of its own, whatever else the machine runs meanwhile
+        # CPU seconds of this process (the service's threads) and of its feature log's
+        # process per request: what a request costs on a core of its own, whatever else
+        # the machine runs meanwhile
+        per_request = 1000 / max(latency["requests"], 1)
         latency["service_cpu_ms_per_request"] = round(
-            1000 * (time.process_time() - cpu) / max(latency["requests"], 1), 2)
+            per_request * (time.process_time() - cpu + _cpu_s(log_pid) - log_cpu), 2)
+        latency["feature_log_cpu_ms_per_request"] = round(
+            per_request * (_cpu_s(log_pid) - log_cpu), 2)
         throughput = _run_load(server.url, bodies_path, args.requests, args.seconds,
                                args.concurrency)
     finally:
         server.stop()
     return {"store": store_url.split(":")[0], "rows_in_store": int(len(fids)),
+            "feature_log": log.stats(),
             "sequential": latency, f"concurrency_{args.concurrency}": throughput,
             "p50_ms": latency["p50_ms"], "p99_ms": latency["p99_ms"],
             "service_cpu_ms_per_request": latency["service_cpu_ms_per_request"],
@@ -166,6 +183,11 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="per phase, at most")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--distinct_requests", type=int, default=200)
+    p.add_argument("--roll_s", type=float, default=1.0,
+                   help="seconds per feature log file (the loop's serving: 2 wall seconds)")
+    p.add_argument("--log_in_process", action="store_true",
+                   help="feature log written by a thread of the service (the old way), "
+                        "not by its child process")
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--items", type=int, default=2000)
     # the load generator (child process)

@@ -81,9 +81,10 @@ class Client:
 
 
 def make_server(tmp_path, store_url: str, kind: str = "deepfm", model_dir=None,
-                **scorer_kwargs):
+                log_in_process: bool = True, **scorer_kwargs):
     spec = model_spec(CONFIG, kind)
-    log = serve.RollingAvroLog(str(tmp_path / "feature_log"), "feature_log", roll_s=60)
+    # the service's own log (a child process) where the log is checked; a thread elsewhere
+    log = serve.open_feature_log(str(tmp_path / "feature_log"), 60, log_in_process)
     scorer = serve.Scorer(CONFIG, spec, store_url, num_shards=2, model_dir=model_dir,
                           feature_log=log, **scorer_kwargs)
     server = serve.Server(scorer, port=0, poll_s=0.05).start()
@@ -199,7 +200,7 @@ def test_train_exports_the_published_dense_weights(tmp_path):
 
 def test_scores_are_the_models_with_the_stores_rows_ranked_and_logged(tmp_path):
     store_url = f"memory://serve-{tmp_path.name}"
-    spec, scorer, server = make_server(tmp_path, store_url, "deepfm")
+    spec, scorer, server = make_server(tmp_path, store_url, "deepfm", log_in_process=False)
     try:
         client = Client(server.url)
         store = open_store(store_url, num_shards=2)
@@ -410,11 +411,61 @@ def test_serving_goes_on_with_the_last_good_rows_while_the_store_is_down(tmp_pat
         server.stop()
 
 
+# --------------------------------------------------------------------------- extraction
+
+
+def test_request_extractor_makes_the_pipelines_fids(tmp_path):
+    """Context slots once per request, the rest per candidate: every candidate's fids and
+    dense inputs are extract()'s on its merged record (in the same slot order once
+    Model.index has ordered them), also when candidates override context fields or have
+    different fields."""
+    spec = model_spec(CONFIG, "fm")
+    scorer = serve.Scorer(CONFIG, spec, f"memory://extract-{tmp_path.name}", num_shards=2)
+    model = Model(spec)
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        req = request(int(rng.integers(1, 12)), request_id=f"q{trial}")
+        for c in req["candidates"]:
+            if rng.random() < 0.3:
+                c["features"]["device"] = "android"      # overrides the context's
+            if rng.random() < 0.3:
+                c["features"]["hour"] = 23               # another context override
+            if rng.random() < 0.2:
+                c["features"]["tags"] = [f"t{k}" for k in range(int(rng.integers(0, 4)))]
+        if trial % 2:
+            req["context"]["category"] = "c9"            # a candidate field in the context
+            del req["candidates"][0]["features"]["category"]
+        records, _, _, _, _, context, fields = scorer.parse(req)
+        fids, splits, dense = scorer.extractor(records, context, fields)
+        pipeline = [extract(r, CONFIG) for r in records]
+        assert splits[-1] == len(fids)
+        for j, want in enumerate(pipeline):
+            assert sorted(fids[splits[j]:splits[j + 1]].tolist()) == sorted(want["fids"])
+            np.testing.assert_allclose(dense[j], want["dense"], rtol=1e-6)
+        n = len(records)
+        ours = model.index(ExampleBatch(
+            fids=fids, row_splits=splits, dense=dense, label=np.zeros(n, np.float32),
+            weight=np.ones(n, np.float32), ts_ms=np.zeros(n, np.int64),
+            true_ctr=np.zeros(n, np.float32)))
+        theirs = model.index(ExampleBatch.from_examples(
+            [{**out, "label": 0} for out in pipeline], spec.dense_dim))
+        np.testing.assert_array_equal(ours.keys[ours.unique_of_occurrence],
+                                      theirs.keys[theirs.unique_of_occurrence])
+        np.testing.assert_array_equal(ours.segment, theirs.segment)
+    # a required context field missing: the pipeline's reason
+    req = request(3)
+    del req["context"]["gender"]
+    records, _, _, _, _, context, fields = scorer.parse(req)
+    with pytest.raises(serve.BadRequest, match="missing_field:gender"):
+        scorer.extractor(records, context, fields)
+
+
 # --------------------------------------------------------------------------- the log
 
 
-def test_rolling_log_files_follow_event_time(tmp_path):
-    log = serve.RollingAvroLog(str(tmp_path), "action_log", roll_s=60)
+@pytest.mark.parametrize("log_class", [serve.RollingAvroLog, serve.ProcessAvroLog])
+def test_rolling_log_files_follow_event_time(tmp_path, log_class):
+    log = log_class(str(tmp_path), "action_log", roll_s=60)
     ts = [T0 + 1_000, T0 + 59_999, T0 + 60_000, T0 + 200_000, T0 + 200_001]
     for i, t in enumerate(ts):
         log.append([{"request_id": f"r{i}", "ts_ms": t, "action": "click"}], t)
@@ -431,6 +482,23 @@ def test_rolling_log_files_follow_event_time(tmp_path):
            for r in read_avro(str(p))]
     assert got == [f"r{i}" for i in range(5)]
     assert not list(tmp_path.glob(".*tmp")) and log.late == 0 and log.errors == 0
+    assert log.records == 5 and log.files == 3
+    log.stop()
+
+
+def test_process_log_stop_writes_the_open_file_and_ends_the_child(tmp_path):
+    log = serve.ProcessAvroLog(str(tmp_path), "action_log", roll_s=60)
+    child = log._proc
+    log.append([{"request_id": "r0", "ts_ms": T0, "action": "click"}], T0)
+    log.append([{"request_id": "r1", "ts_ms": T0 - 1, "action": "click"}], T0 - 1)  # late
+    assert log.late == 1 and not list(tmp_path.glob("part-*.avro"))
+    log.stop()
+    assert child.poll() == 0  # ended by itself
+    assert [r["request_id"] for p in tmp_path.glob("part-*.avro") for r in read_avro(str(p))] \
+        == ["r0", "r1"]
+    assert log.stats() == {"records": 2, "files": 1, "late": 1, "errors": 0}
+    log.append([{"request_id": "r2", "ts_ms": T0, "action": "click"}], T0)  # no child: lost
+    assert log.lost == 1 and log.records == 2
 
 
 def test_log_odds_correction_of_negative_sampling(tmp_path):
