@@ -64,3 +64,40 @@ def test_train_refuses_a_damaged_savepoint_before_submitting(tmp_path):
         train.main(["online", f"--input={tmp_path}", "--config=synthetic",
                     "--runner=FlinkRunner", "--flink_master=localhost:1",
                     f"--savepoint_path=file://{root}", f"--metrics_dir={tmp_path}/m"])
+
+
+def test_train_refuses_to_resume_a_savepoint_of_another_job(tmp_path):
+    """The manifest a backfill writes into its savepoint: resuming with another folder,
+    model, shard count or batch size is refused before anything is submitted, naming the
+    flag; the same job's flags pass the check (and go on to the runner)."""
+    import json
+
+    from dataflow.flink import SAVEPOINT_MANIFEST
+    folder = tmp_path / "examples"
+    root = tmp_path / "sp"
+    os.makedirs(root)
+    (root / "_metadata").write_bytes(b"flink")
+    (root / SAVEPOINT_MANIFEST).write_text(json.dumps({
+        "input": f"{folder}/*.avro", "config": "synthetic", "model": "fm", "num_shards": 2,
+        "batch_size": 256}))
+    seal_savepoint(str(root))
+    same = [f"--input={folder}", "--config=synthetic", "--model=fm", "--num_shards=2",
+            "--batch_size=256"]
+
+    def resume(*changed):
+        flags = {a.split("=")[0]: a for a in same}
+        flags.update({a.split("=")[0]: a for a in changed})
+        train.main(["online", *flags.values(), f"--savepoint_path=file://{root}",
+                    "--runner=FlinkRunner", "--flink_master=localhost:1",
+                    f"--metrics_dir={tmp_path}/m", "--flink_job_server_jar=/nonexistent.jar"])
+
+    for changed, named in [(f"--input={tmp_path}/other", "--input="),
+                           ("--model=deepfm", "--model=deepfm"),
+                           ("--num_shards=4", "--num_shards=4"),
+                           ("--batch_size=512", "--batch_size=512")]:
+        with pytest.raises(SystemExit, match=f"cannot be resumed with {named}"):
+            resume(changed)
+    with pytest.raises(SystemExit, match="not both"):
+        resume(f"--restore={tmp_path}/snapshots")
+    with pytest.raises(ValueError, match="nonexistent.jar"):  # past the check: the runner
+        resume(f"--input={folder}/")                          # fails on the jar
