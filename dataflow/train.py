@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None):
     # (sparse gradients reached the DenseShard).
     flink_defaults = {"max_bundle_time_mills": FLINK_BUNDLE_MS,
                       "finish_bundle_before_checkpointing": True}
+    if any(a.startswith("--runner=FlinkRunner") or a == "FlinkRunner" for a in argv):
+        from dataflow.flink import low_latency_conf_dir
+        flink_defaults["flink_conf_dir"] = low_latency_conf_dir()  # no 100 ms buffering
     checkpointed = any(a.startswith("--checkpointing_interval") for a in argv)
     to_savepoint = mode == "backfill" and any(a.startswith("--savepoint_dir") for a in argv)
     if not (checkpointed or to_savepoint):
