@@ -158,6 +158,23 @@ def finish(job, out, timeout_s=240):
     assert rc == 0, (out / "job.log").read_text(errors="replace")[-4000:]
 
 
+def run_to_end(job, out, timeout_s=240):
+    """:func:`finish`, and the job killed (with its job server) if it did not end."""
+    try:
+        finish(job, out, timeout_s)
+    finally:
+        if job.poll() is None:
+            kill_job(job)
+
+
+def same_as_clean(result: dict, clean: dict, report: dict) -> None:
+    """Every example scored and trained on once, every gradient row applied once, as in the
+    clean run; AUC within noise of it."""
+    for key in ("scored", "trained", "batches", "gradient_rows"):
+        assert result[key] == clean[key], (key, report)
+    assert abs(result["auc"] - clean["auc"]) < 0.02, report
+
+
 def check_store_matches_snapshots(store_url, snapshots: dict, snap_dir):
     """The store ends equal to the PS state (reconciled after the restore): every row of every
     sparse shard's snapshot, and nothing else, is in the store with the same values."""
@@ -214,9 +231,7 @@ def test_taskmanager_killed_mid_stream(recovery_cluster, stream, tmp_path, redis
     print("RECOVERY", json.dumps(report))
     assert report["job_failures"] >= 1, report  # the job really failed and restarted
     assert before_kill < clean["trained"], report  # the kill came mid-stream
-    for key in ("scored", "trained", "batches", "gradient_rows"):
-        assert result[key] == clean[key], (key, report)
-    assert abs(result["auc"] - clean["auc"]) < 0.02, report
+    same_as_clean(result, clean, report)
     check_store_matches_snapshots(store_url, result["snapshots"], out / "snapshots")
 
 
@@ -281,19 +296,13 @@ def test_stop_with_savepoint_and_resume(recovery_cluster, stream, tmp_path, redi
     second = tmp_path / "second"
     job = start_job(recovery_cluster, second, store_url, landing.folder, run_for_s=20,
                     extra=[f"--savepoint_path={savepoint}"])
-    try:
-        finish(job, second)
-    finally:
-        if job.poll() is None:
-            kill_job(job)
+    run_to_end(job, second)
     result = outcome(second)
     report = {"savepoint": savepoint, "trained_at_stop": at_stop, "damaged_refused": refused,
               "clean": {k: v for k, v in clean.items() if k != "snapshots"},
               "resumed": {k: v for k, v in result.items() if k != "snapshots"}}
     print("SAVEPOINT", json.dumps(report))
-    for key in ("scored", "trained", "batches", "gradient_rows"):
-        assert result[key] == clean[key], (key, report)
-    assert abs(result["auc"] - clean["auc"]) < 0.02, report
+    same_as_clean(result, clean, report)
     check_store_matches_snapshots(store_url, result["snapshots"], second / "snapshots")
 
 
@@ -317,11 +326,7 @@ def test_backfill_then_online_via_savepoint(recovery_cluster, stream, tmp_path, 
     started = time.monotonic()
     job = start_job(recovery_cluster, backfill, store_url, folder, run_for_s=None,
                     mode="backfill", extra=[f"--savepoint_dir={tmp_path}/savepoints"])
-    try:
-        finish(job, backfill)
-    finally:
-        if job.poll() is None:
-            kill_job(job)
+    run_to_end(job, backfill)
     backfill_s = time.monotonic() - started
     savepoints = glob.glob(f"{tmp_path}/savepoints/savepoint-*")
     assert len(savepoints) == 1, savepoints
@@ -345,18 +350,12 @@ def test_backfill_then_online_via_savepoint(recovery_cluster, stream, tmp_path, 
     online = tmp_path / "online"
     job = start_job(recovery_cluster, online, store_url, folder, run_for_s=20,
                     extra=[f"--savepoint_path=file://{savepoint}"])
-    try:
-        finish(job, online)
-    finally:
-        if job.poll() is None:
-            kill_job(job)
+    run_to_end(job, online)
     result = outcome(online)
     report = {"savepoint": savepoint, "history_examples": at_stop,
               "backfill_wall_s": round(backfill_s, 1),
               "clean": {k: v for k, v in clean.items() if k != "snapshots"},
               "backfill_then_online": {k: v for k, v in result.items() if k != "snapshots"}}
     print("BATCH_THEN_ONLINE", json.dumps(report))
-    for key in ("scored", "trained", "batches", "gradient_rows"):
-        assert result[key] == clean[key], (key, report)
-    assert abs(result["auc"] - clean["auc"]) < 0.02, report
+    same_as_clean(result, clean, report)
     check_store_matches_snapshots(store_url, result["snapshots"], online / "snapshots")
