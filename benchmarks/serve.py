@@ -3,13 +3,18 @@
     python -m benchmarks.serve --json                        # memory and redis stores
     python -m benchmarks.serve --json --stores redis --model deepfm --candidates 100
 
-The service (``dataflow.serve``'s Scorer and HTTP server, DeepFM by default, feature log on)
-runs in this process, pinned to one core; its store holds a row for every fid the requests
-use. A load generator in a child process, pinned to the other core, sends pre-built
-requests of the synthetic world (``dataflow.simulate``) over loopback with keep-alive:
-first one at a time (latency: p50, p99, max), then ``--concurrency`` at once (throughput).
-Each phase is bounded by ``--requests`` and ``--seconds``. Latency is the client's: from
-sending the request to having read the whole answer.
+The service (``dataflow.serve``'s Scorer and HTTP server, DeepFM by default, its feature log
+in a child process as ``python -m dataflow.serve`` runs it) runs in this process, pinned to
+one core with its log process; its store holds a row for every fid the requests use. A load
+generator in a child process, pinned to the other core, sends pre-built requests of the
+synthetic world (``dataflow.simulate``) over loopback with keep-alive: first one at a time
+(latency: p50, p99, max), then ``--concurrency`` at once (throughput). Each phase is bounded
+by ``--requests`` and ``--seconds``. Latency is the client's: from sending the request to
+having read the whole answer. Requests carry no event time, so serving stamps the wall
+clock and its feature log writes a file every ``--roll_s`` during the measurement.
+``--nice -10`` runs the service and the load generator at a higher priority: on a machine
+shared with other jobs, a stand-in for a core of their own (the JSON says the niceness and
+the load average at the start).
 
 Measured on the shared 2-core machine (Beam 2.62 / TF 2.16, DeepFM over the 15 slots of
 ``schemas/configs/synthetic.yaml``, 100 candidates, top 10 served): see README (Serving).
@@ -185,6 +190,10 @@ def main(argv=None) -> int:
     p.add_argument("--distinct_requests", type=int, default=200)
     p.add_argument("--roll_s", type=float, default=1.0,
                    help="seconds per feature log file (the loop's serving: 2 wall seconds)")
+    p.add_argument("--nice", type=int, default=0,
+                   help="niceness of the service and the load generator (e.g. -10 on a "
+                        "machine shared with other jobs: a stand-in for a core of its own; "
+                        "negative values need root)")
     p.add_argument("--log_in_process", action="store_true",
                    help="feature log written by a thread of the service (the old way), "
                         "not by its child process")
@@ -194,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--load", default=None, help=argparse.SUPPRESS)
     p.add_argument("--bodies", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)  # the load generator inherits it
     if args.load:
         _pin(1)
         print(json.dumps(_load(args.load, args.bodies, args.requests, args.seconds,
@@ -201,7 +212,8 @@ def main(argv=None) -> int:
         return 0
     _pin(0)  # the service on one core
     from dataflow.loop import Processes, start_redis
-    results = {"model": args.model, "candidates": args.candidates, "top_k": args.top_k}
+    results = {"model": args.model, "candidates": args.candidates, "top_k": args.top_k,
+               "nice": args.nice, "load_average": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as workdir:
         procs = Processes(workdir)
         try:

@@ -524,7 +524,6 @@ class Scorer:
                     self.model_version, self.model_ts_ms = loaded.version, loaded.ts_ms
                     self.model_path = path
                     self._count("model_loads")
-                    _freeze_heap()
                     _LOG.info("serve: model version %d (event time %d) from %s",
                               loaded.version, loaded.ts_ms, path)
         if time.monotonic() >= self._store_down_until:
@@ -703,9 +702,10 @@ class Scorer:
 
 
 def _freeze_heap() -> None:
-    """Move every object alive now (TensorFlow's, the model's: ~500k) out of the garbage
-    collector's generations: a full collection over them took 0.1-0.4 s, a request's
-    worst latency. A model replaced later stays in the frozen generation (a few MB each)."""
+    """Move every object alive at the start (TensorFlow's and the first model's: ~400k) out
+    of the garbage collector's generations: a full collection over them took 0.1-0.4 s, a
+    request's worst latency. Models loaded later are not frozen (a replaced one must be
+    freed): ~1,800 objects each, a full collection then takes a few ms."""
     gc.collect()
     gc.freeze()
 
