@@ -707,3 +707,22 @@ def test_flink_local_pipeline(tmp_path, flink_job_server_jar):
     from dataflow.job import run_job
     run_job(lambda p: _build(p, url, batches, dense), options)
     _check_pipeline_result(url, batches, dense, json.loads(metrics_out.read_text()))
+
+
+def test_set_channels_keeps_pending_deltas_of_kept_channels():
+    from ps.embedding_table import EmbeddingTable
+    t = EmbeddingTable(2, channels=1)
+    t.insert(np.array([fid(0, 1), fid(0, 2)], np.uint64))
+    t.set_channels(2)  # channel 0 keeps its pending rows; the new channel 1 starts empty
+    assert sorted(t.delta(1).fids.tolist()) == []
+    t.insert(np.array([fid(0, 3)], np.uint64))
+    t.delete(np.array([fid(0, 1)], np.uint64))
+    d1 = t.delta(1)
+    assert d1.fids.tolist() == [fid(0, 3)] and d1.deleted.tolist() == [fid(0, 1)]
+    d0 = t.delta(0)
+    assert sorted(d0.fids.tolist()) == [fid(0, 2), fid(0, 3)] and d0.deleted.tolist() == [fid(0, 1)]
+    t.insert(np.array([fid(0, 4)], np.uint64))
+    t.set_channels(1)  # channel 1 and its pending changes go
+    with pytest.raises(ValueError):
+        t.delta(1)
+    assert t.delta(0).fids.tolist() == [fid(0, 4)]
