@@ -301,6 +301,10 @@ def _log_main() -> None:
     dies)."""
     from multiprocessing.connection import Connection
     fd, folder, schema_name, roll_s, codec, nice = sys.argv[1:7]
+    # Ctrl-C and a SIGTERM to the service's process group reach this process too: the
+    # service, stopping on them, still has the open period to write through it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         os.nice(int(nice))
     except OSError:

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -492,6 +493,12 @@ def test_process_log_stop_writes_the_open_file_and_ends_the_child(tmp_path):
     log.append([{"request_id": "r0", "ts_ms": T0, "action": "click"}], T0)
     log.append([{"request_id": "r1", "ts_ms": T0 - 1, "action": "click"}], T0 - 1)  # late
     assert log.late == 1 and not list(tmp_path.glob("part-*.avro"))
+    # a signal to the service's process group (Ctrl-C, the loop's SIGTERM) reaches the child
+    # too: it waits for the service to tell it to write the open period
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(child.pid, sig)
+    time.sleep(0.5)
+    assert child.poll() is None
     log.stop()
     assert child.poll() == 0  # ended by itself
     assert [r["request_id"] for p in tmp_path.glob("part-*.avro") for r in read_avro(str(p))] \
