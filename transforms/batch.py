@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import itertools
 import logging
 import os
 import re
@@ -66,7 +65,7 @@ class ExampleBatch(NamedTuple):
         if dense_dim is None:
             dense_dim = len(examples[0].get("dense") or ()) if n else 0
         dense = np.zeros((n, dense_dim), dtype=np.float32)
-        if dense_dim:
+        if dense_dim and n:
             dense[:] = [e.get("dense") or [0.0] * dense_dim for e in examples]
         return cls(
             fids=fids,
@@ -323,18 +322,16 @@ class _ReadBatchesFn(beam.DoFn):
     def setup(self):
         self._emitted_ts = None
         self._periods = None  # (pattern, [[path, ...], ...]) as last listed
-        # The period being read: (pattern, period, next batch, example iterator). A resumed
-        # restriction that starts where it stopped (Flink hands the residual back to the
-        # same instance) reads on from it instead of re-reading the period's head.
+        # The period being read: (pattern, period, its examples as columns). A resumed
+        # restriction in the same period (Flink hands the residual back to the same
+        # instance) slices on from it instead of decoding the period's files again.
         self._cursor = None
 
     def teardown(self):
         self._close_cursor()
 
     def _close_cursor(self):
-        if getattr(self, "_cursor", None) is not None:
-            self._cursor[3].close()
-            self._cursor = None
+        self._cursor = None
 
     def _list(self, pattern: str, period: int) -> list:
         """The periods of ``pattern``, listed again only when ``period`` is past the last."""
@@ -342,6 +339,13 @@ class _ReadBatchesFn(beam.DoFn):
                 period >= len(self._periods[1]):
             self._periods = (pattern, example_periods(pattern, complete_only=self.follow))
         return self._periods[1]
+
+    def _period(self, pattern: str, period: int, paths: list) -> ExampleBatch:
+        """The examples of one period in event-time order, decoded once."""
+        from transforms.example_columns import read_example_columns
+        if self._cursor is None or self._cursor[:2] != (pattern, period):
+            self._cursor = (pattern, period, read_example_columns(paths, self.dense_dim))
+        return self._cursor[2]
 
     follow = False
 
@@ -352,7 +356,7 @@ class _ReadBatchesFn(beam.DoFn):
     def _read(self, pattern, tracker, watermark=None):
         """Claims and emits batches from the restriction's start; True if it read to the
         end of what is listed, False if it stopped early (checkpoint or split)."""
-        from dataflow.join import read_examples_in_order
+        from transforms.example_columns import slice_batch
         if self.gate is not None and self._emitted_ts is not None:
             self.gate.wait(self._emitted_ts)
         started = time.monotonic()
@@ -363,24 +367,13 @@ class _ReadBatchesFn(beam.DoFn):
             periods = self._list(pattern, period)
             if period >= len(periods):
                 return True
-            cursor = self._cursor
-            if cursor is not None and cursor[:3] == (pattern, period, done):
-                examples = cursor[3]
-            else:
-                self._close_cursor()
-                examples = read_examples_in_order(periods[period])
-                for _ in itertools.islice(examples, done * self.batch_size):
-                    pass
-            self._cursor = None
-            while True:
-                chunk = list(itertools.islice(examples, self.batch_size))
-                if not chunk:
-                    examples.close()
-                    break
+            examples = self._period(pattern, period, periods[period])
+            n = len(examples)
+            while done * self.batch_size < n:
                 if not tracker.try_claim(period * _BATCHES_PER_PERIOD + done):
-                    examples.close()
                     return False
-                batch = ExampleBatch.from_examples(chunk, self.dense_dim)
+                batch = slice_batch(examples, done * self.batch_size,
+                                    min(n, (done + 1) * self.batch_size))
                 self._emitted_ts = int(batch.ts_ms.max())
                 yield _timestamped(batch)
                 if watermark is not None:
@@ -392,10 +385,10 @@ class _ReadBatchesFn(beam.DoFn):
                         (self.gate is not None and
                          self._emitted_ts - first_ts >= self.gate.max_staleness_ms)):
                     # Bundles end as the log is read (class docstring); the next call
-                    # reads on from the cursor.
-                    self._cursor = (pattern, period, done, examples)
+                    # slices on from the period kept in the cursor.
                     tracker.defer_remainder()
                     return False
+            self._close_cursor()
             position = (period + 1) * _BATCHES_PER_PERIOD
 
 
