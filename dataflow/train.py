@@ -276,9 +276,9 @@ def _backfill_to_savepoint(opts, all_options: dict):
     manifest names what must match on resume (:func:`_check_savepoint`).
     """
     from dataflow.flink import jobs_named, stop_with_savepoint
-    from dataflow.join import read_examples_in_order
     from ps.store import open_store
     from transforms.batch import count_examples, example_periods, followed_pattern
+    from transforms.example_columns import read_example_columns
 
     master = all_options.get("flink_master") or ""
     if all_options.get("runner") != "FlinkRunner" or not master or master.startswith("["):
@@ -292,7 +292,7 @@ def _backfill_to_savepoint(opts, all_options: dict):
     if not periods:
         raise SystemExit(f"train: nothing to backfill: no complete period in {opts.input}")
     examples = count_examples(p for period in periods for p in period)
-    last_ts = max(e["ts_ms"] for e in read_examples_in_order(periods[-1]))
+    last_ts = int(read_example_columns(periods[-1], 0).ts_ms.max())
     store = open_store(opts.store, num_shards=None)
     before = store.sync_info().get("dense")
     lag_ms = int(opts.dense_sync_interval_s * 1000)
