@@ -202,11 +202,13 @@ def count_examples(paths) -> int:
 _PERIOD_NAME = re.compile(r"^(\d{8}T\d{6}Z)-(\d{5})-of-(\d{5})-")
 
 
-def example_periods(pattern: str, complete_only: bool = False) -> list:
+def example_periods(pattern: str, complete_only: bool = False, keyed: bool = False,
+                    from_key: str = "") -> list:
     """The files ``pattern`` names, as lists of one event-time period each, in time order.
 
     ``complete_only``: leave out the periods of the example log that do not have all their
-    shards yet (``-00003-of-00004-`` names), and every period after the first such one.
+    shards yet (``-00003-of-00004-`` names), and every period after the first such one that
+    is not before ``from_key``. ``keyed``: ``(period key, files)`` pairs.
     """
     from dataflow.join import example_files
     groups: dict = {}
@@ -220,13 +222,16 @@ def example_periods(pattern: str, complete_only: bool = False) -> list:
     periods = []
     for key in sorted(groups):
         if complete_only and key in shards and len(shards[key][0]) < shards[key][1]:
+            if key < from_key:
+                continue
             break
-        periods.append(groups[key])
+        periods.append((key, groups[key]) if keyed else groups[key])
     return periods
 
 
 _BATCHES_PER_PERIOD = 1 << 32  # restriction offset = period * this + batch within the period
-_NO_END = 1 << 62  # the restriction of a followed folder (period index < 2**30)
+_FOLLOW_SPAN = 1 << 24  # following: offset = period start (epoch s) * this + batch (< 2**62)
+_NO_END = 1 << 62  # the restriction of a followed folder: no end of its own
 
 
 class _PeriodRange(RestrictionProvider):
@@ -363,14 +368,14 @@ class _ReadBatchesFn(beam.DoFn):
         first_ts = None
         position = tracker.current_restriction().start
         while True:
-            period, done = divmod(position, _BATCHES_PER_PERIOD)
-            periods = self._list(pattern, period)
-            if period >= len(periods):
+            located = self._locate(pattern, position)
+            if located is None:
                 return True
-            examples = self._period(pattern, period, periods[period])
+            paths, base, done = located
+            examples = self._period(pattern, base, paths)
             n = len(examples)
             while done * self.batch_size < n:
-                if not tracker.try_claim(period * _BATCHES_PER_PERIOD + done):
+                if not tracker.try_claim(base + done):
                     return False
                 batch = slice_batch(examples, done * self.batch_size,
                                     min(n, (done + 1) * self.batch_size))
@@ -389,7 +394,19 @@ class _ReadBatchesFn(beam.DoFn):
                     tracker.defer_remainder()
                     return False
             self._close_cursor()
-            position = (period + 1) * _BATCHES_PER_PERIOD
+            position = base + self._span
+
+    _span = _BATCHES_PER_PERIOD
+
+    def _locate(self, pattern: str, position: int):
+        """(files of the period at ``position``, the position of its first batch, batches of
+        it done), or None past the last period listed. Position = period index * span +
+        batch: the listing of a bounded read is fixed."""
+        period, done = divmod(position, self._span)
+        periods = self._list(pattern, period)
+        if period >= len(periods):
+            return None
+        return periods[period], period * self._span, done
 
 
 class _TailBatchesFn(_ReadBatchesFn):
@@ -414,21 +431,57 @@ class _TailBatchesFn(_ReadBatchesFn):
         else:
             tracker.defer_remainder(Duration.of(self.poll_interval_s))
 
-    def _list(self, pattern, period):
-        periods = super()._list(pattern, period)
-        if period >= len(periods) and self._emitted_ts is not None:
-            # A period sorting before the one read last landed late: it cannot be read in
-            # event-time order any more (the watermark has passed it).
-            from dataflow.join import example_files
-            listed = {p for group in periods for p in group}
-            late = [p for p in example_files(pattern) if p not in listed and
-                    os.path.basename(p) < os.path.basename(periods[-1][0])] if periods else []
-            if late and late != getattr(self, "_late_seen", None):
-                self._late_seen = late
-                self.late_files.inc(len(late))
-                _LOG.warning("skipping %d example files that landed after a later period "
-                             "was read: %s", len(late), late[:3])
-        return periods
+    # A followed folder gains files, and one may land late, sorting before a period already
+    # read: so a position names its period by start time, never by its index in a listing
+    # (which a late file would shift, and a restore would list anew).
+    _span = _FOLLOW_SPAN
+
+    def _locate(self, pattern: str, position: int):
+        start_s, done = divmod(position, self._span)
+        for _ in range(2):  # the cached listing, then a fresh one if it has nothing at or after
+            for key, paths in self._listing(pattern, start_s):
+                period_s = _period_start_s(key)
+                if period_s >= start_s:
+                    return paths, period_s * self._span, done if period_s == start_s else 0
+            self._periods = None
+        return None
+
+    def _listing(self, pattern: str, start_s: int) -> list:
+        """[(period key, files)] of the complete periods, listed again when asked to."""
+        if self._periods is None or self._periods[0] != pattern:
+            listed = example_periods(pattern, complete_only=True, keyed=True,
+                                     from_key=time.strftime("%Y%m%dT%H%M%SZ",
+                                                            time.gmtime(start_s)))
+            named = [(k, p) for k, p in listed if _period_start_s(k) is not None]
+            if len(named) < len(listed):
+                self._warn_unnamed([k for k, _ in listed if _period_start_s(k) is None])
+            seen = getattr(self, "_seen_keys", None)
+            if seen is not None:
+                late = [p for k, paths in named if k not in seen and
+                        _period_start_s(k) < start_s for p in paths]
+                if late:
+                    self.late_files.inc(len(late))
+                    _LOG.warning("skipping %d example files that landed after a later "
+                                 "period was read: %s", len(late), late[:3])
+            self._seen_keys = {k for k, _ in named}
+            self._periods = (pattern, named)
+        return self._periods[1]
+
+    def _warn_unnamed(self, names) -> None:
+        if not getattr(self, "_warned_unnamed", False):
+            self._warned_unnamed = True
+            _LOG.warning("a followed example log is read by period (dataflow.join's "
+                         "PERIOD-SHARD-of-N names); skipping %d other files: %s",
+                         len(names), names[:3])
+
+
+def _period_start_s(key: str):
+    """Epoch seconds of an example-log period key (``20240101T130000Z``), None for others."""
+    import calendar
+    try:
+        return calendar.timegm(time.strptime(key, "%Y%m%dT%H%M%SZ"))
+    except ValueError:
+        return None
 
 
 def _advance_watermark(watermark, ts_ms: int) -> None:
