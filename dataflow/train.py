@@ -241,9 +241,10 @@ _RESUME_KEYS = ("input", "config", "model", "num_shards", "batch_size")
 
 
 def _manifest(opts) -> dict:
-    from transforms.batch import followed_pattern
+    from transforms.batch import FOLLOW_POSITIONS, followed_pattern
     return {"input": followed_pattern(opts.input), "config": opts.config, "model": opts.model,
-            "num_shards": opts.num_shards, "batch_size": opts.batch_size}
+            "num_shards": opts.num_shards, "batch_size": opts.batch_size,
+            "reader_positions": FOLLOW_POSITIONS}
 
 
 def _check_savepoint(path: str, opts, mode: str) -> None:
@@ -259,6 +260,10 @@ def _check_savepoint(path: str, opts, mode: str) -> None:
     if manifest is None:
         return
     ours = _manifest(opts)
+    if manifest.get("reader_positions") != ours["reader_positions"]:
+        raise SystemExit(f"train: savepoint {path} holds reader positions of another version "
+                         f"({manifest.get('reader_positions')}; this one reads "
+                         f"{ours['reader_positions']}): resume it with the version that wrote it")
     wrong = [f"--{k}={ours[k]} (the savepoint's job: {manifest.get(k)})"
              for k in _RESUME_KEYS if str(manifest.get(k)) != str(ours[k])]
     if wrong:

@@ -77,9 +77,10 @@ def test_train_refuses_to_resume_a_savepoint_of_another_job(tmp_path):
     root = tmp_path / "sp"
     os.makedirs(root)
     (root / "_metadata").write_bytes(b"flink")
-    (root / SAVEPOINT_MANIFEST).write_text(json.dumps({
-        "input": f"{folder}/*.avro", "config": "synthetic", "model": "fm", "num_shards": 2,
-        "batch_size": 256}))
+    from transforms.batch import FOLLOW_POSITIONS
+    manifest = {"input": f"{folder}/*.avro", "config": "synthetic", "model": "fm",
+                "num_shards": 2, "batch_size": 256, "reader_positions": FOLLOW_POSITIONS}
+    (root / SAVEPOINT_MANIFEST).write_text(json.dumps(manifest))
     seal_savepoint(str(root))
     same = [f"--input={folder}", "--config=synthetic", "--model=fm", "--num_shards=2",
             "--batch_size=256"]
@@ -101,3 +102,7 @@ def test_train_refuses_to_resume_a_savepoint_of_another_job(tmp_path):
         resume(f"--restore={tmp_path}/snapshots")
     with pytest.raises(ValueError, match="nonexistent.jar"):  # past the check: the runner
         resume(f"--input={folder}/")                          # fails on the jar
+    (root / SAVEPOINT_MANIFEST).write_text(json.dumps({**manifest, "reader_positions": None}))
+    seal_savepoint(str(root))  # a savepoint of the version that counted periods by index
+    with pytest.raises(SystemExit, match="reader positions of another version"):
+        resume()

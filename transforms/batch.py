@@ -231,6 +231,9 @@ def example_periods(pattern: str, complete_only: bool = False, keyed: bool = Fal
 
 _BATCHES_PER_PERIOD = 1 << 32  # restriction offset = period * this + batch within the period
 _FOLLOW_SPAN = 1 << 24  # following: offset = period start (epoch s) * this + batch (< 2**62)
+# What a following reader's restriction offsets mean, named in savepoint manifests: a job
+# must not resume offsets of another meaning (dataflow.train checks).
+FOLLOW_POSITIONS = "period-start-s*2^24+batch"
 _NO_END = 1 << 62  # the restriction of a followed folder: no end of its own
 
 
