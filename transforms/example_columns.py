@@ -62,6 +62,15 @@ if njit is not None:
         return np.int64(acc >> np.uint64(1)) ^ -np.int64(acc & np.uint64(1)), pos
 
     @njit(cache=True)
+    def _block_count(buf, pos):
+        """Items in the next block of an Avro array (0: the array ended): (count, position)."""
+        count, pos = _long(buf, pos)
+        if count < 0:  # a negative count is followed by the block's size in bytes
+            count = -count
+            _, pos = _long(buf, pos)
+        return count, pos
+
+    @njit(cache=True)
     def _skip_string(buf, pos):
         n, pos = _long(buf, pos)
         return pos + n
@@ -96,24 +105,18 @@ if njit is not None:
             pos = _skip_string(buf, pos)                          # user_id
             pos = _skip_string(buf, pos)                          # item_id
             while True:                                           # fids: array<long>
-                count, pos = _long(buf, pos)
+                count, pos = _block_count(buf, pos)
                 if count == 0:
                     break
-                if count < 0:
-                    count = -count
-                    _, pos = _long(buf, pos)                      # block size in bytes
                 for _j in range(count):
                     fids[nf], pos = _long(buf, pos)
                     nf += 1
             row_splits[i + 1] = nf
             d = 0
             while True:                                           # dense: array<float>
-                count, pos = _long(buf, pos)
+                count, pos = _block_count(buf, pos)
                 if count == 0:
                     break
-                if count < 0:
-                    count = -count
-                    _, pos = _long(buf, pos)
                 for _j in range(count):
                     scratch[:4] = buf[pos:pos + 4]
                     if d < dense_dim:
@@ -123,12 +126,9 @@ if njit is not None:
             v, pos = _long(buf, pos)                              # label
             label[i] = v
             while True:                                           # actions: array<string>
-                count, pos = _long(buf, pos)
+                count, pos = _block_count(buf, pos)
                 if count == 0:
                     break
-                if count < 0:
-                    count = -count
-                    _, pos = _long(buf, pos)
                 for _j in range(count):
                     pos = _skip_string(buf, pos)
             pos += 8                                              # sample_rate
