@@ -110,39 +110,51 @@ def _run_load(url, bodies_path, requests, seconds, concurrency) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_store(store_url: str, args, workdir: str) -> dict:
-    from dataflow import serve
+def request_bodies(config, users: int, items: int, distinct: int, candidates: int,
+                   top_k: int, rng) -> tuple:
+    """(JSON request bodies of the synthetic world, the fids they need)."""
     from dataflow.simulate import World
-    from dataflow.train import model_spec
-    from ps.store import open_store
-    from schemas.feature_config import load_feature_config
-    from transforms.batch import shard_of
     from transforms.features import extract
-
-    config = load_feature_config("synthetic")
-    spec = model_spec(config, args.model)
-    world = World(args.users, args.items, 3600, seed=0, ctr=0.08, start="2024-01-01")
-    rng = np.random.default_rng(0)
+    world = World(users, items, 3600, seed=0, ctr=0.08, start="2024-01-01")
     bodies, fids = [], set()
-    for k in range(args.distinct_requests):
+    for _ in range(distinct):
         t_rel = int(rng.integers(0, 3600_000))
-        body, _, _, _ = world.request(rng, t_rel, args.candidates)
+        body, _, _, _ = world.request(rng, t_rel, candidates)
         # no ts_ms: serving stamps the wall clock, so its feature log rolls a file every
         # --roll_s as the run goes (as in production), and those writes are measured too
-        body["top_k"] = args.top_k
+        body["top_k"] = top_k
         bodies.append(json.dumps(body, separators=(",", ":")))
         for c in body["candidates"]:
             record = {"request_id": "b", "ts_ms": world.start_ms + t_rel,
                       "user_id": body["user_id"],
                       "item_id": c["item_id"], "features": {**body["context"], **c["features"]}}
             fids.update(extract(record, config)["fids"])
+    return bodies, np.array(sorted(fids), np.uint64)
+
+
+def seed_store(store_url: str, spec, fids: np.ndarray, rng) -> None:
+    """An emptied store at ``store_url`` (2 shards) holding a random row for every fid."""
+    from ps.store import open_store
+    from transforms.batch import shard_of
     store = open_store(store_url, num_shards=2)
     store.clear()
-    fids = np.array(sorted(fids), np.uint64)
     rows = rng.normal(0, 0.05, (len(fids), spec.width)).astype(np.float32)
     shards = shard_of(fids, 2)
     for s in range(2):
         store.write_rows(spec.table, s, fids[shards == s], rows[shards == s])
+
+
+def bench_store(store_url: str, args, workdir: str) -> dict:
+    from dataflow import serve
+    from dataflow.train import model_spec
+    from schemas.feature_config import load_feature_config
+
+    config = load_feature_config("synthetic")
+    spec = model_spec(config, args.model)
+    rng = np.random.default_rng(0)
+    bodies, fids = request_bodies(config, args.users, args.items, args.distinct_requests,
+                                  args.candidates, args.top_k, rng)
+    seed_store(store_url, spec, fids, rng)
     bodies_path = os.path.join(workdir, f"bodies-{store_url.split(':')[0]}.jsonl")
     with open(bodies_path, "w", encoding="utf-8") as f:
         f.write("\n".join(bodies) + "\n")

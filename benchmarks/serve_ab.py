@@ -52,28 +52,13 @@ def main(argv=None) -> int:
     bench._pin(0)
     from dataflow import serve as new
     from dataflow.loop import Processes, start_redis
-    from dataflow.simulate import World
     from dataflow.train import model_spec
-    from ps.store import open_store
     from schemas.feature_config import load_feature_config
-    from transforms.batch import shard_of
-    from transforms.features import extract
 
     config = load_feature_config("synthetic")
     spec = model_spec(config, "deepfm")
-    world = World(1000, 2000, 3600, seed=0, ctr=0.08, start="2024-01-01")
     rng = np.random.default_rng(0)
-    bodies, fids = [], set()
-    for _ in range(200):
-        t_rel = int(rng.integers(0, 3600_000))
-        body, _, _, _ = world.request(rng, t_rel, 100)
-        body["top_k"] = 10
-        bodies.append(json.dumps(body, separators=(",", ":")))
-        for c in body["candidates"]:
-            fids.update(extract({"request_id": "b", "ts_ms": 0, "user_id": body["user_id"],
-                                 "item_id": c["item_id"],
-                                 "features": {**body["context"], **c["features"]}},
-                                config)["fids"])
+    bodies, fids = bench.request_bodies(config, 1000, 2000, 200, 100, 10, rng)
     rows_out = []
     with tempfile.TemporaryDirectory() as workdir:
         old = _module_at(args.rev, workdir)
@@ -84,13 +69,7 @@ def main(argv=None) -> int:
             else:
                 url = start_redis(procs, workdir)
                 os.sched_setaffinity(procs.pids["redis"], {1 % os.cpu_count()})
-            store = open_store(url, num_shards=2)
-            store.clear()
-            fids = np.array(sorted(fids), np.uint64)
-            rows = rng.normal(0, 0.05, (len(fids), spec.width)).astype(np.float32)
-            shards = shard_of(fids, 2)
-            for s in range(2):
-                store.write_rows(spec.table, s, fids[shards == s], rows[shards == s])
+            bench.seed_store(url, spec, fids, rng)
             path = os.path.join(workdir, "bodies.jsonl")
             with open(path, "w", encoding="utf-8") as f:
                 f.write("\n".join(bodies) + "\n")
