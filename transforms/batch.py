@@ -345,7 +345,7 @@ class _ReadBatchesFn(beam.DoFn):
         """The periods of ``pattern``, listed again only when ``period`` is past the last."""
         if self._periods is None or self._periods[0] != pattern or \
                 period >= len(self._periods[1]):
-            self._periods = (pattern, example_periods(pattern, complete_only=self.follow))
+            self._periods = (pattern, example_periods(pattern))
         return self._periods[1]
 
     def _period(self, pattern: str, period: int, paths: list) -> ExampleBatch:
@@ -354,8 +354,6 @@ class _ReadBatchesFn(beam.DoFn):
         if self._cursor is None or self._cursor[:2] != (pattern, period):
             self._cursor = (pattern, period, read_example_columns(paths, self.dense_dim))
         return self._cursor[2]
-
-    follow = False
 
     def process(self, pattern, tracker=beam.DoFn.RestrictionParam(_PeriodRange())):
         if (yield from self._read(pattern, tracker)):
@@ -415,8 +413,6 @@ class _ReadBatchesFn(beam.DoFn):
 class _TailBatchesFn(_ReadBatchesFn):
     """pattern → the batches of its periods as they land (unbounded, event-time watermark)."""
 
-    follow = True
-
     def __init__(self, batch_size, dense_dim, checkpoint_s, gate, poll_interval_s: float,
                  stop_timestamp: float | None):
         super().__init__(batch_size, dense_dim, checkpoint_s, gate)
@@ -440,34 +436,37 @@ class _TailBatchesFn(_ReadBatchesFn):
     _span = _FOLLOW_SPAN
 
     def _locate(self, pattern: str, position: int):
+        import bisect
         start_s, done = divmod(position, self._span)
         for _ in range(2):  # the cached listing, then a fresh one if it has nothing at or after
-            for key, paths in self._listing(pattern, start_s):
-                period_s = _period_start_s(key)
-                if period_s >= start_s:
-                    return paths, period_s * self._span, done if period_s == start_s else 0
+            starts, periods = self._listing(pattern, start_s)
+            i = bisect.bisect_left(starts, start_s)
+            if i < len(starts):
+                return periods[i], starts[i] * self._span, done if starts[i] == start_s else 0
             self._periods = None
         return None
 
-    def _listing(self, pattern: str, start_s: int) -> list:
-        """[(period key, files)] of the complete periods, listed again when asked to."""
+    def _listing(self, pattern: str, start_s: int) -> tuple:
+        """(start seconds, files) of the complete periods, in time order; listed again when
+        asked to (start times parsed once per listing: ``_locate`` runs every resumption)."""
         if self._periods is None or self._periods[0] != pattern:
             listed = example_periods(pattern, complete_only=True, keyed=True,
                                      from_key=time.strftime("%Y%m%dT%H%M%SZ",
                                                             time.gmtime(start_s)))
-            named = [(k, p) for k, p in listed if _period_start_s(k) is not None]
-            if len(named) < len(listed):
-                self._warn_unnamed([k for k, _ in listed if _period_start_s(k) is None])
+            named = [(_period_start_s(k), k, p) for k, p in listed]
+            if any(s is None for s, _, _ in named):
+                self._warn_unnamed([k for s, k, _ in named if s is None])
+                named = [n for n in named if n[0] is not None]
             seen = getattr(self, "_seen_keys", None)
             if seen is not None:
-                late = [p for k, paths in named if k not in seen and
-                        _period_start_s(k) < start_s for p in paths]
+                late = [p for s, k, paths in named if k not in seen and s < start_s
+                        for p in paths]
                 if late:
                     self.late_files.inc(len(late))
                     _LOG.warning("skipping %d example files that landed after a later "
                                  "period was read: %s", len(late), late[:3])
-            self._seen_keys = {k for k, _ in named}
-            self._periods = (pattern, named)
+            self._seen_keys = {k for _, k, _ in named}
+            self._periods = (pattern, ([s for s, _, _ in named], [p for _, _, p in named]))
         return self._periods[1]
 
     def _warn_unnamed(self, names) -> None:

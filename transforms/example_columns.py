@@ -20,6 +20,8 @@ schema falls back to fastavro, as does a machine without numba.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from transforms.batch import ExampleBatch
@@ -30,18 +32,20 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps the 
     njit = None
 
 
-def _example_schema() -> dict:
+@functools.lru_cache(maxsize=1)
+def _example_canonical_form() -> str:
     import fastavro
 
     from schemas import load_schema
-    return fastavro.parse_schema(load_schema("example"))
+    return fastavro.schema.to_parsing_canonical_form(
+        fastavro.parse_schema(load_schema("example")))
 
 
 def _same_schema(writer_schema: dict) -> bool:
     import fastavro
     try:
         return (fastavro.schema.to_parsing_canonical_form(writer_schema) ==
-                fastavro.schema.to_parsing_canonical_form(_example_schema()))
+                _example_canonical_form())
     except Exception:  # noqa: BLE001 - an odd schema is simply not ours
         return False
 
