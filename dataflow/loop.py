@@ -34,6 +34,17 @@ streaming job over the tailed folders (``transforms.sources.TailAvroLogs``) inst
 measured on this 2-core machine it fell behind and joined most periods only when its sources
 stopped at the end of the run.
 
+Warm start (``--history_s``, default 4 simulated hours; 0 starts cold): a production loop
+never starts from an untrained model, so first the same world's last hours before the run
+are simulated (``--history_speedup`` times faster, at the same requests per simulated second)
+against a serving process whose parameters are still the initial ones: every item scores
+alike, so the history's ranking is the candidates' popularity order, not a learned one. Its
+logs are joined in one go into the example folder that the online training job follows; the
+job trains on the history first (batch, then online, in one job: DESIGN §4's reader over the
+history) and the run starts once it has applied all of it, with serving on the parameters
+and the SavedModel it published. The report covers the run only; ``history`` in it says
+what the warm-up was.
+
 Time: the simulated clock (event time) runs ``--speed`` times faster than the wall clock.
 Everything event-time (the log periods ``--period_s``, the join window, model exports, the
 report) is in simulated seconds.
@@ -440,6 +451,14 @@ def parser() -> argparse.ArgumentParser:
                    help="periods: the join pipeline, bounded, per closed period of the logs "
                         "(DirectRunner); stream: one streaming join job on the runner over "
                         "the tailed logs (Flink only)")
+    p.add_argument("--history_s", type=float, default=14400.0,
+                   help="simulated seconds of the world's history before the run (0: start "
+                        "cold): served by the initial parameters, joined, and trained on by "
+                        "the online job before the run starts, as a production loop never "
+                        "starts from an untrained model")
+    p.add_argument("--history_speedup", type=float, default=5.0,
+                   help="the history runs this many times faster (--speed and --rps both: "
+                        "the same requests per simulated second as the run)")
     p.add_argument("--report_buckets", type=int, default=12)
     p.add_argument("--serve_start_timeout_s", type=float, default=180.0)
     p.add_argument("--drain_timeout_s", type=float, default=120.0,
@@ -453,11 +472,12 @@ def run(args) -> dict:
         raise ValueError("--join stream needs --runner FlinkRunner: the DirectRunner fires "
                          "event-time timers only at the end of its input")
     out = os.path.abspath(args.out)
-    for sub in ("feature_log", "action_log", "examples", "models", "join", "train", "logs"):
+    for sub in ("feature_log", "action_log", "examples", "models", "join", "train", "logs",
+                "history"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
         os.makedirs(os.path.join(out, sub))
     for name in ("serve.url", "sim_stats.csv", "sim_summary.json", "report.json",
-                 "loop.png", "auc_over_time.csv"):
+                 "loop.png", "auc_over_time.csv", "serve-history.url"):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     procs = Processes(os.path.join(out, "logs"))
@@ -467,18 +487,12 @@ def run(args) -> dict:
                   "--streaming"] if flink else ["--runner=DirectRunner"])
     started = time.monotonic()
     trained: list = []
+    history = None
     try:
         store = args.store or start_redis(procs, os.path.join(out, "logs"))
         _clear_store(store, args.num_shards)
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        procs.start("serve", [
-            py, "-m", "dataflow.serve", "--store", store, "--model", f"{out}/models",
-            "--config", args.config, "--model_kind", args.model, "--seed", str(args.seed),
-            "--num_shards", str(args.num_shards), "--feature_log", f"{out}/feature_log",
-            "--roll_s", str(args.period_s), "--port", str(port),
-            "--port_file", f"{out}/serve.url", "--poll_s", "0.5"])
         expected_wall = args.duration_s / args.speed
+        history_wall = args.history_s / (args.speed * args.history_speedup)
         procs.start("train", [
             py, "-m", "dataflow.train", "online", f"--input={out}/examples",
             f"--config={args.config}", f"--model={args.model}", f"--store={store}",
@@ -486,21 +500,22 @@ def run(args) -> dict:
             f"--learning_rate={args.learning_rate}",
             f"--dense_learning_rate={args.dense_learning_rate}", f"--model_dir={out}/models",
             f"--model_export_interval_s={args.model_export_interval_s}", "--poll_interval_s=0.5",
-            f"--run_for_s={expected_wall * 3 + 600:.0f}", f"--metrics_dir={out}/train",
+            f"--run_for_s={(expected_wall + history_wall) * 3 + 600:.0f}",
+            f"--metrics_dir={out}/train",
             f"--metrics_window_s={int(max(args.period_s, args.duration_s / 12))}",
             f"--seed={args.seed}", "--streaming", *beam_args])
+        if args.history_s > 0:
+            history = run_history(procs, args, out, store)
+        url = start_serving(procs, args, out, store, "serve", f"{out}/feature_log")
+        if history is not None:
+            # the run starts once training has applied the whole history
+            history.update(wait_for_training(procs, store, args, history["joiner"],
+                                             args.drain_timeout_s))
         # The simulator starts its clock once serving answers.
-        procs.start("simulate", [
-            py, "-m", "dataflow.simulate", "--serve", url, "--actions", f"{out}/action_log",
-            "--duration_s", str(args.duration_s), "--speed", str(args.speed),
-            "--rps", str(args.rps), "--concurrency", str(args.concurrency),
-            "--candidates", str(args.candidates), "--top_k", str(args.top_k),
-            "--roll_s", str(args.period_s), "--max_delay_s", str(args.max_delay_s),
-            "--users", str(args.users), "--items", str(args.items),
-            "--categories", str(args.categories), "--drift", str(args.drift),
-            "--seed", str(args.seed), "--stats", f"{out}/sim_stats.csv",
-            "--summary", f"{out}/sim_summary.json",
-            "--wait_for_serve_s", str(args.serve_start_timeout_s)])
+        procs.start("simulate", simulate_argv(
+            args, url, f"{out}/action_log", args.speed, args.rps, clock_from_s=0.0,
+            clock_to_s=args.duration_s, stats=f"{out}/sim_stats.csv",
+            summary=f"{out}/sim_summary.json"))
         _wait_for_file(f"{out}/serve.url", procs, "serve", args.serve_start_timeout_s)
         sim_started = time.monotonic()
         joiner = PeriodJoin(f"{out}/feature_log", f"{out}/action_log", f"{out}/examples",
@@ -545,26 +560,106 @@ def run(args) -> dict:
             procs.check("join")
         else:  # the simulator wrote every action and closed the feature log: join the rest
             joiner.run_once(final=True)
-        deadline = time.monotonic() + args.drain_timeout_s
-        while True:
-            procs.check("train")
-            info = store_handle.sync_info().get("dense", {})
-            trained.append((time.monotonic() - sim_started,
-                            _trained_examples(store_handle, args.batch_size)))
-            if _caught_up(joiner, info):
-                break
-            if time.monotonic() > deadline:
-                _LOG.warning("loop: training did not catch up within %.0f s",
-                             args.drain_timeout_s)
-                break
-            time.sleep(0.5)
+        wait_for_training(procs, store, args, joiner, args.drain_timeout_s,
+                          progress=lambda: trained.append((
+                              time.monotonic() - sim_started,
+                              _trained_examples(store_handle, args.batch_size))))
         store_handle.close()
     finally:
         procs.stop_all()
     wall = time.monotonic() - started
-    result = report(out, args, joiner, trained, wall)
+    result = report(out, args, joiner, trained, wall, history)
     result["pids"] = procs.pids
     return result
+
+
+def start_serving(procs: Processes, args, out: str, store: str, name: str,
+                  feature_log: str) -> str:
+    """Starts ``dataflow.serve`` as ``name`` on a free port (its port file is
+    ``OUT/NAME.url``); returns its URL."""
+    port = _free_port()
+    procs.start(name, [
+        sys.executable, "-m", "dataflow.serve", "--store", store, "--model", f"{out}/models",
+        "--config", args.config, "--model_kind", args.model, "--seed", str(args.seed),
+        "--num_shards", str(args.num_shards), "--feature_log", feature_log,
+        "--roll_s", str(args.period_s), "--port", str(port),
+        "--port_file", f"{out}/{name}.url", "--poll_s", "0.5"])
+    return f"http://127.0.0.1:{port}"
+
+
+def simulate_argv(args, url: str, actions: str, speed: float, rps: float,
+                  clock_from_s: float, clock_to_s: float, stats: Optional[str],
+                  summary: str) -> list:
+    """``dataflow.simulate`` over [clock_from_s, clock_to_s) of the loop's world."""
+    return [sys.executable, "-m", "dataflow.simulate", "--serve", url, "--actions", actions,
+            "--duration_s", str(args.duration_s), "--clock_from_s", str(clock_from_s),
+            "--clock_to_s", str(clock_to_s), "--speed", str(speed), "--rps", str(rps),
+            "--concurrency", str(args.concurrency), "--candidates", str(args.candidates),
+            "--top_k", str(args.top_k), "--roll_s", str(args.period_s),
+            "--max_delay_s", str(args.max_delay_s), "--users", str(args.users),
+            "--items", str(args.items), "--categories", str(args.categories),
+            "--drift", str(args.drift), "--seed", str(args.seed),
+            *(["--stats", stats] if stats else []), "--summary", summary,
+            "--wait_for_serve_s", str(args.serve_start_timeout_s)]
+
+
+def run_history(procs: Processes, args, out: str, store: str) -> dict:
+    """The world's last ``--history_s`` before the run, ``--history_speedup`` times faster:
+    served by the initial parameters (an untrained model ranks at random: the history's
+    logging policy explores), joined in one go into the folder online training follows.
+    Returns the history's summary and its joiner (for :func:`wait_for_training`)."""
+    folder = f"{out}/history"
+    wall = time.monotonic()
+    url = start_serving(procs, args, out, store, "serve-history", f"{folder}/feature_log")
+    sim = procs.start("simulate-history", simulate_argv(
+        args, url, f"{folder}/action_log", args.speed * args.history_speedup,
+        args.rps * args.history_speedup, clock_from_s=-args.history_s, clock_to_s=0.0,
+        stats=None, summary=f"{folder}/sim_summary.json"))
+    _wait_for_file(f"{out}/serve-history.url", procs, "serve-history",
+                   args.serve_start_timeout_s)
+    while sim.poll() is None:
+        procs.check("serve-history", "train", "redis")
+        time.sleep(0.25)
+    if sim.returncode != 0:
+        raise RuntimeError(f"simulate-history exited with {sim.returncode}; see "
+                           f"{procs.log_dir}/simulate-history.log")
+    procs.stop("serve-history")
+    joiner = PeriodJoin(f"{folder}/feature_log", f"{folder}/action_log", f"{out}/examples",
+                        f"{out}/join/history", args.config, args.period_s,
+                        args.join_window_s, args.negative_sample_rate)
+    joiner.run_once(final=True)
+    with open(f"{folder}/sim_summary.json", encoding="utf-8") as f:
+        sim_summary = json.load(f)
+    history = {"simulated_s": args.history_s,
+               **{k: sim_summary.get(k) for k in ("requests", "served", "clicks",
+                                                  "serving_auc", "bayes_auc")},
+               "examples": sum(r["examples"] for r in joiner.runs),
+               "wall_s": round(time.monotonic() - wall, 1), "joiner": joiner}
+    _LOG.info("loop: history of %.0f simulated s: %s requests, %d examples in %.0f s",
+              args.history_s, history["requests"], history["examples"], history["wall_s"])
+    return history
+
+
+def wait_for_training(procs: Processes, store: str, args, joiner: "PeriodJoin",
+                      timeout_s: float, progress=None) -> dict:
+    """Waits until training has applied gradients up to the last example ``joiner``
+    landed (or ``timeout_s``), calling ``progress()`` at each look."""
+    from ps.store import open_store
+    handle = open_store(store, num_shards=args.num_shards)
+    started = time.monotonic()
+    try:
+        while True:
+            procs.check("train")
+            if progress:
+                progress()
+            if _caught_up(joiner, handle.sync_info().get("dense", {})):
+                return {"caught_up": True, "wait_s": round(time.monotonic() - started, 1)}
+            if time.monotonic() - started > timeout_s:
+                _LOG.warning("loop: training did not catch up within %.0f s", timeout_s)
+                return {"caught_up": False, "wait_s": round(time.monotonic() - started, 1)}
+            time.sleep(0.5)
+    finally:
+        handle.close()
 
 
 def _clear_store(url: str, num_shards: int) -> None:
@@ -603,7 +698,8 @@ def _caught_up(joiner: PeriodJoin, dense_sync: dict) -> bool:
     return dense_sync.get("ts_ms", -1) >= last
 
 
-def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float) -> dict:
+def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
+           history: Optional[dict] = None) -> dict:
     rows, totals = serving_auc_over_time(f"{out}/feature_log", f"{out}/action_log",
                                          args.join_window_s, args.report_buckets)
     stats = read_sim_stats(f"{out}/sim_stats.csv")
@@ -632,7 +728,8 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float) -> di
         "sparse_sync_wall_age_s_p50": pct(stats.get("sparse_wall_age_s")[ok], 50)
         if ok.any() else None,
     }
-    examples = _count_examples(joiner.examples_dir)
+    # the run's examples: the folder holds the history's before them
+    examples = _count_examples(joiner.examples_dir) - (history or {}).get("examples", 0)
     result = {
         "auc": totals, "auc_over_time": rows, "staleness": staleness,
         "throughput": {
@@ -647,6 +744,8 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float) -> di
             "examples_trained_about": trained[-1][1] if trained else 0,
         },
         "simulator": sim_summary,
+        "history": ({k: v for k, v in history.items() if k != "joiner"} if history
+                    else None),
         "models_kept": len(glob.glob(f"{out}/models/*-v*")),
         "model_versions_served": int(len(np.unique(
             stats["model_version"][np.isfinite(stats["model_version"])])))
@@ -737,7 +836,8 @@ def main(argv=None) -> int:
         print(f"  {r['from_s']:>8.0f} {r['to_s']:>8.0f} {r['served']:>7} "
               f"{r['positives']:>6} {r['serving_auc'] or float('nan'):>8.4f} "
               f"{r['bayes_auc'] or float('nan'):>7.4f}")
-    print(json.dumps({k: result[k] for k in ("auc", "staleness", "throughput", "models_kept",
+    print(json.dumps({k: result[k] for k in ("auc", "staleness", "throughput", "history",
+                                             "models_kept",
                                              "model_versions_served")}, indent=2))
     print(f"wrote {args.out}/report.json, {args.out}/loop.png, {args.out}/auc_over_time.csv")
     return 0

@@ -137,7 +137,8 @@ class Simulator:
     def __init__(self, serve_url: str, actions_dir: str, world: World, speed: float,
                  rps: float, candidates: int, top_k: Optional[int], roll_s: float,
                  concurrency: int = 2, seed: int = 0, max_delay_s: float = 1800.0,
-                 stats_path: Optional[str] = None, wait_for_serve_s: float = 60.0):
+                 stats_path: Optional[str] = None, wait_for_serve_s: float = 60.0,
+                 clock_from_s: float = 0.0, clock_to_s: Optional[float] = None):
         from dataflow.serve import RollingAvroLog
         if speed <= 0 or rps <= 0:
             raise ValueError("--speed and --rps must be positive")
@@ -150,6 +151,14 @@ class Simulator:
         self.concurrency = max(1, concurrency)
         self.max_delay_ms = int(max_delay_s * 1000)
         self.wait_for_serve_s = wait_for_serve_s
+        # The clock runs over [from, to) of the world's time: the run itself by default, or
+        # its history (a negative from, to 0) when the loop warms the model up first.
+        self.from_rel_ms = int(clock_from_s * 1000)
+        self.to_rel_ms = (world.duration_ms if clock_to_s is None
+                          else int(clock_to_s * 1000))
+        if self.to_rel_ms <= self.from_rel_ms:
+            raise ValueError("the simulated clock must run forwards: --clock_to_s after "
+                             "--clock_from_s")
         self.log = RollingAvroLog(actions_dir, "action_log", roll_s)
         self.rng = np.random.default_rng(seed + 1_000_003)
         self.lock = threading.Lock()
@@ -171,7 +180,7 @@ class Simulator:
     # -- the clock --------------------------------------------------------------------------
 
     def sim_rel_ms(self) -> int:
-        return int((time.monotonic() - self.wall0) * self.speed * 1000)
+        return self.from_rel_ms + int((time.monotonic() - self.wall0) * self.speed * 1000)
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -314,7 +323,7 @@ class Simulator:
     def run(self) -> dict:
         self.wait_for_serve()
         self.wall0 = time.monotonic()
-        stop_rel_ms = self.world.duration_ms
+        stop_rel_ms = self.to_rel_ms
         threads = [threading.Thread(target=self._user_loop, args=(w, stop_rel_ms),
                                     name=f"user-{w}", daemon=True)
                    for w in range(self.concurrency)]
@@ -326,7 +335,7 @@ class Simulator:
             self._write_due(self.world.start_ms + min(self.sim_rel_ms(), stop_rel_ms))
             if time.monotonic() - last_report >= 10:
                 last_report = time.monotonic()
-                print(f"simulate: event time +{self.sim_rel_ms() / 1000:,.0f} s, "
+                print(f"simulate: event time {self.sim_rel_ms() / 1000:+,.0f} s, "
                       f"{self.requests:,} requests, {self.served:,} served, "
                       f"{self.clicks:,} clicks, {self.errors} errors", flush=True)
         for t in threads:
@@ -386,7 +395,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ctr", type=float, default=0.08, help="mean true CTR of the world")
     p.add_argument("--drift", type=float, default=0.6, help="taste drift, radians per day")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--start", default="2024-01-01", help="UTC day the simulated clock starts")
+    p.add_argument("--start", default="2024-01-01", help="UTC day the simulated run starts")
+    p.add_argument("--clock_from_s", type=float, default=0.0,
+                   help="simulated seconds after --start at which the clock starts; negative: "
+                        "the world's history before the run (the world is the same: drawn "
+                        "for --duration_s)")
+    p.add_argument("--clock_to_s", type=float, default=None,
+                   help="where the clock stops (default: --duration_s)")
     p.add_argument("--stats", default=None, help="CSV with one line per request")
     p.add_argument("--summary", default=None, help="write the summary JSON here too")
     p.add_argument("--wait_for_serve_s", type=float, default=120.0)
@@ -400,7 +415,8 @@ def main(argv=None) -> int:
                       args.start, args.drift, args.categories, args.creators)
         sim = Simulator(args.serve, args.actions, world, args.speed, args.rps,
                         args.candidates, args.top_k, args.roll_s, args.concurrency,
-                        args.seed, args.max_delay_s, args.stats, args.wait_for_serve_s)
+                        args.seed, args.max_delay_s, args.stats, args.wait_for_serve_s,
+                        args.clock_from_s, args.clock_to_s)
         summary = sim.run()
     except (ValueError, RuntimeError) as e:
         print(f"simulate: {e}", file=sys.stderr)

@@ -5,6 +5,8 @@ serving AUC at the end beats the serving AUC at the start by a clear margin.
 A small world (30 users, 40 items) so that half a minute of traffic (~6,000 served items)
 is enough to learn from: measured with the loop's default model (FM) 0.515 in the first
 quarter -> 0.777 (Bayes 0.813) in the last (LR before: 0.47 -> 0.72, Bayes 0.76).
+Started warm (the world's history served, joined and trained on first), the first quarter
+is served with learned parameters: measured 0.761 (Bayes 0.798).
 """
 from __future__ import annotations
 
@@ -16,15 +18,18 @@ from dataflow import loop
 from schemas import read_avro
 
 
+SMALL_LOOP = ["--duration_s=2400", "--speed=80", "--rps=20", "--candidates=20", "--top_k=10",
+              "--users=30", "--items=40", "--categories=5", "--period_s=60",
+              "--join_window_s=120", "--max_delay_s=240", "--model_export_interval_s=60",
+              "--learning_rate=0.1", "--dense_learning_rate=0.02", "--report_buckets=8",
+              "--drain_timeout_s=30"]
+
+
 def test_closed_loop_learns(tmp_path):
     out = tmp_path / "loop"
-    args = loop.parser().parse_args([
-        f"--out={out}", "--duration_s=2400", "--speed=80", "--rps=20", "--candidates=20",
-        "--top_k=10", "--users=30", "--items=40", "--categories=5", "--period_s=60",
-        "--join_window_s=120", "--max_delay_s=240", "--model_export_interval_s=60",
-        "--learning_rate=0.1", "--dense_learning_rate=0.02", "--report_buckets=8",
-        "--drain_timeout_s=30"])
+    args = loop.parser().parse_args([f"--out={out}", *SMALL_LOOP, "--history_s=0"])
     result = loop.run(args)
+    assert result["history"] is None
 
     auc = result["auc"]
     first, last = auc["first_quarter"], auc["last_quarter"]
@@ -66,6 +71,49 @@ def test_closed_loop_learns(tmp_path):
     assert result["staleness"]["dense_age_s_p50"] is not None
     assert (out / "loop.png").stat().st_size > 20_000
     assert (out / "report.json").exists() and (out / "auc_over_time.csv").exists()
+
+
+def test_closed_loop_starts_warm_from_the_worlds_history(tmp_path):
+    out = tmp_path / "loop"
+    args = loop.parser().parse_args([f"--out={out}", *SMALL_LOOP, "--history_s=2400",
+                                     "--history_speedup=4"])
+    result = loop.run(args)
+
+    history = result["history"]
+    assert history["caught_up"], history  # the run started after training took it all in
+    # the history's requests, at the run's rate per simulated second, all served and joined
+    assert 500 <= history["requests"] <= 620, history
+    history_served = [r for p in sorted((out / "history" / "feature_log").glob("part-*.avro"))
+                      for r in read_avro(str(p))]
+    assert len(history_served) == history["served"] == history["examples"]
+    assert all(r["ts_ms"] < _run_start_ms(out) for r in history_served)
+    # untrained parameters score every item alike: the history's ranking is not learned
+    assert history["serving_auc"] == 0.5, history
+    # the example log holds the history, then the run: each served item exactly once
+    served = [r for p in sorted((out / "feature_log").glob("part-*.avro"))
+              for r in read_avro(str(p))]
+    examples = [r for p in sorted((out / "examples").glob("*.avro")) for r in read_avro(str(p))]
+    assert sorted(r["request_id"] for r in history_served + served) == \
+        sorted(r["request_id"] for r in examples)
+    assert [r["ts_ms"] for r in examples] == sorted(r["ts_ms"] for r in examples)
+
+    # the run is served with learned parameters from its first quarter on (cold: ~0.5)
+    first, last = result["auc"]["first_quarter"], result["auc"]["last_quarter"]
+    assert first["serving_auc"] > 0.65, result["auc"]
+    assert last["serving_auc"] > 0.65, result["auc"]
+    assert first["serving_auc"] < first["bayes_auc"] + 0.02, result["auc"]
+    for name, pid in result["pids"].items():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"{name} (pid {pid}) still runs")
+
+
+def _run_start_ms(out) -> int:
+    """Event time of the run's first request."""
+    first = sorted((out / "feature_log").glob("part-*.avro"))[0]
+    return min(r["ts_ms"] for r in read_avro(str(first)))
 
 
 def _cmdline(pid: str) -> bytes:
