@@ -1,6 +1,8 @@
 """Running a pipeline the same way from every CLI: build, run, wait, report metrics."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import sys
@@ -76,8 +78,44 @@ def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions,
     keeps its sources alive), a check that its work is done; the job is then cancelled, or
     ended by ``stop()`` if given (e.g. with a savepoint).
     """
-    pipeline = beam.Pipeline(options=options)
-    build(pipeline)
+    with _startup_heap_frozen() as built:
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline)
+        built()
+        return _run(pipeline, options, finished, poll_s, stop)
+
+
+@contextlib.contextmanager
+def _startup_heap_frozen():
+    """Collect no garbage while the job starts, then exempt what it made from collection.
+
+    A job's start (TensorFlow's import in the pipeline's construction: about half a million
+    long-lived objects) set off five full garbage collections in a DirectRunner backfill of
+    100k examples, each rescanning every object alive (0.15-0.35 s each, 1.0-1.25 s of a
+    5-8 s job), and later ones rescan the same modules again. So: one collection of what is
+    garbage before the job (about 0.1 s before TensorFlow is loaded; a previous job's garbage
+    is not kept for this one's life), none while building, then ``built()`` freezes
+    everything alive (:func:`gc.freeze`: collections skip it) until the job ends. Does
+    nothing if the caller pauses or freezes the collector itself.
+    """
+    if not gc.isenabled() or gc.get_freeze_count():
+        yield lambda: None
+        return
+    gc.collect()
+    gc.disable()
+
+    def built():
+        if not gc.isenabled():
+            gc.freeze()
+            gc.enable()
+    try:
+        yield built
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def _run(pipeline: beam.Pipeline, options: PipelineOptions, finished, poll_s, stop):
     result = pipeline.run()
     if finished is None:
         result.wait_until_finish()

@@ -1,0 +1,106 @@
+"""dataflow.job.run_job: the garbage collector while a job starts and runs, and after."""
+from __future__ import annotations
+
+import gc
+import json
+
+import apache_beam as beam
+import pytest
+
+from dataflow.job import run_job
+from dataflow.options import pipeline_options
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def _job(seen: dict, path):
+    """A build that records the collector's state while building, and in a running DoFn (in
+    ``path``: the runner runs a copy of the DoFn)."""
+    def record(x):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump([gc.isenabled(), gc.get_freeze_count()], f)
+        return x
+
+    def build(pipeline):
+        seen["building"] = (gc.isenabled(), gc.get_freeze_count())
+        pipeline | beam.Create([1, 2, 3]) | beam.Map(record)
+    return build
+
+
+def _running(path) -> tuple:
+    with open(path, encoding="utf-8") as f:
+        return tuple(json.load(f))
+
+
+@pytest.fixture
+def collector():
+    """Restores the collector's state whatever a test does to it."""
+    enabled = gc.isenabled()
+    yield
+    gc.unfreeze()
+    (gc.enable if enabled else gc.disable)()
+
+
+def test_no_collection_while_building_then_startup_frozen_then_restored(tmp_path, collector):
+    gc.enable()
+    gc.unfreeze()
+    metrics_out = tmp_path / "metrics.json"
+    seen: dict = {}
+    run_job(_job(seen, tmp_path / "running.json"),
+            pipeline_options(["--runner=DirectRunner", f"--metrics_out={metrics_out}"]))
+    assert seen["building"] == (False, 0)      # paused while the job starts
+    enabled, frozen = _running(tmp_path / "running.json")
+    assert enabled and frozen > 10_000         # running: collecting, start-up objects frozen
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # as before the job
+    assert "counters" in json.loads(metrics_out.read_text())  # the job's end still ran
+
+
+def test_garbage_from_before_the_job_is_collected_not_frozen(collector):
+    gc.enable()
+    gc.unfreeze()
+    gc.collect()
+    garbage = _Cycle()
+    garbage_id = id(garbage)
+    del garbage  # a reference cycle: only the collector frees it
+    seen: dict = {}
+
+    def build(pipeline):
+        seen["alive"] = any(id(o) == garbage_id for o in gc.get_objects()
+                            if isinstance(o, _Cycle))
+        pipeline | beam.Create([1])
+    run_job(build, pipeline_options(["--runner=DirectRunner"]))
+    assert seen["alive"] is False
+
+
+def test_a_caller_managing_the_collector_is_left_alone(tmp_path, collector):
+    running = tmp_path / "running.json"
+    gc.enable()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    seen: dict = {}
+    run_job(_job(seen, running), pipeline_options(["--runner=DirectRunner"]))
+    # collecting all along, and only the caller's objects frozen (some of them freed since)
+    for enabled, count in (seen["building"], _running(running),
+                           (gc.isenabled(), gc.get_freeze_count())):
+        assert enabled and frozen * 0.9 < count <= frozen
+
+    gc.unfreeze()
+    gc.disable()
+    seen = {}
+    run_job(_job(seen, running), pipeline_options(["--runner=DirectRunner"]))
+    assert seen["building"] == (False, 0) and _running(running) == (False, 0)
+    assert not gc.isenabled()
+
+
+def test_a_failed_build_restores_the_collector(collector):
+    gc.enable()
+    gc.unfreeze()
+
+    def build(pipeline):
+        raise ValueError("bad flags")
+    with pytest.raises(ValueError, match="bad flags"):
+        run_job(build, pipeline_options(["--runner=DirectRunner"]))
+    assert gc.isenabled() and gc.get_freeze_count() == 0
