@@ -170,6 +170,28 @@ def test_predict_equals_the_probs_of_train_step(kind):
     np.testing.assert_array_equal(probs, model.predict(batch, rows_by_table, f32(params)))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_graphs_traced_without_autograph_equal_autograph_ones(kind):
+    """The graph functions are traced with ``autograph=False`` (their control flow is over
+    the spec, not tensors): AutoGraph's conversion of the same functions gives the same
+    graph and bit-identical outputs."""
+    import tensorflow as tf
+
+    spec, model, batch, keys, rows, params = tiny_problem(kind, seed=4)
+    inputs = model._inputs(batch, {spec.table: (keys, rows.astype(np.float32))}, f32(params),
+                           None)
+    signature = model._train_fn.input_signature
+    for fn, ours in ((model._loss_and_grads, model._train_graph),
+                     (model._probs, model._predict_graph)):
+        converted = tf.function(fn, input_signature=signature, autograph=True)
+        converted = converted.get_concrete_function()
+        ops = lambda graph: sorted((n.name, n.op, tuple(n.input))  # noqa: E731
+                                   for n in graph.as_graph_def().node)
+        assert ops(ours.graph) == ops(converted.graph)
+        for a, b in zip(tf.nest.flatten(ours(*inputs)), tf.nest.flatten(converted(*inputs))):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_spec_validation_and_tables():
     assert ModelSpec("deepfm", [(1, 8), (2, 8)], 3).tables() == {"w9": 9}
     assert ModelSpec("lr", [(1, 8), (2, 16)], 0).tables() == {"w1": 1}
