@@ -3,6 +3,8 @@
     python -m benchmarks.gap --json                   # the world of benchmarks.train (100k)
     python -m benchmarks.gap --json --workdir W       # + the model's scores of a kept
                                                       #   `benchmarks.train --workdir W` run
+    python -m benchmarks.gap --json --requests 400000 --users 2000 --items 2500 --days 1
+                                                      # a fixed world, more requests per id
 
 The Bayes AUC scores each request with its true click logit, which holds per-id terms (user,
 item and creator biases, each user's drifting taste) that a learner can only estimate from
@@ -32,12 +34,16 @@ import sys
 import numpy as np
 
 
-def world_terms(requests: int, seed: int):
-    """The true logit's terms per request of ``benchmarks.train``'s synthetic stream."""
+def world_terms(requests: int, seed: int, users: int | None = None, items: int | None = None,
+                days: float | None = None):
+    """The true logit's terms per request of ``benchmarks.train``'s synthetic stream (its
+    world scaled with ``requests``, unless ``users``/``items``/``days`` fix it)."""
     from dataflow.data import (DAY_MS, HOUR_MS, SynthParams, draw_world,
                                generate_synthetic)
-    p = SynthParams(requests=requests, seed=seed, users=max(1000, requests // 50),
-                    items=max(1000, requests // 40), days=max(1.0, requests / 100_000))
+    p = SynthParams(requests=requests, seed=seed,
+                    users=users or max(1000, requests // 50),
+                    items=items or max(1000, requests // 40),
+                    days=days or max(1.0, requests / 100_000))
     logs = generate_synthetic(p)
     world = draw_world(p, np.random.default_rng(p.seed))  # generate_synthetic's first draws
     ts_rel = logs.ts_ms - p.start_ms
@@ -147,11 +153,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--users", type=int, default=None,
+                        help="fix the world instead of scaling it with --requests as "
+                             "benchmarks.train does (default: max(1000, requests / 50))")
+    parser.add_argument("--items", type=int, default=None,
+                        help="default: max(1000, requests / 40)")
+    parser.add_argument("--days", type=float, default=None,
+                        help="default: max(1, requests / 100000)")
     parser.add_argument("--workdir", default=None,
                         help="a kept benchmarks.train --workdir of the same --requests/--seed")
     args = parser.parse_args(argv)
     from transforms.metrics import auc
-    logs, world, terms, logit, ids, priors = world_terms(args.requests, args.seed)
+    logs, world, terms, logit, ids, priors = world_terms(args.requests, args.seed, args.users,
+                                                       args.items, args.days)
     y = logs.click.astype(np.float64)
     last = slice(3 * len(y) // 4, None)
     result = {"requests": args.requests, "seed": args.seed, "clicks": int(y.sum()),
