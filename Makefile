@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(PY) -m dataflow demo
 
 # The closed loop (serving, simulated users, joins, online training, Redis) for 4 simulated
-# hours (~5 min); prints and plots online serving AUC (out/loop/). LOOP_ARGS: more flags.
+# hours after 4 of history (~6.5 min); prints and plots online serving AUC (out/loop/). LOOP_ARGS: more flags.
 LOOP_ARGS ?=
 loop: $(VENV)/.installed
 	$(PY) -m dataflow.loop --out out/loop $(LOOP_ARGS)
