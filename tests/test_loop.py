@@ -39,15 +39,7 @@ def test_closed_loop_learns(tmp_path):
     assert last["serving_auc"] < last["bayes_auc"], auc  # no model beats the truth
     assert last["served"] > 1000 and last["positives"] > 50, auc
 
-    # every process the loop started is gone, and serving's feature log process with them
-    for name, pid in result["pids"].items():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        raise AssertionError(f"{name} (pid {pid}) still runs")
-    assert not [pid for pid in os.listdir("/proc") if pid.isdigit()
-                and f"{out}/feature_log".encode() in _cmdline(pid)], "feature log process"
+    _assert_all_stopped(result, out)
 
     # every served item became exactly one example (nothing lost or doubled across periods)
     served = [r for p in sorted((out / "feature_log").glob("part-*.avro"))
@@ -102,12 +94,21 @@ def test_closed_loop_starts_warm_from_the_worlds_history(tmp_path):
     assert first["serving_auc"] > 0.65, result["auc"]
     assert last["serving_auc"] > 0.65, result["auc"]
     assert first["serving_auc"] < first["bayes_auc"] + 0.02, result["auc"]
+    _assert_all_stopped(result, out)
+
+
+def _assert_all_stopped(result, out) -> None:
+    """Every process the loop started is gone, and serving's feature log processes with
+    them."""
     for name, pid in result["pids"].items():
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             continue
         raise AssertionError(f"{name} (pid {pid}) still runs")
+    for log in (out / "feature_log", out / "history" / "feature_log"):
+        assert not [pid for pid in os.listdir("/proc") if pid.isdigit()
+                    and f"{log}".encode() in _cmdline(pid)], f"feature log process of {log}"
 
 
 def test_click_noise_is_the_ratio_over_clicks_drawn_again():
