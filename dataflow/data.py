@@ -82,12 +82,20 @@ def roc_auc(scores, labels) -> float:
     negatives = len(labels) - positives
     if positives == 0 or negatives == 0:
         return float("nan")
-    # Average ranks (1-based) of tied scores, then the rank-sum form of Mann-Whitney U.
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1
-    average_rank = first_rank + (counts - 1) / 2.0
-    rank_sum = average_rank[inverse][labels].sum()
+    # the rank-sum form of Mann-Whitney U
+    rank_sum = average_ranks(scores)[labels].sum()
     return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def average_ranks(values) -> np.ndarray:
+    """1-based ranks of ``values``; tied values share their mean rank.
+
+    >>> average_ranks([0.3, 0.1, 0.3, 0.2]).tolist()
+    [3.5, 1.0, 3.5, 2.0]
+    """
+    _, inverse, counts = np.unique(np.asarray(values, np.float64), return_inverse=True,
+                                   return_counts=True)
+    return (np.cumsum(counts) - counts + 1 + (counts - 1) / 2.0)[inverse]
 
 
 # --------------------------------------------------------------------------- writing

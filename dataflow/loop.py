@@ -275,11 +275,10 @@ class PeriodJoin:
     def _land(self, folder: str) -> int:
         """Move the run's example files into the folder training follows, in name (event
         time) order, each by an atomic rename."""
-        import fastavro
-        count = 0
-        for path in sorted(glob.glob(os.path.join(folder, "*.avro"))):
-            with open(path, "rb") as f:
-                count += sum(1 for _ in fastavro.reader(f))
+        from transforms.batch import count_examples
+        paths = sorted(glob.glob(os.path.join(folder, "*.avro")))
+        count = count_examples(paths)
+        for path in paths:
             os.rename(path, os.path.join(self.examples_dir, os.path.basename(path)))
         return count
 
@@ -352,13 +351,9 @@ def click_noise(score: np.ndarray, ctr: np.ndarray, draws: int = 200,
     >>> round(mean, 6), round(sd, 6)
     (1.0, 0.0)
     """
+    from dataflow.data import average_ranks
     if len(ctr) == 0 or not np.isfinite(ctr).all():
         return float("nan"), float("nan")
-
-    def average_ranks(x):  # 1-based, tied scores share their mean rank (as roc_auc)
-        _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-        return (np.cumsum(counts) - counts + 1 + (counts - 1) / 2.0)[inverse]
-
     ranks = np.stack([average_ranks(score), average_ranks(ctr)], axis=1)
     rng = np.random.default_rng(seed)
     ratios = []
@@ -545,11 +540,11 @@ def run(args) -> dict:
             f"--metrics_window_s={int(max(args.period_s, args.duration_s / 12))}",
             f"--seed={args.seed}", "--streaming", *beam_args])
         if args.history_s > 0:
-            history = run_history(procs, args, out, store)
+            history, history_joiner = run_history(procs, args, out, store)
         url = start_serving(procs, args, out, store, "serve", f"{out}/feature_log")
         if history is not None:
             # the run starts once training has applied the whole history
-            history.update(wait_for_training(procs, store, args, history["joiner"],
+            history.update(wait_for_training(procs, store, args, history_joiner,
                                              args.drain_timeout_s))
         # The simulator starts its clock once serving answers.
         procs.start("simulate", simulate_argv(
@@ -674,10 +669,10 @@ def run_history(procs: Processes, args, out: str, store: str) -> dict:
                **{k: sim_summary.get(k) for k in ("requests", "served", "clicks",
                                                   "serving_auc", "bayes_auc")},
                "examples": sum(r["examples"] for r in joiner.runs),
-               "wall_s": round(time.monotonic() - wall, 1), "joiner": joiner}
+               "wall_s": round(time.monotonic() - wall, 1)}
     _LOG.info("loop: history of %.0f simulated s: %s requests, %d examples in %.0f s",
               args.history_s, history["requests"], history["examples"], history["wall_s"])
-    return history
+    return history, joiner
 
 
 def wait_for_training(procs: Processes, store: str, args, joiner: "PeriodJoin",
@@ -719,12 +714,9 @@ def _trained_examples(store, batch_size: int) -> int:
 
 
 def _count_examples(folder: str) -> int:
-    import fastavro
-    count = 0
-    for path in glob.glob(os.path.join(folder, "*.avro")):
-        with open(path, "rb") as f:
-            count += sum(1 for _ in fastavro.reader(f))
-    return count
+    """Examples in a folder's Avro files, from their block headers."""
+    from transforms.batch import count_examples
+    return count_examples(glob.glob(os.path.join(folder, "*.avro")))
 
 
 def _caught_up(joiner: PeriodJoin, dense_sync: dict) -> bool:
@@ -784,8 +776,7 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
             "examples_trained_about": trained[-1][1] if trained else 0,
         },
         "simulator": sim_summary,
-        "history": ({k: v for k, v in history.items() if k != "joiner"} if history
-                    else None),
+        "history": history,
         "models_kept": len(glob.glob(f"{out}/models/*-v*")),
         "model_versions_served": int(len(np.unique(
             stats["model_version"][np.isfinite(stats["model_version"])])))
