@@ -18,7 +18,10 @@ the few clicks the stream shows of that id. Regenerating the world of ``benchmar
   filtering of a logistic model: score first, then learn, as the pipeline does). A real model
   must learn *every* term from the clicks, so each of these bounds it from above;
 * with ``--workdir``: the model's online AUC against the Bayes AUC per how often the user and
-  the item had been seen before (from the run's ``--scores_out`` files), last quarter.
+  the item had been seen before (from the run's ``--scores_out`` files), last quarter; and
+  ``term_shares_last_quarter``: how much of each term the model's score carries (least
+  squares of its logit on the terms), next to the same for the ideal learner that learns the
+  per-id biases and personal taste, so the model's gap to that learner shows up term by term.
 
 The per-example updates are sequential by nature (each score uses all earlier examples), so
 they run in a Python loop: this is an analysis, not a hot path (~1 minute).
@@ -63,7 +66,13 @@ def world_terms(requests: int, seed: int, users: int | None = None, items: int |
         "gender_x_category": world.gender_category[world.gender[user], world.category[item]],
         "freshness_and_duration": (-0.3 * np.log1p(age_h / 24)
                                    - 0.15 * np.log(world.duration_s[item] / 30.0)),
-        "demographic_taste_x_item": np.einsum("ij,ij->i", demo, world.item_vec[item]),
+        # item_vec = its category's vector + the item's own part (dataflow.data.draw_world):
+        # the first is a population effect (age group and gender x category), the second
+        # must be learned per item
+        "demographic_taste_x_category": np.einsum(
+            "ij,ij->i", demo, world.category_vec[world.category[item]]),
+        "demographic_taste_x_item_own": np.einsum(
+            "ij,ij->i", demo, world.item_vec[item] - world.category_vec[world.category[item]]),
         "personal_taste_x_item": np.einsum("ij,ij->i", personal, world.item_vec[item]),
     }
     logit = np.log(logs.true_ctr / (1 - logs.true_ctr))
@@ -117,10 +126,32 @@ def seen_before(ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def model_by_exposure(workdir: str) -> dict:
-    """The kept run's online vs Bayes AUC, last quarter, by earlier sightings of user/item."""
+def term_shares(score_logit: np.ndarray, terms: dict, mask: np.ndarray) -> dict:
+    """How much of each true-logit term a score carries: the least-squares coefficients of
+    ``score_logit`` on the terms (plus an intercept) over ``mask``, and the share of the
+    score's variance they explain (``r2``). 1 is the term in full; a learner's per-id
+    estimates are shrunk, so even an ideal one stays below 1 for per-id terms.
+
+    >>> rng = np.random.default_rng(0)
+    >>> terms = {"a": rng.normal(size=1000), "b": rng.normal(size=1000)}
+    >>> shares = term_shares(0.5 * terms["a"] + terms["b"], terms, np.ones(1000, bool))
+    >>> {k: round(v, 2) for k, v in shares.items()}
+    {'a': 0.5, 'b': 1.0, 'r2': 1.0}
+    """
+    x = np.column_stack([terms[k][mask] for k in terms] + [np.ones(int(mask.sum()))])
+    z = score_logit[mask]
+    beta, *_ = np.linalg.lstsq(x, z, rcond=None)
+    residual = z - x @ beta
+    out = {k: float(b) for k, b in zip(terms, beta)}
+    out["r2"] = float(1 - residual.var() / z.var())
+    return out
+
+
+def model_scores(workdir: str):
+    """The kept run's scores (``read_scores``), in the example log's order, and each
+    example's position in the generated stream (from its request id ``s<seed>-<k>``)."""
     from dataflow.join import read_examples_in_order
-    from transforms.metrics import auc, read_scores
+    from transforms.metrics import read_scores
     runs = sorted(glob.glob(os.path.join(workdir, "scores-*")), key=os.path.getmtime)
     if not runs:
         raise SystemExit(f"no scores-* folder in {workdir}: run benchmarks.train --workdir first")
@@ -129,11 +160,18 @@ def model_by_exposure(workdir: str) -> dict:
     labels = np.array([e["label"] for e in examples], np.float32)
     if len(labels) != len(s["labels"]) or not (labels == s["labels"]).all():
         raise SystemExit("the scores are not in the example log's order")
-    users = np.unique([e["user_id"] for e in examples], return_inverse=True)[1]
-    items = np.unique([e["item_id"] for e in examples], return_inverse=True)[1]
+    s["run"] = runs[-1]
+    s["position"] = np.array([int(e["request_id"].rsplit("-", 1)[1]) for e in examples])
+    return s
+
+
+def model_by_exposure(s: dict, users: np.ndarray, items: np.ndarray) -> dict:
+    """The kept run's online vs Bayes AUC, last quarter, by earlier sightings of user/item."""
+    from transforms.metrics import auc
+    labels = s["labels"]
     n = len(labels)
     last = np.arange(n) >= 3 * n // 4
-    out = {"scores": runs[-1]}
+    out = {"scores": s["run"]}
     for name, ids in (("user", users), ("item", items)):
         before = seen_before(ids)
         rows = []
@@ -191,7 +229,20 @@ def main(argv=None) -> dict:
         "auc": auc(scores, y), "auc_last_quarter": auc(scores[last], y[last])}
     result["ideal_learners"] = learners
     if args.workdir:
-        result["model"] = model_by_exposure(args.workdir)
+        s = model_scores(args.workdir)
+        at = s["position"]
+        result["model"] = model_by_exposure(s, logs.user[at], logs.item[at])
+        # What share of each term the model's score carries over the last quarter, next to
+        # the ideal learner that learns the per-id biases and personal taste (and is given
+        # the rest): where the model's gap to it is.
+        p = np.clip(s["scores"].astype(np.float64), 1e-7, 1 - 1e-7)
+        n = len(at)
+        tail = np.arange(n) >= 3 * n // 4
+        result["term_shares_last_quarter"] = {
+            "model": term_shares(np.log(p / (1 - p)), {k: v[at] for k, v in terms.items()},
+                                 tail),
+            "ideal_learner_taste_unknown": term_shares(
+                scores[at], {k: v[at] for k, v in terms.items()}, tail)}
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return result
 
