@@ -392,11 +392,13 @@ def read_sim_stats(path: str) -> dict:
                                 "status")}
 
 
-def plot(path: str, rows: list, stats: dict, trained: list, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(3, 1, figsize=(9, 10))
+def plot(path: str, rows: list, stats: dict, trained: list, title: str):
+    """The loop's PNG (serving AUC, parameter age, throughput); returns the figure."""
+    from matplotlib.figure import Figure
+
+    from transforms.metrics import fixed_margins
+    fig = Figure(figsize=(9, 10))
+    axes = fig.subplots(3, 1)
     ax = axes[0]
     mid = [(r["from_s"] + r["to_s"]) / 2 / 60 for r in rows]
     ax.plot(mid, [r["serving_auc"] for r in rows], "o-", label="online serving AUC")
@@ -434,9 +436,9 @@ def plot(path: str, rows: list, stats: dict, trained: list, title: str) -> None:
     ax.set_ylabel("per wall second")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fixed_margins(fig, left=1.0, right=0.2, top=0.4, bottom=0.55, hspace=0.65)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- the loop

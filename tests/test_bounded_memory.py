@@ -168,11 +168,12 @@ def summary(runs: dict) -> dict:
     return out
 
 
-def plot(runs: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (rows_ax, rss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+def plot(runs: dict, path: str):
+    from matplotlib.figure import Figure
+
+    from transforms.metrics import fixed_margins
+    fig = Figure(figsize=(11, 4.2))
+    rows_ax, rss_ax = fig.subplots(1, 2)
     for policy, color in (("unbounded", "tab:red"), ("bounded", "tab:blue")):
         s = runs[policy]["series"]
         day = [p["day"] for p in s]
@@ -188,9 +189,9 @@ def plot(runs: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
     rows_ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    fixed_margins(fig, left=0.7, right=0.2, top=0.4, bottom=0.6, wspace=0.9)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # ------------------------------------------------------------------ the test

@@ -215,6 +215,128 @@ def test_csv_round_trip_and_png(tmp_path):
         assert (pixels[:, :40] < 128).any()  # the y labels do come near the left edge
 
 
+
+# Every plot of the project, drawn from tiny data of the real shape: (figure, PNG path).
+
+def _plot_metrics(tmp_path, top=999_999):
+    rng = np.random.default_rng(3)
+    acc = OnlineMetricsAccumulator(window_s=3600)
+    scores, labels, weights, ts = random_stream(rng, n=2000, span_ms=24 * 3_600_000)
+    acc.add(scores, labels, weights, ts + 472_222 * 3_600_000, true_ctr=scores)
+    rows = acc.flush()
+    rows = [{**r, "examples": top * (i + 1) // len(rows)} for i, r in enumerate(rows)]
+    return plot_png(rows, str(tmp_path / "m.png"), "online-online metrics")
+
+
+def _plot_loop(tmp_path):
+    from dataflow import loop
+    rows = [{"from_s": 300 * i, "to_s": 300 * (i + 1), "serving_auc": 0.5 + 0.03 * i,
+             "bayes_auc": 0.81} for i in range(8)]
+    n = 600
+    stats = {"ts_ms": np.linspace(0, 2_400_000, n), "wall_s": np.linspace(0, 30, n),
+             "sparse_age_ms": np.full(n, 250_000.0), "dense_age_ms": np.full(n, 1_000_000.0),
+             "served": np.full(n, 10.0)}
+    trained = [(float(w), 200 * w) for w in range(31)]
+    return loop.plot(str(tmp_path / "loop.png"), rows, stats, trained,
+                     "closed loop (deepfm, FlinkRunner): last quarter serving AUC 0.7768 vs "
+                     "Bayes 0.8132")
+
+
+def _plot_memory(tmp_path):
+    import test_bounded_memory
+    runs = {policy: {"series": [{"day": d, "rows": grow * d * 30_000 + 1_000,
+                                 "rss_mb": 900 + grow * d * 40} for d in range(21)]}
+            for policy, grow in (("unbounded", 1), ("bounded", 0))}
+    return test_bounded_memory.plot(runs, str(tmp_path / "memory.png"))
+
+
+def _experiment(name, datasets):
+    from importlib import import_module
+    module = import_module(f"benchmarks.experiments.{name}")
+    return lambda tmp_path: module.plot({"datasets": datasets}, str(tmp_path / f"{name}.png"))
+
+
+def _sync(ds):
+    names = ["batch", "5h", "1h", "30min"]
+    return {"batch_examples": 160_000, "online_examples": 40_000, "seeds": [0, 1, 2],
+            "window_hours": 6, "auc": {k: {"mean": 0.75 + 0.001 * i, "std": 0.0004}
+                                       for i, k in enumerate(names)},
+            "window_auc_seed0": {k: [[1_704_499_200_000 + 21_600_000 * w, 0.75, 1600]
+                                     for w in range(8)] for k in names}}
+
+
+def _peers(ds):
+    return {"examples": 100_000, "bayes_auc": 0.79 if ds == "synthetic" else None,
+            "peers": {p: {"online_auc": 0.74, "examples_per_s": rate} for p, rate in
+                      (("ours", 21_000.0), ("river_fm", 4_400.0), ("river_lr", 120_000.0),
+                       ("keras_daily", 35_000.0))}}
+
+
+def _collision(ds):
+    variants = ("collisionless", "hashed", "hashed_quarter")
+    return {"test_examples": 20_000, "seeds": [0, 1], "epochs": 3,
+            "slots": {s: {"paper_rate": rate, "buckets": {"hashed": 61_566,
+                                                          "hashed_quarter": 15_392},
+                          "collision_rate": {v: 0.07 for v in variants}}
+                      for s, rate in (("user", 0.0773), ("item", 0.0286))},
+            "variants": {v: {"online_auc": {"mean": 0.755},
+                             "test_auc_per_epoch": [{"mean": 0.74 - 0.004 * e, "std": 0.001}
+                                                    for e in range(3)]}
+                         for v in variants}}
+
+
+def _filter(ds):
+    settings = [{"threshold": t, "expiry_s": e, "peak_mb": 5.5 - t - (e or 0) / 1e6,
+                 "online_auc": 0.683 - 0.002 * t,
+                 "rows_over_time": [[h, 69_400 * h // 480] for h in range(0, 481, 24)]}
+                for t in (0, 1, 3) for e in (None, 86_400, 259_200)]
+    return {"settings": settings}
+
+
+_PLOTS = {
+    "metrics-narrow": lambda tmp_path: _plot_metrics(tmp_path, top=9),
+    "metrics-wide": _plot_metrics,
+    "loop": _plot_loop,
+    "bounded_memory": _plot_memory,
+    **{f"{name}-{len(sets)}": _experiment(name, {ds: make(ds) for ds in sets})
+       for name, make in (("sync", _sync), ("peers", _peers), ("collision", _collision),
+                          ("filter", _filter))
+       for sets in (("synthetic",), ("synthetic", "movielens"))},
+}
+
+
+@pytest.mark.parametrize("name", list(_PLOTS))
+def test_plots_have_room_for_every_label(tmp_path, name):
+    """Fixed margins (``transforms.metrics.fixed_margins``) measure nothing: each plot's
+    margins must hold its labels. Nothing runs off the image (the PNG's edges are blank) and
+    no panel's texts (tick labels, axis labels, title, legend) run into another panel or into
+    the figure's title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    fig = _PLOTS[name](tmp_path)
+    png = next(tmp_path.glob("*.png"))
+    with Image.open(png) as image:
+        pixels = np.asarray(image.convert("L"))
+    for edge in (pixels[:, :3], pixels[:, -3:], pixels[:3], pixels[-3:]):
+        assert (edge == 255).all(), f"{name}: something runs off the image"
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    boxes = [(f"axes {i} ({ax.get_title()[:30] or ax.get_ylabel()[:30]})",
+              ax.get_tightbbox(renderer)) for i, ax in enumerate(fig.axes)]
+    if fig._suptitle is not None:
+        boxes.append(("suptitle", fig._suptitle.get_window_extent(renderer)))
+    for label, box in boxes:
+        assert (box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1
+                and box.y1 <= fig.bbox.y1), f"{name}: {label} is clipped: {box}"
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            overlap = box_a.intersection(box_a, box_b)
+            assert overlap is None or min(overlap.width, overlap.height) < 1, \
+                f"{name}: {a} runs into {b}"
+
+
 # -- Beam ---------------------------------------------------------------------------------
 
 # Three batches straddling the window end at 60 s, then one example after an empty window.

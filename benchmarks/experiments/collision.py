@@ -134,11 +134,14 @@ def run_dataset(name: str, args) -> dict:
     return out
 
 
-def plot(result: dict, path: str) -> None:
-    plt = common.pyplot()
+def plot(result: dict, path: str):
+    """The experiment's PNG; returns the figure."""
+    from matplotlib.figure import Figure
+
+    from transforms.metrics import fixed_margins
     datasets = result["datasets"]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(8.0, 6.0 * len(datasets)), 4.8),
-                             squeeze=False)
+    fig = Figure(figsize=(max(8.0, 6.0 * len(datasets)), 4.8))
+    axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, (name, r) in zip(axes[0], datasets.items()):
         for variant, v in r["variants"].items():
             rates = ", ".join(f"{s} {100 * info['collision_rate'][variant]:.2f}%"
@@ -161,9 +164,9 @@ def plot(result: dict, path: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Collisionless vs. MD5-hashed embeddings (same DeepFM, same pipeline)")
-    fig.tight_layout()
+    fixed_margins(fig, left=0.95, right=0.2, top=0.95, bottom=0.55, wspace=1.05)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def add_arguments(parser) -> None:

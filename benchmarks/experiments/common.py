@@ -435,10 +435,3 @@ def rounded(x, digits: int = 5):
         return None
     x = float(x)
     return round(x, digits) if np.isfinite(x) else None
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt

@@ -85,11 +85,14 @@ def run_dataset(name: str, args) -> dict:
             "params": ds.summary.get("params"), "settings": settings}
 
 
-def plot(result: dict, path: str) -> None:
-    plt = common.pyplot()
+def plot(result: dict, path: str):
+    """The experiment's PNG; returns the figure."""
+    from matplotlib.figure import Figure
+
+    from transforms.metrics import fixed_margins
     datasets = result["datasets"]
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(13, 4.8 * len(datasets)),
-                             squeeze=False)
+    fig = Figure(figsize=(13, 4.8 * len(datasets)))
+    axes = fig.subplots(len(datasets), 2, squeeze=False)
     styles = ["-", "--", ":", "-."]
     for row, (name, r) in enumerate(datasets.items()):
         ax, scatter = axes[row]
@@ -117,9 +120,9 @@ def plot(result: dict, path: str) -> None:
                           f"(colour: expiry, marker: threshold)", fontsize=10)
         scatter.grid(True, alpha=0.3)
     fig.suptitle("Frequency filter and expiry on a stream with ID churn")
-    fig.tight_layout()
+    fixed_margins(fig, left=0.9, right=0.6, top=0.75, bottom=0.55, hspace=0.9, wspace=1.0)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _expiry(text: str):

@@ -59,10 +59,14 @@ def run_dataset(name: str, args) -> dict:
             "ours_at_least_every_peer": all(ran["ours"] >= v for v in ran.values())}
 
 
-def plot(result: dict, path: str) -> None:
-    plt = common.pyplot()
+def plot(result: dict, path: str):
+    """The experiment's PNG; returns the figure."""
+    from matplotlib.figure import Figure
+
+    from transforms.metrics import fixed_margins
     datasets = result["datasets"]
-    fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 8), squeeze=False)
+    fig = Figure(figsize=(6 * len(datasets), 8))
+    axes = fig.subplots(2, len(datasets), squeeze=False)
     for col, (name, r) in enumerate(datasets.items()):
         ran = {p: v for p, v in r["peers"].items() if "online_auc" in v}
         names = list(ran)
@@ -93,9 +97,9 @@ def plot(result: dict, path: str) -> None:
         ax.set_ylabel("examples per second (log)")
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("Our pipeline vs. river (per example) and a daily-retrained Keras model")
-    fig.tight_layout()
+    fixed_margins(fig, left=0.8, right=0.2, top=0.75, bottom=0.45, hspace=0.5, wspace=0.9)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def add_arguments(parser) -> None:

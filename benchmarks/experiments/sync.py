@@ -122,12 +122,16 @@ def run_dataset(name: str, args) -> dict:
     }
 
 
-def plot(result: dict, path: str) -> None:
+def plot(result: dict, path: str):
+    """The experiment's PNG; returns the figure."""
     import datetime
-    plt = common.pyplot()
+
+    from matplotlib.figure import Figure
+
+    from transforms.metrics import fixed_margins
     datasets = result["datasets"]
-    fig, axes = plt.subplots(2, len(datasets), figsize=(6.5 * len(datasets), 8),
-                             squeeze=False)
+    fig = Figure(figsize=(max(8.5, 6.5 * len(datasets)), 8))  # room for the title
+    axes = fig.subplots(2, len(datasets), squeeze=False)
     for col, (name, r) in enumerate(datasets.items()):
         ax = axes[0][col]
         names = list(r["auc"])
@@ -161,9 +165,9 @@ def plot(result: dict, path: str) -> None:
             tick.set_horizontalalignment("right")
     fig.suptitle("Online vs. batch training (Algorithm 1: sync, evaluate on the shard, "
                  "train on it)")
-    fig.tight_layout()
+    fixed_margins(fig, left=0.8, right=0.2, top=1.0, bottom=0.95, hspace=0.75, wspace=0.9)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def add_arguments(parser) -> None:
