@@ -32,6 +32,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from transforms.sources import _NO_END  # the end of a followed folder's range: none
+
 
 class ExampleBatch(NamedTuple):
     """Examples in CSR form: example ``i`` has ``fids[row_splits[i]:row_splits[i + 1]]``."""
@@ -234,7 +236,6 @@ _FOLLOW_SPAN = 1 << 24  # following: offset = period start (epoch s) * this + ba
 # What a following reader's restriction offsets mean, named in savepoint manifests: a job
 # must not resume offsets of another meaning (dataflow.train checks).
 FOLLOW_POSITIONS = "period-start-s*2^24+batch"
-_NO_END = 1 << 62  # the restriction of a followed folder: no end of its own
 
 
 class _PeriodRange(RestrictionProvider):

@@ -508,7 +508,10 @@ class WatchAvroLogs(_WithDeadLetters, beam.PTransform):
 # ---------------------------------------------------------------------------------------
 # Tailing time-ordered files: the watermark follows the logs' event time.
 
-_NO_END = 1 << 62  # the file index range of a tail that never ends by itself
+# The end of the offset range of a followed folder that never ends by itself: file indices
+# of a tail here, (period, batch) positions of the example reader (transforms.batch); a
+# reader that stops claims it, which completes the range.
+_NO_END = 1 << 62
 
 
 class _TailRestrictions(RestrictionProvider):
