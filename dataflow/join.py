@@ -6,6 +6,10 @@
 (On Flink, ``--streaming`` runs this job ~4x faster than Flink's batch mode on bounded
 input; see benchmarks/join.py.)
 
+On the DirectRunner a bounded input is joined in event-time slices, one pipeline an hour
+(``--slice_s``; :func:`join_in_slices`), because one pipeline would hold the whole input in
+memory: the output is the same, memory follows an hour of logs plus the join window.
+
     feature records ──► OnlineJoiner ◄── action log (schemas/action_log.avsc)
                             │ examples, unmatched, late, duplicates, invalid
                             ▼
@@ -39,27 +43,39 @@ reason, for feature and action logs alike: a bad file never fails the join.
 from __future__ import annotations
 
 import datetime
+import glob
 import hashlib
 import heapq
 import json
 import logging
+import math
 import os
+import re
+import shutil
 import sys
+import time
 import uuid
 import zlib
 from contextlib import ExitStack
-from typing import Any, Callable, Iterator, Tuple
+from typing import Any, Callable, Iterator, NamedTuple, Tuple
 
 import apache_beam as beam
 import fastavro
+import numpy as np
+from apache_beam import pvalue
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
-from apache_beam.utils.timestamp import Duration
+from apache_beam.utils.timestamp import Duration, Timestamp
 
-from dataflow.job import run_job
+from dataflow.job import metrics_dict, run_job
 from dataflow.options import MonolithOptions, pipeline_options
 from schemas import load_schema
-from transforms.joiner import DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner
+from transforms.joiner import (DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner,
+                               closed_request_keys)
+
+DEFAULT_SLICE_S = 3600
 
 # What ExtractFeatures outputs, as an Avro record (the input format of --features for now).
 EXTRACTED_FEATURES_SCHEMA = fastavro.parse_schema({
@@ -108,6 +124,16 @@ class JoinOptions(MonolithOptions):
                             help="event-time period of one set of output files")
         parser.add_argument("--shards_per_period", type=int, default=1,
                             help="files per period (split by request id)")
+        parser.add_argument("--slice_s", type=float, default=None,
+                            help="join a bounded input as a sequence of pipelines, one per "
+                                 "slice of this much event time (rounded up to whole "
+                                 "--period_s), handing on what a slice leaves open, so that "
+                                 "memory follows a slice, not the input; the output is the "
+                                 "same as one pipeline's. Needs log files named by the start "
+                                 "of their records (part-YYYYmmdd-HH[MMSS].avro, as "
+                                 "dataflow.data, serve and simulate write them). Default: "
+                                 f"{DEFAULT_SLICE_S} on the DirectRunner, 0 (one pipeline) on "
+                                 "other runners or with --streaming")
         parser.add_argument("--append", action="store_true",
                             help="allow an --out that already holds an example log (e.g. "
                                  "resuming a stream); otherwise it must be new or empty")
@@ -115,31 +141,44 @@ class JoinOptions(MonolithOptions):
 
 # --------------------------------------------------------------------------- inputs
 
-def read_features(pipeline: beam.Pipeline, pattern: str, config=None):
+def _read_logs(pipeline: beam.Pipeline, label: str, patterns, reader):
+    """``(records, dead letters)`` of one glob or of a list of them (each read apart)."""
+    if isinstance(patterns, str):
+        return pipeline | label >> reader(patterns).with_dead_letters()
+    if not patterns:
+        return tuple(pipeline | f"{label}{name}" >> beam.Create([])
+                     for name in ("Records", "DeadLetters"))
+    reads = [pipeline | f"{label}{i}" >> reader(p).with_dead_letters()
+             for i, p in enumerate(patterns)]
+    return tuple([r[k] for r in reads] | f"{label}{name}" >> beam.Flatten()
+                 for k, name in ((0, "Records"), (1, "DeadLetters")))
+
+
+def read_features(pipeline: beam.Pipeline, pattern, config=None):
     """``(feature records for the joiner, dead letters)``, stamped with serving time.
 
-    With a feature ``config``, ``pattern`` names raw feature logs, read and extracted:
-    ``ReadFeatureLogs(pattern) | ExtractFeatures(config)``. Without one it names Avro files
-    of already-extracted records (:data:`EXTRACTED_FEATURES_SCHEMA`). The dead letters are
-    both the reader's (damaged files, records without a usable event time) and the
-    extractor's, each with its reason.
+    With a feature ``config``, ``pattern`` (a glob or a list of them) names raw feature logs,
+    read and extracted: ``ReadFeatureLogs(pattern) | ExtractFeatures(config)``. Without one
+    it names Avro files of already-extracted records (:data:`EXTRACTED_FEATURES_SCHEMA`). The
+    dead letters are both the reader's (damaged files, records without a usable event time)
+    and the extractor's, each with its reason.
     """
     from transforms.sources import ReadAvroLogs, ReadFeatureLogs
     if config is None:
-        return pipeline | "ReadFeatureRecords" >> ReadAvroLogs(pattern).with_dead_letters()
+        return _read_logs(pipeline, "ReadFeatureRecords", pattern, ReadAvroLogs)
     from transforms.features import ExtractFeatures
-    records, unreadable = pipeline | "ReadFeatureLogs" >> ReadFeatureLogs(
-        pattern).with_dead_letters()
+    records, unreadable = _read_logs(pipeline, "ReadFeatureLogs", pattern, ReadFeatureLogs)
     extracted = records | "ExtractFeatures" >> ExtractFeatures(config)
     dead = (unreadable, extracted.dead_letter) | "FeatureDeadLetters" >> beam.Flatten()
     return extracted.features, dead
 
 
-def read_actions(pipeline: beam.Pipeline, pattern: str):
-    """``(action log records, dead letters)`` (schemas/action_log.avsc), stamped with their
-    event time; a damaged file or record is dead-lettered, never fails the join."""
+def read_actions(pipeline: beam.Pipeline, pattern):
+    """``(action log records, dead letters)`` (schemas/action_log.avsc) of a glob or a list
+    of them, stamped with their event time; a damaged file or record is dead-lettered,
+    never fails the join."""
     from transforms.sources import ReadActionLogs
-    return pipeline | "ReadActionLogs" >> ReadActionLogs(pattern).with_dead_letters()
+    return _read_logs(pipeline, "ReadActionLogs", pattern, ReadActionLogs)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -206,18 +245,27 @@ class _WriteSortedFile(beam.DoFn):
 
     def process(self, element, window=beam.DoFn.WindowParam):
         shard, records = element
-        keyed = sorted(((self.sort_key(r), r) for r in records), key=lambda kr: kr[0])
-        if not keyed:
-            return
-        digest = hashlib.sha1(repr([k for k, _ in keyed]).encode("utf-8")).hexdigest()[:8]
         period = period_name(window.start.micros / 1e6 - self.stamped_after_s)
-        name = f"{period}-{shard:05d}-of-{self.shards:05d}-{digest}{self.suffix}"
-        path = FileSystems.join(self.directory, name)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with FileSystems.create(tmp) as f:
-            self.encode(f, [r for _, r in keyed])
-        FileSystems.rename([tmp], [path])
-        yield path
+        path = write_sorted_file(self.directory, f"{period}-{shard:05d}-of-{self.shards:05d}",
+                                 records, self.encode, self.sort_key, self.suffix)
+        if path is not None:
+            yield path
+
+
+def write_sorted_file(directory: str, prefix: str, records, encode: Callable,
+                      sort_key: Callable, suffix: str) -> str | None:
+    """``records`` sorted by ``sort_key`` → ``directory/PREFIX-DIGEST.suffix`` (DIGEST: of
+    the sort keys), written under a temporary name and renamed; None if there are none."""
+    keyed = sorted(((sort_key(r), r) for r in records), key=lambda kr: kr[0])
+    if not keyed:
+        return None
+    digest = hashlib.sha1(repr([k for k, _ in keyed]).encode("utf-8")).hexdigest()[:8]
+    path = FileSystems.join(directory, f"{prefix}-{digest}{suffix}")
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp) as f:
+        encode(f, [r for _, r in keyed])
+    FileSystems.rename([tmp], [path])
+    return path
 
 
 class WriteEventTimeFiles(beam.PTransform):
@@ -296,26 +344,308 @@ def read_examples_in_order(pattern) -> Iterator[dict]:
 
 # --------------------------------------------------------------------------- pipeline
 
-def build(pipeline: beam.Pipeline, opts: JoinOptions) -> None:
-    features, feature_dead = read_features(pipeline, opts.features, opts.config)
-    actions, action_dead = read_actions(pipeline, opts.actions)
+def build(pipeline: beam.Pipeline, opts: JoinOptions, part: "_Slice | None" = None) -> None:
+    """The join pipeline over ``opts``' inputs, or over one slice of them (``part``, see
+    :func:`join_in_slices`)."""
+    sliced = part is not None
+    features, feature_dead = read_features(
+        pipeline, part.feature_files if sliced else opts.features, opts.config)
+    actions, action_dead = read_actions(pipeline, part.action_files if sliced else opts.actions)
+    if sliced:
+        features, actions, later = _route_slice(pipeline, part, features, actions)
     joined = (features, actions) | "Join" >> OnlineJoiner(
         join_window_s=opts.join_window_s, negative_sample_rate=opts.negative_sample_rate,
         positive_actions=[a.strip() for a in opts.positive_actions.split(",") if a.strip()],
-        late_horizon_s=opts.late_horizon_s, sampling_salt=opts.sampling_salt)
+        late_horizon_s=opts.late_horizon_s, sampling_salt=opts.sampling_salt,
+        closed_requests=part.closed if sliced else None)
     out, period, shards = opts.out, opts.period_s, opts.shards_per_period
+    side = part.side if sliced else out  # a slice's side outputs are merged at the end
     joined.examples | "WriteExamples" >> WriteExampleLog(
         os.path.join(out, "examples"), opts.join_window_s, period, shards)
-    joined.unmatched_actions | "WriteUnmatched" >> WriteEventTimeFiles(
-        os.path.join(out, "unmatched"), period, shards)
+    if not sliced or part.final:
+        joined.unmatched_actions | "WriteUnmatched" >> WriteEventTimeFiles(
+            os.path.join(side, "unmatched"), period, shards)
+    else:  # not served yet: perhaps later, so the next slice joins them again
+        ((joined.unmatched_actions, later["actions"]) | "Unserved" >> beam.Flatten()
+         | "CarryActions" >> WriteEventTimeFiles(os.path.join(part.carry_out, "actions"),
+                                                 period))
+        later["features"] | "CarryFeatures" >> WriteEventTimeFiles(
+            os.path.join(part.carry_out, "features"), period)
+        joined.closed | "WriteClosed" >> WriteEventTimeFiles(part.closed_out, period)
     joined.late_actions | "WriteLate" >> WriteEventTimeFiles(
-        os.path.join(out, "late"), period, shards)
+        os.path.join(side, "late"), period, shards)
     ((joined.duplicate_actions, joined.duplicate_features) | "Duplicates" >> beam.Flatten()
-     | "WriteDuplicates" >> WriteEventTimeFiles(os.path.join(out, "duplicates"), period, 1))
+     | "WriteDuplicates" >> WriteEventTimeFiles(os.path.join(side, "duplicates"), period, 1))
     joined.invalid | "WriteInvalid" >> WriteEventTimeFiles(
-        os.path.join(out, "invalid"), period, 1)
+        os.path.join(side, "invalid"), period, 1)
     ((feature_dead, action_dead) | "DeadLetters" >> beam.Flatten()
-     | "WriteDeadLetter" >> WriteEventTimeFiles(os.path.join(out, "dead_letter"), period, 1))
+     | "WriteDeadLetter" >> WriteEventTimeFiles(os.path.join(side, "dead_letter"), period, 1))
+
+
+# --------------------------------------------------------------------------- slices
+
+_LOG_FILE_NAME = re.compile(r"part-(\d{8})-(\d{2})(\d{4})?\.avro")
+_SIDE_OUTPUTS = ("unmatched", "late", "duplicates", "invalid", "dead_letter")
+_LOG = logging.getLogger(__name__)
+
+
+def log_file_start_ms(path: str) -> int | None:
+    """The event time (ms) a log file's name says its records start at, or None:
+    ``part-YYYYmmdd-HH.avro`` (``dataflow.data``) or ``part-YYYYmmdd-HHMMSS.avro`` (serving's
+    feature log, the simulator's action log).
+
+    >>> log_file_start_ms("logs/part-20240101-01.avro"), log_file_start_ms("x/part-20240101-013000.avro")
+    (1704070800000, 1704072600000)
+    >>> log_file_start_ms("features-0.avro") is None
+    True
+    """
+    m = _LOG_FILE_NAME.fullmatch(os.path.basename(path))
+    if m is None:
+        return None
+    stamp = datetime.datetime.strptime(m[1] + m[2] + (m[3] or "0000"), "%Y%m%d%H%M%S")
+    return int(stamp.replace(tzinfo=datetime.timezone.utc).timestamp()) * 1000
+
+
+class _Slice(NamedTuple):
+    """One pipeline of a sliced join: the requests served in ``[lo_ms, hi_ms)`` and the
+    actions of ``[lo_ms + window, hi_ms + window)``, read from the files first needed here
+    and from what the slice before handed on (``carry_in``)."""
+    index: int
+    lo_ms: float                # -inf for the first slice
+    hi_ms: float                # inf for the last
+    window_ms: int
+    feature_files: list
+    action_files: list
+    work: str                   # the sliced run's work folder (out/.slices)
+    carry_in: str | None        # folder of the slice before's carry_out
+    closed: str | None          # .npy of the requests earlier slices closed
+
+    @property
+    def final(self) -> bool:
+        return self.hi_ms == math.inf
+
+    @property
+    def side(self) -> str:
+        return os.path.join(self.work, "side")
+
+    @property
+    def carry_out(self) -> str:
+        return os.path.join(self.work, f"carry-{self.index:05d}")
+
+    @property
+    def closed_out(self) -> str:
+        return os.path.join(self.work, f"closed-{self.index:05d}")
+
+
+class _RouteByTime(beam.DoFn):
+    """Records of a slice's inputs → this slice (main), ``later`` (``ts_ms >= hi``: handed on
+    to the next slice), counting those before ``lo`` that came from this slice's files
+    (``check_early``): their file's name promised later records; the run stops on them."""
+
+    def __init__(self, lo_ms: float, hi_ms: float, check_early: bool):
+        self.lo_ms, self.hi_ms, self.check_early = lo_ms, hi_ms, check_early
+        self.early = Metrics.counter("join", "records_before_their_slice")
+
+    def process(self, record):
+        ts_ms = record.get("ts_ms") if isinstance(record, dict) else None
+        if isinstance(ts_ms, int):  # else invalid: the joiner reports it, here
+            if ts_ms >= self.hi_ms:
+                yield pvalue.TaggedOutput("later", record)
+                return
+            if self.check_early and ts_ms < self.lo_ms:
+                self.early.inc()
+        yield record
+
+
+def _route_slice(pipeline, part: _Slice, features, actions):
+    """``(features here, actions here, {"features": later, "actions": later})``: a slice's
+    records from its files and from the slice before, routed by event time."""
+    window = part.window_ms
+    ranges = {"features": (part.lo_ms, part.hi_ms), "actions": (part.lo_ms + window,
+                                                                 part.hi_ms + window)}
+    here, later = {}, {}
+    for kind, new in (("features", features), ("actions", actions)):
+        lo, hi = ranges[kind]
+        streams = [new | f"Route{kind}" >> beam.ParDo(_RouteByTime(lo, hi, True))
+                   .with_outputs("later", main="here")]
+        if part.carry_in and FileSystems.match(
+                [os.path.join(part.carry_in, kind, "*")])[0].metadata_list:
+            carried = (pipeline
+                       | f"ReadCarried{kind}" >> beam.io.ReadFromText(
+                           os.path.join(part.carry_in, kind, "*"))
+                       | f"ParseCarried{kind}" >> beam.Map(
+                           lambda line: _stamped(json.loads(line))))
+            streams.append(carried | f"RouteCarried{kind}" >> beam.ParDo(
+                _RouteByTime(lo, hi, False)).with_outputs("later", main="here"))
+        here[kind] = [r.here for r in streams] | f"Here{kind}" >> beam.Flatten()
+        later[kind] = [r.later for r in streams] | f"Later{kind}" >> beam.Flatten()
+    return here["features"], here["actions"], later
+
+
+def _stamped(record: dict) -> TimestampedValue:
+    return TimestampedValue(record, Timestamp(micros=record["ts_ms"] * 1000))
+
+
+def plan_slices(feature_files, action_files, slice_ms: int, window_ms: int) -> list | None:
+    """``[(lo_ms, hi_ms, feature files, action files)]``: the slices of a sliced join, each
+    reading the files whose name-given start falls in its range (features ``[lo, hi)``,
+    actions ``[lo + window, hi + window)``); the first starts at -inf, the last ends at
+    +inf; a stretch without feature files joins the slice after it. None if a file's name
+    gives no start (then the join runs as one pipeline).
+
+    >>> h = lambda hour: f"part-20240101-{hour:02d}.avro"
+    >>> [(lo, hi, [f[-7:-5] for f in fs], [a[-7:-5] for a in acts]) for lo, hi, fs, acts in
+    ...  plan_slices([h(0), h(1), h(4)], [h(0), h(1), h(2), h(4), h(5)], 3_600_000, 600_000)]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [(-inf, 1704070800000, ['00'], ['00', '01']), (1704070800000, 1704074400000, ['01'], ['02']),
+     (1704074400000, inf, ['04'], ['04', '05'])]
+    """
+    starts = {p: log_file_start_ms(p) for p in list(feature_files) + list(action_files)}
+    if not feature_files or any(t is None for t in starts.values()):
+        return None
+    fs = sorted((starts[p], p) for p in feature_files)
+    acts = sorted((starts[p], p) for p in action_files)
+    lo, hi = -math.inf, (fs[0][0] // slice_ms + 1) * slice_ms
+    i = j = 0
+    slices = []
+    while True:
+        ni = i
+        while ni < len(fs) and fs[ni][0] < hi:
+            ni += 1
+        if ni == len(fs):
+            slices.append((lo, math.inf, [p for _, p in fs[i:]], [p for _, p in acts[j:]]))
+            return slices
+        if ni == i:  # no feature file starts here: the slice of the next one begins here
+            hi = (fs[i][0] // slice_ms + 1) * slice_ms
+            continue
+        nj = j
+        while nj < len(acts) and acts[nj][0] < hi + window_ms:
+            nj += 1
+        slices.append((lo, hi, [p for _, p in fs[i:ni]], [p for _, p in acts[j:nj]]))
+        i, j, lo, hi = ni, nj, hi, hi + slice_ms
+
+
+def join_in_slices(options, opts: JoinOptions, slice_s: float):
+    """Joins a bounded input as a sequence of pipelines over event-time slices; returns the
+    last one's result, or None if the input does not slice (one slice, or files whose names
+    give no start: :func:`plan_slices`).
+
+    Why: the DirectRunner runs a bounded pipeline stage after stage and fires event-time
+    timers only at its end, so one pipeline holds every request in the joiner's state and
+    every record between stages: memory grows with the input. A slice holds the requests
+    served in its event time and the actions up to its end plus the join window: every
+    request it serves closes in it, so each period's examples come from one slice, the same
+    files as one pipeline's. It hands on to the next slice the actions of requests not served
+    yet (the next slice may serve them; the last reports them unmatched) and any records of
+    its files later than its end; and the keys of the requests it closed (16 bytes a
+    request, :func:`transforms.joiner.closed_request_keys`), with which later slices tell
+    their late actions and duplicate feature records from new ones. Records of a file earlier
+    than its name says stop the run (they belong to a slice already joined). Side outputs
+    are merged into one file per period and shard at the end, as one pipeline writes them.
+    """
+    features = sorted(m.path for m in FileSystems.match([opts.features])[0].metadata_list)
+    actions = sorted(m.path for m in FileSystems.match([opts.actions])[0].metadata_list)
+    period_ms = opts.period_s * 1000
+    slice_ms = max(1, math.ceil(slice_s * 1000 / period_ms)) * period_ms
+    window_ms = int(round(opts.join_window_s * 1000))
+    plan = plan_slices(features, actions, slice_ms, window_ms)
+    if plan is None or len(plan) == 1:
+        if plan is None:
+            _LOG.info("join: not sliced (a log file's name gives no start time)")
+        return None
+    work = os.path.join(opts.out, ".slices")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    metrics_out, opts.metrics_out = opts.metrics_out, None
+    closed = np.empty(0, dtype="S16")
+    carry_in = closed_path = None
+    metrics, result = [], None
+    try:
+        for index, (lo, hi, feature_files, action_files) in enumerate(plan):
+            part = _Slice(index, lo, hi, window_ms, feature_files, action_files, work,
+                          carry_in, closed_path)
+            wall = time.time()
+            result = run_job(lambda p: build(p, opts, part), options)
+            metrics.append(metrics_dict(result))
+            early = metrics[-1]["counters"].get("join.records_before_their_slice", 0)
+            if early:
+                raise SystemExit(
+                    f"join: {early} records in {feature_files + action_files} are earlier "
+                    "than their file names say, in event time already joined; name log files "
+                    "by the start of their records or join in one pipeline (--slice_s=0)")
+            if carry_in:
+                shutil.rmtree(carry_in)
+            if not part.final:
+                closed = _add_closed(closed, part.closed_out)
+                closed_path = os.path.join(work, f"closed-{index:05d}.npy")
+                np.save(closed_path, closed)
+                if part.closed:
+                    os.remove(part.closed)
+                carry_in = part.carry_out
+            _LOG.info("join: slice %d/%d (%s to %s) in %.1f s", index + 1, len(plan),
+                      *(period_name(t / 1000) if math.isfinite(t) else str(t) for t in (lo, hi)),
+                      time.time() - wall)
+        for kind in _SIDE_OUTPUTS:
+            _merge_side_output(os.path.join(part.side, kind), os.path.join(opts.out, kind))
+        shutil.rmtree(work)
+    finally:
+        opts.metrics_out = metrics_out
+    summed = _sum_metrics(metrics)
+    if metrics_out:
+        with open(metrics_out, "w", encoding="utf-8") as f:
+            json.dump(summed, f, indent=2, sort_keys=True)
+    return result
+
+
+def _add_closed(closed: np.ndarray, folder: str) -> np.ndarray:
+    """``closed`` (sorted keys) with the request ids of the JSON-lines files in ``folder``."""
+    ids = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            ids += json.loads("[" + ",".join(f.read().splitlines()) + "]")
+    new = closed_request_keys(ids)
+    return np.insert(closed, np.searchsorted(closed, new), new)
+
+
+def _merge_side_output(src: str, dst: str) -> None:
+    """The slices' files of one side output → ``dst``, one file per period and shard as one
+    pipeline writes them (named by content: :func:`write_sorted_file`)."""
+    groups: dict = {}
+    for path in sorted(glob.glob(os.path.join(src, "*.jsonl"))):
+        groups.setdefault(os.path.basename(path).rsplit("-", 1)[0], []).append(path)
+    if groups:
+        os.makedirs(dst, exist_ok=True)
+    for prefix, paths in groups.items():
+        if len(paths) == 1:
+            os.replace(paths[0], os.path.join(dst, os.path.basename(paths[0])))
+            continue
+        records = []
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                records += json.loads("[" + ",".join(f.read().splitlines()) + "]")
+        write_sorted_file(dst, prefix, records, write_json_lines, _record_order, ".jsonl")
+
+
+def _sum_metrics(runs: list) -> dict:
+    """The metrics of a sliced join's pipelines as one pipeline's: counters summed, except
+    that an action handed on to the next slice is counted once (``joiner.actions``) and
+    unmatched only by the last slice; distributions combined."""
+    out: dict = {"counters": {}, "distributions": {}}
+    for m in runs:
+        for name, value in m["counters"].items():
+            out["counters"][name] = out["counters"].get(name, 0) + value
+        for name, d in m["distributions"].items():
+            have = out["distributions"].get(name)
+            out["distributions"][name] = dict(d) if have is None else {
+                "count": have["count"] + d["count"], "sum": have["sum"] + d["sum"],
+                "min": min(have["min"], d["min"]), "max": max(have["max"], d["max"])}
+    handed_on = sum(m["counters"].get("joiner.unmatched_actions", 0) for m in runs[:-1])
+    c = out["counters"]
+    for name in ("joiner.actions", "joiner.unmatched_actions"):
+        if name in c:
+            c[name] -= handed_on
+    c.pop("join.records_before_their_slice", None)
+    return out
 
 
 def main(argv: list[str] | None = None):
@@ -329,6 +659,15 @@ def main(argv: list[str] | None = None):
         # an earlier run's files but add to them.
         raise SystemExit(f"join: {opts.out}/examples already holds an example log; use a "
                          "new --out, or --append to add to it")
+    slice_s = opts.slice_s
+    if slice_s is None:
+        standard = options.view_as(StandardOptions)
+        direct = (standard.runner or "DirectRunner").rsplit(".", 1)[-1] == "DirectRunner"
+        slice_s = DEFAULT_SLICE_S if direct and not standard.streaming else 0
+    if slice_s > 0:
+        result = join_in_slices(options, opts, slice_s)
+        if result is not None:
+            return result
     return run_job(lambda p: build(p, opts), options)
 
 

@@ -11,6 +11,7 @@ did (actions) in a stateful streaming job keyed by request id; this is that job 
     joined.duplicate_actions   # the same action repeated on one request (counted once)
     joined.duplicate_features  # a second feature record for a request id
     joined.invalid             # records that fail validation, with the reason
+    joined.closed              # ids of the requests whose example was decided
 
 Input records carry event time in ``ts_ms`` (the joiner re-stamps elements from it):
 
@@ -79,6 +80,7 @@ import numbers
 from typing import Any, Iterable, NamedTuple, Tuple
 
 import apache_beam as beam
+import numpy as np
 from apache_beam import pvalue
 from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.metrics import Metrics
@@ -97,6 +99,7 @@ LATE_ACTIONS = "late_actions"
 DUPLICATE_ACTIONS = "duplicate_actions"
 DUPLICATE_FEATURES = "duplicate_features"
 INVALID = "invalid"
+CLOSED = "closed"
 
 _FEATURES, _ACTION = "features", "action"
 _NAMESPACE = "joiner"
@@ -320,6 +323,31 @@ def _features_order(f: dict):
     return (f["ts_ms"], f["user_id"], f["item_id"], f["fids"], f["dense"])
 
 
+# --------------------------------------------------------------------------- closed requests
+
+def closed_request_keys(request_ids) -> np.ndarray:
+    """Sorted, distinct keys of ``request_ids`` (``S16``: a 15-byte BLAKE2b digest of the
+    UTF-8 id and a non-zero byte, so that NumPy keeps every byte), the form of
+    ``JoinByRequestFn(closed_requests=...)``: 16 bytes a request, whatever the id's length.
+
+    >>> keys = closed_request_keys(["r2", "r1", "r2"])
+    >>> keys.dtype, len(keys), is_closed(keys, "r1"), is_closed(keys, "r3")
+    (dtype('S16'), 2, True, False)
+    """
+    return np.unique(np.array([_closed_key(r) for r in request_ids], dtype="S16"))
+
+
+def _closed_key(request_id: str) -> bytes:
+    return hashlib.blake2b(request_id.encode("utf-8"), digest_size=15).digest() + b"\x01"
+
+
+def is_closed(keys: np.ndarray, request_id: str) -> bool:
+    """Whether ``request_id`` is among ``keys`` (:func:`closed_request_keys`)."""
+    key = _closed_key(request_id)
+    i = int(np.searchsorted(keys, key))
+    return i < len(keys) and keys[i] == key
+
+
 # --------------------------------------------------------------------------- the join
 
 class JoinByRequestFn(beam.DoFn):
@@ -334,13 +362,21 @@ class JoinByRequestFn(beam.DoFn):
     * ``features`` held → the join window ends: emit the example, keep only ``closed_at``;
     * ``closed_at`` held → the late horizon ends: forget the request;
     * only ``actions`` held → nobody served them: send them to ``unmatched_actions``.
+
+    ``closed_requests``: the path of a ``.npy`` file of :func:`closed_request_keys`, requests
+    whose example an earlier run over earlier event time emitted (``dataflow.join`` joins a
+    bounded input in event-time slices, one pipeline each). A request of that set holds no
+    state here: its feature records are duplicates (the earlier one won), its actions late
+    (their window closed). The key of every request whose features close here goes to the
+    ``closed`` output, for the next run's set.
     """
     REQUEST = ReadModifyWriteStateSpec("request", FastPrimitivesCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
     def __init__(self, join_window_s: float = DEFAULT_JOIN_WINDOW_S,
                  late_horizon_s: float | None = None, negative_sample_rate: float = 1.0,
-                 positive_actions: Iterable[str] = POSITIVE_ACTIONS, sampling_salt: str = ""):
+                 positive_actions: Iterable[str] = POSITIVE_ACTIONS, sampling_salt: str = "",
+                 closed_requests: str | None = None):
         if join_window_s < 0:
             raise ValueError(f"join_window_s must be >= 0, got {join_window_s}")
         if not 0.0 < negative_sample_rate <= 1.0:
@@ -356,6 +392,8 @@ class JoinByRequestFn(beam.DoFn):
             positive_actions = [positive_actions]
         self.positive_actions = frozenset(positive_actions)
         self.salt = sampling_salt
+        self.closed_requests = closed_requests
+        self._closed = None
         counter = lambda name: Metrics.counter(_NAMESPACE, name)  # noqa: E731
         self.n_features, self.n_actions = counter("features"), counter("actions")
         self.n_examples, self.n_positives = counter("examples"), counter("positives")
@@ -367,10 +405,24 @@ class JoinByRequestFn(beam.DoFn):
         self.n_opened, self.n_closed = counter("keys_opened"), counter("keys_closed")
         self.label_delay = Metrics.distribution(_NAMESPACE, "label_delay_ms")
 
+    def setup(self):
+        if self.closed_requests is not None:  # mapped, not read: pages come as looked up
+            self._closed = np.load(self.closed_requests, mmap_mode="r")
+
     def process(self, element, request=beam.DoFn.StateParam(REQUEST),
                 close=beam.DoFn.TimerParam(CLOSE)):
         request_id, (kind, payload) = element
         held = request.read()
+        if held is None and self._closed is not None and is_closed(self._closed, request_id):
+            if kind == _FEATURES:
+                self.n_features.inc()
+                self.n_dup_features.inc()
+                yield pvalue.TaggedOutput(DUPLICATE_FEATURES, payload)
+            else:
+                self.n_actions.inc()
+                self.n_late.inc()
+                yield pvalue.TaggedOutput(LATE_ACTIONS, _action_record(request_id, *payload))
+            return
         if held is None:
             self.n_opened.inc()  # every branch below then writes state and sets the timer
             features, actions, closed_at, deadline = None, (), None, None
@@ -424,6 +476,7 @@ class JoinByRequestFn(beam.DoFn):
             return
         if features is not None:
             yield from self._emit(key, features, actions)
+            yield pvalue.TaggedOutput(CLOSED, key)
             if self.late_horizon_ms > 0:
                 window_end = features["ts_ms"] + self.window_ms
                 deadline = window_end + self.late_horizon_ms
@@ -482,6 +535,7 @@ class JoinResult(NamedTuple):
     duplicate_actions: Any
     duplicate_features: Any
     invalid: Any
+    closed: Any = None  # request ids whose example (or sampled-out negative) was decided
 
 
 class OnlineJoiner(beam.PTransform):
@@ -498,16 +552,17 @@ class OnlineJoiner(beam.PTransform):
         actions are reported as late, not unmatched (default: ``join_window_s``; 0 frees
         all state at window end).
       sampling_salt: changes which negatives are kept, still deterministically.
+      closed_requests: requests an earlier run closed (see :class:`JoinByRequestFn`).
     """
 
     def __init__(self, join_window_s: float = DEFAULT_JOIN_WINDOW_S,
                  negative_sample_rate: float = 1.0,
                  positive_actions: Iterable[str] = POSITIVE_ACTIONS,
                  late_horizon_s: float | None = None, sampling_salt: str = "",
-                 label: str | None = None):
+                 closed_requests: str | None = None, label: str | None = None):
         super().__init__(label)
         self.join_fn = JoinByRequestFn(join_window_s, late_horizon_s, negative_sample_rate,
-                                       positive_actions, sampling_salt)
+                                       positive_actions, sampling_salt, closed_requests)
 
     def expand(self, inputs):
         if isinstance(inputs, dict):
@@ -524,7 +579,7 @@ class OnlineJoiner(beam.PTransform):
                   | "FeaturesAndActions" >> beam.Flatten()
                   | "JoinByRequest" >> beam.ParDo(self.join_fn).with_outputs(
                       UNMATCHED_ACTIONS, LATE_ACTIONS, DUPLICATE_ACTIONS, DUPLICATE_FEATURES,
-                      main=EXAMPLES))
+                      CLOSED, main=EXAMPLES))
         invalid = ((keyed_features[INVALID], keyed_actions[INVALID])
                    | "Invalid" >> beam.Flatten())
         return JoinResult(examples=joined[EXAMPLES],
@@ -532,10 +587,10 @@ class OnlineJoiner(beam.PTransform):
                           late_actions=joined[LATE_ACTIONS],
                           duplicate_actions=joined[DUPLICATE_ACTIONS],
                           duplicate_features=joined[DUPLICATE_FEATURES],
-                          invalid=invalid)
+                          invalid=invalid, closed=joined[CLOSED])
 
 
 __all__ = ["OnlineJoiner", "JoinResult", "JoinByRequestFn", "KeyByRequest", "label_of",
            "keep_negative", "sampling_hash", "log_odds_correction", "corrected_ctr",
            "features_error", "action_error", "POSITIVE_ACTIONS", "DEFAULT_JOIN_WINDOW_S",
-           "MAX_TS_MS"]
+           "MAX_TS_MS", "closed_request_keys", "is_closed"]
