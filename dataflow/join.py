@@ -539,9 +539,10 @@ def join_in_slices(options, opts: JoinOptions, slice_s: float):
     yet (the next slice may serve them; the last reports them unmatched) and any records of
     its files later than its end; and the keys of the requests it closed (16 bytes a
     request, :func:`transforms.joiner.closed_request_keys`), with which later slices tell
-    their late actions and duplicate feature records from new ones. Records of a file earlier
-    than its name says stop the run (they belong to a slice already joined). Side outputs
-    are merged into one file per period and shard at the end, as one pipeline writes them.
+    their late actions and duplicate feature records from new ones. Side outputs are merged
+    into one file per period and shard at the end, as one pipeline writes them. A file with
+    records earlier than its name says, before its slice (they belong to a slice joined
+    already), undoes the run: it returns None, for one pipeline to join the input.
     """
     features = sorted(m.path for m in FileSystems.match([opts.features])[0].metadata_list)
     actions = sorted(m.path for m in FileSystems.match([opts.actions])[0].metadata_list)
@@ -560,6 +561,7 @@ def join_in_slices(options, opts: JoinOptions, slice_s: float):
     closed = np.empty(0, dtype="S16")
     carry_in = closed_path = None
     metrics, result = [], None
+    examples_before = set(example_files(os.path.join(opts.out, "examples")))
     try:
         for index, (lo, hi, feature_files, action_files) in enumerate(plan):
             part = _Slice(index, lo, hi, window_ms, feature_files, action_files, work,
@@ -568,11 +570,17 @@ def join_in_slices(options, opts: JoinOptions, slice_s: float):
             result = run_job(lambda p: build(p, opts, part), options)
             metrics.append(metrics_dict(result))
             early = metrics[-1]["counters"].get("join.records_before_their_slice", 0)
-            if early:
-                raise SystemExit(
-                    f"join: {early} records in {feature_files + action_files} are earlier "
-                    "than their file names say, in event time already joined; name log files "
-                    "by the start of their records or join in one pipeline (--slice_s=0)")
+            if early:  # they belong to a slice joined already: undo, join in one pipeline
+                _LOG.warning(
+                    "join: %d records in %s are earlier than their file names say, in event "
+                    "time joined already; joining again in one pipeline (memory grows with "
+                    "the input; name log files by the start of their records)", early,
+                    feature_files + action_files)
+                for path in set(example_files(os.path.join(opts.out, "examples"))) - \
+                        examples_before:
+                    os.remove(path)
+                shutil.rmtree(work)
+                return None
             if carry_in:
                 shutil.rmtree(carry_in)
             if not part.final:

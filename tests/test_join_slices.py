@@ -10,7 +10,6 @@ import os
 import random
 
 import fastavro
-import pytest
 
 from dataflow import join
 from schemas import read_avro, write_avro
@@ -162,16 +161,25 @@ def test_slices_of_a_synthetic_stream_with_feature_extraction(tmp_path):
     assert read_json_lines(tmp_path / "sliced" / "late"), "the stream should have late clicks"
 
 
-def test_a_record_earlier_than_its_file_name_stops_a_sliced_join(tmp_path):
-    features = [feat("a", T0 + 10), feat("b", T0 + HOUR + 10)]
+def test_a_record_earlier_than_its_file_name_undoes_the_slices(tmp_path, caplog):
+    """Hour 1's file holds a request of hour 0 (a writer that files late records in its
+    open period): hour 0 is joined already, so the join runs again in one pipeline."""
     os.makedirs(tmp_path / "in")
-    for hour, records in ((0, features[:1]), (1, features[1:] + [feat("c", T0 + 20)])):
+    files = {0: [feat("a", T0 + 10)], 1: [feat("b", T0 + HOUR + 10), feat("c", T0 + HOUR - 20)],
+             2: [feat("d", T0 + 2 * HOUR + 10)]}
+    for hour, records in files.items():
         with open(tmp_path / "in" / f"part-20240101-{hour:02d}.avro", "wb") as f:
             fastavro.writer(f, join.EXTRACTED_FEATURES_SCHEMA, records)
-    write_avro(str(tmp_path / "part-20240101-00.avro"), "action_log", [act("a", T0 + 50)])
-    with pytest.raises(SystemExit, match="earlier than their file names say"):
-        run(tmp_path / "out", str(tmp_path / "in" / "*.avro"),
-            str(tmp_path / "part-*.avro"), 3600)
+    write_avro(str(tmp_path / "part-20240101-00.avro"), "action_log",
+               [act("a", T0 + 50), act("c", T0 + HOUR + 50)])
+    globs = str(tmp_path / "in" / "*.avro"), str(tmp_path / "part-*.avro")
+    run(tmp_path / "one", *globs, 0)
+    with caplog.at_level("WARNING", logger="dataflow.join"):
+        run(tmp_path / "sliced", *globs, 3600)
+    assert "joining again in one pipeline" in caplog.text
+    assert_same_output(str(tmp_path / "one"), str(tmp_path / "sliced"))
+    assert [e["label"] for e in join.read_examples_in_order(str(tmp_path / "sliced"
+                                                                / "examples"))] == [1, 1, 0, 0]
 
 
 def test_files_named_otherwise_join_in_one_pipeline(tmp_path):
