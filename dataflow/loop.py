@@ -30,9 +30,11 @@ window, and lands the examples (one file per period, event-time order) in the fo
 online training follows. ``--runner FlinkRunner`` runs online training on Flink's
 MiniCluster (measured: it keeps up, and the loop learns as on the DirectRunner).
 ``--join stream`` (Flink only) runs the join as one
-streaming job over the tailed folders (``transforms.sources.TailAvroLogs``) instead;
-measured on this 2-core machine it fell behind and joined most periods only when its sources
-stopped at the end of the run.
+streaming job over the tailed folders (``transforms.sources.TailAvroLogs``) instead. It is
+started before the history, so that Flink's start-up is over when the run begins, and its
+sources stop once the simulator's summary file exists (written after the last log file
+landed). Measured on this 2-core machine it falls behind: it joins most periods only when
+its sources stop at the end of the run.
 
 Warm start (``--history_s``, default 4 simulated hours; 0 starts cold): a production loop
 never starts from an untrained model, so first the same world's last hours before the run
@@ -514,7 +516,7 @@ def run(args) -> dict:
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
         os.makedirs(os.path.join(out, sub))
     for name in ("serve.url", "sim_stats.csv", "sim_summary.json", "report.json",
-                 "loop.png", "auc_over_time.csv", "serve-history.url"):
+                 "loop.png", "auc_over_time.csv", "serve-history.url", "join.started"):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     procs = Processes(os.path.join(out, "logs"))
@@ -541,6 +543,21 @@ def run(args) -> dict:
             f"--metrics_dir={out}/train",
             f"--metrics_window_s={int(max(args.period_s, args.duration_s / 12))}",
             f"--seed={args.seed}", "--streaming", *beam_args])
+        if stream:
+            # One streaming job over the run's tailed logs, started first: Flink's start-up
+            # (~40 s for a MiniCluster) then overlaps the history instead of the run. Its
+            # sources stop once the simulator's summary exists, which it writes after its
+            # last actions and serving's last feature log file have landed.
+            procs.start("join", [
+                py, "-m", "dataflow.loop", "stream-join", f"--features={out}/feature_log",
+                f"--actions={out}/action_log", f"--examples={out}/examples",
+                f"--config={args.config}", f"--join_window_s={args.join_window_s}",
+                f"--period_s={int(args.period_s)}",
+                f"--negative_sample_rate={args.negative_sample_rate}",
+                f"--stop_when_exists={out}/sim_summary.json",
+                f"--stop_after_s={(expected_wall + history_wall) * 3 + 900:.0f}",
+                f"--started_file={out}/join.started", f"--dead_letter={out}/join",
+                *beam_args])
         if args.history_s > 0:
             history, history_joiner = run_history(procs, args, out, store)
         url = start_serving(procs, args, out, store, "serve", f"{out}/feature_log")
@@ -548,6 +565,8 @@ def run(args) -> dict:
             # the run starts once training has applied the whole history
             history.update(wait_for_training(procs, store, args, history_joiner,
                                              args.drain_timeout_s))
+        if stream:  # the run's first requests are joined as they land
+            _wait_for_file(f"{out}/join.started", procs, "join", args.serve_start_timeout_s)
         # The simulator starts its clock once serving answers.
         procs.start("simulate", simulate_argv(
             args, url, f"{out}/action_log", args.speed, args.rps, clock_from_s=0.0,
@@ -558,17 +577,6 @@ def run(args) -> dict:
         joiner = PeriodJoin(f"{out}/feature_log", f"{out}/action_log", f"{out}/examples",
                             f"{out}/join", args.config, args.period_s, args.join_window_s,
                             args.negative_sample_rate)
-        if stream:
-            # One streaming job over the tailed logs; its sources stop listing the folders
-            # once the simulation (whose clock is the wall clock times --speed) is over.
-            procs.start("join", [
-                py, "-m", "dataflow.loop", "stream-join", f"--features={out}/feature_log",
-                f"--actions={out}/action_log", f"--examples={out}/examples",
-                f"--config={args.config}", f"--join_window_s={args.join_window_s}",
-                f"--period_s={int(args.period_s)}",
-                f"--negative_sample_rate={args.negative_sample_rate}",
-                f"--stop_after_s={expected_wall + 30:.0f}", f"--dead_letter={out}/join",
-                *beam_args])
         from ps.store import open_store
         store_handle = open_store(store, num_shards=args.num_shards)
         sim = next(p for n, p, _ in procs.children if n == "simulate")
@@ -588,7 +596,7 @@ def run(args) -> dict:
         if sim.returncode != 0:
             raise RuntimeError(f"simulate exited with {sim.returncode}; see "
                                f"{out}/logs/simulate.log")
-        if stream:  # its sources stop after --stop_after_s; then every window closes
+        if stream:  # its sources stop now that the summary exists; then every window closes
             join_proc = next(p for n, p, _ in procs.children if n == "join")
             try:
                 join_proc.wait(timeout=expected_wall + 300)
@@ -801,9 +809,18 @@ def _div(x, d):
 # --------------------------------------------------------------------------- Flink join
 
 
+def _write_started(path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{time.time():.3f}\n")
+    os.replace(tmp, path)
+
+
 def build_stream_join(pipeline, opts) -> None:
     """The join as one streaming pipeline over the tailed log folders (for Flink): the same
     transforms as ``dataflow.join``, with ``TailAvroLogs`` (event-time watermarks)."""
+    import apache_beam as beam
+
     from dataflow.join import WriteEventTimeFiles, WriteExampleLog
     from transforms.features import ExtractFeatures
     from transforms.joiner import OnlineJoiner
@@ -811,10 +828,15 @@ def build_stream_join(pipeline, opts) -> None:
     stop = time.time() + opts.stop_after_s
     extracted = (pipeline
                  | "TailFeatureLog" >> TailAvroLogs(f"{opts.features}/part-*.avro",
-                                                    opts.poll_s, stop_timestamp=stop)
+                                                    opts.poll_s, stop_timestamp=stop,
+                                                    stop_when_exists=opts.stop_when_exists)
                  | "ExtractFeatures" >> ExtractFeatures(opts.config))
     actions = pipeline | "TailActionLog" >> TailAvroLogs(f"{opts.actions}/part-*.avro",
-                                                         opts.poll_s, stop_timestamp=stop)
+                                                         opts.poll_s, stop_timestamp=stop,
+                                                         stop_when_exists=opts.stop_when_exists)
+    if opts.started_file:  # runs once the runner executes the job, not when it accepts it
+        _ = (pipeline | "Started" >> beam.Create([opts.started_file])
+             | "WriteStarted" >> beam.Map(_write_started))
     joined = (extracted.features, actions) | "Join" >> OnlineJoiner(
         join_window_s=opts.join_window_s, negative_sample_rate=opts.negative_sample_rate)
     joined.examples | "WriteExamples" >> WriteExampleLog(opts.examples, opts.join_window_s,
@@ -841,6 +863,11 @@ def stream_join_main(argv) -> int:
             parser.add_argument("--negative_sample_rate", type=float, default=1.0)
             parser.add_argument("--stop_after_s", type=float, default=600.0,
                                 help="stop listing the folders after this many wall seconds")
+            parser.add_argument("--stop_when_exists", default=None,
+                                help="stop listing the folders once this file exists (the "
+                                     "writer creates it after its last log file landed)")
+            parser.add_argument("--started_file", default=None,
+                                help="write this file once the job runs")
             parser.add_argument("--poll_s", type=float, default=0.5)
 
     options = pipeline_options(argv, StreamJoinOptions)

@@ -331,3 +331,39 @@ def test_tail_watermark_follows_event_time(tmp_path):
     # The damaged file is dead-lettered (at the watermark, none yet in this fresh estimator).
     assert [(d["file"], d["reason"], d["records_lost"]) for d in dead] == [
         (str(tmp_path / "part-01.avro"), "unreadable_file", None)]
+
+
+def test_tail_stops_once_the_marker_exists(tmp_path):
+    """With ``stop_when_exists`` the tail waits for files until the marker appears, then reads
+    every file that landed before it and ends its restriction."""
+    from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from apache_beam.runners.sdf_utils import (RestrictionTrackerView,
+                                               ThreadsafeRestrictionTracker)
+    from apache_beam.utils.timestamp import Timestamp
+
+    from transforms.sources import _NO_END, TailAvroFilesFn
+
+    logs, marker = tmp_path / "logs", tmp_path / "done.json"
+    logs.mkdir()
+    fn = TailAvroFilesFn(interval_seconds=1.0, stop_timestamp=Timestamp.of(2 ** 40),
+                         stop_when_exists=str(marker))
+
+    def run(start_index):
+        tracker = ThreadsafeRestrictionTracker(
+            OffsetRestrictionTracker(OffsetRange(start_index, _NO_END)))
+        out = list(fn.process(str(logs / "part-*.avro"), tracker=RestrictionTrackerView(tracker),
+                              watermark=ManualWatermarkEstimator(None)))
+        residual, _ = tracker.deferred_status() or (None, None)
+        return [o.value["request_id"] for o in out], residual, tracker
+
+    land(logs, "part-00.avro", [{"request_id": "a", "ts_ms": 1_000, "action": "click"}])
+    ids, residual, _ = run(0)
+    assert ids == ["a"] and residual.start == 1  # no marker: waits for more
+
+    # The last file lands, then the marker: the next poll reads that file and ends.
+    land(logs, "part-01.avro", [{"request_id": "b", "ts_ms": 2_000, "action": "click"}])
+    marker.write_text("{}")
+    ids, residual, tracker = run(1)
+    assert ids == ["b"] and residual is None
+    tracker.check_done()  # the whole range is claimed: the restriction is done

@@ -540,10 +540,11 @@ class TailAvroFilesFn(beam.DoFn):
     """
 
     def __init__(self, interval_seconds: float, stop_timestamp: Timestamp,
-                 time_field: str = "ts_ms"):
+                 time_field: str = "ts_ms", stop_when_exists: Optional[str] = None):
         self.interval = Duration.of(interval_seconds)
         self.stop_timestamp = stop_timestamp
         self.time_field = time_field
+        self.stop_when_exists = stop_when_exists
         self.reading = _FileReading(time_field)
 
     @beam.DoFn.unbounded_per_element()
@@ -552,6 +553,8 @@ class TailAvroFilesFn(beam.DoFn):
                 watermark=beam.DoFn.WatermarkEstimatorParam(
                     ManualWatermarkEstimator.default_provider())):
         index = tracker.current_restriction().start
+        # Looked for before the listing: whatever landed before the marker is then listed.
+        marked = bool(self.stop_when_exists) and FileSystems.exists(self.stop_when_exists)
         paths = sorted(m.path for m in FileSystems.match([file_pattern])[0].metadata_list)
         claimed = True
         while claimed and index < len(paths):
@@ -570,7 +573,7 @@ class TailAvroFilesFn(beam.DoFn):
                 index += 1
         if not claimed:
             pass
-        elif Timestamp.now() >= self.stop_timestamp:
+        elif marked or Timestamp.now() >= self.stop_timestamp:
             tracker.try_claim(_NO_END)  # past the range: the restriction is done
         else:
             tracker.defer_remainder(self.interval)
@@ -596,23 +599,27 @@ class TailAvroLogs(_WithDeadLetters, beam.PTransform):
     sort in time order (``part-YYYYmmdd-HH.avro``), each file holding only records later than
     those of the files before it, written atomically (temporary name, then rename), never
     a file sorting before one already read. Polls every ``interval_seconds`` until
-    ``stop_timestamp`` (wall clock; default never). The SDF polling caveat on Flink
+    ``stop_timestamp`` (wall clock; default never) or, with ``stop_when_exists``, until that
+    path exists: the writer creates it after its last file has landed, and every file that
+    landed before it is read first. The SDF polling caveat on Flink
     (apache/beam#27648, module docstring) applies here too, but its state is one offset.
     """
 
     def __init__(self, file_pattern: str, interval_seconds: float = 10.0,
                  stop_timestamp: Timestamp | float = MAX_TIMESTAMP,
-                 time_field: str = "ts_ms"):
+                 time_field: str = "ts_ms", stop_when_exists: Optional[str] = None):
         super().__init__()
         self.file_pattern = file_pattern
         self.interval_seconds = interval_seconds
         self.stop_timestamp = Timestamp.of(stop_timestamp)
         self.time_field = time_field
+        self.stop_when_exists = stop_when_exists
 
     def expand(self, pbegin):
         return self._outputs(
             pbegin
             | "Pattern" >> beam.Create([self.file_pattern])
             | "TailFiles" >> beam.ParDo(TailAvroFilesFn(
-                self.interval_seconds, self.stop_timestamp, self.time_field)).with_outputs(
+                self.interval_seconds, self.stop_timestamp, self.time_field,
+                self.stop_when_exists)).with_outputs(
                     DEAD_LETTER))
