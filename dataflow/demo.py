@@ -61,14 +61,19 @@ def split_by_time(files: list[str], fraction: float = 0.8) -> tuple[list[str], l
     return files, []
 
 
-def land_files(files: list[str], folder: str, every_s: float) -> threading.Thread:
-    """Copies ``files`` into ``folder`` one by one (temporary name, then rename)."""
+def land_files(files: list[str], folder: str, every_s: float,
+               done: str | None = None) -> threading.Thread:
+    """Copies ``files`` into ``folder`` one by one (temporary name, then rename), then
+    creates ``done``: the stream is over (``train online --stop_when_exists``)."""
     def run():
         for f in files:
             target = os.path.join(folder, os.path.basename(f))
             shutil.copy(f, target + ".part")
             os.replace(target + ".part", target)
             time.sleep(every_s)
+        if done:
+            with open(done, "w", encoding="utf-8"):
+                pass
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -102,11 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     every_s = 0.2
     print(f"demo: online training from the snapshots; {len(online)} daily files land in "
           f"{landing}, one every {every_s}s", flush=True)
-    lander = land_files(online, landing, every_s)
+    done = os.path.join(OUT, "landing.done")
+    if os.path.exists(done):
+        os.remove(done)
+    lander = land_files(online, landing, every_s, done)
+    # The job ends once it has read every file (the lander's marker); --run_for_s only
+    # bounds it if the lander never finishes.
     train.main(["online", f"--input={landing}", f"--restore={snapshots}",
                 f"--metrics_dir={metrics_dir}", "--poll_interval_s=1",
-                f"--run_for_s={len(online) * every_s + 30:.0f}", "--streaming", *COMMON,
-                *argv])
+                f"--stop_when_exists={done}", f"--run_for_s={len(online) * every_s + 120:.0f}",
+                "--streaming", *COMMON, *argv])
     lander.join()
 
     b = totals(os.path.join(metrics_dir, "online-backfill-totals.json"))

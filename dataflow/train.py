@@ -93,6 +93,10 @@ class TrainOptions(MonolithOptions):
         parser.add_argument("--run_for_s", type=float, default=0.0,
                             help="online: stop watching the folder after this many seconds of "
                                  "wall time (0: run until cancelled)")
+        parser.add_argument("--stop_when_exists", default=None,
+                            help="online: stop watching the folder once this file exists (its "
+                                 "writer creates it after the last example file landed; "
+                                 "every file that landed before it is trained on)")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--model_dir", default=None,
                             help="export the dense model as a TensorFlow SavedModel into this "
@@ -148,7 +152,8 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
         max_staleness_s=opts.max_staleness_s, staleness_timeout_s=opts.staleness_timeout_s,
         publishers=("dense", *(f"sparse/{i}" for i in range(opts.num_shards))),
         follow=mode == "online" or bool(opts.savepoint_dir), poll_interval_s=opts.poll_interval_s,
-        stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None)
+        stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None,
+        stop_when_exists=opts.stop_when_exists)
     export_dir = opts.export_dir
     restore_dir = opts.restore if mode == "online" else None
     worker = (batches
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None):
         finished, stop = _backfill_to_savepoint(opts, all_options)
         return run_job(lambda p: build(p, opts, mode), options, finished=finished, stop=stop)
     finished = None
-    if checkpointed and (mode == "backfill" or opts.run_for_s):
+    if checkpointed and (mode == "backfill" or opts.run_for_s or opts.stop_when_exists):
         finished = _end_of_input_done(opts, mode, time.time())
     result = run_job(lambda p: build(p, opts, mode), options, finished=finished)
     return result

@@ -43,12 +43,13 @@ class Collect(beam.DoFn):
         Collect.sink.append(((batch.ts_ms - T0) // HOUR, batch.ts_ms.copy()))
 
 
-def read(folder, follow, batch_size=4, seconds=0.0):
+def read(folder, follow, batch_size=4, seconds=0.0, marker=None):
     Collect.sink = []
     p = beam.Pipeline(options=pipeline_options([]))
     (p | ReadExampleBatches(str(folder) if follow else f"{folder}/*.avro", batch_size, 1,
                             follow=follow, poll_interval_s=0.2,
-                            stop_timestamp=time.time() + seconds if follow else None)
+                            stop_timestamp=time.time() + seconds if follow else None,
+                            stop_when_exists=marker)
        | beam.ParDo(Collect()))
     result = p.run()
     result.wait_until_finish()
@@ -97,3 +98,29 @@ def test_following_reads_periods_as_they_complete_and_counts_late_ones(tmp_path)
     assert sorted(set(hours)) == [2, 3], hours
     assert sum(len(h) for h, _ in batches) == 12  # each period once
     assert late == 1
+
+
+def test_following_stops_once_the_marker_exists_after_reading_what_landed(tmp_path):
+    """``stop_when_exists``: the reader reads on until the writer's marker appears, reads
+    what landed before it, then ends (long before its stop_timestamp)."""
+    logs, marker = tmp_path / "logs", tmp_path / "done"
+    logs.mkdir()
+    land(logs, 0, 6)
+
+    def later():
+        deadline = time.monotonic() + 8
+        while not Collect.sink and time.monotonic() < deadline:  # hour 0 read first
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few polls with nothing new
+        land(logs, 1, 6)
+        land(logs, 2, 5)
+        marker.write_text("")  # the last file landed before the marker
+    Collect.sink = []
+    lander = threading.Thread(target=later)
+    lander.start()
+    started = time.monotonic()
+    batches, _ = read(logs, follow=True, seconds=60.0, marker=str(marker))
+    lander.join()
+    assert time.monotonic() - started < 30  # ended by the marker, not the 60 s
+    hours = [int(h[0]) for h, _ in batches]
+    assert sorted(set(hours)) == [0, 1, 2] and sum(len(h) for h, _ in batches) == 17

@@ -89,7 +89,12 @@ def test_online_continues_from_the_backfill_snapshots(tmp_path, example_log):
     run_train(tmp_path / "b", "backfill", f"{backfill}/*.avro",
               [f"--store=memory://bf-{tmp_path.name}", f"--export_dir={snapshots}"])
 
-    online_flags = ["--poll_interval_s=1", "--run_for_s=12", "--streaming"]
+    # Every file is there before the jobs start: the marker ends each once it read them
+    # (--run_for_s only bounds a job that would not stop).
+    done = tmp_path / "online.done"
+    done.write_text("")
+    online_flags = ["--poll_interval_s=1", f"--stop_when_exists={done}", "--run_for_s=300",
+                    "--streaming"]
     (tmp_path / "warm").mkdir()
     warm, warm_totals, _ = run_train(tmp_path / "warm", "online", str(online),
                                      [f"--store=memory://warm-{tmp_path.name}",
@@ -124,3 +129,43 @@ def test_backfill_on_flink(tmp_path, example_log, flink_job_server_jar):
 def test_train_cli_help():
     from dataflow.__main__ import main
     assert main(["train", "--help"]) == 0
+
+
+def test_worker_logs_a_bundle_only_when_it_brought_examples(caplog, monkeypatch):
+    """A streaming job finishes a bundle at every poll of its reader, batches or not: the
+    worker says nothing for a bundle without new examples, and logs at most every
+    progress_every_s (the demo's online phase logged ~120 identical lines a second)."""
+    import logging
+
+    import numpy as np
+
+    from transforms import worker as worker_module
+    from transforms.worker import TrainWorker, _Progress
+
+    clock = [100.0]
+    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+    worker = TrainWorker(spec=None, store_url="memory://unused", num_shards=1,
+                         progress_every_s=5.0)
+    worker._progress = _Progress(every_s=0)  # no per-batch progress lines in this test
+    updates = []
+    monkeypatch.setattr(worker.steady_rate, "update", updates.append)
+
+    def batch(n):
+        worker._progress.update(np.full(n, 0.5), np.arange(n) % 2, np.ones(n))
+
+    with caplog.at_level(logging.INFO, logger=worker_module._LOG.name):
+        worker.finish_bundle()                  # nothing yet
+        batch(10)
+        worker.finish_bundle()                  # new examples: a line
+        for _ in range(50):
+            clock[0] += 1.0
+            worker.finish_bundle()              # polls without batches: silent
+        batch(10)
+        clock[0] += 1.0
+        worker.finish_bundle()                  # new, and 5 s since the last line: a line
+        batch(10)
+        clock[0] += 1.0
+        worker.finish_bundle()                  # new, 1 s since: only the metric
+    lines = [r.getMessage() for r in caplog.records if "examples so far" in r.getMessage()]
+    assert [line.split(" examples")[0] for line in lines] == ["worker: 10", "worker: 20"]
+    assert len(updates) == 3

@@ -25,6 +25,7 @@ import time
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
@@ -134,8 +135,9 @@ class ReadExampleBatches(beam.PTransform):
 
     ``follow=True`` (online training) watches the folder or glob instead: it reads the
     periods there, then lists it again every ``poll_interval_s`` for new ones, until
-    ``stop_timestamp`` (wall clock, seconds; default never), with the output watermark at
-    the event time read. A period is read once all its shards (``-of-N``) are there; files
+    ``stop_timestamp`` (wall clock, seconds; default never) or, with ``stop_when_exists``,
+    until that path exists (the writer creates it after its last file landed; every file
+    that landed before it is read first), with the output watermark at the event time read. A period is read once all its shards (``-of-N``) are there; files
     must land in time order (a period sorting before one already read is skipped, counted
     as ``reader.late_files``).
 
@@ -156,7 +158,7 @@ class ReadExampleBatches(beam.PTransform):
                  checkpoint_s: float | None = None, store_url: str | None = None,
                  max_staleness_s: float = 0.0, staleness_timeout_s: float = 30.0,
                  publishers: tuple = (), follow: bool = False, poll_interval_s: float = 5.0,
-                 stop_timestamp: float | None = None):
+                 stop_timestamp: float | None = None, stop_when_exists: str | None = None):
         super().__init__()
         self.pattern = followed_pattern(pattern) if follow else pattern
         self.batch_size = int(batch_size)
@@ -167,10 +169,12 @@ class ReadExampleBatches(beam.PTransform):
         self.follow = follow
         self.poll_interval_s = poll_interval_s
         self.stop_timestamp = stop_timestamp
+        self.stop_when_exists = stop_when_exists
 
     def expand(self, pbegin):
         read = (_TailBatchesFn(self.batch_size, self.dense_dim, self.checkpoint_s, self.gate,
-                               self.poll_interval_s, self.stop_timestamp) if self.follow else
+                               self.poll_interval_s, self.stop_timestamp,
+                               self.stop_when_exists) if self.follow else
                 _ReadBatchesFn(self.batch_size, self.dense_dim, self.checkpoint_s, self.gate))
         return (pbegin
                 | "Start" >> beam.Create([self.pattern])
@@ -193,7 +197,6 @@ def followed_pattern(pattern: str) -> str:
 def count_examples(paths) -> int:
     """How many records the Avro files hold, from their block headers (nothing is decoded)."""
     import fastavro
-    from apache_beam.io.filesystems import FileSystems
     total = 0
     for path in paths:
         with FileSystems.open(path) as f:
@@ -415,18 +418,22 @@ class _TailBatchesFn(_ReadBatchesFn):
     """pattern → the batches of its periods as they land (unbounded, event-time watermark)."""
 
     def __init__(self, batch_size, dense_dim, checkpoint_s, gate, poll_interval_s: float,
-                 stop_timestamp: float | None):
+                 stop_timestamp: float | None, stop_when_exists: str | None = None):
         super().__init__(batch_size, dense_dim, checkpoint_s, gate)
         self.poll_interval_s = poll_interval_s
         self.stop_timestamp = stop_timestamp
+        self.stop_when_exists = stop_when_exists
 
     @beam.DoFn.unbounded_per_element()
     def process(self, pattern, tracker=beam.DoFn.RestrictionParam(_FollowRange()),
                 watermark=beam.DoFn.WatermarkEstimatorParam(
                     ManualWatermarkEstimator.default_provider())):
+        # Looked for before reading: _read ends on a fresh listing, made after this, so
+        # every file that landed before the marker is read.
+        marked = bool(self.stop_when_exists) and FileSystems.exists(self.stop_when_exists)
         if not (yield from self._read(pattern, tracker, watermark)):
             return
-        if self.stop_timestamp is not None and time.time() >= self.stop_timestamp:
+        if marked or (self.stop_timestamp is not None and time.time() >= self.stop_timestamp):
             tracker.try_claim(_NO_END)  # past the range: the restriction is done
         else:
             tracker.defer_remainder(Duration.of(self.poll_interval_s))

@@ -140,8 +140,16 @@ class TrainWorker(beam.DoFn):
 
     def finish_bundle(self):
         p = self._progress
-        if p.examples:
-            self.steady_rate.update(int(p.steady_rate()))
+        # A streaming job finishes a bundle at every poll of its reader, also when no batch
+        # came (measured: ~120 a second in the demo's online phase): say something only
+        # when there is something new, and at most every progress_every_s.
+        if p.examples == p.bundle_examples:
+            return
+        p.bundle_examples = p.examples
+        self.steady_rate.update(int(p.steady_rate()))
+        now = time.monotonic()
+        if now - p.bundle_logged >= self.progress_every_s:
+            p.bundle_logged = now
             _LOG.info("worker: %d examples so far, online AUC %.4f, %.0f examples/s after the "
                       "first batch", p.examples, p.auc.result(), p.steady_rate())
 
@@ -157,6 +165,8 @@ class _Progress:
         self.start = self.last = time.monotonic()
         self.first = None
         self.first_examples = 0
+        self.bundle_examples = 0  # examples at the last finish_bundle that had new ones
+        self.bundle_logged = float("-inf")  # when finish_bundle last logged
 
     def steady_rate(self) -> float:
         """Examples/s since the first batch (start-up excluded)."""
