@@ -439,17 +439,20 @@ class _Slice(NamedTuple):
 
 class _RouteByTime(beam.DoFn):
     """Records of a slice's inputs → this slice (main), ``later`` (``ts_ms >= hi``: handed on
-    to the next slice), counting those before ``lo`` that came from this slice's files
-    (``check_early``): their file's name promised later records; the run stops on them."""
+    to the next slice; counter ``join.KIND_handed_on``), counting those before ``lo`` that
+    came from this slice's files (``check_early``): their file's name promised later records,
+    and the slice before is joined already."""
 
-    def __init__(self, lo_ms: float, hi_ms: float, check_early: bool):
+    def __init__(self, kind: str, lo_ms: float, hi_ms: float, check_early: bool):
         self.lo_ms, self.hi_ms, self.check_early = lo_ms, hi_ms, check_early
         self.early = Metrics.counter("join", "records_before_their_slice")
+        self.later = Metrics.counter("join", f"{kind}_handed_on")
 
     def process(self, record):
         ts_ms = record.get("ts_ms") if isinstance(record, dict) else None
         if isinstance(ts_ms, int):  # else invalid: the joiner reports it, here
             if ts_ms >= self.hi_ms:
+                self.later.inc()
                 yield pvalue.TaggedOutput("later", record)
                 return
             if self.check_early and ts_ms < self.lo_ms:
@@ -466,7 +469,7 @@ def _route_slice(pipeline, part: _Slice, features, actions):
     here, later = {}, {}
     for kind, new in (("features", features), ("actions", actions)):
         lo, hi = ranges[kind]
-        streams = [new | f"Route{kind}" >> beam.ParDo(_RouteByTime(lo, hi, True))
+        streams = [new | f"Route{kind}" >> beam.ParDo(_RouteByTime(kind, lo, hi, True))
                    .with_outputs("later", main="here")]
         if part.carry_in and FileSystems.match(
                 [os.path.join(part.carry_in, kind, "*")])[0].metadata_list:
@@ -476,7 +479,7 @@ def _route_slice(pipeline, part: _Slice, features, actions):
                        | f"ParseCarried{kind}" >> beam.Map(
                            lambda line: _stamped(json.loads(line))))
             streams.append(carried | f"RouteCarried{kind}" >> beam.ParDo(
-                _RouteByTime(lo, hi, False)).with_outputs("later", main="here"))
+                _RouteByTime(kind, lo, hi, False)).with_outputs("later", main="here"))
         here[kind] = [r.here for r in streams] | f"Here{kind}" >> beam.Flatten()
         later[kind] = [r.later for r in streams] | f"Later{kind}" >> beam.Flatten()
     return here["features"], here["actions"], later
@@ -501,8 +504,8 @@ def plan_slices(feature_files, action_files, slice_ms: int, window_ms: int) -> l
      (1704074400000, inf, ['04'], ['04', '05'])]
     """
     starts = {p: log_file_start_ms(p) for p in list(feature_files) + list(action_files)}
-    if not feature_files or any(t is None for t in starts.values()):
-        return None
+    if not feature_files or not action_files or any(t is None for t in starts.values()):
+        return None  # one pipeline (which also says what an empty glob matched)
     fs = sorted((starts[p], p) for p in feature_files)
     acts = sorted((starts[p], p) for p in action_files)
     lo, hi = -math.inf, (fs[0][0] // slice_ms + 1) * slice_ms

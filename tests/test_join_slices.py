@@ -57,12 +57,14 @@ def crossing_logs(n=600, seed=3):
 
 def write_hourly(folder, features, actions):
     """Hourly ``part-YYYYmmdd-HH.avro`` files, as ``dataflow.data`` names them (records in
-    any order within a file), plus one damaged action file."""
+    any order within a file), but hour 1's files also hold every 50th record of hours 3 and
+    later (a slice hands them on); plus one damaged action file."""
     for kind, records in (("features", features), ("actions", actions)):
         os.makedirs(folder / kind)
         by_hour: dict = {}
-        for r in records:
-            by_hour.setdefault((r["ts_ms"] - T0) // HOUR, []).append(r)
+        for i, r in enumerate(records):
+            hour = (r["ts_ms"] - T0) // HOUR
+            by_hour.setdefault(1 if hour >= 3 and i % 50 == 0 else hour, []).append(r)
         for hour, rs in by_hour.items():
             path = str(folder / kind / f"part-20240101-{hour:02d}.avro")
             if kind == "features":
@@ -145,6 +147,8 @@ def test_slices_equal_one_pipeline_across_boundaries(tmp_path):
                  "sources.records_read"):
         assert sliced.get(name) == one.get(name), name
     assert sliced["joiner.keys_opened"] == sliced["joiner.keys_closed"]
+    assert sliced["join.features_handed_on"] >= 3  # hour 1's file: records of hours 3, 4
+    assert sliced["join.actions_handed_on"] > 0
 
 
 def test_slices_of_a_synthetic_stream_with_feature_extraction(tmp_path):
