@@ -332,8 +332,11 @@ def _backfill_to_savepoint(opts, all_options: dict):
 
 
 def _end_of_input_done(opts, mode: str, since: float):
-    """A check that the job's end-of-input work is done: the online metrics' totals and,
-    with --export_dir, every PS snapshot, written after ``since``."""
+    """A check that the job's end-of-input work is done: the online metrics' totals written
+    at the end of the input (not the ones rewritten as windows close, which once cancelled
+    an online job on Flink after its first window) and, with --export_dir, every PS
+    snapshot, written after ``since``."""
+    from transforms.metrics import input_ended
     totals = os.path.join(opts.metrics_dir, f"online-{mode}-totals.json")
     wanted = [totals]
     if opts.export_dir:
@@ -342,7 +345,8 @@ def _end_of_input_done(opts, mode: str, since: float):
         wanted.append(os.path.join(opts.export_dir, "dense-dense.snap"))
 
     def done() -> bool:
-        return all(os.path.exists(w) and os.path.getmtime(w) >= since for w in wanted)
+        return all(os.path.exists(w) and os.path.getmtime(w) >= since for w in wanted) \
+            and input_ended(totals)
     return done
 
 OPTIONS = [TrainOptions]

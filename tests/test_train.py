@@ -48,6 +48,7 @@ def test_backfill_on_direct_runner(tmp_path, example_log, store, request):
     check_exactly_once(counters, example_log["examples"])
     assert totals["auc"] > 0.62, totals  # 0.5 is a coin; the Bayes AUC of this stream ~0.78
     assert totals["bayes_auc"] > totals["auc"]
+    assert totals["end_of_input"] is True  # the report written when the input ended
     assert (metrics_dir / "online-backfill.csv").exists()
     assert (metrics_dir / "online-backfill.png").stat().st_size > 10_000
     assert sorted(os.listdir(snapshots)) == ["dense-dense.snap", "sparse-0.snap", "sparse-1.snap"]
@@ -169,3 +170,24 @@ def test_worker_logs_a_bundle_only_when_it_brought_examples(caplog, monkeypatch)
     lines = [r.getMessage() for r in caplog.records if "examples so far" in r.getMessage()]
     assert [line.split(" examples")[0] for line in lines] == ["worker: 10", "worker: 20"]
     assert len(updates) == 3
+
+
+def test_end_of_input_check_waits_for_the_final_report(tmp_path):
+    """A checkpointed Flink job keeps its sources up, so the driver cancels it once its
+    end-of-input work is written. The metrics report is also rewritten as windows close:
+    only the one written at the end of the input counts (an online job on Flink was
+    cancelled after its first window, 992 of 19,747 examples trained)."""
+    import time
+    from types import SimpleNamespace
+
+    from transforms.metrics import write_report
+    opts = SimpleNamespace(metrics_dir=str(tmp_path), export_dir=None, num_shards=2)
+    done = train._end_of_input_done(opts, "online", time.time() - 1)
+    prefix = str(tmp_path / "online-online")
+    assert not done()  # nothing written yet
+    write_report([], {"examples": 992, "end_of_input": False}, prefix)
+    assert not done()  # a window closed
+    write_report([], {"examples": 19747, "end_of_input": True}, prefix)
+    assert done()
+    opts.export_dir = str(tmp_path / "snapshots")  # and, with snapshots, those too
+    assert not train._end_of_input_done(opts, "online", time.time() - 1)()

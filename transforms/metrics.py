@@ -415,12 +415,25 @@ def plot_png(rows, path: str, title: str = "Online metrics"):
 
 
 def write_report(rows, totals: dict, out_prefix: str, title: str = "Online metrics") -> None:
-    """``{out_prefix}.csv``, ``.png`` and ``-totals.json``."""
+    """``{out_prefix}.csv``, ``.png`` and ``-totals.json`` (the JSON replaced atomically: a
+    job's driver polls it, :func:`input_ended`)."""
     write_csv(rows, out_prefix + ".csv")
     if rows:
         plot_png(rows, out_prefix + ".png", title)
-    with open(out_prefix + "-totals.json", "w", encoding="utf-8") as f:
+    tmp = out_prefix + "-totals.json.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(totals, f, indent=2, sort_keys=True)
+    os.replace(tmp, out_prefix + "-totals.json")
+
+
+def input_ended(totals_path: str) -> bool:
+    """Whether the report at ``totals_path`` was written when the job's input ended (its
+    ``end_of_input``), not while windows closed before that."""
+    try:
+        with open(totals_path, encoding="utf-8") as f:
+            return bool(json.load(f).get("end_of_input"))
+    except (OSError, ValueError):
+        return False
 
 
 # -- Beam ---------------------------------------------------------------------------------
@@ -530,17 +543,20 @@ class _OnlineMetricsFn(beam.DoFn):
             self.cumulative_auc_x1e6.set(int(round(rows[-1]["cumulative_auc"] * 1e6)))
         return accumulator, rows
 
-    def _keep_and_write(self, accumulator, rows, rows_state, force):
+    def _keep_and_write(self, accumulator, rows, rows_state, end_of_input):
         for row in rows:
             rows_state.add(row)
         accumulator.rows.clear()  # they live in the bag: the accumulator state stays small
         if not self.out_prefix:
             return
         now = time.monotonic()
-        if force or (rows and now - self._last_write >= self.write_every_s):
+        if end_of_input or (rows and now - self._last_write >= self.write_every_s):
             self._last_write = now
-            write_report(list(rows_state.read()), accumulator.totals(), self.out_prefix,
-                         self.title)
+            # end_of_input: what a driver waits for before it cancels a job whose sources
+            # stay up (dataflow.train); the reports written as windows close are not it
+            write_report(list(rows_state.read()),
+                         {**accumulator.totals(), "end_of_input": end_of_input},
+                         self.out_prefix, self.title)
 
     @on_timer(WINDOW)
     def on_window(self, fired_at=beam.DoFn.TimestampParam,
@@ -550,7 +566,7 @@ class _OnlineMetricsFn(beam.DoFn):
                   timer_at=beam.DoFn.StateParam(WINDOW_TIMER_AT),
                   window_timer=beam.DoFn.TimerParam(WINDOW)):
         accumulator, rows = self._update(accumulator_state, arrived, fired_at.micros // 1000)
-        self._keep_and_write(accumulator, rows, rows_state, force=False)
+        self._keep_and_write(accumulator, rows, rows_state, end_of_input=False)
         next_end = accumulator.pending_window_end()
         if next_end is None:
             timer_at.clear()
@@ -566,7 +582,7 @@ class _OnlineMetricsFn(beam.DoFn):
                rows_state=beam.DoFn.StateParam(ROWS),
                timer_at=beam.DoFn.StateParam(WINDOW_TIMER_AT)):
         accumulator, rows = self._update(accumulator_state, arrived, None)
-        self._keep_and_write(accumulator, rows, rows_state, force=True)
+        self._keep_and_write(accumulator, rows, rows_state, end_of_input=True)
         # Keep the accumulator and the rows: on the FnApiRunner this fires again after each
         # resumption of a polling source, and later examples must add to the same totals.
         accumulator_state.write(accumulator)
