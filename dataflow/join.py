@@ -584,8 +584,8 @@ def join_in_slices(options, opts: JoinOptions, slice_s: float):
                     os.remove(path)
                 shutil.rmtree(work)
                 return None
-            if carry_in:
-                shutil.rmtree(carry_in)
+            if carry_in:  # (a slice that hands nothing on writes no folder)
+                shutil.rmtree(carry_in, ignore_errors=True)
             if not part.final:
                 closed = _add_closed(closed, part.closed_out)
                 closed_path = os.path.join(work, f"closed-{index:05d}.npy")

@@ -188,3 +188,16 @@ def test_a_record_earlier_than_its_file_name_undoes_the_slices(tmp_path, caplog)
 
 def test_files_named_otherwise_join_in_one_pipeline(tmp_path):
     assert join.plan_slices(["features-0.avro"], ["part-20240101-00.avro"], HOUR, W) is None
+
+
+def test_a_slice_that_hands_nothing_on(tmp_path):
+    os.makedirs(tmp_path / "in")
+    for hour in range(3):
+        with open(tmp_path / "in" / f"part-20240101-{hour:02d}.avro", "wb") as f:
+            fastavro.writer(f, join.EXTRACTED_FEATURES_SCHEMA, [feat(f"r{hour}", T0 + hour * HOUR)])
+    write_avro(str(tmp_path / "part-20240101-00.avro"), "action_log", [act("r0", T0 + 50)])
+    globs = str(tmp_path / "in" / "*.avro"), str(tmp_path / "part-*.avro")
+    c = run(tmp_path / "sliced", *globs, 3600)
+    assert c.get("join.actions_handed_on", 0) == c.get("join.features_handed_on", 0) == 0
+    assert [e["label"] for e in join.read_examples_in_order(
+        str(tmp_path / "sliced" / "examples"))] == [1, 0, 0]
