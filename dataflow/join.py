@@ -553,10 +553,10 @@ def join_in_slices(options, opts: JoinOptions, slice_s: float):
     slice_ms = max(1, math.ceil(slice_s * 1000 / period_ms)) * period_ms
     window_ms = int(round(opts.join_window_s * 1000))
     plan = plan_slices(features, actions, slice_ms, window_ms)
-    if plan is None or len(plan) == 1:
+    if plan is None or len(plan) == 1 or "://" in opts.out:
         if plan is None:
             _LOG.info("join: not sliced (a log file's name gives no start time)")
-        return None
+        return None  # (the slices' work folder is local)
     work = os.path.join(opts.out, ".slices")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
