@@ -6,9 +6,10 @@
 (On Flink, ``--streaming`` runs this job ~4x faster than Flink's batch mode on bounded
 input; see benchmarks/join.py.)
 
-On the DirectRunner a bounded input is joined in event-time slices, one pipeline an hour
-(``--slice_s``; :func:`join_in_slices`), because one pipeline would hold the whole input in
-memory: the output is the same, memory follows an hour of logs plus the join window.
+On the DirectRunner a bounded input is joined in event-time slices, one pipeline each: whole
+hours (``--slice_s``) until a slice's feature logs hold 1 MiB (``--slice_min_bytes``;
+:func:`join_in_slices`), because one pipeline would hold the whole input in memory: the output
+is the same, memory follows a slice of logs plus the join window.
 
     feature records ──► OnlineJoiner ◄── action log (schemas/action_log.avsc)
                             │ examples, unmatched, late, duplicates, invalid
@@ -76,6 +77,10 @@ from transforms.joiner import (DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJo
                                closed_request_keys)
 
 DEFAULT_SLICE_S = 3600
+# ~100 MiB of the join's memory a MiB of (compressed) feature log, measured: one pipeline
+# over the 100k stream's 5.8 MiB took ~570 MiB above the process's ~210 MiB at rest; an hour
+# of the 400k stream's busiest (~1.9 MiB) 150-190 MiB (docs/experiments.md §5)
+DEFAULT_SLICE_MIN_BYTES = 1 << 20
 
 # What ExtractFeatures outputs, as an Avro record (the input format of --features for now).
 EXTRACTED_FEATURES_SCHEMA = fastavro.parse_schema({
@@ -134,6 +139,11 @@ class JoinOptions(MonolithOptions):
                                  "dataflow.data, serve and simulate write them). Default: "
                                  f"{DEFAULT_SLICE_S} on the DirectRunner, 0 (one pipeline) on "
                                  "other runners or with --streaming")
+        parser.add_argument("--slice_min_bytes", type=int, default=DEFAULT_SLICE_MIN_BYTES,
+                            help="a slice takes in whole --slice_s steps until its feature "
+                                 "log files hold at least this many bytes, so small inputs "
+                                 "stay one pipeline (each costs ~1 s of Beam's fixed cost); "
+                                 "0: every --slice_s is a slice")
         parser.add_argument("--append", action="store_true",
                             help="allow an --out that already holds an example log (e.g. "
                                  "resuming a stream); otherwise it must be new or empty")
@@ -528,6 +538,31 @@ def plan_slices(feature_files, action_files, slice_ms: int, window_ms: int) -> l
         i, j, lo, hi = ni, nj, hi, hi + slice_ms
 
 
+def merge_small_slices(plan: list, sizes: dict, min_bytes: int) -> list:
+    """Adjacent slices of ``plan`` (:func:`plan_slices`) joined into one until its feature
+    files hold ``min_bytes`` (``sizes``: bytes of each file); valid because a slice's
+    feature and action ranges continue the one before's.
+
+    >>> plan = [(-1, 1, ["f0"], ["a0"]), (1, 2, ["f1"], ["a1"]), (2, 3, ["f2"], []),
+    ...         (3, 9, ["f3"], ["a3"])]
+    >>> merge_small_slices(plan, {"f0": 5, "f1": 5, "f2": 30, "f3": 1}, 10)
+    [(-1, 2, ['f0', 'f1'], ['a0', 'a1']), (2, 9, ['f2', 'f3'], ['a3'])]
+    """
+    merged = []
+    for lo, hi, fs, acts in plan:
+        if merged and sum(sizes[f] for f in merged[-1][2]) < min_bytes:
+            m_lo, _, m_fs, m_acts = merged[-1]
+            merged[-1] = (m_lo, hi, m_fs + fs, m_acts + acts)
+        else:
+            merged.append((lo, hi, list(fs), list(acts)))
+    # a small last slice joins the one before it
+    if len(merged) > 1 and sum(sizes[f] for f in merged[-1][2]) < min_bytes:
+        lo, hi, fs, acts = merged.pop()
+        m_lo, _, m_fs, m_acts = merged[-1]
+        merged[-1] = (m_lo, hi, m_fs + fs, m_acts + acts)
+    return merged
+
+
 def join_in_slices(options, opts: JoinOptions, slice_s: float):
     """Joins a bounded input as a sequence of pipelines over event-time slices; returns the
     last one's result, or None if the input does not slice (one slice, or files whose names
@@ -547,12 +582,16 @@ def join_in_slices(options, opts: JoinOptions, slice_s: float):
     records earlier than its name says, before its slice (they belong to a slice joined
     already), undoes the run: it returns None, for one pipeline to join the input.
     """
-    features = sorted(m.path for m in FileSystems.match([opts.features])[0].metadata_list)
+    matched = FileSystems.match([opts.features])[0].metadata_list
+    features = sorted(m.path for m in matched)
     actions = sorted(m.path for m in FileSystems.match([opts.actions])[0].metadata_list)
     period_ms = opts.period_s * 1000
     slice_ms = max(1, math.ceil(slice_s * 1000 / period_ms)) * period_ms
     window_ms = int(round(opts.join_window_s * 1000))
     plan = plan_slices(features, actions, slice_ms, window_ms)
+    if plan is not None and opts.slice_min_bytes > 0:
+        plan = merge_small_slices(plan, {m.path: m.size_in_bytes for m in matched},
+                                  opts.slice_min_bytes)
     if plan is None or len(plan) == 1 or "://" in opts.out:
         if plan is None:
             _LOG.info("join: not sliced (a log file's name gives no start time)")

@@ -78,7 +78,6 @@ import numpy as np
 _LOG = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LOG_NAME_TIME = "part-%Y%m%d-%H%M%S"
 
 
 # --------------------------------------------------------------------------- processes
@@ -180,17 +179,11 @@ def _wait_for_file(path: str, procs: Processes, name: str, timeout_s: float) -> 
 # --------------------------------------------------------------------------- the join
 
 
-def _period_of(path: str) -> int:
-    """Start (ms) of the period of a log file ``part-YYYYmmdd-HHMMSS.avro``."""
-    import calendar
-    stamp = time.strptime(os.path.basename(path)[:len("part-YYYYmmdd-HHMMSS")],
-                          _LOG_NAME_TIME)
-    return calendar.timegm(stamp) * 1000
-
-
 def _log_files(folder: str) -> list:
     """(period start ms, path) of a log folder's complete files, in time order."""
-    return sorted((_period_of(p), p) for p in glob.glob(os.path.join(folder, "part-*.avro")))
+    from dataflow.join import log_file_start_ms
+    starts = ((log_file_start_ms(p), p) for p in glob.glob(os.path.join(folder, "part-*.avro")))
+    return sorted((start, p) for start, p in starts if start is not None)
 
 
 class PeriodJoin:

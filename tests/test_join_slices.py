@@ -79,7 +79,8 @@ def write_hourly(folder, features, actions):
 def run(out, features_glob, actions_glob, slice_s, *flags):
     metrics = f"{out}.metrics.json"
     join.main([f"--features={features_glob}", f"--actions={actions_glob}", f"--out={out}",
-               f"--join_window_s={W_S}", f"--slice_s={slice_s}", f"--metrics_out={metrics}",
+               f"--join_window_s={W_S}", f"--slice_s={slice_s}", "--slice_min_bytes=0",
+               f"--metrics_out={metrics}",
                "--runner=DirectRunner", *flags])
     with open(metrics, encoding="utf-8") as f:
         return json.load(f)["counters"]
