@@ -73,22 +73,7 @@ def test_closed_loop_starts_warm_from_the_worlds_history(tmp_path):
     result = loop.run(args)
 
     history = result["history"]
-    assert history["caught_up"], history  # the run started after training took it all in
-    # the history's requests, at the run's rate per simulated second, all served and joined
-    assert 500 <= history["requests"] <= 620, history
-    history_served = [r for p in sorted((out / "history" / "feature_log").glob("part-*.avro"))
-                      for r in read_avro(str(p))]
-    assert len(history_served) == history["served"] == history["examples"]
-    assert all(r["ts_ms"] < _run_start_ms(out) for r in history_served)
-    # untrained parameters score every item alike: the history's ranking is not learned
-    assert history["serving_auc"] == 0.5, history
-    # the example log holds the history, then the run: each served item exactly once
-    served = [r for p in sorted((out / "feature_log").glob("part-*.avro"))
-              for r in read_avro(str(p))]
-    examples = [r for p in sorted((out / "examples").glob("*.avro")) for r in read_avro(str(p))]
-    assert sorted(r["request_id"] for r in history_served + served) == \
-        sorted(r["request_id"] for r in examples)
-    assert [r["ts_ms"] for r in examples] == sorted(r["ts_ms"] for r in examples)
+    _assert_history_then_run_joined_once(out, history)
 
     # the run is served with learned parameters from its first quarter on (cold: ~0.5)
     first, last = result["auc"]["first_quarter"], result["auc"]["last_quarter"]
@@ -114,20 +99,8 @@ def test_closed_loop_stream_join_on_flink_starts_warm(tmp_path, flink_job_server
     result = loop.run(args)
 
     history = result["history"]
-    assert history["caught_up"], history
-    assert 500 <= history["requests"] <= 620, history
-    history_served = [r for p in sorted((out / "history" / "feature_log").glob("part-*.avro"))
-                      for r in read_avro(str(p))]
-    assert len(history_served) == history["served"] == history["examples"]
-    assert history["serving_auc"] == 0.5, history
-    # the history (per-period joiner), then the run (the streaming job): each served item
-    # exactly once, in event-time order
-    served = [r for p in sorted((out / "feature_log").glob("part-*.avro"))
-              for r in read_avro(str(p))]
-    examples = [r for p in sorted((out / "examples").glob("*.avro")) for r in read_avro(str(p))]
-    assert sorted(r["request_id"] for r in history_served + served) == \
-        sorted(r["request_id"] for r in examples)
-    assert [r["ts_ms"] for r in examples] == sorted(r["ts_ms"] for r in examples)
+    # the history (per-period joiner), then the run (the streaming job)
+    served, examples = _assert_history_then_run_joined_once(out, history)
     assert result["throughput"]["join_runs"] == 0  # the run was joined by the streaming job
     assert result["throughput"]["examples_joined"] == len(served) > 1000
     # training took in the run's examples too: its newest model is from the run's last minutes
@@ -142,6 +115,28 @@ def test_closed_loop_stream_join_on_flink_starts_warm(tmp_path, flink_job_server
     first = result["auc"]["first_quarter"]
     assert 0.65 < first["serving_auc"] < first["bayes_auc"] + 0.02, result["auc"]
     _assert_all_stopped(result, out)  # the Flink job servers (Java) included
+
+
+def _assert_history_then_run_joined_once(out, history) -> tuple:
+    """The history was served, joined and taken in by training before the run; the example
+    log holds the history, then the run: each served item exactly once, in event-time
+    order. Returns (the run's served items, every example)."""
+    assert history["caught_up"], history  # the run started after training took it all in
+    # the history's requests, at the run's rate per simulated second, all served and joined
+    assert 500 <= history["requests"] <= 620, history
+    history_served = [r for p in sorted((out / "history" / "feature_log").glob("part-*.avro"))
+                      for r in read_avro(str(p))]
+    assert len(history_served) == history["served"] == history["examples"]
+    assert all(r["ts_ms"] < _run_start_ms(out) for r in history_served)
+    # untrained parameters score every item alike: the history's ranking is not learned
+    assert history["serving_auc"] == 0.5, history
+    served = [r for p in sorted((out / "feature_log").glob("part-*.avro"))
+              for r in read_avro(str(p))]
+    examples = [r for p in sorted((out / "examples").glob("*.avro")) for r in read_avro(str(p))]
+    assert sorted(r["request_id"] for r in history_served + served) == \
+        sorted(r["request_id"] for r in examples)
+    assert [r["ts_ms"] for r in examples] == sorted(r["ts_ms"] for r in examples)
+    return served, examples
 
 
 def _assert_all_stopped(result, out) -> None:
