@@ -236,6 +236,15 @@ def write_json_lines(f, records) -> None:
         f.write((json.dumps(r, sort_keys=True, default=repr) + "\n").encode("utf-8"))
 
 
+def read_json_lines(paths) -> list:
+    """The records of JSON-lines files (what :func:`write_json_lines` wrote), in order."""
+    records = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            records += json.loads("[" + ",".join(f.read().splitlines()) + "]")
+    return records
+
+
 class _WriteSortedFile(beam.DoFn):
     """(shard, records) of one window pane → one file, sorted, named by the window's period
     and a digest of its content: ``PERIOD-SSSSS-of-NNNNN-DIGEST.suffix``.
@@ -649,11 +658,8 @@ def join_in_slices(options, opts: JoinOptions, slice_s: float):
 
 def _add_closed(closed: np.ndarray, folder: str) -> np.ndarray:
     """``closed`` (sorted keys) with the request ids of the JSON-lines files in ``folder``."""
-    ids = []
-    for path in sorted(glob.glob(os.path.join(folder, "*.jsonl"))):
-        with open(path, encoding="utf-8") as f:
-            ids += json.loads("[" + ",".join(f.read().splitlines()) + "]")
-    new = closed_request_keys(ids)
+    files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+    new = closed_request_keys(read_json_lines(files))
     return np.insert(closed, np.searchsorted(closed, new), new)
 
 
@@ -669,11 +675,8 @@ def _merge_side_output(src: str, dst: str) -> None:
         if len(paths) == 1:
             os.replace(paths[0], os.path.join(dst, os.path.basename(paths[0])))
             continue
-        records = []
-        for path in paths:
-            with open(path, encoding="utf-8") as f:
-                records += json.loads("[" + ",".join(f.read().splitlines()) + "]")
-        write_sorted_file(dst, prefix, records, write_json_lines, _record_order, ".jsonl")
+        write_sorted_file(dst, prefix, read_json_lines(paths), write_json_lines,
+                          _record_order, ".jsonl")
 
 
 def _sum_metrics(runs: list) -> dict:
