@@ -9,7 +9,10 @@ input; see benchmarks/join.py.)
 On the DirectRunner a bounded input is joined in event-time slices, one pipeline each: whole
 hours (``--slice_s``) until a slice's feature logs hold 1 MiB (``--slice_min_bytes``;
 :func:`join_in_slices`), because one pipeline would hold the whole input in memory: the output
-is the same, memory follows a slice of logs plus the join window.
+is the same, memory follows a slice of logs plus the join window. With ``--streaming`` on
+Flink the log files are read instead one at a time in the order their names' starts give, the
+watermark moving to the next file's start after each (:func:`join_in_order`,
+``--ordered_read``), so the joiner emits and forgets as the files go by in one job.
 
     feature records ──► OnlineJoiner ◄── action log (schemas/action_log.avsc)
                             │ examples, unmatched, late, duplicates, invalid
@@ -51,7 +54,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -75,6 +77,7 @@ from dataflow.options import MonolithOptions, pipeline_options
 from schemas import load_schema
 from transforms.joiner import (DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner,
                                closed_request_keys)
+from transforms.sources import log_file_start_ms  # noqa: F401 - (dataflow.loop uses it here)
 
 DEFAULT_SLICE_S = 3600
 # ~100 MiB of the join's memory a MiB of (compressed) feature log, measured: one pipeline
@@ -117,7 +120,9 @@ class JoinOptions(MonolithOptions):
         parser.add_argument("--late_horizon_s", type=float, default=None,
                             help="how long after its window a request is remembered so that "
                                  "its late actions are told apart from unmatched ones "
-                                 "(default: the join window)")
+                                 "(default: the join window; with --ordered_read, until the "
+                                 "input ends, as a one-read join whose timers fire at its "
+                                 "end: a small tombstone a request)")
         parser.add_argument("--negative_sample_rate", type=float, default=1.0,
                             help="probability of keeping a negative example (by request id "
                                  "hash); kept ones carry sample_weight = 1/rate")
@@ -144,6 +149,17 @@ class JoinOptions(MonolithOptions):
                                  "log files hold at least this many bytes, so small inputs "
                                  "stay one pipeline (each costs ~1 s of Beam's fixed cost); "
                                  "0: every --slice_s is a slice")
+        parser.add_argument("--ordered_read", choices=("auto", "on", "off"), default="auto",
+                            help="read the log files one at a time in the order of the start "
+                                 "their names give (part-YYYYmmdd-HH[MMSS].avro), the "
+                                 "watermark moving to the next file's start after each, so "
+                                 "that a streaming runner's joiner emits and forgets as it "
+                                 "goes and memory follows the join window, not the input "
+                                 "(join_in_order). auto: on with --streaming on runners other "
+                                 "than the DirectRunner (whose bounded run fires timers only "
+                                 "at its end anyway). Names without a start, or records "
+                                 "earlier than their file's name says, join in one read "
+                                 "instead, with a warning")
         parser.add_argument("--append", action="store_true",
                             help="allow an --out that already holds an example log (e.g. "
                                  "resuming a stream); otherwise it must be new or empty")
@@ -151,8 +167,12 @@ class JoinOptions(MonolithOptions):
 
 # --------------------------------------------------------------------------- inputs
 
-def _read_logs(pipeline: beam.Pipeline, label: str, patterns, reader):
-    """``(records, dead letters)`` of one glob or of a list of them (each read apart)."""
+def _read_logs(pipeline: beam.Pipeline, label: str, patterns, reader, ordered=False):
+    """``(records, dead letters)`` of one glob or of a list of them (each read apart);
+    ``ordered``: a glob read a file at a time in event-time order (:func:`join_in_order`)."""
+    if ordered:
+        from transforms.sources import TailAvroLogs
+        return pipeline | label >> TailAvroLogs(patterns, read_once=True).with_dead_letters()
     if isinstance(patterns, str):
         return pipeline | label >> reader(patterns).with_dead_letters()
     if not patterns:
@@ -164,31 +184,32 @@ def _read_logs(pipeline: beam.Pipeline, label: str, patterns, reader):
                  for k, name in ((0, "Records"), (1, "DeadLetters")))
 
 
-def read_features(pipeline: beam.Pipeline, pattern, config=None):
+def read_features(pipeline: beam.Pipeline, pattern, config=None, ordered: bool = False):
     """``(feature records for the joiner, dead letters)``, stamped with serving time.
 
     With a feature ``config``, ``pattern`` (a glob or a list of them) names raw feature logs,
     read and extracted: ``ReadFeatureLogs(pattern) | ExtractFeatures(config)``. Without one
     it names Avro files of already-extracted records (:data:`EXTRACTED_FEATURES_SCHEMA`). The
     dead letters are both the reader's (damaged files, records without a usable event time)
-    and the extractor's, each with its reason.
+    and the extractor's, each with its reason. ``ordered``: see :func:`join_in_order`.
     """
     from transforms.sources import ReadAvroLogs, ReadFeatureLogs
     if config is None:
-        return _read_logs(pipeline, "ReadFeatureRecords", pattern, ReadAvroLogs)
+        return _read_logs(pipeline, "ReadFeatureRecords", pattern, ReadAvroLogs, ordered)
     from transforms.features import ExtractFeatures
-    records, unreadable = _read_logs(pipeline, "ReadFeatureLogs", pattern, ReadFeatureLogs)
+    records, unreadable = _read_logs(pipeline, "ReadFeatureLogs", pattern, ReadFeatureLogs,
+                                     ordered)
     extracted = records | "ExtractFeatures" >> ExtractFeatures(config)
     dead = (unreadable, extracted.dead_letter) | "FeatureDeadLetters" >> beam.Flatten()
     return extracted.features, dead
 
 
-def read_actions(pipeline: beam.Pipeline, pattern):
+def read_actions(pipeline: beam.Pipeline, pattern, ordered: bool = False):
     """``(action log records, dead letters)`` (schemas/action_log.avsc) of a glob or a list
     of them, stamped with their event time; a damaged file or record is dead-lettered,
     never fails the join."""
     from transforms.sources import ReadActionLogs
-    return _read_logs(pipeline, "ReadActionLogs", pattern, ReadActionLogs)
+    return _read_logs(pipeline, "ReadActionLogs", pattern, ReadActionLogs, ordered)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -363,19 +384,25 @@ def read_examples_in_order(pattern) -> Iterator[dict]:
 
 # --------------------------------------------------------------------------- pipeline
 
-def build(pipeline: beam.Pipeline, opts: JoinOptions, part: "_Slice | None" = None) -> None:
+def build(pipeline: beam.Pipeline, opts: JoinOptions, part: "_Slice | None" = None,
+          ordered: bool = False) -> None:
     """The join pipeline over ``opts``' inputs, or over one slice of them (``part``, see
-    :func:`join_in_slices`)."""
+    :func:`join_in_slices`); ``ordered``: read a file at a time in event-time order (see
+    :func:`join_in_order`)."""
     sliced = part is not None
     features, feature_dead = read_features(
-        pipeline, part.feature_files if sliced else opts.features, opts.config)
-    actions, action_dead = read_actions(pipeline, part.action_files if sliced else opts.actions)
+        pipeline, part.feature_files if sliced else opts.features, opts.config, ordered)
+    actions, action_dead = read_actions(pipeline, part.action_files if sliced else opts.actions,
+                                        ordered)
+    horizon = opts.late_horizon_s
+    if ordered and horizon is None:
+        horizon = math.inf  # what one read's join does, whose timers all fire at its end
     if sliced:
         features, actions, later = _route_slice(pipeline, part, features, actions)
     joined = (features, actions) | "Join" >> OnlineJoiner(
         join_window_s=opts.join_window_s, negative_sample_rate=opts.negative_sample_rate,
         positive_actions=[a.strip() for a in opts.positive_actions.split(",") if a.strip()],
-        late_horizon_s=opts.late_horizon_s, sampling_salt=opts.sampling_salt,
+        late_horizon_s=horizon, sampling_salt=opts.sampling_salt,
         closed_requests=part.closed if sliced else None)
     out, period, shards = opts.out, opts.period_s, opts.shards_per_period
     side = part.side if sliced else out  # a slice's side outputs are merged at the end
@@ -403,26 +430,8 @@ def build(pipeline: beam.Pipeline, opts: JoinOptions, part: "_Slice | None" = No
 
 # --------------------------------------------------------------------------- slices
 
-_LOG_FILE_NAME = re.compile(r"part-(\d{8})-(\d{2})(\d{4})?\.avro")
 _SIDE_OUTPUTS = ("unmatched", "late", "duplicates", "invalid", "dead_letter")
 _LOG = logging.getLogger(__name__)
-
-
-def log_file_start_ms(path: str) -> int | None:
-    """The event time (ms) a log file's name says its records start at, or None:
-    ``part-YYYYmmdd-HH.avro`` (``dataflow.data``) or ``part-YYYYmmdd-HHMMSS.avro`` (serving's
-    feature log, the simulator's action log).
-
-    >>> log_file_start_ms("logs/part-20240101-01.avro"), log_file_start_ms("x/part-20240101-013000.avro")
-    (1704070800000, 1704072600000)
-    >>> log_file_start_ms("features-0.avro") is None
-    True
-    """
-    m = _LOG_FILE_NAME.fullmatch(os.path.basename(path))
-    if m is None:
-        return None
-    stamp = datetime.datetime.strptime(m[1] + m[2] + (m[3] or "0000"), "%Y%m%d%H%M%S")
-    return int(stamp.replace(tzinfo=datetime.timezone.utc).timestamp()) * 1000
 
 
 class _Slice(NamedTuple):
@@ -701,6 +710,59 @@ def _sum_metrics(runs: list) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- in order
+
+def join_in_order(options, opts: JoinOptions):
+    """Joins a bounded input in one streaming pipeline that reads the log files one at a time
+    in event-time order; returns its result, or None if the input cannot be read so (then
+    one read joins it: the caller's fallback).
+
+    Why: a bounded read (``ReadAvroLogs``) holds the watermark until every file is read, so
+    on a streaming runner the joiner's timers fire only at the end and the job holds the
+    whole input (Flink ``--streaming``: 1.7 GiB at 100k requests, 4.8 GiB at 400k). Here each
+    log is read by ``TailAvroLogs(read_once=True)``: a file a call, after which the watermark
+    moves to the next file's name-given start and the runner takes it; so windows close,
+    examples are written and the joiner's state is freed as the files go by, and the job
+    ends after the last file. The joiner remembers a closed request (a small tombstone) until
+    the input ends unless ``--late_horizon_s`` is given, so late actions and repeated feature
+    records mean what they do in one read, whose timers all fire at its end.
+
+    It needs log files named by the start of their records (``part-YYYYmmdd-HH[MMSS].avro``,
+    :func:`transforms.sources.log_file_start_ms`); other names: None (with a warning). A
+    record earlier than the watermark when it is read (earlier than its file's name says)
+    would be late for the joiner and change the output: the reader counts it
+    (``sources.records_behind_watermark``), and the run is undone (the files it added to
+    ``--out`` are removed) and None returned.
+    """
+    inputs = {kind: [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+              for kind, pattern in (("features", opts.features), ("actions", opts.actions))}
+    unnamed = [p for paths in inputs.values() for p in paths if log_file_start_ms(p) is None]
+    if not all(inputs.values()) or unnamed:
+        _LOG.warning("join: not read in event-time order (%s): one read joins the input, and "
+                     "on a streaming runner it holds all of it in memory; name log files by "
+                     "the start of their records (part-YYYYmmdd-HH[MMSS].avro)",
+                     f"{len(unnamed)} log files, e.g. {unnamed[0]}, have names that give no "
+                     "start" if unnamed else "a glob matches no file")
+        return None
+    before = _output_files(opts.out)
+    result = run_job(lambda p: build(p, opts, ordered=True), options)
+    behind = metrics_dict(result)["counters"].get("sources.records_behind_watermark", 0)
+    if behind:
+        _LOG.warning("join: %d log records are earlier than their file names say (late for the "
+                     "joiner, the output would change); joining again in one read (on a "
+                     "streaming runner it holds the whole input in memory)", behind)
+        for path in _output_files(opts.out) - before:
+            os.remove(path)
+        return None
+    return result
+
+
+def _output_files(out: str) -> set:
+    """The files of a join's output folders."""
+    return {path for kind in ("examples",) + _SIDE_OUTPUTS
+            for path in glob.glob(os.path.join(out, kind, "*"))}
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     options = pipeline_options(argv, JoinOptions)
@@ -712,13 +774,19 @@ def main(argv: list[str] | None = None):
         # an earlier run's files but add to them.
         raise SystemExit(f"join: {opts.out}/examples already holds an example log; use a "
                          "new --out, or --append to add to it")
+    standard = options.view_as(StandardOptions)
+    direct = (standard.runner or "DirectRunner").rsplit(".", 1)[-1] == "DirectRunner"
+    ordered = opts.ordered_read == "on" or (opts.ordered_read == "auto" and standard.streaming
+                                            and not direct)
     slice_s = opts.slice_s
     if slice_s is None:
-        standard = options.view_as(StandardOptions)
-        direct = (standard.runner or "DirectRunner").rsplit(".", 1)[-1] == "DirectRunner"
-        slice_s = DEFAULT_SLICE_S if direct and not standard.streaming else 0
+        slice_s = DEFAULT_SLICE_S if direct and not standard.streaming and not ordered else 0
     if slice_s > 0:
         result = join_in_slices(options, opts, slice_s)
+        if result is not None:
+            return result
+    elif ordered:
+        result = join_in_order(options, opts)
         if result is not None:
             return result
     return run_job(lambda p: build(p, opts), options)

@@ -86,7 +86,7 @@ from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 POSITIVE_ACTIONS = frozenset({"click", "like", "share"})
@@ -102,6 +102,8 @@ INVALID = "invalid"
 CLOSED = "closed"
 
 _FEATURES, _ACTION = "features", "action"
+# The last event time a timer can be set for (the global window's end), in ms.
+_END_MS = GlobalWindow().max_timestamp().micros // 1000
 _NAMESPACE = "joiner"
 
 
@@ -384,9 +386,11 @@ class JoinByRequestFn(beam.DoFn):
                              f"{negative_sample_rate}")
         self.window_ms = int(round(join_window_s * 1000))
         late_horizon_s = join_window_s if late_horizon_s is None else late_horizon_s
-        if late_horizon_s < 0:
+        if not late_horizon_s >= 0:
             raise ValueError(f"late_horizon_s must be >= 0, got {late_horizon_s}")
-        self.late_horizon_ms = int(round(late_horizon_s * 1000))
+        # inf: remembered until the input ends (the timer fires with the last watermark)
+        self.late_horizon_ms = (_END_MS if math.isinf(late_horizon_s)
+                                else int(round(late_horizon_s * 1000)))
         self.rate = float(negative_sample_rate)
         if isinstance(positive_actions, str):  # one action, not a set of characters
             positive_actions = [positive_actions]
@@ -479,7 +483,7 @@ class JoinByRequestFn(beam.DoFn):
             yield pvalue.TaggedOutput(CLOSED, key)
             if self.late_horizon_ms > 0:
                 window_end = features["ts_ms"] + self.window_ms
-                deadline = window_end + self.late_horizon_ms
+                deadline = min(window_end + self.late_horizon_ms, _END_MS)
                 close.set(_at(deadline))
                 request.write((None, (), window_end, deadline))
                 return
@@ -550,7 +554,8 @@ class OnlineJoiner(beam.PTransform):
       positive_actions: actions that make a request a positive.
       late_horizon_s: how long after the window a request is remembered, so that its late
         actions are reported as late, not unmatched (default: ``join_window_s``; 0 frees
-        all state at window end).
+        all state at window end; ``math.inf``: until the input ends, as when every timer
+        fires at the end of a bounded input).
       sampling_salt: changes which negatives are kept, still deterministically.
       closed_requests: requests an earlier run closed (see :class:`JoinByRequestFn`).
     """

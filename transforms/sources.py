@@ -6,6 +6,7 @@ joiner's event-time timers and the training order rely on::
     logs = p | ReadFeatureLogs("out/synth/feature_log/*.avro")      # bounded (batch/backfill)
     acts = p | ReadActionLogs("out/synth/action_log/*.avro")
     live = p | TailAvroLogs("landing/feature_log/part-*.avro")       # unbounded, event-time
+    once = p | TailAvroLogs("logs/part-*.avro", read_once=True)      # bounded, file by file
     new = p | WatchAvroLogs("landing/any/*.avro", interval_seconds=10)  # unbounded, any names
                                                                        # (watermark = wall clock)
 
@@ -66,11 +67,14 @@ pattern every ``interval_seconds`` and forgets no file name it has seen) + ``Rea
 from __future__ import annotations
 
 import bz2
+import datetime
 import io
 import json
 import logging
 import lzma
 import numbers
+import os
+import re
 import zlib
 from collections.abc import Mapping
 from typing import Optional
@@ -89,7 +93,8 @@ from fastavro.read import HEADER_SCHEMA
 
 __all__ = ["ReadFeatureLogs", "ReadActionLogs", "ReadAvroLogs", "WatchAvroLogs",
            "TailAvroLogs", "ReadAvroFileFn", "TailAvroFilesFn", "with_event_time",
-           "event_time", "read_avro_file", "BadRecord", "DEAD_LETTER", "RECORD_COUNT_KEY"]
+           "event_time", "read_avro_file", "BadRecord", "DEAD_LETTER", "RECORD_COUNT_KEY",
+           "log_file_start_ms", "ordered_log_files"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -514,6 +519,36 @@ class WatchAvroLogs(_WithDeadLetters, beam.PTransform):
 _NO_END = 1 << 62
 
 
+_LOG_FILE_NAME = re.compile(r"part-(\d{8})-(\d{2})(\d{4})?\.avro")
+
+
+def log_file_start_ms(path: str) -> Optional[int]:
+    """The event time (ms) a log file's name says its records start at, or None:
+    ``part-YYYYmmdd-HH.avro`` (``dataflow.data``) or ``part-YYYYmmdd-HHMMSS.avro`` (serving's
+    feature log, the simulator's action log).
+
+    >>> log_file_start_ms("logs/part-20240101-01.avro"), log_file_start_ms("x/part-20240101-013000.avro")
+    (1704070800000, 1704072600000)
+    >>> log_file_start_ms("features-0.avro") is None
+    True
+    """
+    m = _LOG_FILE_NAME.fullmatch(os.path.basename(path))
+    if m is None:
+        return None
+    stamp = datetime.datetime.strptime(m[1] + m[2] + (m[3] or "0000"), "%Y%m%d%H%M%S")
+    return int(stamp.replace(tzinfo=datetime.timezone.utc).timestamp()) * 1000
+
+
+def ordered_log_files(file_pattern: str) -> list:
+    """The files ``file_pattern`` matches in the order of the start their names give
+    (:func:`log_file_start_ms`; then by path), or by path if a name gives none."""
+    paths = [m.path for m in FileSystems.match([file_pattern])[0].metadata_list]
+    starts = {p: log_file_start_ms(p) for p in paths}
+    if any(t is None for t in starts.values()):
+        return sorted(paths)
+    return sorted(paths, key=lambda p: (starts[p], p))
+
+
 class _TailRestrictions(RestrictionProvider):
     """Restriction = the range of file indices (in name order) still to read."""
 
@@ -537,21 +572,38 @@ class TailAvroFilesFn(beam.DoFn):
     checkpoint holds one integer (no set of seen names), and after each file the output
     watermark moves to the latest event time in it: every later file must hold only later
     records (files named by their hour, as ``dataflow.data`` writes them).
+
+    ``read_once``: read the files listed, then stop (a bounded input read in event-time
+    order, ``dataflow join --ordered_read``). Files are taken in the order of the start
+    their names give (:func:`ordered_log_files`), **one a call**: after a file the watermark
+    moves to the next file's start (to the latest event time read if its name gives none)
+    and the call returns with the rest deferred, resumed at once. A runner reads the
+    watermark a call leaves only when the call returns (Beam 2.62's Flink runner holds the
+    reader's output at the watermark its deferred residual carries), so windows and timers
+    downstream fire file by file. A record earlier than the watermark already given is
+    late downstream: it is still passed on, and counted (``sources.records_behind_watermark``,
+    with a warning) so that the caller can tell.
     """
 
     def __init__(self, interval_seconds: float, stop_timestamp: Timestamp,
-                 time_field: str = "ts_ms", stop_when_exists: Optional[str] = None):
+                 time_field: str = "ts_ms", stop_when_exists: Optional[str] = None,
+                 read_once: bool = False):
         self.interval = Duration.of(interval_seconds)
         self.stop_timestamp = stop_timestamp
         self.time_field = time_field
         self.stop_when_exists = stop_when_exists
+        self.read_once = read_once
         self.reading = _FileReading(time_field)
+        self.behind = Metrics.counter("sources", "records_behind_watermark")
 
     @beam.DoFn.unbounded_per_element()
     def process(self, file_pattern,
                 tracker=beam.DoFn.RestrictionParam(_TailRestrictions()),
                 watermark=beam.DoFn.WatermarkEstimatorParam(
                     ManualWatermarkEstimator.default_provider())):
+        if self.read_once:
+            yield from self._read_next(file_pattern, tracker, watermark)
+            return
         index = tracker.current_restriction().start
         # Looked for before the listing: whatever landed before the marker is then listed.
         marked = bool(self.stop_when_exists) and FileSystems.exists(self.stop_when_exists)
@@ -578,6 +630,45 @@ class TailAvroFilesFn(beam.DoFn):
         else:
             tracker.defer_remainder(self.interval)
 
+    def _read_next(self, file_pattern, tracker, watermark):
+        """``read_once``: one file a call, then a self-checkpoint, so that the runner takes
+        the watermark the call leaves (a runner reads it only when a call returns: Flink's
+        portable runner holds the reader's output watermark at the residual's, Beam 2.62's
+        ``StateAndTimerBundleCheckpointHandler``); done after the last file listed."""
+        index = tracker.current_restriction().start
+        paths = ordered_log_files(file_pattern)
+        if index >= len(paths):
+            tracker.try_claim(_NO_END)  # nothing (more) to read: the restriction is done
+            return
+        if not tracker.try_claim(index):
+            return  # the runner split the rest off
+        path = paths[index]
+        records, dead = self._read(path)
+        told = watermark.current_watermark()  # what the runner was told: nothing earlier
+        if told is not None:                  # may come (it would be late downstream)
+            behind = sum(1 for r in records if r.timestamp < told)
+            if behind:
+                self.behind.inc(behind)
+                _LOG.warning("%s: %d records are earlier than the watermark %s (its file name "
+                             "or an earlier file's records): late for event-time steps",
+                             path, behind, told)
+        yield from records
+        start = log_file_start_ms(path)
+        at = Timestamp(micros=start * 1000) if start is not None else told
+        if at is not None and told is not None and told > at:
+            at = told
+        for d in dead:  # at the file's own time, or the stream's (never behind the watermark)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, d if at is None else TimestampedValue(d, at))
+        if index + 1 == len(paths):
+            tracker.try_claim(_NO_END)  # the last file: the watermark goes to the end
+            return
+        following = log_file_start_ms(paths[index + 1])
+        if following is not None:  # the next file holds nothing earlier than its name says
+            self._advance(watermark, Timestamp(micros=following * 1000))
+        elif records:
+            self._advance(watermark, max(r.timestamp for r in records))
+        tracker.defer_remainder(Duration(0))  # resume at once, in a new call
+
     @staticmethod
     def _advance(watermark, event_time: Timestamp) -> None:
         current = watermark.current_watermark()
@@ -603,17 +694,22 @@ class TailAvroLogs(_WithDeadLetters, beam.PTransform):
     path exists: the writer creates it after its last file has landed, and every file that
     landed before it is read first. The SDF polling caveat on Flink
     (apache/beam#27648, module docstring) applies here too, but its state is one offset.
+    ``read_once=True``: read the files there are, one a call, in the order their names'
+    starts give, and stop (a bounded read whose watermark follows the files; see
+    :class:`TailAvroFilesFn`).
     """
 
     def __init__(self, file_pattern: str, interval_seconds: float = 10.0,
                  stop_timestamp: Timestamp | float = MAX_TIMESTAMP,
-                 time_field: str = "ts_ms", stop_when_exists: Optional[str] = None):
+                 time_field: str = "ts_ms", stop_when_exists: Optional[str] = None,
+                 read_once: bool = False):
         super().__init__()
         self.file_pattern = file_pattern
         self.interval_seconds = interval_seconds
         self.stop_timestamp = Timestamp.of(stop_timestamp)
         self.time_field = time_field
         self.stop_when_exists = stop_when_exists
+        self.read_once = read_once
 
     def expand(self, pbegin):
         return self._outputs(
@@ -621,5 +717,5 @@ class TailAvroLogs(_WithDeadLetters, beam.PTransform):
             | "Pattern" >> beam.Create([self.file_pattern])
             | "TailFiles" >> beam.ParDo(TailAvroFilesFn(
                 self.interval_seconds, self.stop_timestamp, self.time_field,
-                self.stop_when_exists)).with_outputs(
+                self.stop_when_exists, self.read_once)).with_outputs(
                     DEAD_LETTER))
