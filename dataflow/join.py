@@ -751,16 +751,17 @@ def join_in_order(options, opts: JoinOptions):
         _LOG.warning("join: %d log records are earlier than their file names say (late for the "
                      "joiner, the output would change); joining again in one read (on a "
                      "streaming runner it holds the whole input in memory)", behind)
-        for path in _output_files(opts.out) - before:
-            os.remove(path)
+        added = sorted(_output_files(opts.out) - before)
+        if added:
+            FileSystems.delete(added)
         return None
     return result
 
 
 def _output_files(out: str) -> set:
-    """The files of a join's output folders."""
-    return {path for kind in ("examples",) + _SIDE_OUTPUTS
-            for path in glob.glob(os.path.join(out, kind, "*"))}
+    """The files of a join's output folders (local or not)."""
+    return {m.path for kind in ("examples",) + _SIDE_OUTPUTS
+            for m in FileSystems.match([FileSystems.join(out, kind, "*")])[0].metadata_list}
 
 
 def main(argv: list[str] | None = None):

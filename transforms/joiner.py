@@ -45,7 +45,9 @@ Input records carry event time in ``ts_ms`` (the joiner re-stamps elements from 
   a window closes the request is remembered (a small tombstone) for ``late_horizon_s``
   more, so its late actions are told apart from unmatched ones; then its state is gone.
   Every key that holds state has a pending timer, so state never outlives
-  ``window end + late_horizon`` (or ``action ts + join_window`` for unmatched actions).
+  ``window end + late_horizon`` (or ``action ts + join_window`` for unmatched actions);
+  with an infinite horizon (``dataflow join --ordered_read``) the tombstone stays, without
+  a timer, until the input ends.
 * *Bad input never kills the job*: records that fail validation go to ``invalid`` with the
   reason (:func:`features_error`, :func:`action_error`): wrong types, empty or non-Unicode
   ids, NaN or infinite numbers, event times outside 1970-2106 (what the PS can hold).
@@ -86,7 +88,7 @@ from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import GlobalWindow, TimestampedValue
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 POSITIVE_ACTIONS = frozenset({"click", "like", "share"})
@@ -102,8 +104,6 @@ INVALID = "invalid"
 CLOSED = "closed"
 
 _FEATURES, _ACTION = "features", "action"
-# The last event time a timer can be set for (the global window's end), in ms.
-_END_MS = GlobalWindow().max_timestamp().micros // 1000
 _NAMESPACE = "joiner"
 
 
@@ -388,8 +388,8 @@ class JoinByRequestFn(beam.DoFn):
         late_horizon_s = join_window_s if late_horizon_s is None else late_horizon_s
         if not late_horizon_s >= 0:
             raise ValueError(f"late_horizon_s must be >= 0, got {late_horizon_s}")
-        # inf: remembered until the input ends (the timer fires with the last watermark)
-        self.late_horizon_ms = (_END_MS if math.isinf(late_horizon_s)
+        # inf (None here): remembered until the input ends
+        self.late_horizon_ms = (None if math.isinf(late_horizon_s)
                                 else int(round(late_horizon_s * 1000)))
         self.rate = float(negative_sample_rate)
         if isinstance(positive_actions, str):  # one action, not a set of characters
@@ -475,15 +475,24 @@ class JoinByRequestFn(beam.DoFn):
         if held is None:
             return
         features, actions, closed_at, deadline = held
+        if deadline is None:  # a tombstone kept until the input ends: no timer is its own
+            return
         if _ms(fired) < deadline:
             close.set(_at(deadline))
             return
         if features is not None:
             yield from self._emit(key, features, actions)
             yield pvalue.TaggedOutput(CLOSED, key)
+            window_end = features["ts_ms"] + self.window_ms
+            if self.late_horizon_ms is None:
+                # Kept until the input ends, with no timer (which would cost a call and a
+                # state read a request at the end): the runner drops it with the key's state
+                # when the global window ends. Counted closed now.
+                request.write((None, (), window_end, None))
+                self.n_closed.inc()
+                return
             if self.late_horizon_ms > 0:
-                window_end = features["ts_ms"] + self.window_ms
-                deadline = min(window_end + self.late_horizon_ms, _END_MS)
+                deadline = window_end + self.late_horizon_ms
                 close.set(_at(deadline))
                 request.write((None, (), window_end, deadline))
                 return
@@ -555,7 +564,9 @@ class OnlineJoiner(beam.PTransform):
       late_horizon_s: how long after the window a request is remembered, so that its late
         actions are reported as late, not unmatched (default: ``join_window_s``; 0 frees
         all state at window end; ``math.inf``: until the input ends, as when every timer
-        fires at the end of a bounded input).
+        fires at the end of a bounded input; such a tombstone has no timer, it goes with
+        the key's state at the end of the global window, and counts as closed when its
+        window closes).
       sampling_salt: changes which negatives are kept, still deterministically.
       closed_requests: requests an earlier run closed (see :class:`JoinByRequestFn`).
     """
