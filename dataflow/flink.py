@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 _LOG = logging.getLogger(__name__)
 
@@ -102,6 +103,40 @@ def low_latency_conf_dir() -> str:
         tmp.write_text(LOW_LATENCY_CONF)
         os.replace(tmp, conf)  # atomic: concurrent jobs never read half a file
     return str(folder)
+
+
+def local_rest_conf_dir(port: int | None = None) -> str:
+    """A ``--flink_conf_dir`` for a job on the job server's embedded MiniCluster
+    (``--flink_master=[local]``): :data:`LOW_LATENCY_CONF` and ``rest.bind-port`` (a free
+    port unless given), so the driver can reach the job through Flink's REST API
+    (:func:`rest_address`; Flink otherwise binds a random port no one is told). Removed when
+    this process exits (the job server reads it when the job is submitted)."""
+    import atexit
+    folder = tempfile.mkdtemp(prefix="beam-monolith-flink-conf-")
+    atexit.register(shutil.rmtree, folder, True)
+    Path(folder, "config.yaml").write_text(
+        LOW_LATENCY_CONF + f"rest.bind-port: {port or free_port()}\n")
+    return folder
+
+
+def rest_address(all_options: dict) -> str | None:
+    """Where the REST API of a Flink job's cluster is (``host:port``), from the job's options
+    (``PipelineOptions.get_all_options(retain_unknown_options=True)``): the ``--flink_master``
+    of a remote cluster, or for the embedded MiniCluster (``[local]``, ``[auto]``) the
+    ``rest.bind-port`` of its ``--flink_conf_dir`` (:func:`local_rest_conf_dir`); None when
+    unknown."""
+    master = (all_options.get("flink_master") or "[auto]").strip()
+    if not master.startswith("["):
+        return master.removeprefix("http://").removeprefix("https://").rstrip("/")
+    conf_dir = all_options.get("flink_conf_dir")
+    for name in ("config.yaml", "flink-conf.yaml"):
+        path = os.path.join(conf_dir or "", name)
+        if conf_dir and os.path.exists(path):
+            for line in open(path, encoding="utf-8"):
+                key, _, value = line.partition(":")
+                if key.strip() == "rest.bind-port" and value.strip().isdigit():
+                    return f"localhost:{value.strip()}"
+    return None
 
 
 def free_port() -> int:
@@ -342,10 +377,11 @@ def _rest(master: str, path: str, method: str = "GET", body: dict | None = None)
 _ENDED = ("FINISHED", "CANCELED", "FAILED")
 
 
-def jobs_named(master: str, name: str) -> list[str]:
-    """The ids of the jobs called ``name`` on the cluster at ``master`` that have not ended."""
+def jobs_named(master: str, name: str | None) -> list[str]:
+    """The ids of the jobs called ``name`` (None: any) on the cluster at ``master`` that have
+    not ended."""
     return [j["jid"] for j in _rest(master, "/jobs/overview").get("jobs", [])
-            if j.get("name") == name and j.get("state") not in _ENDED]
+            if name in (None, j.get("name")) and j.get("state") not in _ENDED]
 
 
 def cancel_jobs_named(master: str, name: str, timeout_s: float = 60.0) -> list[str]:
@@ -394,6 +430,38 @@ def stop_with_savepoint(master: str, job_id: str, directory: str, drain: bool = 
             return location
         time.sleep(0.2)
     raise TimeoutError(f"savepoint of job {job_id} not done within {timeout_s:.0f}s")
+
+
+def stop_job(master: str, job_id: str, ended: Callable[[], bool],
+             timeout_s: float = 120.0) -> bool:
+    """End a running job as FINISHED: Flink's stop with a savepoint (``flink stop``) into a
+    temporary folder, removed afterwards; True once ``ended()`` (e.g. Beam's result is in a
+    terminal state), False if the savepoint failed or the job did not end in ``timeout_s``
+    (it may still run: cancel it then).
+
+    A checkpointed Beam job keeps its sources up, so it never ends by itself; cancelled,
+    it loses its metrics (Beam's job server reads them from the ``JobExecutionResult`` of a
+    job that finished). Stopped, it finishes, and its result keeps them.
+    """
+    with tempfile.TemporaryDirectory(prefix="beam-monolith-stop-",
+                                     ignore_cleanup_errors=True) as folder:
+        trigger = _rest(master, f"/jobs/{job_id}/stop", "POST",
+                        {"targetDirectory": f"file://{folder}", "drain": False})["request-id"]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ended():
+                return True
+            try:  # on the MiniCluster the REST API goes away with the finished job
+                status = _rest(master, f"/jobs/{job_id}/savepoints/{trigger}")
+            except OSError:
+                status = {}
+            operation = status.get("operation", {})
+            if status.get("status", {}).get("id") == "COMPLETED" and "location" not in operation:
+                _LOG.warning("stopping job %s with a savepoint failed: %s", job_id,
+                             str(operation.get("failure-cause", operation))[:500])
+                return False
+            time.sleep(0.2)
+    return False
 
 
 def savepoint_manifest(path: str) -> dict | None:

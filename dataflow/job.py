@@ -59,6 +59,41 @@ def _query_metrics(result):
             threading.stack_size(0)
 
 
+def _stop_on_flink(result, options: PipelineOptions, runner) -> bool:
+    """End a Flink job that stays up after its input (checkpointing keeps its sources alive)
+    so that it keeps its metrics: stopped with a throwaway savepoint through Flink's REST API,
+    it ends FINISHED and Beam's job server reads its metrics as for a job that ended by
+    itself; cancelled, it reports none (the job server has no metrics of a running or
+    cancelled job). False where that is not possible (not Flink, REST API unknown, the stop
+    failed): then cancel."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+    from apache_beam.runners.runner import PipelineState
+    # the runner, not --runner: Beam's portable runner clears that option when it runs a job
+    if not any(c.__name__ == "FlinkRunner" for c in type(runner).__mro__):
+        return False
+    from dataflow import flink
+    all_options = options.get_all_options(retain_unknown_options=True)
+    master = flink.rest_address(all_options)
+    if master is None:
+        _LOG.warning("no REST address for the Flink job (--flink_master=%s without a "
+                     "rest.bind-port in --flink_conf_dir): it is cancelled and its metrics "
+                     "are lost", all_options.get("flink_master"))
+        return False
+    name = options.view_as(GoogleCloudOptions).job_name
+    try:
+        running = flink.jobs_named(master, name)
+        if len(running) != 1:
+            _LOG.warning("expected one job named %s on %s, found %s: cancelling it",
+                         name, master, running)
+            return False
+        _LOG.info("the job's end-of-input work is done: stopping it with a savepoint")
+        return flink.stop_job(master, running[0],
+                              lambda: PipelineState.is_terminal(result.state))
+    except OSError as e:  # REST API unreachable
+        _LOG.warning("could not stop the Flink job through %s (%s): cancelling", master, e)
+        return False
+
+
 def _cancel_on_remote_flink(options: PipelineOptions) -> None:
     """Cancelling through Beam leaves a job on a remote Flink cluster running: cancel it there."""
     from apache_beam.options.pipeline_options import GoogleCloudOptions
@@ -75,8 +110,9 @@ def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions,
     """Build with ``build(pipeline)``, run to completion, write metrics if asked; -> result.
 
     ``finished``: for a job that stays up after its input ended (a checkpointed Flink job
-    keeps its sources alive), a check that its work is done; the job is then cancelled, or
-    ended by ``stop()`` if given (e.g. with a savepoint).
+    keeps its sources alive), a check that its work is done; the job is then ended by
+    ``stop()`` if given (e.g. with a savepoint), else on Flink stopped with a throwaway
+    savepoint so that it keeps its metrics (:func:`_stop_on_flink`), else cancelled.
     """
     with _startup_heap_frozen() as built:
         pipeline = beam.Pipeline(options=options)
@@ -130,6 +166,8 @@ def _run(pipeline: beam.Pipeline, options: PipelineOptions, finished, poll_s, st
             if finished():
                 if stop is not None:
                     stop()
+                    break
+                if _stop_on_flink(result, options, pipeline.runner):
                     break
                 _LOG.info("the job's end-of-input work is done: cancelling it")
                 result.cancel()

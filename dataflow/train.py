@@ -205,11 +205,16 @@ def main(argv: list[str] | None = None):
     # (sparse gradients reached the DenseShard).
     flink_defaults = {"max_bundle_time_mills": FLINK_BUNDLE_MS,
                       "finish_bundle_before_checkpointing": True}
-    if any(a.startswith("--runner=FlinkRunner") or a == "FlinkRunner" for a in argv):
-        from dataflow.flink import low_latency_conf_dir
-        flink_defaults["flink_conf_dir"] = low_latency_conf_dir()  # no 100 ms buffering
     checkpointed = any(a.startswith("--checkpointing_interval") for a in argv)
     to_savepoint = mode == "backfill" and any(a.startswith("--savepoint_dir") for a in argv)
+    if any(a.startswith("--runner=FlinkRunner") or a == "FlinkRunner" for a in argv):
+        from dataflow.flink import local_rest_conf_dir, low_latency_conf_dir
+        # no 100 ms buffering; a checkpointed job on the embedded MiniCluster also gets a
+        # known REST port, through which dataflow.job stops it when its input is done (a
+        # cancelled job loses its metrics)
+        flink_defaults["flink_conf_dir"] = (
+            local_rest_conf_dir() if checkpointed and _embedded_flink(argv)
+            else low_latency_conf_dir())
     if not (checkpointed or to_savepoint):
         # Without checkpoints a finished source may shut down, and the job ends with its input.
         # With them it must stay (Flink 1.19 on Beam 2.62 fails every checkpoint once the
@@ -237,6 +242,14 @@ def main(argv: list[str] | None = None):
         finished = _end_of_input_done(opts, mode, time.time())
     result = run_job(lambda p: build(p, opts, mode), options, finished=finished)
     return result
+
+
+def _embedded_flink(argv: list[str]) -> bool:
+    """Whether the job runs on the job server's embedded MiniCluster (``--flink_master``
+    ``[local]``, ``[auto]`` or not given)."""
+    masters = [a.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+               for i, a in enumerate(argv) if a.partition("=")[0] == "--flink_master"]
+    return not masters or masters[-1].strip().startswith("[")
 
 
 # What must be equal between the job that wrote a savepoint and the job resuming from it:

@@ -127,6 +127,31 @@ def test_backfill_on_flink(tmp_path, example_log, flink_job_server_jar):
     assert abs(totals["auc"] - direct["auc"]) < 0.005, (totals, direct)
 
 
+def test_checkpointed_flink_job_ended_by_the_driver_keeps_its_metrics(tmp_path, example_log,
+                                                                      flink_job_server_jar):
+    """With checkpointing a Flink job keeps its sources up, so the driver ends it once its
+    end-of-input work is done. Cancelled, it reported no metrics at all (Beam's job server
+    has none of a running or cancelled job); stopped with a savepoint through the embedded
+    MiniCluster's REST API (dataflow.job), it ends FINISHED with every counter and
+    distribution of the run."""
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    for f in example_log["files"][:4]:  # ~4k examples: a small, quick job
+        shutil.copy(f, folder)
+    examples = sum(1 for _ in read_examples_in_order(str(folder)))
+    counters, totals, _ = run_train(
+        tmp_path, "backfill", f"{folder}/*.avro",
+        [f"--store=memory://flink-ckpt-{tmp_path.name}", f"--export_dir={tmp_path}/snapshots",
+         "--runner=FlinkRunner", "--flink_master=[local]", "--streaming", "--parallelism=1",
+         "--checkpointing_interval=1000"])
+    assert totals["examples"] == examples
+    check_exactly_once(counters, examples)
+    assert counters["ps.snapshots_exported"] == 3  # the end-of-input work, before the stop
+    metrics = json.loads((tmp_path / "metrics-backfill.json").read_text())
+    waits = metrics["distributions"]["reader.ps_catch_up_wait_ms"]
+    assert waits["count"] == counters["worker.batches"] > 0  # one per batch read
+
+
 def test_train_cli_help():
     from dataflow.__main__ import main
     assert main(["train", "--help"]) == 0
