@@ -77,7 +77,7 @@ from dataflow.options import MonolithOptions, pipeline_options
 from schemas import load_schema
 from transforms.joiner import (DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner,
                                closed_request_keys)
-from transforms.sources import log_file_start_ms  # noqa: F401 - (dataflow.loop uses it here)
+from transforms.sources import log_file_start_ms
 
 DEFAULT_SLICE_S = 3600
 # ~100 MiB of the join's memory a MiB of (compressed) feature log, measured: one pipeline

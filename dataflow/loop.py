@@ -181,7 +181,7 @@ def _wait_for_file(path: str, procs: Processes, name: str, timeout_s: float) -> 
 
 def _log_files(folder: str) -> list:
     """(period start ms, path) of a log folder's complete files, in time order."""
-    from dataflow.join import log_file_start_ms
+    from transforms.sources import log_file_start_ms
     starts = ((log_file_start_ms(p), p) for p in glob.glob(os.path.join(folder, "part-*.avro")))
     return sorted((start, p) for start, p in starts if start is not None)
 
