@@ -104,3 +104,23 @@ def test_a_failed_build_restores_the_collector(collector):
     with pytest.raises(ValueError, match="bad flags"):
         run_job(build, pipeline_options(["--runner=DirectRunner"]))
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_where_the_driver_reaches_a_flink_job_to_stop_it(tmp_path):
+    """A checkpointed Flink job that the driver ends is stopped through Flink's REST API
+    (cancelled, it loses its metrics): a cluster's is its --flink_master; the embedded
+    MiniCluster's is the rest.bind-port that dataflow.train puts in its --flink_conf_dir."""
+    from dataflow import flink, train
+    assert flink.rest_address({"flink_master": "http://host:8081/"}) == "host:8081"
+    assert flink.rest_address({"flink_master": "localhost:8082"}) == "localhost:8082"
+    conf = flink.local_rest_conf_dir(port=12345)
+    assert flink.rest_address({"flink_master": "[local]", "flink_conf_dir": conf}) \
+        == "localhost:12345"
+    assert flink.LOW_LATENCY_CONF in open(f"{conf}/config.yaml", encoding="utf-8").read()
+    # no port known: the driver cancels (with a warning)
+    assert flink.rest_address({"flink_master": "[local]",
+                               "flink_conf_dir": flink.low_latency_conf_dir()}) is None
+    assert flink.rest_address({"flink_master": "[auto]"}) is None
+    assert train._embedded_flink(["--runner=FlinkRunner"])
+    assert train._embedded_flink(["--flink_master=[local]"])
+    assert not train._embedded_flink(["--flink_master", "localhost:8081"])
