@@ -322,15 +322,17 @@ def test_tail_watermark_follows_event_time(tmp_path):
 
     (tmp_path / "part-01.avro").write_bytes(b"Obj\x01garbage")
     land(tmp_path, "part-02.avro", [{"request_id": "c", "ts_ms": 20_000, "action": "click"}])
+    # One file a call: the damaged one, then (another file is listed) the rest at once.
     out, watermark, residual = run(1)
-    dead = [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
-    assert [o.value["request_id"] for o in out
-            if not isinstance(o, beam.pvalue.TaggedOutput)] == ["c"]
-    assert watermark == Timestamp(20)
-    assert residual.start == 3
     # The damaged file is dead-lettered (at the watermark, none yet in this fresh estimator).
-    assert [(d["file"], d["reason"], d["records_lost"]) for d in dead] == [
+    assert [(o.value["file"], o.value["reason"], o.value["records_lost"]) for o in out] == [
         (str(tmp_path / "part-01.avro"), "unreadable_file", None)]
+    assert all(isinstance(o, beam.pvalue.TaggedOutput) for o in out)
+    assert residual.start == 2
+    out, watermark, residual = run(2)
+    assert [o.value["request_id"] for o in out] == ["c"]
+    assert watermark == Timestamp(20)
+    assert residual.start == 3  # waits for the next file
 
 
 def test_tail_stops_once_the_marker_exists(tmp_path):

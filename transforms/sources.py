@@ -37,8 +37,8 @@ are still counted (namespace ``sources``: ``unreadable_files`` = damaged files,
 Watching a folder, and what to know before relying on it
 ---------------------------------------------------------
 Two unbounded reads. :class:`TailAvroLogs` reads a folder of *time-ordered* files (names
-that sort in time order, as ``dataflow.data`` writes them) in name order and moves the
-watermark to the latest event time read: use it for the joiner and training. Its state is
+that give their records' start, as ``dataflow.data`` writes them) in that order, a file at a
+time, and moves the watermark with them: use it for the joiner and training. Its state is
 one file index. :class:`WatchAvroLogs` takes files of any name in any order, at the price of
 a watermark that follows the wall clock:
 
@@ -566,23 +566,22 @@ class _TailRestrictions(RestrictionProvider):
 
 
 class TailAvroFilesFn(beam.DoFn):
-    """file pattern → records of its files in **name order**, each file once, waiting for more.
+    """file pattern → records of its files in event-time order, each file once, waiting for
+    more (``read_once``: stopping after the files listed).
 
-    The position in the restriction is the index of the next file in sorted name order, so a
-    checkpoint holds one integer (no set of seen names), and after each file the output
-    watermark moves to the latest event time in it: every later file must hold only later
-    records (files named by their hour, as ``dataflow.data`` writes them).
-
-    ``read_once``: read the files listed, then stop (a bounded input read in event-time
-    order, ``dataflow join --ordered_read``). Files are taken in the order of the start
-    their names give (:func:`ordered_log_files`), **one a call**: after a file the watermark
-    moves to the next file's start (to the latest event time read if its name gives none)
-    and the call returns with the rest deferred, resumed at once. A runner reads the
-    watermark a call leaves only when the call returns (Beam 2.62's Flink runner holds the
-    reader's output at the watermark its deferred residual carries), so windows and timers
-    downstream fire file by file. A record earlier than the watermark already given is
-    late downstream: it is still passed on, and counted (``sources.records_behind_watermark``,
-    with a warning) so that the caller can tell.
+    Files are taken in the order of the start their names give (:func:`ordered_log_files`;
+    name order where a name gives none), **one a call**. The position in the restriction is
+    the index of the next file in that order, so a checkpoint holds one integer (no set of
+    seen names). After a file the output watermark moves to the next file's name-given start,
+    or, if there is none yet, to the latest event time read: every later file must hold only
+    later records (files named by their start, as ``dataflow.data`` writes them). The call
+    then returns with the rest deferred: at once if another file is listed, after
+    ``interval_seconds`` if not. A runner takes the watermark a call leaves only when the call
+    returns (Beam 2.62's Flink runner holds the reader's output watermark at its deferred
+    residual's, ``StateAndTimerBundleCheckpointHandler``), so windows and timers downstream
+    fire file by file, also through a backlog. A record earlier than the watermark already
+    given is late downstream: it is still passed on, and counted
+    (``sources.records_behind_watermark``, with a warning) so that the caller can tell.
     """
 
     def __init__(self, interval_seconds: float, stop_timestamp: Timestamp,
@@ -601,47 +600,26 @@ class TailAvroFilesFn(beam.DoFn):
                 tracker=beam.DoFn.RestrictionParam(_TailRestrictions()),
                 watermark=beam.DoFn.WatermarkEstimatorParam(
                     ManualWatermarkEstimator.default_provider())):
-        if self.read_once:
-            yield from self._read_next(file_pattern, tracker, watermark)
-            return
         index = tracker.current_restriction().start
         # Looked for before the listing: whatever landed before the marker is then listed.
         marked = bool(self.stop_when_exists) and FileSystems.exists(self.stop_when_exists)
-        paths = sorted(m.path for m in FileSystems.match([file_pattern])[0].metadata_list)
-        claimed = True
-        while claimed and index < len(paths):
-            claimed = tracker.try_claim(index)  # False: the runner split the rest off
-            if claimed:
-                records, dead = self._read(paths[index])
-                yield from records
-                if records:
-                    latest = max(r.timestamp for r in records)
-                    self._advance(watermark, latest)
-                # What could not be read is reported at the stream's time, not before it.
-                at = watermark.current_watermark()
-                for d in dead:
-                    yield beam.pvalue.TaggedOutput(
-                        DEAD_LETTER, d if at is None else TimestampedValue(d, at))
-                index += 1
-        if not claimed:
-            pass
-        elif marked or Timestamp.now() >= self.stop_timestamp:
+        paths = ordered_log_files(file_pattern)
+        if index < len(paths):
+            if not tracker.try_claim(index):
+                return  # the runner split the rest off
+            yield from self._read_one(paths, index, watermark)
+            if index + 1 < len(paths):
+                tracker.defer_remainder(Duration(0))  # the next file at once, in a new call
+                return
+            index += 1
+        if self.read_once or marked or Timestamp.now() >= self.stop_timestamp:
             tracker.try_claim(_NO_END)  # past the range: the restriction is done
         else:
-            tracker.defer_remainder(self.interval)
+            tracker.defer_remainder(self.interval)  # wait for more files
 
-    def _read_next(self, file_pattern, tracker, watermark):
-        """``read_once``: one file a call, then a self-checkpoint, so that the runner takes
-        the watermark the call leaves (a runner reads it only when a call returns: Flink's
-        portable runner holds the reader's output watermark at the residual's, Beam 2.62's
-        ``StateAndTimerBundleCheckpointHandler``); done after the last file listed."""
-        index = tracker.current_restriction().start
-        paths = ordered_log_files(file_pattern)
-        if index >= len(paths):
-            tracker.try_claim(_NO_END)  # nothing (more) to read: the restriction is done
-            return
-        if not tracker.try_claim(index):
-            return  # the runner split the rest off
+    def _read_one(self, paths: list, index: int, watermark):
+        """The records and dead letters of ``paths[index]``; then the watermark moves to the
+        next file's name-given start, or to the latest event time read."""
         path = paths[index]
         records, dead = self._read(path)
         told = watermark.current_watermark()  # what the runner was told: nothing earlier
@@ -659,15 +637,11 @@ class TailAvroFilesFn(beam.DoFn):
             at = told
         for d in dead:  # at the file's own time, or the stream's (never behind the watermark)
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, d if at is None else TimestampedValue(d, at))
-        if index + 1 == len(paths):
-            tracker.try_claim(_NO_END)  # the last file: the watermark goes to the end
-            return
-        following = log_file_start_ms(paths[index + 1])
+        following = log_file_start_ms(paths[index + 1]) if index + 1 < len(paths) else None
         if following is not None:  # the next file holds nothing earlier than its name says
             self._advance(watermark, Timestamp(micros=following * 1000))
         elif records:
             self._advance(watermark, max(r.timestamp for r in records))
-        tracker.defer_remainder(Duration(0))  # resume at once, in a new call
 
     @staticmethod
     def _advance(watermark, event_time: Timestamp) -> None:
@@ -684,19 +658,19 @@ class TailAvroFilesFn(beam.DoFn):
 class TailAvroLogs(_WithDeadLetters, beam.PTransform):
     """New files of a time-ordered log folder → their records, with an event-time watermark.
 
-    Unlike :class:`WatchAvroLogs` (whose watermark is the poll time), the watermark here is
-    the latest event time read, so the joiner's event-time timers and windows see the logs'
-    own clock, live or replayed. It needs what ``python -m dataflow.data`` writes: names that
-    sort in time order (``part-YYYYmmdd-HH.avro``), each file holding only records later than
-    those of the files before it, written atomically (temporary name, then rename), never
-    a file sorting before one already read. Polls every ``interval_seconds`` until
+    Unlike :class:`WatchAvroLogs` (whose watermark is the poll time), the watermark here
+    follows the files' event time, file by file (:class:`TailAvroFilesFn`), so the joiner's
+    event-time timers and windows see the logs' own clock, live or replayed. It needs what
+    ``python -m dataflow.data`` writes: names that give the start of their records
+    (``part-YYYYmmdd-HH[MMSS].avro``), each file holding only records later than those of the
+    files before it, written atomically (temporary name, then rename), never a file sorting
+    before one already read. Polls every ``interval_seconds`` until
     ``stop_timestamp`` (wall clock; default never) or, with ``stop_when_exists``, until that
     path exists: the writer creates it after its last file has landed, and every file that
     landed before it is read first. The SDF polling caveat on Flink
     (apache/beam#27648, module docstring) applies here too, but its state is one offset.
-    ``read_once=True``: read the files there are, one a call, in the order their names'
-    starts give, and stop (a bounded read whose watermark follows the files; see
-    :class:`TailAvroFilesFn`).
+    ``read_once=True``: read the files there are and stop (a bounded read whose watermark
+    follows the files, ``dataflow join --ordered_read``).
     """
 
     def __init__(self, file_pattern: str, interval_seconds: float = 10.0,
