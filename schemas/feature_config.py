@@ -15,13 +15,18 @@ place. Example (``schemas/configs/movielens.yaml`` is a complete one)::
       - {name: user, slot: 1, source: user_id, expiry_seconds: 2592000}
       - {name: age, slot: 3, source: age, bucketize: {boundaries: [18, 25, 35, 50]}}
       - {name: gender_x_genre, slot: 20, source: [gender, genres]}    # a cross
+      - {name: age_x_genre, slot: 21, source: [age, genres],          # a bucketized cross
+         bucketize: {age: {boundaries: [18, 25, 35, 50]}}}
     dense:
       - {name: item_age, source: item_age_years, default: 0, transform: log1p}
 
 A ``source`` names a field of the FeatureLog's ``features`` map, or its top-level
 ``user_id`` / ``item_id``. A list of fields is a *cross*: one fid per combination of their
 values. ``bucketize`` turns a number into the index of its bucket (``x < b[0]`` is 0,
-``b[i-1] <= x < b[i]`` is i), which is then the value hashed.
+``b[i-1] <= x < b[i]`` is i), which is then the value hashed. In a cross, ``bucketize`` maps
+a field of the cross to its fixed boundaries (``{age: {boundaries: [...]}}``), so a cross can
+pair an age *group* with a genre, as TensorFlow's ``crossed_column`` of a
+``bucketized_column`` does; fields it does not name enter the cross as they are.
 
 Analysers (tensorflow-transform, computed over a backfill by ``python -m dataflow.analyze``):
 ``bucketize: {quantiles: 8}`` asks for 8 buckets whose 7 boundaries are the backfill's
@@ -97,6 +102,8 @@ class SlotSpec:
     optional: bool = False                  # missing field: no fid (else: dead letter)
     quantiles: int | None = None            # bucketize by the analysis' quantiles (buckets)
     epsilon: float | None = None            # their sketch's error tolerance (None: TFT's)
+    # A cross's bucketized fields: ((field, boundaries), ...), in the order of ``fields``.
+    cross_boundaries: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     @property
     def is_cross(self) -> bool:
@@ -191,6 +198,8 @@ class FeatureConfig:
                  "expiry_seconds": s.expiry_seconds, "optional": s.optional}
             if s.boundaries is not None:
                 d["bucketize"] = {"boundaries": list(s.boundaries)}
+            elif s.cross_boundaries:
+                d["bucketize"] = {f: {"boundaries": list(b)} for f, b in s.cross_boundaries}
             elif s.quantiles is not None:
                 d["bucketize"] = {"quantiles": s.quantiles}
                 if s.epsilon is not None:
@@ -295,6 +304,29 @@ def _bucketize(where: str, raw: Any) -> dict:
     return {"quantiles": quantiles, "epsilon": epsilon}
 
 
+def _cross_bucketize(where: str, raw: Any, fields: tuple[str, ...]) -> tuple:
+    """A cross's ``{field: {boundaries: [...]}}`` → ``((field, boundaries), ...)``."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise FeatureConfigError(where, "in a cross, map a field of its source to its "
+                                        f"boundaries, e.g. {{{fields[0]}: {{boundaries: "
+                                        f"[...]}}}}; got {raw!r}")
+    for field in raw:
+        if field not in fields:
+            raise FeatureConfigError(where, f"{field!r} is not a field of the cross "
+                                            f"{list(fields)}")
+    out = []
+    for field in fields:
+        if field not in raw:
+            continue
+        spec = raw[field]
+        _check_keys(f"{where}.{field}", spec, ("boundaries", "quantiles"))
+        if "boundaries" not in spec:
+            raise FeatureConfigError(f"{where}.{field}", "a cross buckets a field by fixed "
+                                     "'boundaries' only (quantiles need the analysis)")
+        out.append((field, _boundaries(f"{where}.{field}", spec)))
+    return tuple(out)
+
+
 def _tensor_name(where: str, name: str) -> None:
     if not _TENSOR_NAME.fullmatch(name):
         raise FeatureConfigError(where, f"{name!r}: an analysed entry's name must be letters, "
@@ -331,10 +363,10 @@ def _slot(i: int, raw: Any, defaults: dict) -> SlotSpec:
     else:
         fields = (_field_name(f"{where}.source", source),)
     bucketize = {}
-    if raw.get("bucketize") is not None:
-        if len(fields) > 1:
-            raise FeatureConfigError(f"{where}.bucketize",
-                                     "bucketize applies to a single-field slot, not a cross")
+    if raw.get("bucketize") is not None and len(fields) > 1:
+        bucketize = {"cross_boundaries": _cross_bucketize(f"{where}.bucketize",
+                                                          raw["bucketize"], fields)}
+    elif raw.get("bucketize") is not None:
         bucketize = _bucketize(f"{where}.bucketize", raw["bucketize"])
         if "quantiles" in bucketize:
             _tensor_name(f"{where}.name", name)

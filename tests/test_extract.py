@@ -98,6 +98,23 @@ def test_cross_of_two_lists_is_the_cartesian_product():
         make_fid(9, f"{a}\x1f{b}") for a in "12" for b in "xy"]
 
 
+def test_a_bucketized_cross_hashes_the_bucket_index():
+    config = FeatureConfig.from_dict({"slots": [
+        {"name": "age_x_genre", "slot": 9, "source": ["age", "genres"],
+         "bucketize": {"age": {"boundaries": [18, 25, 35]}}}]})
+    for age, bucket in [(17.9, 0), (18, 1), (30, 2), (35, 3), (np.float32(80.0), 3)]:
+        record = feature_log(age=age, genres=["Drama", "War"])
+        assert extract(record, config)["fids"] == [
+            make_fid(9, f"{bucket}\x1f{g}") for g in ("Drama", "War")]
+    # A list of numbers is bucketed value by value; a bad value is dead-lettered by reason.
+    assert extract(feature_log(age=[10, 40], genres="War"), config)["fids"] == [
+        make_fid(9, "0\x1fWar"), make_fid(9, "3\x1fWar")]
+    for age, reason in [("old", "wrong_type:age"), (float("inf"), "not_finite:age")]:
+        with pytest.raises(ExtractError) as info:
+            extract(feature_log(age=age), config)
+        assert info.value.reason == reason
+
+
 def bad(mutate):
     record = feature_log(1)
     mutate(record)

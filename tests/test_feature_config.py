@@ -55,6 +55,16 @@ def test_valid_config_and_defaults():
     assert FeatureConfig.from_dict(config.to_dict()) == config
 
 
+def test_a_cross_buckets_the_fields_it_names():
+    raw = with_change(("slots", 2), {"name": "age_x_genre", "slot": 3, "source": ["age", "genres"],
+                                     "bucketize": {"age": {"boundaries": [18, 25]}}})
+    config = FeatureConfig.from_dict(raw)
+    cross = config.slot_by_name["age_x_genre"]
+    assert cross.cross_boundaries == (("age", (18, 25)),) and cross.boundaries is None
+    assert config.to_dict()["slots"][2]["bucketize"] == {"age": {"boundaries": [18, 25]}}
+    assert FeatureConfig.from_dict(config.to_dict()) == config
+
+
 @pytest.mark.parametrize("name", ["movielens", "synthetic"])
 def test_shipped_configs_load(name):
     config = load_feature_config(name)
@@ -85,7 +95,13 @@ def test_shipped_configs_load(name):
     (("slots", 1, "bucketize"), {"bounds": [1]}, "slots[1] (age).bucketize",
      "unknown key 'bounds'"),
     (("slots", 2, "bucketize"), {"boundaries": [1]}, "slots[2] (user_x_genre).bucketize",
-     "not a cross"),
+     "'boundaries' is not a field of the cross"),
+    (("slots", 2, "bucketize"), {"genres": {"quantiles": 4}},
+     "slots[2] (user_x_genre).bucketize.genres", "fixed 'boundaries' only"),
+    (("slots", 2, "bucketize"), {"genres": {"boundaries": [2, 1]}},
+     "slots[2] (user_x_genre).bucketize.genres.boundaries", "not sorted strictly increasing"),
+    (("slots", 2, "bucketize"), {}, "slots[2] (user_x_genre).bucketize",
+     "map a field of its source to its boundaries"),
     (("slots", 0, "source"), [], "slots[0] (user).source", "an empty list names no field"),
     (("slots", 0, "source"), ["a", "a"], "slots[0] (user).source", "a field repeats"),
     (("slots", 0, "source"), 3, "slots[0] (user).source", "expected a field name, got 3"),

@@ -122,10 +122,15 @@ def _text(field: str, v) -> str:
     return str(int(v)) if v.is_integer() else repr(v)
 
 
+def _bucket(boundaries: list, field: str, value) -> str:
+    """A bucketized value's text in a cross: its bucket's index."""
+    return str(bisect.bisect_right(boundaries, _finite(field, value)))
+
+
 class _Slot:
     """A slot compiled for the per-record loop."""
     __slots__ = ("name", "high", "fields", "field", "plain", "is_cross", "boundaries",
-                 "bucket_fids", "optional", "analysed", "analysed_k")
+                 "bucket_fids", "optional", "analysed", "analysed_k", "cross_boundaries")
 
     def __init__(self, spec: SlotSpec):
         self.name = spec.name
@@ -141,6 +146,7 @@ class _Slot:
         # Bucket indices are few: their fids are computed once, not per record.
         self.bucket_fids = None if self.boundaries is None else [
             self.high | hash48(i) for i in range(len(self.boundaries) + 1)]
+        self.cross_boundaries = {f: list(b) for f, b in spec.cross_boundaries}
 
 
 class FeatureExtractor:
@@ -286,6 +292,7 @@ class FeatureExtractor:
 
     def _cross(self, slot: _Slot, fields, fids: list) -> None:
         parts = []
+        bucketized = slot.cross_boundaries
         for field in slot.fields:
             value = fields.get(field)
             if value is None:
@@ -297,7 +304,10 @@ class FeatureExtractor:
                 if len(value) > self.max_list:
                     raise ExtractError(f"oversized_list:{field}", f"{len(value)} values > "
                                        f"max_list_length {self.max_list}")
-                parts.append([_text(field, v) for v in value])
+                parts.append([_text(field, v) for v in value] if field not in bucketized else
+                             [_bucket(bucketized[field], field, v) for v in value])
+            elif field in bucketized:
+                parts.append((_bucket(bucketized[field], field, value),))
             else:
                 parts.append((_text(field, value),))
         combinations = math.prod(len(p) for p in parts)
