@@ -43,12 +43,10 @@ def world_terms(requests: int, seed: int, users: int | None = None, items: int |
                 days: float | None = None):
     """The true logit's terms per request of ``benchmarks.train``'s synthetic stream (its
     world scaled with ``requests``, unless ``users``/``items``/``days`` fix it)."""
+    from benchmarks.train import world_size
     from dataflow.data import (DAY_MS, HOUR_MS, SynthParams, draw_world,
                                generate_synthetic)
-    p = SynthParams(requests=requests, seed=seed,
-                    users=users or max(1000, requests // 50),
-                    items=items or max(1000, requests // 40),
-                    days=days or max(1.0, requests / 100_000))
+    p = SynthParams(requests=requests, seed=seed, **world_size(requests, users, items, days))
     logs = generate_synthetic(p)
     world = draw_world(p, np.random.default_rng(p.seed))  # generate_synthetic's first draws
     ts_rel = logs.ts_ms - p.start_ms

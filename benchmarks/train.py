@@ -13,6 +13,8 @@ for: reading the example log through to applied PS updates. Prints one JSON obje
     the Flink job server)
 
     python -m benchmarks.train --json --requests 200000
+    python -m benchmarks.train --json --requests 1600000 --users 2000 --items 2500 --days 1
+                                         # the 100k world with 16x the impressions per id
     python -m benchmarks.train --json --runner FlinkRunner
     python -m benchmarks.train --json --dataset movielens --peers   # + river, same stream
 """
@@ -27,9 +29,23 @@ import tempfile
 import time
 
 
-def example_log(work: str, dataset: str, requests: int, seed: int) -> str:
+def world_size(requests: int, users: int | None = None, items: int | None = None,
+                days: float | None = None) -> dict:
+    """The synthetic world of ``requests``: scaled with it (so impressions per id stay the
+    same at any size: a median of ~18 per item) unless ``users``/``items``/``days`` fix it.
+
+    >>> world_size(100_000)
+    {'users': 2000, 'items': 2500, 'days': 1.0}
+    """
+    return {"users": users or max(1000, requests // 50),
+            "items": items or max(1000, requests // 40),
+            "days": days or max(1.0, requests / 100_000)}
+
+
+def example_log(work: str, dataset: str, requests: int, seed: int, **world) -> str:
     """Synthetic or MovieLens logs → joined example log in ``work``; returns its glob.
-    An example log already in ``work`` (a kept ``--workdir``) is reused."""
+    ``world``: :func:`world_size`'s overrides. An example log already in ``work`` (a kept
+    ``--workdir``) is reused."""
     import glob
     from dataflow import data, join
     out = os.path.join(work, "joined")
@@ -39,8 +55,7 @@ def example_log(work: str, dataset: str, requests: int, seed: int) -> str:
     if dataset == "movielens":
         data.movielens(logs)
     else:
-        data.synth(logs, requests=requests, seed=seed, users=max(1000, requests // 50),
-                   items=max(1000, requests // 40), days=max(1.0, requests / 100_000))
+        data.synth(logs, requests=requests, seed=seed, **world_size(requests, **world))
     join.main([f"--features={logs}/feature_log/*.avro", f"--actions={logs}/action_log/*.avro",
                f"--out={out}", f"--config={dataset}", "--shards_per_period=1"])
     return os.path.join(out, "examples", "*.avro")
@@ -99,6 +114,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--runner", default="DirectRunner", choices=["DirectRunner", "FlinkRunner"])
     parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--users", type=int, default=None,
+                        help="fix the synthetic world instead of scaling it with --requests "
+                             "(default: max(1000, requests / 50)); e.g. --requests 1600000 "
+                             "--users 2000 --items 2500 --days 1 has 16x the data per id")
+    parser.add_argument("--items", type=int, default=None,
+                        help="default: max(1000, requests / 40)")
+    parser.add_argument("--days", type=float, default=None,
+                        help="default: max(1, requests / 100000)")
     parser.add_argument("--model", default="deepfm", choices=["lr", "fm", "deepfm"])
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -114,7 +137,8 @@ def main(argv=None) -> dict:
 
     from dataflow import train
     work = args.workdir or tempfile.mkdtemp(prefix="bench-train-")
-    examples = example_log(work, args.dataset, args.requests, args.seed)
+    examples = example_log(work, args.dataset, args.requests, args.seed, users=args.users,
+                           items=args.items, days=args.days)
     metrics_dir = os.path.join(work, "metrics")
     metrics_out = os.path.join(work, f"metrics-{args.runner}.json")
     scores_dir = os.path.join(work, f"scores-{args.runner}-{os.getpid()}")

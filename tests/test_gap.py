@@ -4,10 +4,18 @@ import doctest
 import numpy as np
 
 from benchmarks import gap
+from benchmarks import train as train_benchmark
 
 
 def test_doctests():
     assert doctest.testmod(gap).failed == 0
+    assert doctest.testmod(train_benchmark).failed == 0
+
+
+def test_a_fixed_world_keeps_its_ids_at_any_request_count():
+    logs, world, *_ = gap.world_terms(3000, seed=1, users=40, items=60, days=0.5)
+    assert logs.user.max() < 40 and logs.item.max() < 60
+    assert len(world.age) == 40 and len(world.item_bias) == 60
 
 
 def test_terms_add_up_to_the_true_logit():
