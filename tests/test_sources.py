@@ -335,6 +335,44 @@ def test_tail_watermark_follows_event_time(tmp_path):
     assert residual.start == 3  # waits for the next file
 
 
+def test_tail_lists_a_backlog_once_not_once_a_file(tmp_path, monkeypatch):
+    """Through a backlog the folder is listed again only at the last known file (to ask
+    whether another follows), and a file that lands meanwhile is still read in turn."""
+    from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from apache_beam.runners.sdf_utils import (RestrictionTrackerView,
+                                               ThreadsafeRestrictionTracker)
+    from apache_beam.utils.timestamp import Timestamp
+
+    import transforms.sources as sources
+
+    listings = []
+    real = sources.ordered_log_files
+    monkeypatch.setattr(sources, "ordered_log_files",
+                        lambda pattern: listings.append(pattern) or real(pattern))
+    for i in range(6):
+        land(tmp_path, f"part-0{i}.avro", [{"request_id": f"r{i}", "ts_ms": 1_000 * i,
+                                            "action": "click"}])
+    fn = sources.TailAvroFilesFn(interval_seconds=1.0, stop_timestamp=Timestamp.of(2 ** 40))
+    read, index = [], 0
+    while True:
+        tracker = ThreadsafeRestrictionTracker(
+            OffsetRestrictionTracker(OffsetRange(index, sources._NO_END)))
+        read += [o.value["request_id"] for o in fn.process(
+            str(tmp_path / "part-*.avro"), tracker=RestrictionTrackerView(tracker),
+            watermark=ManualWatermarkEstimator(None))]
+        residual, delay = tracker.deferred_status()
+        if index == 2:  # lands while the backlog is read
+            land(tmp_path, "part-06.avro", [{"request_id": "r6", "ts_ms": 6_000,
+                                             "action": "click"}])
+        if residual.start == index + 1 and delay.micros > 0:
+            break  # waits for more files
+        index = residual.start
+    assert read == [f"r{i}" for i in range(7)]
+    # the first call, at the last known file (part-05: is part-06 there?), at part-06
+    assert len(listings) == 3
+
+
 def test_tail_stops_once_the_marker_exists(tmp_path):
     """With ``stop_when_exists`` the tail waits for files until the marker appears, then reads
     every file that landed before it and ends its restriction."""

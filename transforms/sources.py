@@ -594,6 +594,7 @@ class TailAvroFilesFn(beam.DoFn):
         self.read_once = read_once
         self.reading = _FileReading(time_field)
         self.behind = Metrics.counter("sources", "records_behind_watermark")
+        self.listed: dict = {}  # file pattern -> its ordered files when last listed
 
     @beam.DoFn.unbounded_per_element()
     def process(self, file_pattern,
@@ -603,7 +604,7 @@ class TailAvroFilesFn(beam.DoFn):
         index = tracker.current_restriction().start
         # Looked for before the listing: whatever landed before the marker is then listed.
         marked = bool(self.stop_when_exists) and FileSystems.exists(self.stop_when_exists)
-        paths = ordered_log_files(file_pattern)
+        paths = self._listing(file_pattern, index)
         if index < len(paths):
             if not tracker.try_claim(index):
                 return  # the runner split the rest off
@@ -616,6 +617,15 @@ class TailAvroFilesFn(beam.DoFn):
             tracker.try_claim(_NO_END)  # past the range: the restriction is done
         else:
             tracker.defer_remainder(self.interval)  # wait for more files
+
+    def _listing(self, file_pattern, index: int) -> list:
+        """The ordered files, listed again only once ``index`` reaches the last one known:
+        whether another follows is then asked of the folder. A backlog of n files costs about
+        one listing, not n (later files only ever come after the known ones)."""
+        known = self.listed.get(file_pattern)
+        if known is None or index + 1 >= len(known):
+            known = self.listed[file_pattern] = ordered_log_files(file_pattern)
+        return known
 
     def _read_one(self, paths: list, index: int, watermark):
         """The records and dead letters of ``paths[index]``; then the watermark moves to the
