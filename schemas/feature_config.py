@@ -306,7 +306,8 @@ def _bucketize(where: str, raw: Any) -> dict:
 
 def _cross_bucketize(where: str, raw: Any, fields: tuple[str, ...]) -> tuple:
     """A cross's ``{field: {boundaries: [...]}}`` → ``((field, boundaries), ...)``."""
-    if not isinstance(raw, Mapping) or not raw:
+    if not isinstance(raw, Mapping) or not raw or (
+            raw.keys() & {"boundaries", "quantiles", "epsilon"} and not raw.keys() & fields):
         raise FeatureConfigError(where, "in a cross, map a field of its source to its "
                                         f"boundaries, e.g. {{{fields[0]}: {{boundaries: "
                                         f"[...]}}}}; got {raw!r}")

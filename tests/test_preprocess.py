@@ -303,7 +303,8 @@ def test_a_z_score_that_overflows_float32_is_a_dead_letter():
      "only applies to 'quantiles'"),
     ({"bucketize": {"quantiles": 4, "epsilon": 0}}, "bucketize.epsilon", "must be in (0, 1)"),
     ({"bucketize": {"quantiles": 4}, "name": "age q"}, "name", "letters, digits and '_'"),
-    ({"bucketize": {"quantiles": 4}, "source": ["a", "b"]}, "bucketize", "not a cross"),
+    ({"bucketize": {"quantiles": 4}, "source": ["a", "b"]}, "bucketize",
+     "in a cross, map a field of its source"),
 ])
 def test_invalid_analyser_configs(change, where, problem):
     slot = {"name": "age", "slot": 3, "source": "age", **change}
