@@ -42,6 +42,7 @@ should extraction itself fail, ``unexpected_error:<exception type>``.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import os
@@ -122,7 +123,7 @@ def _text(field: str, v) -> str:
     return str(int(v)) if v.is_integer() else repr(v)
 
 
-def _bucket(boundaries: list, field: str, value) -> str:
+def _bucket_text(boundaries: list, field: str, value) -> str:
     """A bucketized value's text in a cross: its bucket's index."""
     return str(bisect.bisect_right(boundaries, _finite(field, value)))
 
@@ -130,7 +131,7 @@ def _bucket(boundaries: list, field: str, value) -> str:
 class _Slot:
     """A slot compiled for the per-record loop."""
     __slots__ = ("name", "high", "fields", "field", "plain", "is_cross", "boundaries",
-                 "bucket_fids", "optional", "analysed", "analysed_k", "cross_boundaries")
+                 "bucket_fids", "optional", "analysed", "analysed_k", "cross_texts")
 
     def __init__(self, spec: SlotSpec):
         self.name = spec.name
@@ -146,7 +147,11 @@ class _Slot:
         # Bucket indices are few: their fids are computed once, not per record.
         self.bucket_fids = None if self.boundaries is None else [
             self.high | hash48(i) for i in range(len(self.boundaries) + 1)]
-        self.cross_boundaries = {f: list(b) for f, b in spec.cross_boundaries}
+        # A cross's fields with the function giving each value's text (a bucket's index for
+        # a bucketized field), chosen once here rather than per record.
+        bucketized = dict(spec.cross_boundaries)
+        self.cross_texts = [(f, functools.partial(_bucket_text, list(bucketized[f])) if f in bucketized else _text)
+                            for f in spec.fields]
 
 
 class FeatureExtractor:
@@ -292,8 +297,7 @@ class FeatureExtractor:
 
     def _cross(self, slot: _Slot, fields, fids: list) -> None:
         parts = []
-        bucketized = slot.cross_boundaries
-        for field in slot.fields:
+        for field, text in slot.cross_texts:
             value = fields.get(field)
             if value is None:
                 if slot.optional:
@@ -304,12 +308,9 @@ class FeatureExtractor:
                 if len(value) > self.max_list:
                     raise ExtractError(f"oversized_list:{field}", f"{len(value)} values > "
                                        f"max_list_length {self.max_list}")
-                parts.append([_text(field, v) for v in value] if field not in bucketized else
-                             [_bucket(bucketized[field], field, v) for v in value])
-            elif field in bucketized:
-                parts.append((_bucket(bucketized[field], field, value),))
+                parts.append([text(field, v) for v in value])
             else:
-                parts.append((_text(field, value),))
+                parts.append((text(field, value),))
         combinations = math.prod(len(p) for p in parts)
         if combinations > self.max_list:
             raise ExtractError(f"oversized_cross:{slot.name}", f"{combinations} combinations "
