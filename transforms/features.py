@@ -150,8 +150,9 @@ class _Slot:
         # A cross's fields with the function giving each value's text (a bucket's index for
         # a bucketized field), chosen once here rather than per record.
         bucketized = dict(spec.cross_boundaries)
-        self.cross_texts = [(f, functools.partial(_bucket_text, list(bucketized[f])) if f in bucketized else _text)
-                            for f in spec.fields]
+        self.cross_texts = [
+            (f, functools.partial(_bucket_text, list(bucketized[f])) if f in bucketized
+             else _text) for f in spec.fields]
 
 
 class FeatureExtractor:
