@@ -30,13 +30,18 @@ they run in a Python loop: this is an analysis, not a hot path (~1 minute).
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import glob
 import json
 import os
 import sys
 
 import numpy as np
+
+from dataflow import cli
 
 
 def world_terms(requests: int, seed: int, users: int | None = None, items: int | None = None,
@@ -186,8 +191,7 @@ def model_by_exposure(s: dict, users: np.ndarray, items: np.ndarray) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.argument_parser(prog="python -m benchmarks.gap", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)

@@ -19,7 +19,10 @@ the globals of every loaded module (~1 ms per write, ~5 ms with TensorFlow impor
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import json
 import platform
 import random
@@ -28,6 +31,7 @@ import time
 import apache_beam as beam
 from apache_beam.transforms.window import TimestampedValue
 
+from dataflow import cli
 from dataflow.job import metrics_dict, run_job
 from dataflow.options import pipeline_options
 from transforms.joiner import OnlineJoiner
@@ -37,7 +41,8 @@ HOUR_MS = 3_600_000
 CHUNK = 1000
 
 
-def generate_chunk(chunk: int, requests: int, click_rate: float, window_ms: int, seed: int):
+# no annotations: Beam reads a callable's (strings here) and logs that it uses Any
+def generate_chunk(chunk, requests, click_rate, window_ms, seed):
     """Feature and action records of requests ``[chunk*CHUNK, ...)``, tagged by kind."""
     rng = random.Random(seed * 1_000_003 + chunk)
     for i in range(chunk * CHUNK, min((chunk + 1) * CHUNK, requests)):
@@ -93,8 +98,7 @@ def run(requests=20_000, runner="DirectRunner", click_rate=0.3, join_window_s=60
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.join", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.argument_parser(prog="python -m benchmarks.join", description=__doc__)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--runner", default="DirectRunner",
                         choices=["DirectRunner", "FlinkRunner"])

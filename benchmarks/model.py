@@ -10,12 +10,17 @@ backward, NumPy out); ``index`` is its NumPy bookkeeping alone. Times are median
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import json
 import os
 import time
 
 import numpy as np
+
+from dataflow import cli
 
 
 def _pin_to_one_core():
@@ -70,7 +75,7 @@ def measure(kind: str, batch_size: int, slots: int = 20, dim: int = 8, dense_dim
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.argument_parser(prog="python -m benchmarks.model", description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default="lr,fm,deepfm")
     parser.add_argument("--batches", default="256,1024")
     parser.add_argument("--repeat", type=int, default=200)

@@ -20,7 +20,10 @@ target is ≤ 2.
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import glob
 import json
 import os
@@ -30,6 +33,7 @@ import time
 
 import fastavro
 
+from dataflow import cli
 from schemas.feature_config import FeatureConfig
 from transforms.features import FeatureExtractor, Preprocessor
 
@@ -106,8 +110,7 @@ def run(requests=50_000, batch_size=256, repeat=5, clock="cpu", workdir=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.argument_parser(prog="python -m benchmarks.preprocess", description=__doc__)
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=5)

@@ -21,6 +21,10 @@ Measured on the shared 2-core machine (Beam 2.62 / TF 2.16, DeepFM over the 15 s
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import argparse
 import http.client
 import json
@@ -31,6 +35,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from dataflow import cli
 
 
 def _load(url: str, bodies_path: str, requests: int, seconds: float, concurrency: int) -> dict:
@@ -189,8 +195,7 @@ def bench_store(store_url: str, args, workdir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.argument_parser(prog="python -m benchmarks.serve", description=__doc__)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--stores", default="memory,redis")
     p.add_argument("--model", default="deepfm", choices=["lr", "fm", "deepfm"])

@@ -11,7 +11,10 @@ jobs only a comparison made this way means something. "old" writes its log as it
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import importlib.util
 import json
 import os
@@ -23,6 +26,7 @@ import time
 import numpy as np
 
 from benchmarks import serve as bench
+from dataflow import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,8 +44,7 @@ def _module_at(rev: str, workdir: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_ab", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.argument_parser(prog="python -m benchmarks.serve_ab", description=__doc__)
     p.add_argument("--rev", required=True, help="git revision of the old dataflow/serve.py")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--requests", type=int, default=1500, help="per phase")

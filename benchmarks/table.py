@@ -12,7 +12,10 @@ other processes sharing the machine do not decide the result; on an idle machine
 wall-clock time (``--clock wall``).
 """
 
-import argparse
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import json
 import os
 import platform
@@ -20,6 +23,7 @@ import time
 
 import numpy as np
 
+from dataflow import cli
 from ps import Adagrad, EmbeddingTable
 
 _CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
@@ -153,7 +157,7 @@ def run(num_keys=1_000_000, batch=65_536, dim=16, repeat=3, seed=0, clock="cpu")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.argument_parser(prog="python -m benchmarks.table", description=__doc__)
     parser.add_argument("--keys", type=int, default=1_000_000, help="number of distinct random uint64 keys")
     parser.add_argument("--batch", type=int, default=65_536, help="keys per call")
     parser.add_argument("--dim", type=int, default=16, help="embedding dimension")

@@ -20,13 +20,18 @@ for: reading the example log through to applied PS updates. Prints one JSON obje
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import json
 import os
 import resource
 import sys
 import tempfile
 import time
+
+from dataflow import cli
 
 
 def world_size(requests: int, users: int | None = None, items: int | None = None,
@@ -109,8 +114,7 @@ def peak_rss_mb() -> float:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.argument_parser(prog="python -m benchmarks.train", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--runner", default="DirectRunner", choices=["DirectRunner", "FlinkRunner"])
     parser.add_argument("--requests", type=int, default=100_000)

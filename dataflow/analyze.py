@@ -21,6 +21,10 @@ is never mixed with another run's files.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
+    from dataflow.cli import pipeline_main
+    raise SystemExit(pipeline_main("analyze"))
+
 import logging
 import os
 import shutil
@@ -125,7 +129,4 @@ def describe(summary: dict) -> str:
 
 
 OPTIONS = [AnalyzeOptions]
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    main()
+USAGE = "--input INPUT --config CONFIG --out OUT [options]"

@@ -35,6 +35,10 @@ is a served request in time order; a rating >= 4 is a "click" 1 to 60 seconds la
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import argparse
 import dataclasses
 import datetime as dt
@@ -50,6 +54,7 @@ from typing import Iterable, Sequence
 import fastavro
 import numpy as np
 
+from dataflow import cli
 from schemas import load_schema
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -618,12 +623,13 @@ def movielens(out_dir: str | os.PathLike, cache_dir: str | os.PathLike = DATA_CA
 # --------------------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dataflow.data", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.argument_parser(
+        prog="python -m dataflow.data", description=__doc__)
     sub = parser.add_subparsers(dest="dataset", required=True)
     d = SynthParams()
-    s = sub.add_parser("synth", help="synthetic short-video stream with a known Bayes AUC")
+    s = sub.add_parser("synth", help="synthetic short-video stream with a known Bayes AUC",
+                       formatter_class=cli.HelpFormatter)
+    cli.add_verbose(s, subcommand=True)
     s.add_argument("--out_dir", "--out", dest="out_dir", required=True,
                    help="directory for feature_log/, action_log/ and summary.json")
     for name, kind, text in [
@@ -639,7 +645,9 @@ def _parser() -> argparse.ArgumentParser:
                                       "uniform time (0: users never leave)")]:
         s.add_argument(f"--{name}", type=kind, default=getattr(d, name),
                        help=f"{text} (default {getattr(d, name)})")
-    m = sub.add_parser("movielens", help="MovieLens-100K as a time-ordered stream")
+    m = sub.add_parser("movielens", help="MovieLens-100K as a time-ordered stream",
+                       formatter_class=cli.HelpFormatter)
+    cli.add_verbose(m, subcommand=True)
     m.add_argument("--out_dir", "--out", dest="out_dir", required=True,
                    help="directory for feature_log/, action_log/ and summary.json")
     m.add_argument("--cache_dir", default=str(DATA_CACHE),
@@ -653,6 +661,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     dataset, out_dir = args.pop("dataset"), args.pop("out_dir")
+    args.pop("verbose")  # dataflow.cli.setup's
     try:
         summary = synth(out_dir, **args) if dataset == "synth" else movielens(out_dir, **args)
     except (ValueError, RuntimeError) as e:

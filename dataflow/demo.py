@@ -16,6 +16,10 @@ through: ``python -m dataflow demo --runner=FlinkRunner --flink_master=[local]``
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
+    from dataflow.cli import pipeline_main
+    raise SystemExit(pipeline_main("demo"))
+
 import json
 import os
 import shutil
@@ -129,3 +133,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 OPTIONS = [train.TrainOptions]
+USAGE = "[train options, e.g. --model lr] [Beam flags, e.g. --runner=FlinkRunner]"

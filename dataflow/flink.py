@@ -19,7 +19,10 @@ Command line::
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import glob
 import json
 import logging
@@ -34,6 +37,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Callable
+
+from dataflow import cli
 
 _LOG = logging.getLogger(__name__)
 
@@ -484,16 +489,23 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataflow.flink", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.argument_parser(prog="python -m dataflow.flink", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    start = sub.add_parser("start", help="start a standalone cluster in the background")
-    start.add_argument("--workdir", default=str(REPO_ROOT / ".cache" / "flink-cluster"))
-    start.add_argument("--rest_port", type=int, default=8081)
-    start.add_argument("--task_slots", type=int, default=2)
-    stop = sub.add_parser("stop", help="stop the cluster started by `start`")
-    stop.add_argument("--workdir", default=str(REPO_ROOT / ".cache" / "flink-cluster"))
-    sub.add_parser("paths", help="print where the job server jar and Flink are")
+    start = sub.add_parser("start", help="start a standalone cluster in the background",
+                           formatter_class=cli.HelpFormatter)
+    start.add_argument("--workdir", default=str(REPO_ROOT / ".cache" / "flink-cluster"),
+                       help="the cluster's configuration, logs and pid files")
+    start.add_argument("--rest_port", type=int, default=8081,
+                       help="port of the REST API and web UI (the job master: HOST:PORT)")
+    start.add_argument("--task_slots", type=int, default=2, help="slots of its task manager")
+    stop = sub.add_parser("stop", help="stop the cluster started by `start`",
+                          formatter_class=cli.HelpFormatter)
+    stop.add_argument("--workdir", default=str(REPO_ROOT / ".cache" / "flink-cluster"),
+                      help="the --workdir it was started with")
+    paths = sub.add_parser("paths", help="print where the job server jar and Flink are",
+                           formatter_class=cli.HelpFormatter)
+    for p in (start, stop, paths):
+        cli.add_verbose(p, subcommand=True)
     args = parser.parse_args(argv)
     try:
         if args.cmd == "paths":

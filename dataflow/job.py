@@ -13,7 +13,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from dataflow.options import MonolithOptions
+from dataflow.options import MonolithOptions, our_overrides_accepted
 
 _LOG = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _stop_on_flink(result, options: PipelineOptions, runner) -> bool:
 def _cancel_on_remote_flink(options: PipelineOptions) -> None:
     """Cancelling through Beam leaves a job on a remote Flink cluster running: cancel it there."""
     from apache_beam.options.pipeline_options import GoogleCloudOptions
-    master = options.get_all_options().get("flink_master") or ""
+    master = options.get_all_options(retain_unknown_options=True).get("flink_master") or ""
     name = options.view_as(GoogleCloudOptions).job_name
     if master and not master.startswith("[") and name:
         from dataflow.flink import cancel_jobs_named
@@ -152,7 +152,8 @@ def _startup_heap_frozen():
 
 
 def _run(pipeline: beam.Pipeline, options: PipelineOptions, finished, poll_s, stop):
-    result = pipeline.run()
+    with our_overrides_accepted():
+        result = pipeline.run()
     if finished is None:
         result.wait_until_finish()
     else:

@@ -46,6 +46,10 @@ reason, for feature and action logs alike: a bad file never fails the join.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
+    from dataflow.cli import pipeline_main
+    raise SystemExit(pipeline_main("join"))
+
 import datetime
 import glob
 import hashlib
@@ -794,7 +798,4 @@ def main(argv: list[str] | None = None):
 
 
 OPTIONS = [JoinOptions]
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()
+USAGE = "--features FEATURES --actions ACTIONS --out OUT [options]"

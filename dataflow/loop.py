@@ -59,6 +59,10 @@ in event time), and throughput (requests, served items, trained examples per sec
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import argparse
 import csv
 import glob
@@ -74,6 +78,8 @@ import time
 from typing import Optional
 
 import numpy as np
+
+from dataflow import cli
 
 _LOG = logging.getLogger(__name__)
 
@@ -440,8 +446,7 @@ def plot(path: str, rows: list, stats: dict, trained: list, title: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dataflow.loop", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.argument_parser(prog="python -m dataflow.loop", description=__doc__)
     p.add_argument("--out", default="out/loop", help="working folder (emptied first)")
     p.add_argument("--duration_s", type=float, default=14400.0, help="simulated seconds")
     p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per wall second")
@@ -517,6 +522,7 @@ def run(args) -> dict:
     flink = args.runner == "FlinkRunner"
     beam_args = (["--runner=FlinkRunner", "--flink_master=[local]", "--parallelism=1",
                   "--streaming"] if flink else ["--runner=DirectRunner"])
+    beam_args += _verbose(args)
     started = time.monotonic()
     trained: list = []
     history = None
@@ -621,7 +627,7 @@ def start_serving(procs: Processes, args, out: str, store: str, name: str,
         "--config", args.config, "--model_kind", args.model, "--seed", str(args.seed),
         "--num_shards", str(args.num_shards), "--feature_log", feature_log,
         "--roll_s", str(args.period_s), "--port", str(port),
-        "--port_file", f"{out}/{name}.url", "--poll_s", "0.5"])
+        "--port_file", f"{out}/{name}.url", "--poll_s", "0.5", *_verbose(args)])
     return f"http://127.0.0.1:{port}"
 
 
@@ -638,7 +644,12 @@ def simulate_argv(args, url: str, actions: str, speed: float, rps: float,
             "--items", str(args.items), "--categories", str(args.categories),
             "--drift", str(args.drift), "--seed", str(args.seed),
             *(["--stats", stats] if stats else []), "--summary", summary,
-            "--wait_for_serve_s", str(args.serve_start_timeout_s)]
+            "--wait_for_serve_s", str(args.serve_start_timeout_s), *_verbose(args)]
+
+
+def _verbose(args) -> list:
+    """The children (their logs in OUT/logs/) are as verbose as the loop."""
+    return [cli.VERBOSE_FLAG] if getattr(args, "verbose", False) else []
 
 
 def run_history(procs: Processes, args, out: str, store: str) -> dict:
@@ -802,7 +813,8 @@ def _div(x, d):
 # --------------------------------------------------------------------------- Flink join
 
 
-def _write_started(path: str) -> None:
+# no annotations: Beam reads a callable's (strings here) and logs that it uses Any
+def _write_started(path):
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(f"{time.time():.3f}\n")
@@ -897,6 +909,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from dataflow import loop as _loop  # the importable module (Beam pickles its DoFns)
     sys.exit(_loop.main())

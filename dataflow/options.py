@@ -19,10 +19,13 @@ by ``view_as(PortableOptions)`` (and the Flink job server would then try to writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
                                                   PortableOptions, StandardOptions)
+
+from dataflow.cli import VERBOSE_FLAG, VERBOSE_HELP
 
 
 class MonolithOptions(PipelineOptions):
@@ -38,6 +41,9 @@ class MonolithOptions(PipelineOptions):
             "--metrics_out", default=None,
             help="Write the job's Beam metrics (counters, distributions) as JSON to this file "
                  "when the pipeline finishes.")
+        # read by dataflow.cli.setup before anything is imported; here so that it is
+        # documented and not handed to Beam as a flag of its own
+        parser.add_argument(VERBOSE_FLAG, action="store_true", help=VERBOSE_HELP)
 
 
 def _subclasses(cls):
@@ -62,9 +68,10 @@ def split_flags(argv: list[str], option_classes=()) -> tuple[dict, list[str]]:
 
 
 class _OurOverridesAreValid(logging.Filter):
-    """Beam's ``get_all_options`` knows only direct ``PipelineOptions`` subclasses, so it warns
-    "Discarding invalid overrides" about every flag of ours on each run (the values are
-    kept: ``view_as`` reads them). Drop that warning when it names only our flags."""
+    """Beam's ``get_all_options`` knows only direct ``PipelineOptions`` subclasses, so the
+    DirectRunner warns "Discarding invalid overrides" about every flag of ours when a job
+    starts (only the options handed to its workers lose them; our DoFns get their values
+    from their constructors). Drop that warning when it names only our flags."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not str(record.msg).startswith("Discarding invalid overrides") or not record.args:
@@ -74,7 +81,17 @@ class _OurOverridesAreValid(logging.Filter):
         return not (isinstance(overrides, dict) and set(overrides) <= ours)
 
 
-logging.getLogger("apache_beam.options.pipeline_options").addFilter(_OurOverridesAreValid())
+@contextlib.contextmanager
+def our_overrides_accepted():
+    """While a job starts: no warning that our flags are "invalid overrides"
+    (:class:`_OurOverridesAreValid`)."""
+    logger = logging.getLogger("apache_beam.options.pipeline_options")
+    accepted = _OurOverridesAreValid()
+    logger.addFilter(accepted)
+    try:
+        yield
+    finally:
+        logger.removeFilter(accepted)
 
 
 def _flag_given(argv: list[str], name: str) -> bool:

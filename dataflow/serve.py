@@ -48,6 +48,10 @@ Bayes-optimal AUC of what was served.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import argparse
 import collections
 import gc
@@ -67,6 +71,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
 import numpy as np
+
+from dataflow import cli
 
 try:  # Beam depends on orjson: 3-5x faster than json on a request of 100 candidates
     import orjson as _orjson
@@ -874,8 +880,7 @@ class Server:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dataflow.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.argument_parser(prog="python -m dataflow.serve", description=__doc__)
     p.add_argument("--store", required=True,
                    help="ParameterStore URL (redis://HOST:PORT/DB; memory://NAME only in-process)")
     p.add_argument("--model", dest="model_dir", default=None,
@@ -946,5 +951,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     sys.exit(main())

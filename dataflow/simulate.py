@@ -24,6 +24,10 @@ latency, parameter ages and model version that serving reported, clicks).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import argparse
 import csv
 import heapq
@@ -38,6 +42,7 @@ from typing import Optional
 
 import numpy as np
 
+from dataflow import cli
 from dataflow.data import (DEVICES, GENDERS, HOUR_MS, NETWORKS, SynthParams, _solve_bias,
                            draw_tags, draw_world, roc_auc)
 
@@ -372,8 +377,7 @@ def _auc(scores, labels) -> Optional[float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dataflow.simulate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.argument_parser(prog="python -m dataflow.simulate", description=__doc__)
     p.add_argument("--serve", required=True, help="serving URL, e.g. http://127.0.0.1:8500")
     p.add_argument("--actions", required=True, help="folder of the action log")
     p.add_argument("--duration_s", type=float, default=3600.0,
@@ -429,5 +433,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     sys.exit(main())

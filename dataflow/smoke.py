@@ -13,8 +13,11 @@ DirectRunner (batch and ``TestStream``), Flink ``[local]`` and a standalone Flin
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
+    from dataflow.cli import pipeline_main
+    raise SystemExit(pipeline_main("smoke"))
+
 import json
-import logging
 import sys
 from typing import Any, Dict, Tuple
 
@@ -62,6 +65,7 @@ class BucketSummaryFn(beam.DoFn):
         values.add(float(event["value"]))
         flush.set(Timestamp(micros=(bucket + 1) * self.bucket_ms * 1000))
         self.events.inc()
+        return ()  # the timer emits the bucket
 
     @on_timer(FLUSH)
     def on_flush(self, key=beam.DoFn.KeyParam, values=beam.DoFn.StateParam(VALUES)):
@@ -92,7 +96,8 @@ class SummariseBuckets(beam.PTransform):
                 | "Summarise" >> beam.ParDo(BucketSummaryFn(bucket_ms)))
 
 
-def to_json_line(summary: dict) -> str:
+# no annotations: Beam reads a callable's (strings here) and logs that it uses Any
+def to_json_line(summary):
     return json.dumps(summary, sort_keys=True)
 
 
@@ -115,7 +120,4 @@ def main(argv: list[str] | None = None):
 
 
 OPTIONS = [SmokeOptions]
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()
+USAGE = "--input INPUT --out OUT [options]"

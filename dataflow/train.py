@@ -1,11 +1,11 @@
 """Online training: worker → sharded parameter servers → ParameterStore → worker (DESIGN §1).
 
-    python -m dataflow.train backfill --input 'examples/*.avro' --config CONFIG \
+    python -m dataflow.train backfill --input 'examples/*.avro' --config CONFIG \\
         --export_dir snapshots/ [--model deepfm] [--store memory://train] [--runner ...]
     python -m dataflow.train online --input examples/ --restore snapshots/ --config CONFIG ...
 
     # on a Flink cluster, through a savepoint (docs/reliability.md):
-    python -m dataflow.train backfill --input examples/ --savepoint_dir savepoints/ ... \
+    python -m dataflow.train backfill --input examples/ --savepoint_dir savepoints/ ... \\
         --runner=FlinkRunner --flink_master=HOST:PORT --streaming
     python -m dataflow.train online --input examples/ --savepoint_path savepoints/savepoint-… ...
 
@@ -24,6 +24,10 @@ bootstraps empty shards from those snapshots and trains on files as they land in
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
+    from dataflow.cli import pipeline_main
+    raise SystemExit(pipeline_main("train"))
+
 import logging
 import os
 import sys
@@ -33,26 +37,41 @@ import apache_beam as beam
 
 from dataflow.job import run_job
 from dataflow.options import MonolithOptions, pipeline_options
+from transforms.metrics import SCORE_COLUMNS
 
 _LOG = logging.getLogger(__name__)
+
+MODES = ("backfill", "online")
+#: what ``python -m dataflow train`` takes, after the program's name
+USAGE = f"{{{','.join(MODES)}}} --input INPUT --config CONFIG [options]"
+#: where each run's metrics folder is made unless --metrics_dir names one
+METRICS_ROOT = os.path.join("out", "train")
 
 
 class TrainOptions(MonolithOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--input", help="example log: a glob of Avro files (backfill) or "
-                                            "a folder watched for new files (online)")
-        parser.add_argument("--config", help="feature config (YAML): slots, dims, thresholds, expiry")
-        parser.add_argument("--model", default="deepfm", choices=["lr", "fm", "deepfm"])
+        parser.add_argument("--input", help="required: the example log, a glob of Avro files "
+                                            "(backfill) or a folder watched for new files "
+                                            "(online)")
+        parser.add_argument("--config", help="required: feature config (YAML path or a name in "
+                                             "schemas/configs): slots, dims, thresholds, expiry")
+        parser.add_argument("--model", default="deepfm", choices=["lr", "fm", "deepfm"],
+                            help="logistic regression, factorization machine or DeepFM")
         parser.add_argument("--store", default="memory://train",
                             help="ParameterStore URL: memory://NAME or redis://HOST:PORT/DB")
         parser.add_argument("--num_shards", type=int, default=2, help="sparse PS shards")
-        parser.add_argument("--batch_size", type=int, default=256)
+        parser.add_argument("--batch_size", type=int, default=256,
+                            help="examples per training batch")
         parser.add_argument("--optimizer", default="adagrad",
-                            choices=["sgd", "adagrad", "ftrl", "adam"], help="sparse rows")
-        parser.add_argument("--learning_rate", type=float, default=0.05)
-        parser.add_argument("--dense_optimizer", default="adam", choices=["sgd", "adagrad", "adam"])
-        parser.add_argument("--dense_learning_rate", type=float, default=0.001)
+                            choices=["sgd", "adagrad", "ftrl", "adam"],
+                            help="optimizer of the sparse rows (embeddings)")
+        parser.add_argument("--learning_rate", type=float, default=0.05,
+                            help="learning rate of the sparse rows")
+        parser.add_argument("--dense_optimizer", default="adam", choices=["sgd", "adagrad", "adam"],
+                            help="optimizer of the dense weights")
+        parser.add_argument("--dense_learning_rate", type=float, default=0.001,
+                            help="learning rate of the dense weights")
         parser.add_argument("--sync_interval_s", type=float, default=0.0,
                             help="event-time seconds between sparse syncs to the store (0: every batch)")
         parser.add_argument("--dense_sync_interval_s", type=float, default=0.0,
@@ -70,12 +89,15 @@ class TrainOptions(MonolithOptions):
                             help="longest the reader waits for the PS before reading on")
         parser.add_argument("--metrics_window_s", type=int, default=3600,
                             help="event-time window of the online metrics")
-        parser.add_argument("--metrics_dir", default="out/train",
-                            help="where the online metrics CSV and PNG go")
+        parser.add_argument("--metrics_dir", default=None,
+                            help="where the online metrics go: online-MODE.csv, .png and "
+                                 "-totals.json (default: a new folder per run, "
+                                 f"{METRICS_ROOT}/MODE-YYYYmmdd-HHMMSS)")
         parser.add_argument("--scores_out", default=None,
                             help="also write every example's online score, label, weight, "
-                                 "event time and true CTR here (.npz files; "
-                                 "transforms.metrics.read_scores)")
+                                 "event time and true CTR into this folder: .npz files with "
+                                 f"the arrays {', '.join(SCORE_COLUMNS)} "
+                                 "(transforms.metrics.read_scores reads them back)")
         parser.add_argument("--export_dir", default=None,
                             help="write PS snapshots here when the input ends (backfill; "
                                  "online: when --run_for_s is over)")
@@ -97,7 +119,8 @@ class TrainOptions(MonolithOptions):
                             help="online: stop watching the folder once this file exists (its "
                                  "writer creates it after the last example file landed; "
                                  "every file that landed before it is trained on)")
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--seed", type=int, default=0,
+                            help="seed of the initial weights")
         parser.add_argument("--model_dir", default=None,
                             help="export the dense model as a TensorFlow SavedModel into this "
                                  "folder every --model_export_interval_s of event time, for "
@@ -156,11 +179,16 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
         stop_when_exists=opts.stop_when_exists)
     export_dir = opts.export_dir
     restore_dir = opts.restore if mode == "online" else None
+    # The PS DoFns are stateful, keyed by an int: typed so, their keys get a deterministic
+    # coder. Beam 2.62 takes no type hints for tagged outputs (apache/beam#18957): the dense
+    # gradients' type is set on their PCollection.
+    keyed = beam.typehints.Tuple[int, beam.typehints.Any]
     worker = (batches
               | "Worker" >> beam.ParDo(TrainWorker(
                   spec, opts.store, opts.num_shards,
-                  train_store_url=train_store)).with_outputs(
+                  train_store_url=train_store)).with_output_types(keyed).with_outputs(
                       TrainWorker.SCORES, TrainWorker.DENSE, main="sparse"))
+    worker[TrainWorker.DENSE].element_type = keyed
     sparse_tables = {name: width for name, width in spec.tables().items()}
     applied_sparse = worker.sparse | "SparseShard" >> beam.ParDo(SparseShard(
         opts.store, opts.num_shards, sparse_tables, slots=slot_policies(config),
@@ -177,7 +205,7 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
         worker[TrainWorker.DENSE] | "ExportModel" >> beam.ParDo(ExportDenseModel(
             opts.store, "dense", spec, opts.model_dir, opts.model_export_interval_s,
             opts.model_keep))
-    os.makedirs(opts.metrics_dir, exist_ok=True)
+    os.makedirs(metrics_dir(opts, mode), exist_ok=True)
     metrics = worker[TrainWorker.SCORES] | "OnlineMetrics" >> OnlineMetrics(
         opts.metrics_window_s, out_prefix=os.path.join(opts.metrics_dir, f"online-{mode}"),
         title=f"Online metrics, {mode} ({opts.model})")
@@ -188,15 +216,13 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
             "sparse": applied_sparse, "dense": applied_dense}
 
 
-MODES = ("backfill", "online")
 FLINK_BUNDLE_MS = 20
 
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in MODES:
-        raise SystemExit(f"usage: python -m dataflow.train {{{','.join(MODES)}}} --input ... "
-                         "--config ... [flags]; see --help")
+        raise SystemExit(f"usage: python -m dataflow train {USAGE} (see --help)")
     mode, argv = argv[0], argv[1:]
     # Flink's portable runner ends a bundle of a downstream stage after 1 s by default: that
     # is the round trip reader → worker → PS → store the reader waits for (bounded staleness).
@@ -227,6 +253,8 @@ def main(argv: list[str] | None = None):
     opts = options.view_as(TrainOptions)
     if not opts.input or not opts.config:
         raise SystemExit("train: --input and --config are required (see --help)")
+    if not opts.metrics_dir:
+        _LOG.info("train %s: metrics in %s", mode, metrics_dir(opts, mode))
     all_options = options.get_all_options(retain_unknown_options=True)
     savepoint = all_options.get("savepoint_path")
     if savepoint:  # refuse a damaged or foreign savepoint before anything is submitted
@@ -241,7 +269,31 @@ def main(argv: list[str] | None = None):
     if checkpointed and (mode == "backfill" or opts.run_for_s or opts.stop_when_exists):
         finished = _end_of_input_done(opts, mode, time.time())
     result = run_job(lambda p: build(p, opts, mode), options, finished=finished)
+    _report(opts, mode)
     return result
+
+
+def metrics_dir(opts, mode: str) -> str:
+    """``opts.metrics_dir``; if not given, a new folder for this run (set in ``opts``), so
+    that runs do not overwrite each other's metrics."""
+    if not opts.metrics_dir:
+        path = os.path.join(METRICS_ROOT, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        opts.metrics_dir = path if not os.path.exists(path) else f"{path}-{os.getpid()}"
+    return opts.metrics_dir
+
+
+def _report(opts, mode: str) -> None:
+    """The run's result line: its online AUC, and where its metrics are."""
+    import json
+    totals = os.path.join(opts.metrics_dir, f"online-{mode}-totals.json")
+    if not os.path.exists(totals):
+        return
+    with open(totals, encoding="utf-8") as f:
+        t = json.load(f)
+    auc = t.get("auc")
+    _LOG.info("train %s: online AUC %s over %s examples; metrics in %s", mode,
+              "-" if auc is None or auc != auc else f"{auc:.4f}",
+              f"{t.get('examples', 0):,}", opts.metrics_dir)
 
 
 def _embedded_flink(argv: list[str]) -> bool:
@@ -363,13 +415,3 @@ def _end_of_input_done(opts, mode: str, since: float):
     return done
 
 OPTIONS = [TrainOptions]
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    # Run the imported module, not __main__: DoFns of __main__ are pickled by value (DESIGN §4b).
-    from dataflow import train as _train
-    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
-        from dataflow.__main__ import pipeline_help
-        print(pipeline_help("train", _train))
-    else:
-        _train.main()

@@ -728,6 +728,7 @@ class SparseShard(_LoggedShard):
         self._maybe_publish(shard, live, sync_timer)
         self.log_entries_dist.update(live.log_entries)
         self.table_size.update(sum(len(t) for t in live.tables.values()))
+        return ()  # no output: the PS publishes to the store
 
     def _evict_logged(self, live, now_s, base, log, version):
         removed = self._evict(live, now_s)
@@ -960,3 +961,4 @@ class DenseShard(_LoggedShard):
         self.gradient_batches.inc()
         self._maybe_publish(key, live, sync_timer)
         self.log_entries_dist.update(live.log_entries)
+        return ()  # no output: the PS publishes to the store

@@ -360,12 +360,15 @@ class _ReadBatchesFn(beam.DoFn):
         return self._cursor[2]
 
     def process(self, pattern, tracker=beam.DoFn.RestrictionParam(_PeriodRange())):
-        if (yield from self._read(pattern, tracker)):
-            tracker.try_claim(tracker.current_restriction().stop)  # finishes the range
+        yield from self._read(pattern, tracker)
 
-    def _read(self, pattern, tracker, watermark=None):
-        """Claims and emits batches from the restriction's start; True if it read to the
-        end of what is listed, False if it stopped early (checkpoint or split)."""
+    def _listed_all(self, tracker, marked: bool) -> None:
+        """Every batch listed is read: a bounded read is done."""
+        tracker.try_claim(tracker.current_restriction().stop)  # finishes the range
+
+    def _read(self, pattern, tracker, watermark=None, marked: bool = False):
+        """Claims and emits batches from the restriction's start, until a checkpoint or a
+        split stops it, or to the end of what is listed: then :meth:`_listed_all`."""
         from transforms.example_columns import slice_batch
         if self.gate is not None and self._emitted_ts is not None:
             self.gate.wait(self._emitted_ts)
@@ -375,13 +378,14 @@ class _ReadBatchesFn(beam.DoFn):
         while True:
             located = self._locate(pattern, position)
             if located is None:
-                return True
+                self._listed_all(tracker, marked)
+                return
             paths, base, done = located
             examples = self._period(pattern, base, paths)
             n = len(examples)
             while done * self.batch_size < n:
                 if not tracker.try_claim(base + done):
-                    return False
+                    return
                 batch = slice_batch(examples, done * self.batch_size,
                                     min(n, (done + 1) * self.batch_size))
                 self._emitted_ts = int(batch.ts_ms.max())
@@ -397,7 +401,7 @@ class _ReadBatchesFn(beam.DoFn):
                     # Bundles end as the log is read (class docstring); the next call
                     # slices on from the period kept in the cursor.
                     tracker.defer_remainder()
-                    return False
+                    return
             self._close_cursor()
             position = base + self._span
 
@@ -431,8 +435,12 @@ class _TailBatchesFn(_ReadBatchesFn):
         # Looked for before reading: _read ends on a fresh listing, made after this, so
         # every file that landed before the marker is read.
         marked = bool(self.stop_when_exists) and FileSystems.exists(self.stop_when_exists)
-        if not (yield from self._read(pattern, tracker, watermark)):
-            return
+        yield from self._read(pattern, tracker, watermark, marked)
+
+    def _listed_all(self, tracker, marked: bool) -> None:
+        """Every batch listed is read: the restriction is done once the stream is over
+        (``marked``: the end marker existed before this read), else resumed after a poll
+        interval."""
         if marked or (self.stop_timestamp is not None and time.time() >= self.stop_timestamp):
             tracker.try_claim(_NO_END)  # past the range: the restriction is done
         else:

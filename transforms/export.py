@@ -261,11 +261,12 @@ class ExportDenseModel(beam.DoFn):
 
     def process(self, element, last=beam.DoFn.StateParam(LAST_VERSION)):
         sync = self.store.sync_info().get("dense")  # DenseShard's sync record
+        # no output: models go to model_dir (an iterable returned, as Beam expects)
         if not sync or (self.next_ms is not None and sync["ts_ms"] < self.next_ms):
-            return
+            return ()
         params, version = self.store.read_dense(self.dense_name)
         if params is None or version + 1 == (last.read() or 0):
-            return
+            return ()
         ts_ms = int(sync["ts_ms"])
         start = time.monotonic()
         if self.module is None:
@@ -280,3 +281,4 @@ class ExportDenseModel(beam.DoFn):
         self.write_ms.update(elapsed)
         _LOG.info("export: model version %d (event time %d) -> %s in %d ms", version, ts_ms,
                   path, elapsed)
+        return ()

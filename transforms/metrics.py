@@ -448,7 +448,8 @@ class Scores(NamedTuple):
     true_ctr: np.ndarray | None = None  #: float32 [n], NaN where unknown
 
 
-def as_scores(element) -> Scores:
+# no "-> Scores": Beam reads a callable's annotations (strings here) and logs that it uses Any
+def as_scores(element):
     """A ``Scores`` from a tuple of 4 or 5 arrays (or scalars), or a dict record with keys
     ``score``/``scores``, ``label``/``labels``, ``weight``/``weights``, ``ts_ms``, ``true_ctr``.
 
@@ -646,6 +647,7 @@ class WriteScores(beam.DoFn):
         self._parts.append((s.scores.astype(np.float32), s.labels.astype(np.float32),
                             s.weights.astype(np.float32), s.ts_ms.astype(np.int64),
                             np.asarray(true_ctr, np.float32)))
+        return ()  # written in finish_bundle
 
     def finish_bundle(self):
         if not self._parts:

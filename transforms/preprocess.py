@@ -289,8 +289,10 @@ def _arrow_schema(columns: list[str]):
     return pa.schema([(c, pa.list_(pa.float32())) for c in columns])
 
 
-def to_record_batch(rows: list[dict], columns: list[str]):
-    """Graph input rows → one Arrow RecordBatch (a ``list<float32>`` column each)."""
+# no annotations: Beam reads a callable's (strings here) and logs that it uses Any
+def to_record_batch(rows, columns):
+    """Graph input rows (dicts) → one Arrow RecordBatch (a ``list<float32>`` column each of
+    ``columns``)."""
     import pyarrow as pa
     return pa.RecordBatch.from_arrays(
         [pa.array([r[c] for r in rows], type=pa.list_(pa.float32())) for c in columns],

@@ -18,14 +18,13 @@ The worker holds no parameters of its own: the PS DoFns own them (DESIGN §1).
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.batch import DenseGradients, ExampleBatch, SparseGradients, shard_of
+from transforms.batch import DenseGradients, SparseGradients, shard_of
 
 _LOG = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ class TrainWorker(beam.DoFn):
             self._train_ready = self._publishers <= set(self.train_store.sync_info())
         return self._train_ready
 
-    def process(self, batch: ExampleBatch):
+    def process(self, batch):  # an ExampleBatch (Beam would read a string annotation as Any)
         if len(batch) == 0:
             return
         now_ms = int(batch.ts_ms.max())
@@ -150,8 +149,8 @@ class TrainWorker(beam.DoFn):
         now = time.monotonic()
         if now - p.bundle_logged >= self.progress_every_s:
             p.bundle_logged = now
-            _LOG.info("worker: %d examples so far, online AUC %.4f, %.0f examples/s after the "
-                      "first batch", p.examples, p.auc.result(), p.steady_rate())
+            _LOG.info("worker: %s examples so far, online AUC %.4f, %s examples/s after the "
+                      "first batch", f"{p.examples:,}", p.auc.result(), f"{p.steady_rate():,.0f}")
 
 
 class _Progress:
@@ -183,9 +182,5 @@ class _Progress:
         if self.every_s and now - self.last >= self.every_s:
             self.last = now
             rate = self.examples / max(now - self.start, 1e-9)
-            _LOG.info("progress: %d examples, online AUC %.4f, %.0f examples/s",
-                      self.examples, self.auc.result(), rate)
-            # stderr: a person watching sees it; stdout stays for a command's own output
-            # (benchmarks print one JSON object there)
-            print(f"progress: {self.examples:,} examples, online AUC {self.auc.result():.4f}, "
-                  f"{rate:,.0f} examples/s", file=sys.stderr, flush=True)
+            _LOG.info("progress: %s examples, online AUC %.4f, %s examples/s",
+                      f"{self.examples:,}", self.auc.result(), f"{rate:,.0f}")

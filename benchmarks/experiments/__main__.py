@@ -1,13 +1,18 @@
 """``python -m benchmarks.experiments {collision,sync,filter,peers} [--json] [--quick] ...``"""
 from __future__ import annotations
 
+if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they are imported
+    from dataflow.cli import setup
+    setup()
+
 import argparse
 import importlib
 import json
-import logging
 import os
 import sys
 import time
+
+from dataflow import cli
 
 EXPERIMENTS = {
     "collision": "collisionless vs. MD5-hashed embeddings: collision rate per slot, test AUC "
@@ -21,13 +26,13 @@ DEFAULT_DATASETS = {"collision": "synthetic,movielens", "sync": "synthetic,movie
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments",
+    p = cli.argument_parser(prog="python -m benchmarks.experiments",
                                 description=__doc__ + "\n\n" + "\n".join(
-                                    f"  {k:10s} {v}" for k, v in EXPERIMENTS.items()),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                    f"  {k:10s} {v}" for k, v in EXPERIMENTS.items()))
     sub = p.add_subparsers(dest="experiment", required=True)
     for name, text in EXPERIMENTS.items():
-        s = sub.add_parser(name, help=text, description=text)
+        s = sub.add_parser(name, help=text, description=text, formatter_class=cli.HelpFormatter)
+        cli.add_verbose(s, subcommand=True)
         s.add_argument("--json", action="store_true",
                        help="print only the JSON result on stdout (logs go to stderr)")
         s.add_argument("--quick", action="store_true",
@@ -48,9 +53,6 @@ def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     args.datasets_given = args.datasets is not None
     from benchmarks.experiments import common
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("benchmarks.experiments").setLevel(logging.INFO)
     args.workdir = os.path.abspath(args.workdir or common.DEFAULT_WORKDIR)
     datasets = args.datasets or DEFAULT_DATASETS[args.experiment]
     args.datasets = [d.strip() for d in datasets.split(",") if d.strip()]

@@ -276,6 +276,7 @@ class CollectScores(beam.DoFn):
                            for t in self.tables for s in range(self.num_shards))
                 self._samples.append((now, rows))
                 self._next_sample = (now // self.sample_ms + 1) * self.sample_ms
+        return ()  # written in finish_bundle
 
     def finish_bundle(self):
         if not self._parts:
