@@ -909,5 +909,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if not cli.verbose_requested():  # a join's counters every period: "loop: joined" says it
+        logging.getLogger("dataflow.job").setLevel(logging.WARNING)
     from dataflow import loop as _loop  # the importable module (Beam pickles its DoFns)
     sys.exit(_loop.main())

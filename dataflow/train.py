@@ -182,7 +182,7 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     # The PS DoFns are stateful, keyed by an int: typed so, their keys get a deterministic
     # coder. Beam 2.62 takes no type hints for tagged outputs (apache/beam#18957): the dense
     # gradients' type is set on their PCollection.
-    keyed = beam.typehints.Tuple[int, beam.typehints.Any]
+    keyed = beam.typehints.Tuple[int, beam.typehints.Any]  # PS_KEYS
     worker = (batches
               | "Worker" >> beam.ParDo(TrainWorker(
                   spec, opts.store, opts.num_shards,
@@ -217,6 +217,9 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
 
 
 FLINK_BUNDLE_MS = 20
+#: how the PS DoFns' state is keyed (in a savepoint's manifest: Flink finds state by the
+#: encoded key; before it was named, keys were FastPrimitivesCoder-encoded)
+PS_KEYS = "int shard, VarIntCoder"
 
 
 def main(argv: list[str] | None = None):
@@ -314,7 +317,7 @@ def _manifest(opts) -> dict:
     from transforms.batch import FOLLOW_POSITIONS, followed_pattern
     return {"input": followed_pattern(opts.input), "config": opts.config, "model": opts.model,
             "num_shards": opts.num_shards, "batch_size": opts.batch_size,
-            "reader_positions": FOLLOW_POSITIONS}
+            "reader_positions": FOLLOW_POSITIONS, "ps_keys": PS_KEYS}
 
 
 def _check_savepoint(path: str, opts, mode: str) -> None:
@@ -330,10 +333,11 @@ def _check_savepoint(path: str, opts, mode: str) -> None:
     if manifest is None:
         return
     ours = _manifest(opts)
-    if manifest.get("reader_positions") != ours["reader_positions"]:
-        raise SystemExit(f"train: savepoint {path} holds reader positions of another version "
-                         f"({manifest.get('reader_positions')}; this one reads "
-                         f"{ours['reader_positions']}): resume it with the version that wrote it")
+    for key, what in (("reader_positions", "reader positions"), ("ps_keys", "PS state keys")):
+        if manifest.get(key) != ours[key]:
+            raise SystemExit(f"train: savepoint {path} holds {what} of another version "
+                             f"({manifest.get(key)}; this one has {ours[key]}): resume it "
+                             "with the version that wrote it")
     wrong = [f"--{k}={ours[k]} (the savepoint's job: {manifest.get(k)})"
              for k in _RESUME_KEYS if str(manifest.get(k)) != str(ours[k])]
     if wrong:

@@ -79,7 +79,8 @@ def test_train_refuses_to_resume_a_savepoint_of_another_job(tmp_path):
     (root / "_metadata").write_bytes(b"flink")
     from transforms.batch import FOLLOW_POSITIONS
     manifest = {"input": f"{folder}/*.avro", "config": "synthetic", "model": "fm",
-                "num_shards": 2, "batch_size": 256, "reader_positions": FOLLOW_POSITIONS}
+                "num_shards": 2, "batch_size": 256, "reader_positions": FOLLOW_POSITIONS,
+                "ps_keys": train.PS_KEYS}
     (root / SAVEPOINT_MANIFEST).write_text(json.dumps(manifest))
     seal_savepoint(str(root))
     same = [f"--input={folder}", "--config=synthetic", "--model=fm", "--num_shards=2",
@@ -105,4 +106,8 @@ def test_train_refuses_to_resume_a_savepoint_of_another_job(tmp_path):
     (root / SAVEPOINT_MANIFEST).write_text(json.dumps({**manifest, "reader_positions": None}))
     seal_savepoint(str(root))  # a savepoint of the version that counted periods by index
     with pytest.raises(SystemExit, match="reader positions of another version"):
+        resume()
+    (root / SAVEPOINT_MANIFEST).write_text(json.dumps({**manifest, "ps_keys": None}))
+    seal_savepoint(str(root))  # PS state keyed by FastPrimitivesCoder-encoded shards
+    with pytest.raises(SystemExit, match="PS state keys of another version"):
         resume()

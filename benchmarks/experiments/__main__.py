@@ -8,6 +8,7 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -83,4 +84,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    if not cli.verbose_requested():  # its own lines, not those of its many training runs
+        for name in ("dataflow", "transforms", "ps"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     main()
