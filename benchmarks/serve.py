@@ -17,7 +17,7 @@ shared with other jobs, a stand-in for a core of their own (the JSON says the ni
 the load average at the start).
 
 Measured on the shared 2-core machine (Beam 2.62 / TF 2.16, DeepFM over the 15 slots of
-``schemas/configs/synthetic.yaml``, 100 candidates, top 10 served): see README (Serving).
+``schemas/configs/synthetic.yaml``, 100 candidates, top 10 served): see docs/loop.md (Serving).
 """
 from __future__ import annotations
 
