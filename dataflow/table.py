@@ -46,6 +46,8 @@ __all__ = ["TableSpec", "TableError", "read_table", "convert_table", "write_tabl
 TIME_UNITS = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
 MAX_TS_MS = 253_402_300_800_000   # 10000-01-01: later is a wrong unit, not a date
 USER_SLOT, ITEM_SLOT, FIRST_FEATURE_SLOT = 1, 2, 3
+# transforms.joiner's (tests/test_your_data.py checks): importing it would load Beam
+JOIN_WINDOW_S = 900
 CONFIG_NAME = "feature_config.yaml"
 DEAD_LETTER_FILE = os.path.join("dead_letter", "rows.jsonl")
 TRUE_TEXTS, FALSE_TEXTS = {"1", "true"}, {"0", "false"}
@@ -160,7 +162,7 @@ def _jsonable(v) -> Any:
     return str(v)
 
 
-def strict_json(obj, **kwargs) -> str:
+def _strict_json(obj, **kwargs) -> str:
     """JSON that any parser reads: NaN and infinities become null (``allow_nan=False``)."""
     def clean(o):
         if isinstance(o, float) and not math.isfinite(o):
@@ -187,9 +189,13 @@ def _labels(col: pd.Series, positive: tuple[str, ...]):
         text = _text(v).strip()
         if wanted:
             label[k] = text in wanted
-        elif text.lower() in TRUE_TEXTS:
+            continue
+        text = text.lower()
+        if text not in TRUE_TEXTS | FALSE_TEXTS:
+            text = _text(pd.to_numeric(text, errors="coerce"))  # "1.0" is 1
+        if text in TRUE_TEXTS:
             label[k] = True
-        elif text.lower() not in FALSE_TEXTS:
+        elif text not in FALSE_TEXTS:
             reason[k] = "bad_label"
             detail[k] = (f"{v!r} is not 0/1 or true/false (give --positive VALUES for a "
                          "label column of other values)")
@@ -209,9 +215,7 @@ def _times(col: pd.Series, fmt: str):
     ts = np.zeros(n, dtype=np.int64)
     ok = ~missing
     used = fmt
-    numeric_column = (pd.api.types.is_numeric_dtype(col)
-                      and not pd.api.types.is_bool_dtype(col))
-    if fmt in TIME_UNITS or (fmt == "auto" and numeric_column):
+    if fmt in TIME_UNITS or (fmt == "auto" and _mostly_numbers(col)):
         values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
         ok &= np.isfinite(values)
         if fmt == "auto":
@@ -412,7 +416,7 @@ def _quantile_boundaries(values: np.ndarray, buckets: int) -> list:
         # A value as common as a bucket (the zeros of an amount, say) gets a bucket of its
         # own, and the rest are split at their own quantiles.
         bounds |= {float(above.min())}
-        bounds |= set(np.quantile(above, np.linspace(0, 1, buckets - 1)[1:-1]).tolist())
+        bounds |= set(np.quantile(above, np.linspace(0, 1, buckets)[1:-1]).tolist())
     # x < b[0] is bucket 0: a boundary at the minimum would leave that bucket empty
     rounded = {float(f"{b:.6g}") for b in bounds if b > lo}
     return sorted(int(b) if b.is_integer() else b for b in rounded if b > lo)
@@ -530,7 +534,7 @@ def write_table(logs: TableLogs, out_dir: str | os.PathLike, source: str = "") -
     dead_path.parent.mkdir(parents=True, exist_ok=True)
     with open(dead_path, "w", encoding="utf-8") as f:
         for letter in logs.dead:
-            f.write(strict_json(letter, sort_keys=True) + "\n")
+            f.write(_strict_json(letter, sort_keys=True) + "\n")
     reasons: dict = {}
     for letter in logs.dead:
         reasons[letter["reason"]] = reasons.get(letter["reason"], 0) + 1
@@ -555,7 +559,7 @@ def write_table(logs: TableLogs, out_dir: str | os.PathLike, source: str = "") -
         "config": str(out_dir / CONFIG_NAME), "dead_letter_file": str(dead_path),
         "params": dataclasses.asdict(spec),
     }
-    (out_dir / "summary.json").write_text(strict_json(summary, indent=2, sort_keys=True) + "\n",
+    (out_dir / "summary.json").write_text(_strict_json(summary, indent=2, sort_keys=True) + "\n",
                                           encoding="utf-8")
     return summary
 
@@ -614,8 +618,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {d.start})")
     p.add_argument("--max_click_delay_s", type=int, default=d.max_click_delay_s, metavar="S",
                    help="a positive row's action comes 1 to this many seconds after its "
-                        "request; keep it below the join's --join_window_s (900) "
-                        f"(default: {d.max_click_delay_s})")
+                        f"request; keep it below the join's --join_window_s "
+                        f"({JOIN_WINDOW_S:g}) (default: {d.max_click_delay_s})")
     p.add_argument("--action", default=d.action, metavar="NAME",
                    help="the action a positive row logs; the join counts click, like and "
                         f"share as positive (default: {d.action})")
@@ -647,8 +651,12 @@ def run(args: dict) -> int:
     except TableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(strict_json(summary, sort_keys=True))
+    print(_strict_json(summary, sort_keys=True))
     out = args["out_dir"]
+    if spec.max_click_delay_s >= JOIN_WINDOW_S:
+        print(f"warning: clicks up to {spec.max_click_delay_s} s after their request: give "
+              f"the join a --join_window_s above that (default {JOIN_WINDOW_S:g}), "
+              "or they are late", file=sys.stderr)
     if summary["requests"] == 0:
         print(f"error: no row could be read (reasons: {summary['dead_letter_reasons']}); "
               f"see {summary['dead_letter_file']}", file=sys.stderr)
