@@ -12,6 +12,7 @@ Command line (a plain CLI that writes files, not a Beam pipeline)::
 
     python -m dataflow.data synth --out_dir out/synth [--requests 200000 --seed 0 ...]
     python -m dataflow.data movielens --out_dir out/ml100k
+    python -m dataflow.data table --input FILE --label COL --out_dir out/mine  # your own
 
 **synth**: users and items with latent vectors; items are born all the time and their
 popularity rises and fades; user activity, item popularity and creators are Zipf-tailed;
@@ -647,11 +648,18 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--file_hours", type=int, default=168,
                    help="hours of event time per Avro file (default a week)")
     m.add_argument("--seed", type=int, default=0, help="seed of the click delays")
+    from dataflow import table  # here, not at the top: table imports this module's writers
+    table.add_arguments(sub.add_parser(
+        "table", help="your own table (CSV or Parquet) with a label column",
+        description=table.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
+    if args["dataset"] == "table":
+        from dataflow import table
+        return table.run(args)
     dataset, out_dir = args.pop("dataset"), args.pop("out_dir")
     try:
         summary = synth(out_dir, **args) if dataset == "synth" else movielens(out_dir, **args)
