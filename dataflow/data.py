@@ -134,7 +134,7 @@ def write_logs(directory: str | os.PathLike, schema_name: str, ts_ms: np.ndarray
     return paths
 
 
-def _write_actions(out_dir: Path, request_ids: list, ts_ms: np.ndarray,
+def write_actions(out_dir: Path, request_ids: list, ts_ms: np.ndarray,
                    actions: np.ndarray, rows: np.ndarray, file_hours: int) -> list[str]:
     """ActionLog files: ``rows[k]`` is the request of action k, ``actions[k]`` its name."""
     order = np.lexsort((rows, ts_ms))  # time order; ties in request order
@@ -474,7 +474,7 @@ def write_synthetic(logs: SyntheticLogs, out_dir: str | os.PathLike) -> dict:
     feature_files = write_logs(out_dir / "feature_log", "feature_log", logs.ts_ms,
                                feature_logs, p.file_hours)
     clicked, liked = np.flatnonzero(logs.click), np.flatnonzero(logs.like)
-    action_files = _write_actions(
+    action_files = write_actions(
         out_dir, request_ids,
         np.concatenate([logs.click_ts_ms[clicked], logs.like_ts_ms[liked]]),
         np.array(["click"] * len(clicked) + ["like"] * len(liked)),
@@ -593,7 +593,7 @@ def write_movielens(logs: MovieLensLogs, out_dir: str | os.PathLike, file_hours:
                                feature_logs, file_hours)
     clicked = np.flatnonzero(logs.positive)
     delay_ms = np.random.default_rng(seed).integers(1_000, 60_001, size=len(clicked))
-    action_files = _write_actions(out_dir, request_ids, logs.ts_ms[clicked] + delay_ms,
+    action_files = write_actions(out_dir, request_ids, logs.ts_ms[clicked] + delay_ms,
                                   np.array(["click"] * len(clicked)), clicked, file_hours)
     summary = {
         "dataset": "movielens-100k", "records": n, "positive_action": "click",

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dataflow.data import _write_actions, write_logs
+from dataflow.data import write_actions, write_logs
 from schemas.feature_config import FeatureConfig
 
 __all__ = ["TableSpec", "TableError", "read_table", "convert_table", "write_table",
@@ -526,7 +526,7 @@ def write_table(logs: TableLogs, out_dir: str | os.PathLike, source: str = "") -
     clicked = np.flatnonzero(logs.label)
     delay_ms = np.random.default_rng(spec.seed).integers(
         1_000, spec.max_click_delay_s * 1000 + 1, size=len(clicked))
-    action_files = _write_actions(out_dir, request_ids, logs.ts_ms[clicked] + delay_ms,
+    action_files = write_actions(out_dir, request_ids, logs.ts_ms[clicked] + delay_ms,
                                   np.array([spec.action] * len(clicked)), clicked,
                                   spec.file_hours) if len(clicked) else []
     (out_dir / CONFIG_NAME).write_text(config_text, encoding="utf-8")
