@@ -74,7 +74,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from dataflow.job import metrics_dict, run_job
 from dataflow.options import MonolithOptions, pipeline_options
-from schemas import load_schema
+from schemas import load_schema, strict_json
 from transforms.joiner import (DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner,
                                closed_request_keys)
 from transforms.sources import log_file_start_ms
@@ -254,6 +254,14 @@ def avro_encoder(schema_name: str) -> Callable:
 
 def write_json_lines(f, records) -> None:
     for r in records:
+        f.write((strict_json.dumps(r, sort_keys=True, default=repr) + "\n").encode("utf-8"))
+
+
+def _write_carried_lines(f, records) -> None:
+    """JSON lines that keep NaN and infinity (Python's ``json`` reads them back): what a
+    slice hands on to the next must stay as it was, e.g. a record invalid for its NaN score
+    must not come back valid with a null one. Work files only, never output."""
+    for r in records:
         f.write((json.dumps(r, sort_keys=True, default=repr) + "\n").encode("utf-8"))
 
 
@@ -414,9 +422,9 @@ def build(pipeline: beam.Pipeline, opts: JoinOptions, part: "_Slice | None" = No
     else:  # not served yet: perhaps later, so the next slice joins them again
         ((joined.unmatched_actions, later["actions"]) | "Unserved" >> beam.Flatten()
          | "CarryActions" >> WriteEventTimeFiles(os.path.join(part.carry_out, "actions"),
-                                                 period))
+                                                 period, encode=_write_carried_lines))
         later["features"] | "CarryFeatures" >> WriteEventTimeFiles(
-            os.path.join(part.carry_out, "features"), period)
+            os.path.join(part.carry_out, "features"), period, encode=_write_carried_lines)
         joined.closed | "WriteClosed" >> WriteEventTimeFiles(part.closed_out, period)
     joined.late_actions | "WriteLate" >> WriteEventTimeFiles(
         os.path.join(side, "late"), period, shards)
@@ -661,7 +669,7 @@ def join_in_slices(options, opts: JoinOptions, slice_s: float):
     summed = _sum_metrics(metrics)
     if metrics_out:
         with open(metrics_out, "w", encoding="utf-8") as f:
-            json.dump(summed, f, indent=2, sort_keys=True)
+            strict_json.dump(summed, f, indent=2, sort_keys=True)
     return result
 
 
