@@ -30,6 +30,9 @@ watermark moving to the next file's start after each (:func:`join_in_order`,
     late/PERIOD-...jsonl                  actions later than their join window
     duplicates/PERIOD-...jsonl            repeated actions and feature records
     invalid/PERIOD-...jsonl               records that failed validation, with the reason
+    dead_letter/PERIOD-...jsonl           what could not be read or extracted (below)
+
+Every folder is created, empty or not.
 
 ``DIGEST`` is a digest of the file's content. Side-output files are named by the period in
 which the joiner classified their records. A batch run writes one file per period and
@@ -114,7 +117,8 @@ class JoinOptions(MonolithOptions):
         parser.add_argument("--actions", help="glob of action log Avro files "
                                               "(schemas/action_log.avsc)")
         parser.add_argument("--out", help="output directory: examples/, unmatched/, late/, "
-                                          "duplicates/, invalid/")
+                                          "duplicates/, invalid/, dead_letter/ (each created, "
+                                          "empty or not)")
         parser.add_argument("--join_window_s", type=float, default=DEFAULT_JOIN_WINDOW_S,
                             help="how long after serving (event time) an action still joins")
         parser.add_argument("--late_horizon_s", type=float, default=None,
@@ -772,6 +776,15 @@ def _output_files(out: str) -> set:
             for m in FileSystems.match([FileSystems.join(out, kind, "*")])[0].metadata_list}
 
 
+def _make_output_folders(out: str) -> None:
+    """Every output folder, also those that stay empty (a script may list them); before the
+    run, so that each way of joining has them."""
+    for kind in ("examples",) + _SIDE_OUTPUTS:
+        path = FileSystems.join(out, kind)
+        if not FileSystems.exists(path):
+            FileSystems.mkdirs(path)
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     options = pipeline_options(argv, JoinOptions)
@@ -783,6 +796,7 @@ def main(argv: list[str] | None = None):
         # an earlier run's files but add to them.
         raise SystemExit(f"join: {opts.out}/examples already holds an example log; use a "
                          "new --out, or --append to add to it")
+    _make_output_folders(opts.out)
     standard = options.view_as(StandardOptions)
     direct = (standard.runner or "DirectRunner").rsplit(".", 1)[-1] == "DirectRunner"
     ordered = opts.ordered_read == "on" or (opts.ordered_read == "auto" and standard.streaming

@@ -124,7 +124,11 @@ def run_and_check(tmp_path, flags, n=400, shards=2, rate=0.5):
                  "duplicate_features"):
         assert want[side], f"the data should exercise {side}"
 
-    assert strict_files(out)  # no NaN or infinity in any JSON file
+    # Every output folder, the empty dead_letter/ too; strict JSON (no NaN) everywhere.
+    assert sorted(os.listdir(out)) == sorted(
+        ["examples", "unmatched", "late", "duplicates", "invalid", "dead_letter"])
+    assert os.listdir(out / "dead_letter") == []
+    assert strict_files(out)
 
     c = strict_loads(metrics.read_text())["counters"]
     assert c["joiner.examples"] == len(want["examples"])

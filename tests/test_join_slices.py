@@ -203,6 +203,9 @@ def test_a_slice_that_hands_nothing_on(tmp_path):
     globs = str(tmp_path / "in" / "*.avro"), str(tmp_path / "part-*.avro")
     c = run(tmp_path / "sliced", *globs, 3600)
     assert c.get("join.actions_handed_on", 0) == c.get("join.features_handed_on", 0) == 0
+    # Every output folder, those with nothing in them too.
+    assert sorted(os.listdir(tmp_path / "sliced")) == sorted(("examples",) + SIDE)
+    assert all(side_files(tmp_path / "sliced", kind) == [] for kind in SIDE)
     assert [e["label"] for e in join.read_examples_in_order(
         str(tmp_path / "sliced" / "examples"))] == [1, 0, 0]
 
