@@ -6,7 +6,6 @@ Full runs are not here (minutes each): ``docs/experiments.md`` has their numbers
 from __future__ import annotations
 
 import doctest
-import json
 import math
 import os
 import subprocess
