@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import platform
 import tempfile
@@ -30,6 +29,7 @@ import time
 
 import fastavro
 
+from schemas import strict_json
 from schemas.feature_config import FeatureConfig
 from transforms.features import FeatureExtractor, Preprocessor
 
@@ -118,7 +118,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = run(args.requests, args.batch_size, args.repeat, args.clock, args.workdir)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json.dumps(result))
     else:
         for key, value in result.items():
             print(f"{key:>26}: {value}")

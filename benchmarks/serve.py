@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from schemas import strict_json
+
 
 def _load(url: str, bodies_path: str, requests: int, seconds: float, concurrency: int) -> dict:
     """The load generator (child process): ``concurrency`` keep-alive clients."""
@@ -123,7 +125,7 @@ def request_bodies(config, users: int, items: int, distinct: int, candidates: in
         # no ts_ms: serving stamps the wall clock, so its feature log rolls a file every
         # --roll_s as the run goes (as in production), and those writes are measured too
         body["top_k"] = top_k
-        bodies.append(json.dumps(body, separators=(",", ":")))
+        bodies.append(strict_json.dumps(body, separators=(",", ":")))
         for c in body["candidates"]:
             record = {"request_id": "b", "ts_ms": world.start_ms + t_rel,
                       "user_id": body["user_id"],
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
         os.nice(args.nice)  # the load generator inherits it
     if args.load:
         _pin(1)
-        print(json.dumps(_load(args.load, args.bodies, args.requests, args.seconds,
+        print(strict_json.dumps(_load(args.load, args.bodies, args.requests, args.seconds,
                                args.concurrency)))
         return 0
     _pin(0)  # the service on one core
@@ -242,9 +244,9 @@ def main(argv=None) -> int:
         finally:
             procs.stop_all()
     if args.json:
-        print(json.dumps(results))
+        print(strict_json.dumps(results))
     else:
-        print(json.dumps(results, indent=2))
+        print(strict_json.dumps(results, indent=2))
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 import numpy as np
 
 from benchmarks import serve as bench
+from schemas import strict_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,11 +96,11 @@ def main(argv=None) -> int:
                            "requests_per_s_4_clients": conc["requests_per_s"]}
                     rows_out.append(row)
                     if not args.json:
-                        print(json.dumps(row), flush=True)
+                        print(strict_json.dumps(row), flush=True)
         finally:
             procs.stop_all()
     if args.json:
-        print(json.dumps({"rev": args.rev, "store": args.store, "runs": rows_out}))
+        print(strict_json.dumps({"rev": args.rev, "store": args.store, "runs": rows_out}))
     return 0
 
 

@@ -13,7 +13,6 @@ wall-clock time (``--clock wall``).
 """
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -21,6 +20,7 @@ import time
 import numpy as np
 
 from ps import Adagrad, EmbeddingTable
+from schemas import strict_json
 
 _CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
@@ -164,7 +164,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = run(args.keys, args.batch, args.dim, args.repeat, args.seed, args.clock)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json.dumps(result))
     else:
         width = max(map(len, result))
         for k, v in result.items():

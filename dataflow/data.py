@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from typing import Iterable, Sequence
 import fastavro
 import numpy as np
 
-from schemas import load_schema
+from schemas import load_schema, strict_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_CACHE = REPO_ROOT / ".cache" / "data"
@@ -150,7 +149,7 @@ def write_actions(out_dir: Path, request_ids: list, ts_ms: np.ndarray,
 
 def _write_summary(out_dir: Path, summary: dict) -> None:
     with open(out_dir / "summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+        strict_json.dump(summary, f, indent=2, sort_keys=True)
         f.write("\n")
 
 
@@ -668,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     brief = {k: summary[k] for k in ("dataset", "records", "positive_rate", "bayes_auc",
                                      "feature_log_files", "action_log_files")}
-    print(json.dumps(brief))
+    print(strict_json.dumps(brief))
     print(f"wrote {out_dir}/feature_log, {out_dir}/action_log, {out_dir}/summary.json")
     return 0
 

@@ -17,6 +17,7 @@ through: ``python -m dataflow demo --runner=FlinkRunner --flink_master=[local]``
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -80,8 +81,10 @@ def land_files(files: list[str], folder: str, every_s: float,
 
 
 def totals(path: str) -> dict:
+    """The online metrics' totals, a metric without a value (null: no AUC without clicks)
+    as NaN, which prints."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return {k: math.nan if v is None else v for k, v in json.load(f).items()}
 
 
 def main(argv: list[str] | None = None) -> None:

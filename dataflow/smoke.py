@@ -13,7 +13,6 @@ DirectRunner (batch and ``TestStream``), Flink ``[local]`` and a standalone Flin
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from typing import Any, Dict, Tuple
@@ -29,6 +28,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from dataflow.job import run_job
 from dataflow.options import MonolithOptions, pipeline_options
+from schemas import strict_json
 
 
 class SmokeOptions(MonolithOptions):
@@ -93,7 +93,7 @@ class SummariseBuckets(beam.PTransform):
 
 
 def to_json_line(summary: dict) -> str:
-    return json.dumps(summary, sort_keys=True)
+    return strict_json.dumps(summary, sort_keys=True)
 
 
 def build(pipeline: beam.Pipeline, opts: SmokeOptions) -> None:
