@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from dataflow.data import write_actions, write_logs
+from schemas import strict_json
 from schemas.feature_config import FeatureConfig
 
 __all__ = ["TableSpec", "TableError", "read_table", "convert_table", "write_table",
@@ -160,19 +161,6 @@ def _jsonable(v) -> Any:
     if isinstance(v, (pd.Timestamp, dt.datetime, dt.date)):
         return v.isoformat()
     return str(v)
-
-
-def _strict_json(obj, **kwargs) -> str:
-    """JSON that any parser reads: NaN and infinities become null (``allow_nan=False``)."""
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-    return json.dumps(clean(obj), allow_nan=False, **kwargs)
 
 
 def _labels(col: pd.Series, positive: tuple[str, ...]):
@@ -534,7 +522,7 @@ def write_table(logs: TableLogs, out_dir: str | os.PathLike, source: str = "") -
     dead_path.parent.mkdir(parents=True, exist_ok=True)
     with open(dead_path, "w", encoding="utf-8") as f:
         for letter in logs.dead:
-            f.write(_strict_json(letter, sort_keys=True) + "\n")
+            f.write(strict_json.dumps(letter, sort_keys=True) + "\n")
     reasons: dict = {}
     for letter in logs.dead:
         reasons[letter["reason"]] = reasons.get(letter["reason"], 0) + 1
@@ -559,7 +547,7 @@ def write_table(logs: TableLogs, out_dir: str | os.PathLike, source: str = "") -
         "config": str(out_dir / CONFIG_NAME), "dead_letter_file": str(dead_path),
         "params": dataclasses.asdict(spec),
     }
-    (out_dir / "summary.json").write_text(_strict_json(summary, indent=2, sort_keys=True) + "\n",
+    (out_dir / "summary.json").write_text(strict_json.dumps(summary, indent=2, sort_keys=True) + "\n",
                                           encoding="utf-8")
     return summary
 
@@ -651,7 +639,7 @@ def run(args: dict) -> int:
     except TableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(_strict_json(summary, sort_keys=True))
+    print(strict_json.dumps(summary, sort_keys=True))
     out = args["out_dir"]
     if spec.max_click_delay_s >= JOIN_WINDOW_S:
         print(f"warning: clicks up to {spec.max_click_delay_s} s after their request: give "
