@@ -2,7 +2,10 @@
 #   .venv          the library with its pinned dependencies (setup.py)
 #   .venv-flink    the apache-flink wheel, --no-deps: a Flink distribution for a local cluster
 #   .cache/flink/  Beam's Flink job server jar, shaded by Maven from flink/jobserver/pom.xml
-# A second run finds all three in place and downloads nothing.
+#   system packages  Java 17 and Maven (to build the jar), redis-server (the tests' store):
+#                  installed with apt-get when missing and run as root; otherwise make stops
+#                  at once with the one command to run (scripts/system-packages.sh)
+# A second run finds all of them in place and downloads nothing.
 
 PYTHON        ?= python3
 VENV          := .venv
@@ -13,7 +16,7 @@ FLINK_WHEEL_VERSION := 1.19.3
 JOBSERVER_JAR := .cache/flink/beam-runners-flink-1.19-job-server-2.62.0.jar
 PYTEST_ARGS   ?=
 
-.PHONY: demo test setup flink-dist flink-jobserver check-java clean peers loop
+.PHONY: demo test setup flink-dist flink-jobserver system-packages redis-package clean peers loop
 
 demo: $(VENV)/.installed
 	$(PY) -m dataflow demo
@@ -21,13 +24,13 @@ demo: $(VENV)/.installed
 # The closed loop (serving, simulated users, joins, online training, Redis) for 4 simulated
 # hours after 4 of history (~6.5 min); prints and plots online serving AUC (out/loop/). LOOP_ARGS: more flags.
 LOOP_ARGS ?=
-loop: $(VENV)/.installed
+loop: redis-package $(VENV)/.installed
 	$(PY) -m dataflow.loop --out out/loop $(LOOP_ARGS)
 
-test: $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
+test: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
 	$(PY) -m pytest -p no:cacheprovider --durations=15 $(PYTEST_ARGS) tests
 
-setup: $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
+setup: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
 
 # constraints.txt pins every transitive version that the tests passed with (pip freeze):
 # installs are reproducible, and pip does not spend minutes resolving Beam's extras.
@@ -44,7 +47,8 @@ $(FLINK_VENV)/.installed:
 	touch $@
 
 flink-jobserver: $(JOBSERVER_JAR)
-$(JOBSERVER_JAR): flink/jobserver/pom.xml | check-java
+$(JOBSERVER_JAR): flink/jobserver/pom.xml
+	@scripts/system-packages.sh java17 maven
 	mvn -q -B -f flink/jobserver/pom.xml package
 	mkdir -p $(dir $@)
 	mv flink/jobserver/target/$(notdir $@) $@
@@ -57,9 +61,11 @@ peers: .venv-peers/.installed
 	.venv-peers/bin/pip install -q river==0.26.1 fastavro==1.13.1
 	touch $@
 
-check-java:
-	@command -v java >/dev/null || { echo "Java 17 is missing: apt-get install openjdk-17-jdk-headless"; exit 1; }
-	@command -v mvn >/dev/null || { echo "Maven is missing: apt-get install maven"; exit 1; }
+# What the tests need of the system: Java 17 and Maven (Flink, the job server jar), Redis.
+system-packages:
+	@scripts/system-packages.sh java17 maven redis
+redis-package:
+	@scripts/system-packages.sh redis
 
 clean:
 	rm -rf $(VENV) $(FLINK_VENV) .venv-peers .cache flink/jobserver/target *.egg-info

@@ -1,6 +1,6 @@
 """beam-monolith: Monolith-style real-time recommendation training on Apache Beam and Flink.
 
-Version pins (why each one is what it is) are explained in README.md, "Version pins".
+Version pins (why each one is what it is) are explained in docs/version-pins.md.
 """
 from setuptools import find_packages, setup
 

@@ -35,13 +35,13 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
     setup()
 
 import glob
-import json
 import os
 import sys
 
 import numpy as np
 
 from dataflow import cli
+from schemas import strict_json
 
 
 def world_terms(requests: int, seed: int, users: int | None = None, items: int | None = None,
@@ -256,7 +256,7 @@ def main(argv=None) -> dict:
                                  tail),
             "ideal_learner_taste_unknown": term_shares(
                 scores[at], {k: v[at] for k, v in terms.items()}, tail)}
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    print(strict_json.dumps(result) if args.json else strict_json.dumps(result, indent=2))
     return result
 
 

@@ -23,7 +23,6 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
     from dataflow.cli import setup
     setup()
 
-import json
 import platform
 import random
 import time
@@ -34,6 +33,7 @@ from apache_beam.transforms.window import TimestampedValue
 from dataflow import cli
 from dataflow.job import metrics_dict, run_job
 from dataflow.options import pipeline_options
+from schemas import strict_json
 from transforms.joiner import OnlineJoiner
 
 T0_MS = 1_704_067_200_000
@@ -112,7 +112,7 @@ def main(argv=None):
     result = run(args.requests, args.runner, args.click_rate, args.join_window_s,
                  args.negative_sample_rate, args.seed, args.beam_flags)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json.dumps(result))
     else:
         for key, value in result.items():
             print(f"{key:>18}: {value}")

@@ -14,13 +14,13 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
     from dataflow.cli import setup
     setup()
 
-import json
 import os
 import time
 
 import numpy as np
 
 from dataflow import cli
+from schemas import strict_json
 
 
 def _pin_to_one_core():
@@ -88,7 +88,7 @@ def main(argv=None):
     results = [measure(kind, int(b), repeat=args.repeat)
                for kind in args.kinds.split(",") for b in args.batches.split(",")]
     for r in results:
-        print(json.dumps(r) if args.json else
+        print(strict_json.dumps(r) if args.json else
               f"{r['kind']:7s} batch {r['batch']:5d}: {r['step_ms']:6.2f} ms/step "
               f"(best {r['best_step_ms']:.2f}) "
               f"(index {r['index_ms']:.2f} ms, {r['unique_fids']} unique fids), "

@@ -25,7 +25,6 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
     setup()
 
 import glob
-import json
 import os
 import platform
 import tempfile
@@ -34,6 +33,7 @@ import time
 import fastavro
 
 from dataflow import cli
+from schemas import strict_json
 from schemas.feature_config import FeatureConfig
 from transforms.features import FeatureExtractor, Preprocessor
 
@@ -121,7 +121,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = run(args.requests, args.batch_size, args.repeat, args.clock, args.workdir)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json.dumps(result))
     else:
         for key, value in result.items():
             print(f"{key:>26}: {value}")

@@ -17,7 +17,7 @@ shared with other jobs, a stand-in for a core of their own (the JSON says the ni
 the load average at the start).
 
 Measured on the shared 2-core machine (Beam 2.62 / TF 2.16, DeepFM over the 15 slots of
-``schemas/configs/synthetic.yaml``, 100 candidates, top 10 served): see README (Serving).
+``schemas/configs/synthetic.yaml``, 100 candidates, top 10 served): see docs/loop.md (Serving).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from dataflow import cli
+from schemas import strict_json
 
 
 def _load(url: str, bodies_path: str, requests: int, seconds: float, concurrency: int) -> dict:
@@ -129,7 +130,7 @@ def request_bodies(config, users: int, items: int, distinct: int, candidates: in
         # no ts_ms: serving stamps the wall clock, so its feature log rolls a file every
         # --roll_s as the run goes (as in production), and those writes are measured too
         body["top_k"] = top_k
-        bodies.append(json.dumps(body, separators=(",", ":")))
+        bodies.append(strict_json.dumps(body, separators=(",", ":")))
         for c in body["candidates"]:
             record = {"request_id": "b", "ts_ms": world.start_ms + t_rel,
                       "user_id": body["user_id"],
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
         os.nice(args.nice)  # the load generator inherits it
     if args.load:
         _pin(1)
-        print(json.dumps(_load(args.load, args.bodies, args.requests, args.seconds,
+        print(strict_json.dumps(_load(args.load, args.bodies, args.requests, args.seconds,
                                args.concurrency)))
         return 0
     _pin(0)  # the service on one core
@@ -247,9 +248,9 @@ def main(argv=None) -> int:
         finally:
             procs.stop_all()
     if args.json:
-        print(json.dumps(results))
+        print(strict_json.dumps(results))
     else:
-        print(json.dumps(results, indent=2))
+        print(strict_json.dumps(results, indent=2))
     return 0
 
 

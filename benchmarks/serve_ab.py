@@ -16,7 +16,6 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
     setup()
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 
 from benchmarks import serve as bench
 from dataflow import cli
+from schemas import strict_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,11 +99,11 @@ def main(argv=None) -> int:
                            "requests_per_s_4_clients": conc["requests_per_s"]}
                     rows_out.append(row)
                     if not args.json:
-                        print(json.dumps(row), flush=True)
+                        print(strict_json.dumps(row), flush=True)
         finally:
             procs.stop_all()
     if args.json:
-        print(json.dumps({"rev": args.rev, "store": args.store, "runs": rows_out}))
+        print(strict_json.dumps({"rev": args.rev, "store": args.store, "runs": rows_out}))
     return 0
 
 

@@ -16,7 +16,6 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
     from dataflow.cli import setup
     setup()
 
-import json
 import os
 import platform
 import time
@@ -25,6 +24,7 @@ import numpy as np
 
 from dataflow import cli
 from ps import Adagrad, EmbeddingTable
+from schemas import strict_json
 
 _CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
@@ -168,7 +168,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = run(args.keys, args.batch, args.dim, args.repeat, args.seed, args.clock)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json.dumps(result))
     else:
         width = max(map(len, result))
         for k, v in result.items():

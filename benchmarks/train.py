@@ -32,6 +32,7 @@ import tempfile
 import time
 
 from dataflow import cli
+from schemas import strict_json
 
 
 def world_size(requests: int, users: int | None = None, items: int | None = None,
@@ -186,9 +187,8 @@ def main(argv=None) -> dict:
     if args.peers:
         for kind in ("fm", "lr"):
             result.update(river_peer(examples, kind))
-    # NaN (no Bayes AUC for real data) is not JSON: null instead.
-    result = {k: (None if isinstance(v, float) and v != v else v) for k, v in result.items()}
-    print(json.dumps(result))
+    result = strict_json.plain(result)  # NaN (no Bayes AUC for real data) as None
+    print(strict_json.dumps(result))
     return result
 
 

@@ -18,8 +18,8 @@ import sys
 import warnings
 
 VERBOSE_FLAG = "--verbose"
-VERBOSE_HELP = ("show every library's log lines and warnings (Beam, TensorFlow, ...); "
-                "without it only ours")
+VERBOSE_HELP = ("show every library's log lines and warnings: Beam's, TensorFlow's, ... "
+                "(default: only our own lines)")
 #: Top-level packages whose log lines are ours (``__main__``: a module run with -m).
 OUR_PACKAGES = ("dataflow", "transforms", "ps", "schemas", "benchmarks", "__main__")
 # A warnings filter's module is a regex matched at the start of the warning's module name.

@@ -12,6 +12,7 @@ Command line (a plain CLI that writes files, not a Beam pipeline)::
 
     python -m dataflow.data synth --out_dir out/synth [--requests 200000 --seed 0 ...]
     python -m dataflow.data movielens --out_dir out/ml100k
+    python -m dataflow.data table --input FILE --label COL --out_dir out/mine  # your own
 
 **synth**: users and items with latent vectors; items are born all the time and their
 popularity rises and fades; user activity, item popularity and creators are Zipf-tailed;
@@ -43,7 +44,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -55,7 +55,7 @@ import fastavro
 import numpy as np
 
 from dataflow import cli
-from schemas import load_schema
+from schemas import load_schema, strict_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_CACHE = REPO_ROOT / ".cache" / "data"
@@ -138,7 +138,7 @@ def write_logs(directory: str | os.PathLike, schema_name: str, ts_ms: np.ndarray
     return paths
 
 
-def _write_actions(out_dir: Path, request_ids: list, ts_ms: np.ndarray,
+def write_actions(out_dir: Path, request_ids: list, ts_ms: np.ndarray,
                    actions: np.ndarray, rows: np.ndarray, file_hours: int) -> list[str]:
     """ActionLog files: ``rows[k]`` is the request of action k, ``actions[k]`` its name."""
     order = np.lexsort((rows, ts_ms))  # time order; ties in request order
@@ -154,7 +154,7 @@ def _write_actions(out_dir: Path, request_ids: list, ts_ms: np.ndarray,
 
 def _write_summary(out_dir: Path, summary: dict) -> None:
     with open(out_dir / "summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+        strict_json.dump(summary, f, indent=2, sort_keys=True)
         f.write("\n")
 
 
@@ -478,7 +478,7 @@ def write_synthetic(logs: SyntheticLogs, out_dir: str | os.PathLike) -> dict:
     feature_files = write_logs(out_dir / "feature_log", "feature_log", logs.ts_ms,
                                feature_logs, p.file_hours)
     clicked, liked = np.flatnonzero(logs.click), np.flatnonzero(logs.like)
-    action_files = _write_actions(
+    action_files = write_actions(
         out_dir, request_ids,
         np.concatenate([logs.click_ts_ms[clicked], logs.like_ts_ms[liked]]),
         np.array(["click"] * len(clicked) + ["like"] * len(liked)),
@@ -597,7 +597,7 @@ def write_movielens(logs: MovieLensLogs, out_dir: str | os.PathLike, file_hours:
                                feature_logs, file_hours)
     clicked = np.flatnonzero(logs.positive)
     delay_ms = np.random.default_rng(seed).integers(1_000, 60_001, size=len(clicked))
-    action_files = _write_actions(out_dir, request_ids, logs.ts_ms[clicked] + delay_ms,
+    action_files = write_actions(out_dir, request_ids, logs.ts_ms[clicked] + delay_ms,
                                   np.array(["click"] * len(clicked)), clicked, file_hours)
     summary = {
         "dataset": "movielens-100k", "records": n, "positive_action": "click",
@@ -655,11 +655,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--file_hours", type=int, default=168,
                    help="hours of event time per Avro file (default a week)")
     m.add_argument("--seed", type=int, default=0, help="seed of the click delays")
+    from dataflow import table  # here, not at the top: table imports this module's writers
+    t = sub.add_parser("table", help="your own table (CSV or Parquet) with a label column",
+                       description=table.__doc__, formatter_class=cli.HelpFormatter)
+    table.add_arguments(t)
+    cli.add_verbose(t, subcommand=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
+    if args["dataset"] == "table":
+        from dataflow import table
+        return table.run(args)
     dataset, out_dir = args.pop("dataset"), args.pop("out_dir")
     args.pop("verbose")  # dataflow.cli.setup's
     try:
@@ -669,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     brief = {k: summary[k] for k in ("dataset", "records", "positive_rate", "bayes_auc",
                                      "feature_log_files", "action_log_files")}
-    print(json.dumps(brief))
+    print(strict_json.dumps(brief))
     print(f"wrote {out_dir}/feature_log, {out_dir}/action_log, {out_dir}/summary.json")
     return 0
 

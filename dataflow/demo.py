@@ -21,6 +21,7 @@ if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dat
     raise SystemExit(pipeline_main("demo"))
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -84,8 +85,10 @@ def land_files(files: list[str], folder: str, every_s: float,
 
 
 def totals(path: str) -> dict:
+    """The online metrics' totals, a metric without a value (null: no AUC without clicks)
+    as NaN, which prints."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return {k: math.nan if v is None else v for k, v in json.load(f).items()}
 
 
 def main(argv: list[str] | None = None) -> None:

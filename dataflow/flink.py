@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from dataflow import cli
+from schemas import strict_json
 
 _LOG = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ def verify_savepoint(path: str) -> bool:
 def _rest(master: str, path: str, method: str = "GET", body: dict | None = None) -> dict:
     """A call to the REST API of the cluster at ``master`` (host:port or a URL)."""
     base = master if master.startswith("http") else f"http://{master}"
-    data = json.dumps(body).encode() if body is not None else None
+    data = strict_json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
@@ -430,7 +431,7 @@ def stop_with_savepoint(master: str, job_id: str, directory: str, drain: bool = 
             location = operation["location"]
             if manifest is not None:
                 (_savepoint_dir(location) / SAVEPOINT_MANIFEST).write_text(
-                    json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                    strict_json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             seal_savepoint(location)
             return location
         time.sleep(0.2)
@@ -509,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "paths":
-            print(json.dumps({"job_server_jar": job_server_jar(), "flink_home": flink_home()}))
+            print(strict_json.dumps({"job_server_jar": job_server_jar(),
+                                     "flink_home": flink_home()}))
         elif args.cmd == "start":
             cluster = FlinkCluster(args.task_slots, args.workdir, args.rest_port).start()
             print(f"Flink {FLINK_VERSION} cluster up: web UI {cluster.rest_url}, "

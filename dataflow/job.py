@@ -14,6 +14,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from dataflow.options import MonolithOptions, our_overrides_accepted
+from dataflow.options import MonolithOptions
+from schemas import strict_json
 
 _LOG = logging.getLogger(__name__)
 
@@ -185,6 +187,6 @@ def _run(pipeline: beam.Pipeline, options: PipelineOptions, finished, poll_s, st
     out = options.view_as(MonolithOptions).metrics_out
     if out:
         with open(out, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True)
+            strict_json.dump(metrics, f, indent=2, sort_keys=True)
     _LOG.info("pipeline finished: %s", json.dumps(metrics["counters"], sort_keys=True))
     return result

@@ -30,6 +30,9 @@ watermark moving to the next file's start after each (:func:`join_in_order`,
     late/PERIOD-...jsonl                  actions later than their join window
     duplicates/PERIOD-...jsonl            repeated actions and feature records
     invalid/PERIOD-...jsonl               records that failed validation, with the reason
+    dead_letter/PERIOD-...jsonl           what could not be read or extracted (below)
+
+Every folder is created, empty or not.
 
 ``DIGEST`` is a digest of the file's content. Side-output files are named by the period in
 which the joiner classified their records. A batch run writes one file per period and
@@ -78,7 +81,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from dataflow.job import metrics_dict, run_job
 from dataflow.options import MonolithOptions, pipeline_options
-from schemas import load_schema
+from schemas import load_schema, strict_json
 from transforms.joiner import (DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner,
                                closed_request_keys)
 from transforms.sources import log_file_start_ms
@@ -118,7 +121,8 @@ class JoinOptions(MonolithOptions):
         parser.add_argument("--actions", help="glob of action log Avro files "
                                               "(schemas/action_log.avsc)")
         parser.add_argument("--out", help="output directory: examples/, unmatched/, late/, "
-                                          "duplicates/, invalid/")
+                                          "duplicates/, invalid/, dead_letter/ (each created, "
+                                          "empty or not)")
         parser.add_argument("--join_window_s", type=float, default=DEFAULT_JOIN_WINDOW_S,
                             help="how long after serving (event time) an action still joins")
         parser.add_argument("--late_horizon_s", type=float, default=None,
@@ -257,6 +261,14 @@ def avro_encoder(schema_name: str) -> Callable:
 
 
 def write_json_lines(f, records) -> None:
+    for r in records:
+        f.write((strict_json.dumps(r, sort_keys=True, default=repr) + "\n").encode("utf-8"))
+
+
+def _write_carried_lines(f, records) -> None:
+    """JSON lines that keep NaN and infinity (Python's ``json`` reads them back): what a
+    slice hands on to the next must stay as it was, e.g. a record invalid for its NaN score
+    must not come back valid with a null one. Work files only, never output."""
     for r in records:
         f.write((json.dumps(r, sort_keys=True, default=repr) + "\n").encode("utf-8"))
 
@@ -418,9 +430,9 @@ def build(pipeline: beam.Pipeline, opts: JoinOptions, part: "_Slice | None" = No
     else:  # not served yet: perhaps later, so the next slice joins them again
         ((joined.unmatched_actions, later["actions"]) | "Unserved" >> beam.Flatten()
          | "CarryActions" >> WriteEventTimeFiles(os.path.join(part.carry_out, "actions"),
-                                                 period))
+                                                 period, encode=_write_carried_lines))
         later["features"] | "CarryFeatures" >> WriteEventTimeFiles(
-            os.path.join(part.carry_out, "features"), period)
+            os.path.join(part.carry_out, "features"), period, encode=_write_carried_lines)
         joined.closed | "WriteClosed" >> WriteEventTimeFiles(part.closed_out, period)
     joined.late_actions | "WriteLate" >> WriteEventTimeFiles(
         os.path.join(side, "late"), period, shards)
@@ -665,7 +677,7 @@ def join_in_slices(options, opts: JoinOptions, slice_s: float):
     summed = _sum_metrics(metrics)
     if metrics_out:
         with open(metrics_out, "w", encoding="utf-8") as f:
-            json.dump(summed, f, indent=2, sort_keys=True)
+            strict_json.dump(summed, f, indent=2, sort_keys=True)
     return result
 
 
@@ -768,6 +780,15 @@ def _output_files(out: str) -> set:
             for m in FileSystems.match([FileSystems.join(out, kind, "*")])[0].metadata_list}
 
 
+def _make_output_folders(out: str) -> None:
+    """Every output folder, also those that stay empty (a script may list them); before the
+    run, so that each way of joining has them."""
+    for kind in ("examples",) + _SIDE_OUTPUTS:
+        path = FileSystems.join(out, kind)
+        if not FileSystems.exists(path):
+            FileSystems.mkdirs(path)
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     options = pipeline_options(argv, JoinOptions)
@@ -779,6 +800,7 @@ def main(argv: list[str] | None = None):
         # an earlier run's files but add to them.
         raise SystemExit(f"join: {opts.out}/examples already holds an example log; use a "
                          "new --out, or --append to add to it")
+    _make_output_folders(opts.out)
     standard = options.view_as(StandardOptions)
     direct = (standard.runner or "DirectRunner").rsplit(".", 1)[-1] == "DirectRunner"
     ordered = opts.ordered_read == "on" or (opts.ordered_read == "auto" and standard.streaming

@@ -80,6 +80,7 @@ from typing import Optional
 import numpy as np
 
 from dataflow import cli
+from schemas import strict_json
 
 _LOG = logging.getLogger(__name__)
 
@@ -798,7 +799,7 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
         "settings": {k: v for k, v in vars(args).items()},
     }
     with open(f"{out}/report.json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        strict_json.dump(result, f, indent=2)
     last = totals.get("last_quarter", {})
     title = (f"closed loop ({args.model}, {args.runner}): last quarter serving AUC "
              f"{last.get('serving_auc')} vs Bayes {last.get('bayes_auc')}")
@@ -901,7 +902,7 @@ def main(argv=None) -> int:
         print(f"  {r['from_s']:>8.0f} {r['to_s']:>8.0f} {r['served']:>7} "
               f"{r['positives']:>6} {r['serving_auc'] or float('nan'):>8.4f} "
               f"{r['bayes_auc'] or float('nan'):>7.4f}")
-    print(json.dumps({k: result[k] for k in ("auc", "staleness", "throughput", "history",
+    print(strict_json.dumps({k: result[k] for k in ("auc", "staleness", "throughput", "history",
                                              "models_kept",
                                              "model_versions_served")}, indent=2))
     print(f"wrote {args.out}/report.json, {args.out}/loop.png, {args.out}/auc_over_time.csv")

@@ -45,6 +45,7 @@ import numpy as np
 from dataflow import cli
 from dataflow.data import (DEVICES, GENDERS, HOUR_MS, NETWORKS, SynthParams, _solve_bias,
                            draw_tags, draw_world, roc_auc)
+from schemas import strict_json
 
 _LOG = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ class Simulator:
         return http.client.HTTPConnection(self.url.hostname, self.url.port or 80, timeout=10)
 
     def _post(self, conn, path: str, body: dict):
-        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        data = strict_json.dumps(body, separators=(",", ":")).encode("utf-8")
         conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, json.loads(response.read() or b"{}")
@@ -427,8 +428,8 @@ def main(argv=None) -> int:
         return 2
     if args.summary:
         with open(args.summary, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
-    print(json.dumps(summary), flush=True)
+            strict_json.dump(summary, f, indent=2, sort_keys=True)
+    print(strict_json.dumps(summary), flush=True)
     return 0
 
 

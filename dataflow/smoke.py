@@ -17,7 +17,6 @@ if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dat
     from dataflow.cli import pipeline_main
     raise SystemExit(pipeline_main("smoke"))
 
-import json
 import sys
 from typing import Any, Dict, Tuple
 
@@ -32,6 +31,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from dataflow.job import run_job
 from dataflow.options import MonolithOptions, pipeline_options
+from schemas import strict_json
 
 
 class SmokeOptions(MonolithOptions):
@@ -98,7 +98,7 @@ class SummariseBuckets(beam.PTransform):
 
 # no annotations: Beam reads a callable's (strings here) and logs that it uses Any
 def to_json_line(summary):
-    return json.dumps(summary, sort_keys=True)
+    return strict_json.dumps(summary, sort_keys=True)
 
 
 def build(pipeline: beam.Pipeline, opts: SmokeOptions) -> None:

@@ -19,7 +19,8 @@ NOISE = re.compile(r"Warning|WARNING|tensorflow/|external/local_|oneDNN|cuda")
 # every command line (with a subcommand: one of its subcommands)
 CLIS = ["dataflow", "dataflow.train", "dataflow.join", "dataflow.smoke", "dataflow.analyze",
         "dataflow.demo", "dataflow.loop", "dataflow.serve", "dataflow.simulate",
-        "dataflow.data synth", "dataflow.data movielens", "dataflow.flink start",
+        "dataflow.data synth", "dataflow.data movielens", "dataflow.data table",
+        "dataflow.flink start",
         "benchmarks.gap", "benchmarks.join", "benchmarks.model", "benchmarks.preprocess",
         "benchmarks.serve", "benchmarks.serve_ab", "benchmarks.table", "benchmarks.train",
         "benchmarks.experiments sync"]

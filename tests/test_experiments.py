@@ -6,7 +6,6 @@ Full runs are not here (minutes each): ``docs/experiments.md`` has their numbers
 from __future__ import annotations
 
 import doctest
-import json
 import math
 import os
 import subprocess
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 import transforms.hashing as hashing
 from benchmarks.experiments import __main__ as experiments
 from benchmarks.train import PEERS_PYTHON
+from test_strict_json import strict_files, strict_loads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +42,8 @@ def workdir(tmp_path_factory):
 def run(workdir, *argv) -> dict:
     result = experiments.main([*argv, "--json", "--quick", f"--workdir={workdir}"])
     assert result["quick"] is True and result["seconds"] > 0
+    written = strict_files(workdir)  # exp_NAME-quick.json, the data sets' ready.json, ...
+    assert written[os.path.join(workdir, f"exp_{argv[0]}-quick.json")]["experiment"] == argv[0]
     assert result["machine"]["cpus"] >= 1
     assert is_png(result["plot"])
     return result
@@ -111,7 +113,8 @@ def test_collision_command_prints_one_json_object(workdir):
         [sys.executable, "-m", "benchmarks.experiments", "collision", "--json", "--quick",
          f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)            # stdout is the JSON object and nothing else
+    result = strict_loads(proc.stdout)          # stdout is the JSON object and nothing else
+    strict_files(workdir)                       # and what it wrote, strict JSON too
     assert result["experiment"] == "collision" and is_png(result["plot"])
     r = result["datasets"]["synthetic"]
     assert r["train_examples"] + r["test_examples"] == r["examples"] > 0

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from dataflow.job import metrics_dict
 from dataflow.options import pipeline_options
-from schemas import load_schema
+from schemas import load_schema, strict_json
 from transforms.features import ExtractFeatures
 from transforms.joiner import (MAX_TS_MS, KeyByRequest, OnlineJoiner, action_error,
                                features_error)
@@ -191,7 +191,7 @@ def test_joiner_validation_of_anything(record):
             invalid = out[0].value
             assert invalid["error"] == check(record)
             coder.encode(invalid)
-            json.dumps(invalid, default=repr).encode("utf-8")
+            strict_json.dumps(invalid, default=repr).encode("utf-8")
 
 
 # ------------------------------------------------------------------ the pipeline

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -19,6 +20,7 @@ from dataflow import join
 from dataflow.options import pipeline_options
 from schemas import read_avro, write_avro
 from test_joiner import act, direct_runner_metrics, feat, reference_join  # noqa: F401
+from test_strict_json import strict_files, strict_loads
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 FILE_NAME = re.compile(r"(?P<period>\d{8}T\d{6}Z)-(?P<shard>\d{5})-of-(?P<shards>\d{5})"
@@ -30,7 +32,7 @@ W = W_S * 1000
 
 def make_logs(n=400, seed=5):
     """Requests over three hours: clicks, likes, dislikes, repeats, late and orphan actions,
-    duplicate feature records and two invalid ones."""
+    duplicate feature records and three invalid ones."""
     rng = random.Random(seed)
     features, actions = [], []
     for i in range(n):
@@ -47,9 +49,16 @@ def make_logs(n=400, seed=5):
                                rng.choice(["click", "click", "like", "share", "dislike"])))
     features.append(feat("", T0))                      # invalid: empty request id
     features.append(feat("neg-fid", T0, fids=[-1]))    # invalid: negative fid
+    features.append(feat("nan", T0, served=math.nan))  # invalid: NaN score (null in invalid/)
     rng.shuffle(features)
     rng.shuffle(actions)
     return features, actions
+
+
+def valid_features(features):
+    """What the joiner accepts of :func:`make_logs`' feature records."""
+    return [f for f in features if f["request_id"] and min(f["fids"]) >= 0
+            and math.isfinite(f["served_score"])]
 
 
 def write_inputs(tmp_path, features, actions, files=3):
@@ -80,8 +89,7 @@ def run_and_check(tmp_path, flags, n=400, shards=2, rate=0.5):
     join.main([f"--features={features_glob}", f"--actions={actions_glob}", f"--out={out}",
                f"--join_window_s={W_S}", f"--negative_sample_rate={rate}",
                f"--shards_per_period={shards}", f"--metrics_out={metrics}", *flags])
-    valid = [f for f in features if f["request_id"] and min(f["fids"]) >= 0]
-    want = reference_join(valid, actions, window_ms=W, rate=rate)
+    want = reference_join(valid_features(features), actions, window_ms=W, rate=rate)
 
     # The example log: read back in event-time order, exactly the rules' examples.
     examples = list(join.read_examples_in_order(str(out / "examples")))
@@ -109,16 +117,24 @@ def run_and_check(tmp_path, flags, n=400, shards=2, rate=0.5):
     invalid = read_json_lines(out / "invalid")
     assert sorted((r["kind"], r["error"]) for r in invalid) == [
         ("features", "fids must be a list of integers in [0, 2**63)"),
-        ("features", "request_id is empty")]
+        ("features", "request_id is empty"), ("features", "served_score must be finite")]
+    assert [r["record"]["served_score"] for r in invalid if r["record"]["request_id"] == "nan"
+            ] == [None]
     for side in ("unmatched_actions", "late_actions", "duplicate_actions",
                  "duplicate_features"):
         assert want[side], f"the data should exercise {side}"
 
-    c = json.loads(metrics.read_text())["counters"]
+    # Every output folder, the empty dead_letter/ too; strict JSON (no NaN) everywhere.
+    assert sorted(os.listdir(out)) == sorted(
+        ["examples", "unmatched", "late", "duplicates", "invalid", "dead_letter"])
+    assert os.listdir(out / "dead_letter") == []
+    assert strict_files(out)
+
+    c = strict_loads(metrics.read_text())["counters"]
     assert c["joiner.examples"] == len(want["examples"])
     assert c["joiner.late_actions"] == len(want["late_actions"])
     assert c["joiner.unmatched_actions"] == len(want["unmatched_actions"])
-    assert c["joiner.invalid_records"] == 2
+    assert c["joiner.invalid_records"] == 3
     assert c["joiner.keys_opened"] == c["joiner.keys_closed"]
     assert c["joiner.negatives"] - c["joiner.negatives_sampled_out"] == sum(
         1 for e in want["examples"] if e["label"] == 0)
@@ -229,8 +245,7 @@ def test_damaged_log_files_are_dead_lettered_and_the_join_goes_on(tmp_path):
     out = tmp_path / "out"
     join.main([f"--features={features_glob}", f"--actions={actions_glob}", f"--out={out}",
                f"--join_window_s={W_S}", "--negative_sample_rate=1.0"])
-    valid = [f for f in kept_features if f["request_id"] and min(f["fids"]) >= 0]
-    want = reference_join(valid, kept_actions, window_ms=W, rate=1.0)
+    want = reference_join(valid_features(kept_features), kept_actions, window_ms=W, rate=1.0)
     examples = list(join.read_examples_in_order(str(out / "examples")))
     assert examples == sorted(want["examples"], key=lambda e: (e["ts_ms"], e["request_id"]))
     dead = read_json_lines(out / "dead_letter")

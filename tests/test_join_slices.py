@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import random
 
@@ -15,6 +16,7 @@ from dataflow import join
 from schemas import read_avro, write_avro
 from test_join_pipeline import read_json_lines
 from test_joiner import act, feat, reference_join
+from test_strict_json import strict_files, strict_loads
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 HOUR = 3_600_000
@@ -82,8 +84,9 @@ def run(out, features_glob, actions_glob, slice_s, *flags):
                f"--join_window_s={W_S}", f"--slice_s={slice_s}", "--slice_min_bytes=0",
                f"--metrics_out={metrics}",
                "--runner=DirectRunner", *flags])
+    strict_files(out)  # raises on NaN or infinity
     with open(metrics, encoding="utf-8") as f:
-        return json.load(f)["counters"]
+        return strict_loads(f.read())["counters"]
 
 
 def example_files(out):
@@ -200,5 +203,29 @@ def test_a_slice_that_hands_nothing_on(tmp_path):
     globs = str(tmp_path / "in" / "*.avro"), str(tmp_path / "part-*.avro")
     c = run(tmp_path / "sliced", *globs, 3600)
     assert c.get("join.actions_handed_on", 0) == c.get("join.features_handed_on", 0) == 0
+    # Every output folder, those with nothing in them too.
+    assert sorted(os.listdir(tmp_path / "sliced")) == sorted(("examples",) + SIDE)
+    assert all(side_files(tmp_path / "sliced", kind) == [] for kind in SIDE)
     assert [e["label"] for e in join.read_examples_in_order(
         str(tmp_path / "sliced" / "examples"))] == [1, 0, 0]
+
+
+def test_a_record_handed_on_keeps_its_nan(tmp_path):
+    """Hour 0's file holds a feature record of hour 2 with a NaN score: handed on twice, it
+    is still invalid when its slice joins it (the output shows the NaN as null)."""
+    os.makedirs(tmp_path / "in")
+    files = {0: [feat("r0", T0 + 10), feat("nan", T0 + 2 * HOUR + 10, served=math.nan)],
+             1: [feat("r1", T0 + HOUR + 10)], 2: [feat("r2", T0 + 2 * HOUR + 20)]}
+    for hour, records in files.items():
+        with open(tmp_path / "in" / f"part-20240101-{hour:02d}.avro", "wb") as f:
+            fastavro.writer(f, join.EXTRACTED_FEATURES_SCHEMA, records)
+    write_avro(str(tmp_path / "part-20240101-02.avro"), "action_log",
+               [act("nan", T0 + 2 * HOUR + 50)])
+    globs = str(tmp_path / "in" / "*.avro"), str(tmp_path / "part-*.avro")
+    run(tmp_path / "one", *globs, 0)
+    c = run(tmp_path / "sliced", *globs, 3600)
+    assert c["join.features_handed_on"] == 2
+    assert_same_output(str(tmp_path / "one"), str(tmp_path / "sliced"))
+    [invalid] = read_json_lines(tmp_path / "sliced" / "invalid")
+    assert invalid["error"] == "served_score must be finite"
+    assert invalid["record"]["served_score"] is None

@@ -242,10 +242,12 @@ def test_slot_of_uses_the_bits_above_48():
     assert slot_of(np.array([(7 << 48) | 123, 5], np.uint64)).tolist() == [7, 0]
 
 
-def test_benchmark_runs_and_reports_the_required_keys():
-    from benchmarks.table import run
+def test_benchmark_runs_and_reports_the_required_keys(capsys):
+    from benchmarks.table import main
+    from test_strict_json import strict_loads
 
-    result = run(num_keys=20_000, batch=4096, repeat=1)
+    main(["--keys=20000", "--batch=4096", "--repeat=1", "--json"])
+    result = strict_loads(capsys.readouterr().out)
     for key in (
         "keys", "batch", "lookup_keys_per_s", "insert_keys_per_s", "apply_rows_per_s",
         "dict_lookup_keys_per_s", "dict_insert_keys_per_s", "load_factor", "bytes_per_entry",

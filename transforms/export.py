@@ -59,6 +59,8 @@ from apache_beam.coders import VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
+from schemas import strict_json
+
 __all__ = ["DenseModule", "write_model", "latest_model", "list_models", "load_model",
            "LoadedModel", "ExportDenseModel", "META_FILE", "spec_to_json", "spec_from_json"]
 
@@ -177,7 +179,7 @@ def write_model(model_dir: str, spec, params: dict, version: int, ts_ms: int, ke
         info = {"format": FORMAT, "version": int(version), "ts_ms": int(ts_ms),
                 "wall_time": time.time(), "spec": spec_to_json(spec), **(meta or {})}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
+            strict_json.dump(info, f, indent=2, sort_keys=True)
         os.rename(tmp, final)
     finally:
         if os.path.exists(tmp):

@@ -76,7 +76,6 @@ A runnable example (DirectRunner):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import numbers
 from typing import Any, Iterable, NamedTuple, Tuple
@@ -90,6 +89,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
+
+from schemas import strict_json
 
 POSITIVE_ACTIONS = frozenset({"click", "like", "share"})
 DEFAULT_JOIN_WINDOW_S = 900
@@ -263,7 +264,7 @@ def _carriable(record):
     (a bad record must not fail the step that reports it)."""
     try:
         FastPrimitivesCoder().encode(record)
-        json.dumps(record, default=repr).encode("utf-8")
+        strict_json.dumps(record, default=repr).encode("utf-8")
     except Exception:  # noqa: BLE001 - anything a coder or JSON refuses
         return repr(record)[:2000]
     return record

@@ -42,6 +42,8 @@ from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec, BagState
                                               on_timer)
 from apache_beam.utils.timestamp import Timestamp
 
+from schemas import strict_json
+
 #: Scores are clipped to [EPS, 1 - EPS] for the log loss (a score of exactly 0 or 1 that is
 #: wrong would make it infinite).
 EPS = 1e-7
@@ -422,7 +424,7 @@ def write_report(rows, totals: dict, out_prefix: str, title: str = "Online metri
         plot_png(rows, out_prefix + ".png", title)
     tmp = out_prefix + "-totals.json.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(totals, f, indent=2, sort_keys=True)
+        strict_json.dump(totals, f, indent=2, sort_keys=True)
     os.replace(tmp, out_prefix + "-totals.json")
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import yaml
 from apache_beam.metrics import Metrics
 
+from schemas import strict_json
 from schemas.feature_config import CONFIG_FILE, FeatureConfig, FeatureConfigError
 from transforms.features import DEAD_LETTER, ExtractError, FeatureExtractor, dead_letter
 
@@ -208,7 +209,7 @@ class FittedTransform:
         path = Path(directory) / SUMMARY_FILE
         summary = {**self.summary, **extra}
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n",
+        tmp.write_text(strict_json.dumps(summary, indent=2, sort_keys=True) + "\n",
                        encoding="utf-8")
         tmp.replace(path)
         return path

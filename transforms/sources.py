@@ -91,6 +91,8 @@ from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 from fastavro.read import HEADER_SCHEMA
 
+from schemas import strict_json
+
 __all__ = ["ReadFeatureLogs", "ReadActionLogs", "ReadAvroLogs", "WatchAvroLogs",
            "TailAvroLogs", "ReadAvroFileFn", "TailAvroFilesFn", "with_event_time",
            "event_time", "read_avro_file", "BadRecord", "DEAD_LETTER", "RECORD_COUNT_KEY",
@@ -409,7 +411,7 @@ class _FileReading:
 def _safe(record):
     """The record if a Beam coder can carry it, else its (truncated) repr."""
     try:
-        json.dumps(record, default=repr).encode("utf-8")
+        strict_json.dumps(record, default=repr).encode("utf-8")
     except (UnicodeEncodeError, ValueError, TypeError):
         return repr(record)[:_MAX_REPR]
     return record

@@ -7,13 +7,13 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
 import time
 
 from dataflow import cli
+from schemas import strict_json
 
 EXPERIMENTS = {
     "collision": "collisionless vs. MD5-hashed embeddings: collision rate per slot, test AUC "
@@ -78,8 +78,8 @@ def main(argv=None) -> dict:
     result["plot"] = plot_path
     with open(os.path.join(args.workdir, f"exp_{args.experiment}"
                            f"{'-quick' if args.quick else ''}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        strict_json.dump(result, f, indent=1)
+    print(strict_json.dumps(result) if args.json else strict_json.dumps(result, indent=1))
     return result
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 
+from schemas import strict_json
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_WORKDIR = REPO / "out" / "experiments"
 DAY_MS = 86_400_000
@@ -129,7 +131,7 @@ def dataset(name: str, workdir: str, quick: bool) -> DataSet:
                        f"--out={folder}/joined", f"--config={spec.config}",
                        f"--period_s={spec.period_s}", f"--join_window_s={spec.join_window_s}"])
         with open(ready, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+            strict_json.dump(summary, f, indent=1)
     with open(ready, encoding="utf-8") as f:
         summary = json.load(f)
     files = sorted(glob.glob(os.path.join(folder, "joined", "examples", "*.avro")))
