@@ -62,7 +62,10 @@ class TrainOptions(MonolithOptions):
                             help="ParameterStore URL: memory://NAME or redis://HOST:PORT/DB")
         parser.add_argument("--num_shards", type=int, default=2, help="sparse PS shards")
         parser.add_argument("--batch_size", type=int, default=256,
-                            help="examples per training batch")
+                            help="the largest training batch: a batch never spans two periods of the "
+                                 "example log (the join's --period_s), so on a sparse stream "
+                                 "most are shorter; smaller batches learn more often "
+                                 "(docs/pipelines.md, 'Batches end at period boundaries')")
         parser.add_argument("--optimizer", default="adagrad",
                             choices=["sgd", "adagrad", "ftrl", "adam"],
                             help="optimizer of the sparse rows (embeddings)")
