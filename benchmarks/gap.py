@@ -155,7 +155,7 @@ def term_shares(score_logit: np.ndarray, terms: dict, mask: np.ndarray) -> dict:
 def model_scores(workdir: str):
     """The kept run's scores (``read_scores``), in the example log's order, and each
     example's position in the generated stream (from its request id ``s<seed>-<k>``)."""
-    from dataflow.join import read_examples_in_order
+    from transforms.example_log import read_examples_in_order
     from transforms.metrics import read_scores
     runs = sorted(glob.glob(os.path.join(workdir, "scores-*")), key=os.path.getmtime)
     if not runs:

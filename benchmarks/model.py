@@ -32,7 +32,7 @@ def _pin_to_one_core():
 
 def synthetic_batch(n: int, slots: int, dense_dim: int, rng):
     """An ExampleBatch of ``n`` examples with one long-tailed id per slot."""
-    from transforms.batch import ExampleBatch
+    from transforms.example_batch import ExampleBatch
     ids = rng.zipf(1.3, size=(n, slots)).astype(np.uint64) % np.uint64(1 << 40)
     fids = (np.arange(1, slots + 1, dtype=np.uint64)[None, :] << np.uint64(48)) | ids
     return ExampleBatch(

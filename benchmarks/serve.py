@@ -142,7 +142,7 @@ def request_bodies(config, users: int, items: int, distinct: int, candidates: in
 def seed_store(store_url: str, spec, fids: np.ndarray, rng) -> None:
     """An emptied store at ``store_url`` (2 shards) holding a random row for every fid."""
     from ps.store import open_store
-    from transforms.batch import shard_of
+    from ps.sharding import shard_of
     store = open_store(store_url, num_shards=2)
     store.clear()
     rows = rng.normal(0, 0.05, (len(fids), spec.width)).astype(np.float32)

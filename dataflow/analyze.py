@@ -22,7 +22,7 @@ is never mixed with another run's files.
 from __future__ import annotations
 
 if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
-    from dataflow.cli import pipeline_main
+    from dataflow.pipelines import pipeline_main
     raise SystemExit(pipeline_main("analyze"))
 
 import logging
@@ -73,9 +73,9 @@ def build(pipeline, opts, config: FeatureConfig, temp_dir: str) -> None:
 
 def finish(out: str, config: FeatureConfig, input_glob: str, metrics: dict):
     """Read the results out of the written graph; write summary.json and the config."""
-    from transforms.preprocess import FittedTransform, write_analysed_config
+    from transforms.preprocess import read_transform_graph, write_analysed_config
 
-    fitted = FittedTransform.from_transform_graph(out, config)
+    fitted = read_transform_graph(out, config)
     summary = fitted.summary
     empty = [f"slot {n!r} (field {s['source']!r})" for n, s in summary["slots"].items()
              if not s["count"]]

@@ -117,12 +117,3 @@ def argument_parser(**kwargs) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(**kwargs)
     add_verbose(parser)
     return parser
-
-
-def pipeline_main(name: str) -> int:
-    """``python -m dataflow.<name>`` of a pipeline module: :func:`setup`, then the pipeline's
-    help or its run, as ``python -m dataflow <name>``, on the importable module (its DoFns
-    pickle by reference, not by value as ``__main__``'s would)."""
-    setup()
-    from dataflow.__main__ import run_pipeline
-    return run_pipeline(name, sys.argv[1:], prog=f"python -m dataflow.{name}")

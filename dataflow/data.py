@@ -43,32 +43,30 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
 import argparse
 import dataclasses
 import datetime as dt
-import hashlib
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import fastavro
 import numpy as np
 
 from dataflow import cli
-from schemas import load_schema, strict_json
+from dataflow.log_files import HOUR_MS, write_actions, write_logs
+from schemas import strict_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_CACHE = REPO_ROOT / ".cache" / "data"
 RECBOLE = "recbole==1.2.1"
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
 ML100K = "recbole/dataset_example/ml-100k/ml-100k"
-HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 
 __all__ = ["SynthParams", "SyntheticLogs", "SyntheticWorld", "draw_world", "draw_tags",
            "generate_synthetic", "write_synthetic", "synth",
            "MovieLensLogs", "load_movielens", "write_movielens", "movielens",
-           "movielens_wheel", "roc_auc", "write_logs", "main"]
+           "movielens_wheel", "roc_auc", "main"]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -104,53 +102,6 @@ def average_ranks(values) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- writing
-
-def _file_key(ts_ms: np.ndarray, file_hours: int) -> np.ndarray:
-    return ts_ms // (file_hours * HOUR_MS)
-
-
-def _file_name(key: int, file_hours: int) -> str:
-    start = dt.datetime.fromtimestamp(key * file_hours * 3600, tz=dt.timezone.utc)
-    return f"part-{start:%Y%m%d-%H}.avro"
-
-
-def write_logs(directory: str | os.PathLike, schema_name: str, ts_ms: np.ndarray,
-               make_records, file_hours: int = 1, codec: str = "deflate") -> list[str]:
-    """Write records, already sorted by ``ts_ms``, one Avro file per ``file_hours`` of time.
-
-    ``make_records(lo, hi)`` returns the dicts of rows ``[lo, hi)``; it is called once per
-    file, so only one file's records are ever in memory. Returns the paths written.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    schema = load_schema(schema_name)
-    keys = _file_key(np.asarray(ts_ms), file_hours)
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else []
-    bounds = list(starts) + [len(keys)]
-    paths = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        path = directory / _file_name(int(keys[lo]), file_hours)
-        with open(path, "wb") as f:
-            # A sync marker from the file name, not a random one: same input, same bytes.
-            fastavro.writer(f, schema, make_records(int(lo), int(hi)), codec=codec,
-                            sync_marker=hashlib.md5(path.name.encode()).digest())
-        paths.append(str(path))
-    return paths
-
-
-def write_actions(out_dir: Path, request_ids: list, ts_ms: np.ndarray,
-                   actions: np.ndarray, rows: np.ndarray, file_hours: int) -> list[str]:
-    """ActionLog files: ``rows[k]`` is the request of action k, ``actions[k]`` its name."""
-    order = np.lexsort((rows, ts_ms))  # time order; ties in request order
-    ts_ms, actions, rows = ts_ms[order], actions[order], rows[order]
-    ts_list, action_list, row_list = ts_ms.tolist(), actions.tolist(), rows.tolist()
-
-    def records(lo, hi):
-        return [{"request_id": request_ids[r], "ts_ms": t, "action": a}
-                for r, t, a in zip(row_list[lo:hi], ts_list[lo:hi], action_list[lo:hi])]
-
-    return write_logs(out_dir / "action_log", "action_log", ts_ms, records, file_hours)
-
 
 def _write_summary(out_dir: Path, summary: dict) -> None:
     with open(out_dir / "summary.json", "w", encoding="utf-8") as f:
@@ -236,7 +187,7 @@ def _zipf_weights(n: int, exponent: float, rng) -> np.ndarray:
     return rng.permutation(w / w.sum())
 
 
-def _solve_bias(logits: np.ndarray, target: float) -> float:
+def solve_bias(logits: np.ndarray, target: float) -> float:
     """b0 with mean(sigmoid(b0 + logits)) == target (bisection; the mean is monotone in b0)."""
     lo, hi = -20.0, 20.0
     for _ in range(60):
@@ -296,7 +247,7 @@ class SyntheticWorld:
     def logit(self, ts_rel: np.ndarray, user: np.ndarray, item: np.ndarray,
               device: np.ndarray, network: np.ndarray) -> np.ndarray:
         """The true click logit of each (time, user, item, device, network), without the
-        global bias ``b0`` (solved per stream for the target CTR; see ``_solve_bias``)."""
+        global bias ``b0`` (solved per stream for the target CTR; see ``solve_bias``)."""
         p = self.params
         hour = (ts_rel // HOUR_MS + p.start_ms // HOUR_MS) % 24
         turn = p.drift * ts_rel / DAY_MS
@@ -415,7 +366,7 @@ def generate_synthetic(params: SynthParams = SynthParams()) -> SyntheticLogs:
 
     # The true click probability.
     logit = world.logit(ts_rel, user, item, device, network)
-    logit += _solve_bias(logit, p.ctr)
+    logit += solve_bias(logit, p.ctr)
     true_ctr = 1.0 / (1.0 + np.exp(-logit))
     # What a production model scored: the truth seen through noise (serving AUC < Bayes AUC).
     served_score = 1.0 / (1.0 + np.exp(-(logit + rng.normal(0.0, 0.8, p.requests))))
@@ -655,7 +606,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--file_hours", type=int, default=168,
                    help="hours of event time per Avro file (default a week)")
     m.add_argument("--seed", type=int, default=0, help="seed of the click delays")
-    from dataflow import table  # here, not at the top: table imports this module's writers
+    from dataflow import table  # here: only its subcommand needs it (pandas)
     t = sub.add_parser("table", help="your own table (CSV or Parquet) with a label column",
                        description=table.__doc__, formatter_class=cli.HelpFormatter)
     table.add_arguments(t)

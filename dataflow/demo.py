@@ -17,7 +17,7 @@ through: ``python -m dataflow demo --runner=FlinkRunner --flink_master=[local]``
 from __future__ import annotations
 
 if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
-    from dataflow.cli import pipeline_main
+    from dataflow.pipelines import pipeline_main
     raise SystemExit(pipeline_main("demo"))
 
 import json
@@ -29,7 +29,7 @@ import threading
 import time
 
 from dataflow import data, join, train
-from dataflow.join import example_files, read_examples_in_order
+from transforms.example_log import example_files, read_examples_in_order
 
 OUT = os.path.abspath(os.path.join("out", "demo"))
 CONFIG = "movielens"

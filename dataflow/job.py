@@ -14,7 +14,6 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from dataflow.options import MonolithOptions, our_overrides_accepted
-from dataflow.options import MonolithOptions
 from schemas import strict_json
 
 _LOG = logging.getLogger(__name__)

@@ -50,13 +50,12 @@ reason, for feature and action logs alike: a bad file never fails the join.
 from __future__ import annotations
 
 if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
-    from dataflow.cli import pipeline_main
+    from dataflow.pipelines import pipeline_main
     raise SystemExit(pipeline_main("join"))
 
 import datetime
 import glob
 import hashlib
-import heapq
 import json
 import logging
 import math
@@ -66,8 +65,7 @@ import sys
 import time
 import uuid
 import zlib
-from contextlib import ExitStack
-from typing import Any, Callable, Iterator, NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple, Tuple
 
 import apache_beam as beam
 import fastavro
@@ -82,6 +80,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from dataflow.job import metrics_dict, run_job
 from dataflow.options import MonolithOptions, pipeline_options
 from schemas import load_schema, strict_json
+from transforms.example_log import example_files, example_order
 from transforms.joiner import (DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner,
                                closed_request_keys)
 from transforms.sources import log_file_start_ms
@@ -236,10 +235,6 @@ class _ClampTimestamp(beam.DoFn):
         yield record if timestamp.micros >= 0 else TimestampedValue(record, 0)
 
 
-def _example_order(record: dict):
-    return record["ts_ms"], record["request_id"]
-
-
 def _record_order(record: dict):
     """Event-time order for side-output records of any shape (invalid ones included)."""
     ts_ms = record.get("ts_ms") if isinstance(record, dict) else None
@@ -364,41 +359,9 @@ class WriteExampleLog(WriteEventTimeFiles):
     def __init__(self, directory: str, join_window_s: float, period_s: int = 3600,
                  shards: int = 1):
         super().__init__(directory, period_s, shards, encode=avro_encoder("example"),
-                         suffix=".avro", sort_key=_example_order,
+                         suffix=".avro", sort_key=example_order,
                          stamped_after_s=join_window_s)
 
-
-def example_files(pattern: str) -> list[str]:
-    """The example files that ``pattern`` (a glob, or an example-log directory) names."""
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "*.avro")
-    matches = FileSystems.match([pattern])[0].metadata_list
-    return sorted(m.path for m in matches)
-
-
-def read_examples_in_order(pattern) -> Iterator[dict]:
-    """Every example in the files ``pattern`` names (a glob, a directory or a list of paths), in
-    event-time order (ts_ms, then
-    request_id), merging the files lazily: each file is sorted, so this holds one record
-    per file in memory.
-
-    >>> import tempfile
-    >>> from schemas import write_avro
-    >>> d = tempfile.mkdtemp()
-    >>> ex = lambda rid, ts: {"request_id": rid, "ts_ms": ts, "user_id": "u", "item_id": "i",
-    ...                       "fids": [], "label": 0}
-    >>> _ = write_avro(f"{d}/a.avro", "example", [ex("a", 1), ex("c", 5)])
-    >>> _ = write_avro(f"{d}/b.avro", "example", [ex("b", 3)])
-    >>> [e["request_id"] for e in read_examples_in_order(d)]
-    ['a', 'b', 'c']
-    """
-    paths = example_files(pattern) if isinstance(pattern, str) else sorted(pattern)
-    with ExitStack() as stack:
-        readers = [fastavro.reader(stack.enter_context(FileSystems.open(p))) for p in paths]
-        yield from heapq.merge(*readers, key=_example_order)
-
-
-# --------------------------------------------------------------------------- pipeline
 
 def build(pipeline: beam.Pipeline, opts: JoinOptions, part: "_Slice | None" = None,
           ordered: bool = False) -> None:

@@ -277,7 +277,7 @@ class PeriodJoin:
     def _land(self, folder: str) -> int:
         """Move the run's example files into the folder training follows, in name (event
         time) order, each by an atomic rename."""
-        from transforms.batch import count_examples
+        from transforms.example_log import count_examples
         paths = sorted(glob.glob(os.path.join(folder, "*.avro")))
         count = count_examples(paths)
         for path in paths:
@@ -730,7 +730,7 @@ def _trained_examples(store, batch_size: int) -> int:
 
 def _count_examples(folder: str) -> int:
     """Examples in a folder's Avro files, from their block headers."""
-    from transforms.batch import count_examples
+    from transforms.example_log import count_examples
     return count_examples(glob.glob(os.path.join(folder, "*.avro")))
 
 

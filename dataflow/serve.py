@@ -477,7 +477,7 @@ class Scorer:
                  model_dir: Optional[str] = None, score_correction_rate: float = 1.0,
                  feature_log: Optional[RollingAvroLog] = None, store_retry_s: float = 1.0,
                  max_candidates: int = 2000, max_cached_rows: int = 2_000_000):
-        from ps.store import _row_map, open_store
+        from ps.store import row_map, open_store
         from transforms.export import DenseModule
         from transforms.model import Model
         if not 0 < score_correction_rate <= 1:
@@ -495,8 +495,8 @@ class Scorer:
         self.store_retry_s = store_retry_s
         self.max_candidates = max_candidates
         self.max_cached_rows = max_cached_rows
-        self._row_map = _row_map
-        self._cache = _row_map(spec.width)
+        self._row_map = row_map
+        self._cache = row_map(spec.width)
         self._cache_lock = threading.Lock()
         self._store_down_until = 0.0
         self._store_ok = True
@@ -642,7 +642,7 @@ class Scorer:
 
     def score(self, request) -> dict:
         """The answer to one request (raises :class:`BadRequest`)."""
-        from transforms.batch import ExampleBatch
+        from transforms.example_batch import ExampleBatch
         records, true_ctr, top_k, request_id, ts_ms, context, item_fields = \
             self.parse(request)
         n = len(records)

@@ -43,7 +43,7 @@ from typing import Optional
 import numpy as np
 
 from dataflow import cli
-from dataflow.data import (DEVICES, GENDERS, HOUR_MS, NETWORKS, SynthParams, _solve_bias,
+from dataflow.data import (DEVICES, GENDERS, HOUR_MS, NETWORKS, SynthParams, solve_bias,
                            draw_tags, draw_world, roc_auc)
 from schemas import strict_json
 
@@ -78,7 +78,7 @@ class World:
                                for tt in t[::200]])[:sample]
         device = self.world.main_device[user]
         network = rng.choice(3, size=sample, p=[0.6, 0.3, 0.1])
-        self.b0 = _solve_bias(self.world.logit(t, user, item, device, network), ctr)
+        self.b0 = solve_bias(self.world.logit(t, user, item, device, network), ctr)
         w = self.world
         self.gender_name = GENDERS[w.gender].tolist()
         self.region_name = [f"r{r}" for r in w.region.tolist()]

@@ -14,7 +14,7 @@ DirectRunner (batch and ``TestStream``), Flink ``[local]`` and a standalone Flin
 from __future__ import annotations
 
 if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
-    from dataflow.cli import pipeline_main
+    from dataflow.pipelines import pipeline_main
     raise SystemExit(pipeline_main("smoke"))
 
 import sys

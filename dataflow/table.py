@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dataflow.data import write_actions, write_logs
+from dataflow.log_files import write_actions, write_logs
 from schemas import strict_json
 from schemas.feature_config import FeatureConfig
 

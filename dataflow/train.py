@@ -25,7 +25,7 @@ bootstraps empty shards from those snapshots and trains on files as they land in
 from __future__ import annotations
 
 if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dataflow.cli)
-    from dataflow.cli import pipeline_main
+    from dataflow.pipelines import pipeline_main
     raise SystemExit(pipeline_main("train"))
 
 import logging
@@ -160,7 +160,7 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     from schemas.feature_config import load_feature_config
     from transforms.metrics import OnlineMetrics
     from transforms.model import Model
-    from transforms.batch import ReadExampleBatches
+    from transforms.example_reader import ReadExampleBatches
     from transforms.worker import TrainWorker
 
     config = load_feature_config(opts.config)
@@ -317,7 +317,8 @@ _RESUME_KEYS = ("input", "config", "model", "num_shards", "batch_size")
 
 
 def _manifest(opts) -> dict:
-    from transforms.batch import FOLLOW_POSITIONS, followed_pattern
+    from transforms.example_reader import FOLLOW_POSITIONS
+    from transforms.example_log import followed_pattern
     return {"input": followed_pattern(opts.input), "config": opts.config, "model": opts.model,
             "num_shards": opts.num_shards, "batch_size": opts.batch_size,
             "reader_positions": FOLLOW_POSITIONS, "ps_keys": PS_KEYS}
@@ -359,7 +360,7 @@ def _backfill_to_savepoint(opts, all_options: dict):
     """
     from dataflow.flink import jobs_named, stop_with_savepoint
     from ps.store import open_store
-    from transforms.batch import count_examples, example_periods, followed_pattern
+    from transforms.example_log import count_examples, example_periods, followed_pattern
     from transforms.example_columns import read_example_columns
 
     master = all_options.get("flink_master") or ""

@@ -1,7 +1,7 @@
 """SparseShard and DenseShard: the parameter-server DoFns, exactly-once through Beam state.
 
 ``SparseShard`` is keyed by shard id and owns the embedding rows of the fids
-``transforms.batch.shard_of`` gives it, one ``EmbeddingTable`` per table name; ``DenseShard``
+``ps.sharding.shard_of`` gives it, one ``EmbeddingTable`` per table name; ``DenseShard``
 is keyed by a constant and owns the dense weights. Both apply gradient batches, keep their
 state in Beam state (so Flink checkpoints it), and publish what changed to a
 ``ps.store.ParameterStore`` every sync interval (event time), where workers read it.
@@ -110,7 +110,7 @@ from ps.embedding_table import EmbeddingTable, SlotConfig
 from ps.optimizers import Adagrad, Optimizer, optimizer_from_config
 from ps.snapshot import SnapshotError
 from ps.store import decode_arrays, encode_arrays, open_store
-from transforms.batch import shard_of
+from ps.sharding import shard_of
 
 __all__ = ["SparseShard", "DenseShard", "DenseOptimizer", "dense_optimizer", "sparse_optimizer",
            "write_snapshot", "read_snapshot", "check_restore_dir", "SnapshotFileError"]
@@ -469,7 +469,7 @@ class _LoggedShard(beam.DoFn):
 
 
 class SparseShard(_LoggedShard):
-    """Keyed by shard id; input ``(shard, transforms.batch.SparseGradients)``.
+    """Keyed by shard id; input ``(shard, ps.gradients.SparseGradients)``.
 
     Args:
         store_url: the ``ParameterStore`` to publish to (``memory://…`` or ``redis://…``).
@@ -821,7 +821,7 @@ def dense_optimizer(optimizer="adam", lr=None) -> DenseOptimizer:
 
 
 class DenseShard(_LoggedShard):
-    """Keyed by a constant; input ``(key, transforms.batch.DenseGradients)``.
+    """Keyed by a constant; input ``(key, ps.gradients.DenseGradients)``.
 
     Args:
         store_url: the ``ParameterStore`` to publish to.

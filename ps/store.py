@@ -19,7 +19,7 @@ Two backends behind one interface, chosen by URL, passing one test suite (tests/
 Layout and its invariants
 -------------------------
 Rows are grouped by ``(table, shard)``: the shard that published them, i.e.
-``transforms.batch.shard_of(fid, num_shards)``. ``replace_shard`` then swaps one group.
+``ps.sharding.shard_of(fid, num_shards)``. ``replace_shard`` then swaps one group.
 
 S1  A fid's row lives only in the group of its own shard; ``write_rows``/``replace_shard`` of a
     shard reject fids of other shards, so ``read_rows`` looks in one group per fid.
@@ -58,7 +58,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from transforms.batch import shard_of
+from ps.sharding import shard_of
 
 __all__ = ["ParameterStore", "MemoryStore", "RedisStore", "open_store", "view_url",
            "encode_arrays", "decode_arrays"]
@@ -142,7 +142,7 @@ class ParameterStore:
             raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
         if fids.size and (shard_of(fids, num_shards) != shard).any():
             raise ValueError(f"fids of other shards written to shard {shard} (num_shards="
-                             f"{num_shards}): route them with transforms.batch.shard_of")
+                             f"{num_shards}): route them with ps.sharding.shard_of")
         return shard
 
     def _groups(self, fids: np.ndarray):
@@ -298,7 +298,7 @@ class _Write(_Read):
         self.lock.release_write()
 
 
-def _row_map(width: int, capacity: int = 1024):
+def row_map(width: int, capacity: int = 1024):
     """A fid → float32[width] map: an EmbeddingTable without optimizer state or deltas."""
     from ps.embedding_table import EmbeddingTable
     from ps.optimizers import SGD
@@ -340,7 +340,7 @@ class MemoryStore(ParameterStore):
     def _writable_group(self, table, shard, width):
         group = self._groups_by_key.get((table, shard))
         if group is None:
-            group = self._groups_by_key[(table, shard)] = _row_map(width)
+            group = self._groups_by_key[(table, shard)] = row_map(width)
         elif group.dim != width:
             raise ValueError(f"table {table!r} shard {shard} holds rows of width {group.dim}, "
                              f"written with width {width}")
@@ -384,7 +384,7 @@ class MemoryStore(ParameterStore):
         shard = self._check_shard(shard, fids)
         group = None
         if fids.size:  # built outside the lock: readers keep reading the old group meanwhile
-            group = _row_map(rows.shape[1], capacity=fids.size)
+            group = row_map(rows.shape[1], capacity=fids.size)
             group.insert(fids, weights=rows)
         with _Write(self._lock):
             if group is None:

@@ -75,7 +75,8 @@ def _hash_bytes(data: bytes) -> int:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _hash_text(text: str) -> int:
+def hash_text(text: str) -> int:
+    """:func:`hash48` of a text value (cached: feature values repeat)."""
     return _hash_bytes(text.encode("utf-8"))
 
 
@@ -105,9 +106,9 @@ def hash48(value) -> int:
     True
     """
     if type(value) is str:  # the hot path: one cached dict lookup
-        return _hash_text(value)
+        return hash_text(value)
     text = _canonical_text(value)
-    return _hash_text(text) if isinstance(text, str) else _hash_bytes(text)
+    return hash_text(text) if isinstance(text, str) else _hash_bytes(text)
 
 
 def _check_slot(slot) -> int:

@@ -17,7 +17,7 @@ def example_log(tmp_path_factory):
     import glob
 
     from dataflow import data, join
-    from dataflow.join import read_examples_in_order
+    from transforms.example_log import read_examples_in_order
     work = tmp_path_factory.mktemp("train-data")
     summary = data.synth(str(work / "logs"), requests=24_000, users=300, items=400, days=1.0,
                          seed=3)

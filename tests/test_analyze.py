@@ -15,7 +15,8 @@ from schemas import write_avro
 from schemas.feature_config import FeatureConfig
 from schemas.fid import make_fid
 from transforms.features import Preprocessor
-from transforms.preprocess import FittedTransform, apply_transform_graph, default_epsilon
+from transforms.fitted_transform import FittedTransform, default_epsilon
+from transforms.preprocess import apply_transform_graph, read_transform_graph
 
 CONFIG = {
     "slots": [
@@ -136,7 +137,7 @@ def test_exact_boundaries_and_statistics_direct_runner(analysed):
 def test_summary_is_what_the_graph_holds(analysed):
     out, fitted = analysed
     loaded = FittedTransform.load(out)
-    from_graph = FittedTransform.from_transform_graph(out, FeatureConfig.from_dict(CONFIG))
+    from_graph = read_transform_graph(out, FeatureConfig.from_dict(CONFIG))
     for t in (loaded, from_graph):
         assert {k: v.tolist() for k, v in t.boundaries.items()} == {
             "a_q": [25.0, 49.0, 73.0], "b_q": [4.0, 7.0]}

@@ -95,7 +95,8 @@ def run_child(policy: str, stream: dict = STREAM) -> dict:
     from apache_beam.transforms.window import GlobalWindow
 
     from ps.shard import SparseShard
-    from transforms.batch import SparseGradients, shard_of
+    from ps.gradients import SparseGradients
+    from ps.sharding import shard_of
 
     ts_ms, fids = churn_fids(stream)
     num_shards, dim = 2, DIM

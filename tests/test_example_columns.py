@@ -8,10 +8,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflow.join import read_examples_in_order
+from transforms.example_log import read_examples_in_order
 from schemas import write_avro
-from transforms.batch import ExampleBatch
-from transforms.example_columns import read_example_columns, slice_batch, take
+from transforms.example_batch import ExampleBatch
+from transforms.example_columns import read_example_columns
+from transforms.example_batch import slice_batch, take
 
 _example = st.fixed_dictionaries({
     "request_id": st.text(min_size=0, max_size=80) | st.sampled_from(["a", "a\x00", "\x00"]),

@@ -12,7 +12,8 @@ import numpy as np
 from dataflow.job import metrics_dict
 from dataflow.options import pipeline_options
 from schemas import write_avro
-from transforms.batch import ReadExampleBatches, example_periods
+from transforms.example_reader import ReadExampleBatches
+from transforms.example_log import example_periods
 
 HOUR = 3_600_000
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z

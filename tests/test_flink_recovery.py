@@ -313,7 +313,7 @@ def test_backfill_then_online_via_savepoint(recovery_cluster, stream, tmp_path, 
     new files land; ``train online --savepoint_path`` resumes the reader where the backfill
     stopped. Together they equal one clean run over everything: nothing read twice, nothing
     skipped at the switch. A savepoint resumed on another folder is refused."""
-    from transforms.batch import count_examples
+    from transforms.example_log import count_examples
     clean = stream["clean"]
     store_url, store = fresh_store(redis_server, 12)
     files = stream["files"]

@@ -19,6 +19,7 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
+from transforms.example_log import read_examples_in_order
 from dataflow import join
 from schemas import write_avro
 from test_joiner import act, feat
@@ -72,7 +73,7 @@ def make_hourly_logs(folder, n=300, seed=11):
 def output_records(out) -> dict:
     """Every output folder's records, sorted (file names aside)."""
     records = {"examples": sorted(json.dumps(e, sort_keys=True)
-                                  for e in join.read_examples_in_order(str(out / "examples")))}
+                                  for e in read_examples_in_order(str(out / "examples")))}
     for kind in ("unmatched", "late", "duplicates", "invalid", "dead_letter"):
         rows = []
         for path in glob.glob(str(out / kind / "*.jsonl")):
@@ -103,7 +104,7 @@ def test_reader_takes_a_file_a_call_and_leaves_the_watermark_at_the_next_files_s
         f.write(b"damaged")
     fn = sources.TailAvroFilesFn(0, MAX_TIMESTAMP, read_once=True)
     estimator = ManualWatermarkEstimator(None)
-    restriction = OffsetRange(0, sources._NO_END)
+    restriction = OffsetRange(0, sources.NO_END)
     calls = []
     for _ in range(10):
         tracker = ThreadsafeRestrictionTracker(OffsetRestrictionTracker(restriction))

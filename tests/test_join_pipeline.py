@@ -16,6 +16,7 @@ import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
+from transforms.example_log import read_examples_in_order
 from dataflow import join
 from dataflow.options import pipeline_options
 from schemas import read_avro, write_avro
@@ -92,7 +93,7 @@ def run_and_check(tmp_path, flags, n=400, shards=2, rate=0.5):
     want = reference_join(valid_features(features), actions, window_ms=W, rate=rate)
 
     # The example log: read back in event-time order, exactly the rules' examples.
-    examples = list(join.read_examples_in_order(str(out / "examples")))
+    examples = list(read_examples_in_order(str(out / "examples")))
     assert examples == sorted(want["examples"], key=lambda e: (e["ts_ms"], e["request_id"]))
     assert {e["label"] for e in examples} == {0, 1}
 
@@ -184,7 +185,7 @@ def test_streaming_example_log_writes_each_period_once_and_late_records_apart(
                    for name in os.listdir(out))
     assert files == [("20240101T000000Z", ["a", "b"]), ("20240101T000000Z", ["z"]),
                      ("20240101T010000Z", ["c"])]
-    assert [e["request_id"] for e in join.read_examples_in_order(out + "/*.avro")] == \
+    assert [e["request_id"] for e in read_examples_in_order(out + "/*.avro")] == \
         ["a", "b", "z", "c"]
 
 
@@ -196,11 +197,11 @@ def test_read_examples_in_order_merges_files(tmp_path):
     write_avro(str(tmp_path / "y.avro"), "example", [ex("a", 1), ex("c", 2), ex("f", 9)])
     write_avro(str(tmp_path / "z.avro"), "example", [])
     (tmp_path / "x.avro.tmp-123").write_bytes(b"half a file")  # a write in progress
-    order = [e["request_id"] for e in join.read_examples_in_order(str(tmp_path))]
+    order = [e["request_id"] for e in read_examples_in_order(str(tmp_path))]
     assert order == ["a", "b", "c", "d", "e", "f"]
-    assert [e["request_id"] for e in join.read_examples_in_order(str(tmp_path / "y*"))] == \
+    assert [e["request_id"] for e in read_examples_in_order(str(tmp_path / "y*"))] == \
         ["a", "c", "f"]
-    assert list(join.read_examples_in_order(str(tmp_path / "nothing-*.avro"))) == []
+    assert list(read_examples_in_order(str(tmp_path / "nothing-*.avro"))) == []
 
 
 def test_cli_lists_the_join_pipeline(capsys):
@@ -246,7 +247,7 @@ def test_damaged_log_files_are_dead_lettered_and_the_join_goes_on(tmp_path):
     join.main([f"--features={features_glob}", f"--actions={actions_glob}", f"--out={out}",
                f"--join_window_s={W_S}", "--negative_sample_rate=1.0"])
     want = reference_join(valid_features(kept_features), kept_actions, window_ms=W, rate=1.0)
-    examples = list(join.read_examples_in_order(str(out / "examples")))
+    examples = list(read_examples_in_order(str(out / "examples")))
     assert examples == sorted(want["examples"], key=lambda e: (e["ts_ms"], e["request_id"]))
     dead = read_json_lines(out / "dead_letter")
     assert sorted((os.path.basename(d["file"]), d["reason"]) for d in dead) == [

@@ -12,6 +12,7 @@ import random
 
 import fastavro
 
+from transforms.example_log import read_examples_in_order
 from dataflow import join
 from schemas import read_avro, write_avro
 from test_join_pipeline import read_json_lines
@@ -130,7 +131,7 @@ def test_slices_equal_one_pipeline_across_boundaries(tmp_path):
     # ... and both are the joiner's rules.
     valid = [f for f in features if f["request_id"] and min(f["fids"]) >= 0]
     want = reference_join(valid, actions, window_ms=W, rate=0.5)
-    got = list(join.read_examples_in_order(str(tmp_path / "sliced" / "examples")))
+    got = list(read_examples_in_order(str(tmp_path / "sliced" / "examples")))
     assert got == sorted(want["examples"], key=lambda e: (e["ts_ms"], e["request_id"]))
     for kind, names in (("unmatched", ["unmatched_actions"]), ("late", ["late_actions"]),
                         ("duplicates", ["duplicate_actions", "duplicate_features"])):
@@ -186,7 +187,7 @@ def test_a_record_earlier_than_its_file_name_undoes_the_slices(tmp_path, caplog)
         run(tmp_path / "sliced", *globs, 3600)
     assert "joining again in one pipeline" in caplog.text
     assert_same_output(str(tmp_path / "one"), str(tmp_path / "sliced"))
-    assert [e["label"] for e in join.read_examples_in_order(str(tmp_path / "sliced"
+    assert [e["label"] for e in read_examples_in_order(str(tmp_path / "sliced"
                                                                 / "examples"))] == [1, 1, 0, 0]
 
 
@@ -206,7 +207,7 @@ def test_a_slice_that_hands_nothing_on(tmp_path):
     # Every output folder, those with nothing in them too.
     assert sorted(os.listdir(tmp_path / "sliced")) == sorted(("examples",) + SIDE)
     assert all(side_files(tmp_path / "sliced", kind) == [] for kind in SIDE)
-    assert [e["label"] for e in join.read_examples_in_order(
+    assert [e["label"] for e in read_examples_in_order(
         str(tmp_path / "sliced" / "examples"))] == [1, 0, 0]
 
 

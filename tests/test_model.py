@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transforms.batch import ExampleBatch
+from transforms.example_batch import ExampleBatch
 from transforms.metrics import auc
 from transforms.model import Model, ModelSpec
 

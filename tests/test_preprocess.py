@@ -15,14 +15,15 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
+from transforms.example_log import read_examples_in_order
 from dataflow import analyze, join
 from dataflow.options import pipeline_options
 from schemas.feature_config import FeatureConfig, FeatureConfigError
 from schemas.fid import make_fid
 from transforms.features import (DEAD_LETTER, ExtractError, ExtractFeatures, FeatureExtractor,
                                  Preprocessor, TransformRequiredError, extract)
-from transforms.preprocess import (FittedTransform, TransformMismatchError,
-                                   analysis_row, apply_transform_graph)
+from transforms.fitted_transform import FittedTransform, TransformMismatchError
+from transforms.preprocess import analysis_row, apply_transform_graph
 
 CONFIG = FeatureConfig.load("synthetic_tft")
 ANALYSED = {s.name: s for s in CONFIG.slots if s.analysed}
@@ -217,7 +218,7 @@ def test_join_cli_with_the_transform_dir(data, tmp_path):
     join.main([f"--features={root / 'synth' / 'feature_log' / '*.avro'}",
                f"--actions={root / 'synth' / 'action_log' / '*.avro'}",
                f"--config={transform_dir}", f"--out={tmp_path / 'joined'}"])
-    examples = list(join.read_examples_in_order(str(tmp_path / "joined" / "examples")))
+    examples = list(read_examples_in_order(str(tmp_path / "joined" / "examples")))
     want = {o["request_id"]: o for o in Preprocessor.load(transform_dir)(records)}
     assert len(examples) == len(records) == len(want)
     for e in examples:

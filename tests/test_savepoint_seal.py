@@ -77,7 +77,7 @@ def test_train_refuses_to_resume_a_savepoint_of_another_job(tmp_path):
     root = tmp_path / "sp"
     os.makedirs(root)
     (root / "_metadata").write_bytes(b"flink")
-    from transforms.batch import FOLLOW_POSITIONS
+    from transforms.example_reader import FOLLOW_POSITIONS
     manifest = {"input": f"{folder}/*.avro", "config": "synthetic", "model": "fm",
                 "num_shards": 2, "batch_size": 256, "reader_positions": FOLLOW_POSITIONS,
                 "ps_keys": train.PS_KEYS}

@@ -22,7 +22,8 @@ from dataflow.train import model_spec
 from ps.store import open_store
 from schemas import read_avro
 from schemas.feature_config import load_feature_config
-from transforms.batch import ExampleBatch, shard_of
+from ps.sharding import shard_of
+from transforms.example_batch import ExampleBatch
 from transforms.export import (DenseModule, latest_model, list_models, load_model,
                                write_model)
 from transforms.features import extract

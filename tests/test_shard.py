@@ -28,7 +28,8 @@ from dataflow.job import metrics_dict
 from dataflow.options import pipeline_options
 from ps.shard import DenseOptimizer, DenseShard, SparseShard
 from ps.store import open_store, view_url
-from transforms.batch import DenseGradients, SparseGradients, shard_of
+from ps.gradients import DenseGradients, SparseGradients
+from ps.sharding import shard_of
 
 T0_MS = 1_700_000_000_000
 TABLES = {"t4": 4, "t2": 2}

@@ -300,11 +300,11 @@ def test_tail_watermark_follows_event_time(tmp_path):
                                                ThreadsafeRestrictionTracker)
     from apache_beam.utils.timestamp import Timestamp
 
-    from transforms.sources import _NO_END, TailAvroFilesFn
+    from transforms.sources import NO_END, TailAvroFilesFn
 
     def run(start_index):
         tracker = ThreadsafeRestrictionTracker(
-            OffsetRestrictionTracker(OffsetRange(start_index, _NO_END)))
+            OffsetRestrictionTracker(OffsetRange(start_index, NO_END)))
         estimator = ManualWatermarkEstimator(None)
         out = list(fn.process(str(tmp_path / "part-*.avro"),
                               tracker=RestrictionTrackerView(tracker), watermark=estimator))
@@ -357,7 +357,7 @@ def test_tail_lists_a_backlog_once_not_once_a_file(tmp_path, monkeypatch):
     read, index = [], 0
     while True:
         tracker = ThreadsafeRestrictionTracker(
-            OffsetRestrictionTracker(OffsetRange(index, sources._NO_END)))
+            OffsetRestrictionTracker(OffsetRange(index, sources.NO_END)))
         read += [o.value["request_id"] for o in fn.process(
             str(tmp_path / "part-*.avro"), tracker=RestrictionTrackerView(tracker),
             watermark=ManualWatermarkEstimator(None))]
@@ -382,7 +382,7 @@ def test_tail_stops_once_the_marker_exists(tmp_path):
                                                ThreadsafeRestrictionTracker)
     from apache_beam.utils.timestamp import Timestamp
 
-    from transforms.sources import _NO_END, TailAvroFilesFn
+    from transforms.sources import NO_END, TailAvroFilesFn
 
     logs, marker = tmp_path / "logs", tmp_path / "done.json"
     logs.mkdir()
@@ -391,7 +391,7 @@ def test_tail_stops_once_the_marker_exists(tmp_path):
 
     def run(start_index):
         tracker = ThreadsafeRestrictionTracker(
-            OffsetRestrictionTracker(OffsetRange(start_index, _NO_END)))
+            OffsetRestrictionTracker(OffsetRange(start_index, NO_END)))
         out = list(fn.process(str(logs / "part-*.avro"), tracker=RestrictionTrackerView(tracker),
                               watermark=ManualWatermarkEstimator(None)))
         residual, _ = tracker.deferred_status() or (None, None)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ps.store import MemoryStore, RedisStore, decode_arrays, encode_arrays, open_store
-from transforms.batch import shard_of
+from ps.sharding import shard_of
 
 WIDTHS = {"a": 3, "b": 1}
 

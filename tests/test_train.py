@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from dataflow import train
-from dataflow.join import read_examples_in_order
+from transforms.example_log import read_examples_in_order
 
 CONFIG = "synthetic"  # the example_log fixture (conftest.py) is joined with it
 

@@ -16,6 +16,7 @@ import fastavro
 import pandas as pd
 import pytest
 
+from transforms.example_log import read_examples_in_order
 from dataflow import data, join, table, train
 from schemas.feature_config import FeatureConfig
 
@@ -117,7 +118,7 @@ def test_adult_table_to_online_auc(tmp_path, capsys):
     counters = json.loads(join_metrics.read_text())["counters"]
     assert counters["extract.extracted"] == 2498
     assert (counters["joiner.examples"], counters["joiner.positives"]) == (2498, positives)
-    examples = list(join.read_examples_in_order(str(out / "joined" / "examples")))
+    examples = list(read_examples_in_order(str(out / "joined" / "examples")))
     assert len(examples) + len(letters) == len(rows)  # every row accounted for
     assert sum(e["label"] for e in examples) == positives
     assert not glob.glob(str(out / "joined" / "dead_letter" / "*"))

@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from transforms.batch import ExampleBatch
+from transforms.example_batch import ExampleBatch, concat_batches, take
 
 try:
     from numba import njit
@@ -177,7 +177,7 @@ def _file_columns(path: str, dense_dim: int):
             if not nul and (not rid_len.size or rid_len.max() <= _RID_WIDTH):
                 return (ExampleBatch(fids.view(np.uint64), splits, dense, label, weight, ts,
                                      ctr), rid.view(f"S{_RID_WIDTH}").ravel())
-    from dataflow.join import read_examples_in_order
+    from transforms.example_log import read_examples_in_order
     records = list(read_examples_in_order([path]))
     return (ExampleBatch.from_examples(records, dense_dim),
             np.array([r["request_id"].encode() for r in records], dtype=object))
@@ -185,7 +185,7 @@ def _file_columns(path: str, dense_dim: int):
 
 def read_example_columns(paths, dense_dim: int) -> ExampleBatch:
     """Every example in ``paths`` as one ``ExampleBatch``, in event-time order (``ts_ms``,
-    then ``request_id``: the order of ``dataflow.join.read_examples_in_order``; each file
+    then ``request_id``: the order of ``transforms.example_log.read_examples_in_order``; each file
     is in that order already, as the joiner writes it)."""
     parts = [_file_columns(path, dense_dim) for path in sorted(paths)]
     if not parts:
@@ -195,39 +195,3 @@ def read_example_columns(paths, dense_dim: int) -> ExampleBatch:
     batch = concat_batches([b for b, _ in parts])
     rids = np.concatenate([r.astype(object) for _, r in parts])
     return take(batch, np.lexsort((rids, batch.ts_ms)))
-
-
-def concat_batches(parts) -> ExampleBatch:
-    """One ``ExampleBatch`` of ``parts`` in order."""
-    if len(parts) == 1:
-        return parts[0]
-    offsets = np.cumsum([0] + [p.row_splits[-1] for p in parts[:-1]])
-    splits = np.concatenate([parts[0].row_splits[:1]] +
-                            [p.row_splits[1:] + o for p, o in zip(parts, offsets)])
-    return ExampleBatch(np.concatenate([p.fids for p in parts]), splits,
-                        np.concatenate([p.dense for p in parts]),
-                        np.concatenate([p.label for p in parts]),
-                        np.concatenate([p.weight for p in parts]),
-                        np.concatenate([p.ts_ms for p in parts]),
-                        np.concatenate([p.true_ctr for p in parts]))
-
-
-def take(batch: ExampleBatch, rows: np.ndarray) -> ExampleBatch:
-    """The examples ``rows`` of ``batch`` (any order), as a new batch."""
-    lengths = np.diff(batch.row_splits)[rows]
-    splits = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum(lengths, out=splits[1:])
-    starts = batch.row_splits[rows]
-    fid_index = np.repeat(starts - splits[:-1], lengths) + np.arange(splits[-1])
-    return ExampleBatch(batch.fids[fid_index], splits, batch.dense[rows], batch.label[rows],
-                        batch.weight[rows], batch.ts_ms[rows], batch.true_ctr[rows])
-
-
-def slice_batch(batch: ExampleBatch, start: int, stop: int) -> ExampleBatch:
-    """Examples ``start:stop`` of ``batch``, as arrays of their own (a batch goes out to
-    other steps; it must not pin, or share, the whole period's arrays)."""
-    lo, hi = batch.row_splits[start], batch.row_splits[stop]
-    return ExampleBatch(batch.fids[lo:hi].copy(), batch.row_splits[start:stop + 1] - lo,
-                        batch.dense[start:stop].copy(), batch.label[start:stop].copy(),
-                        batch.weight[start:stop].copy(), batch.ts_ms[start:stop].copy(),
-                        batch.true_ctr[start:stop].copy())

@@ -55,7 +55,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas.feature_config import CONFIG_FILE, FeatureConfig, FeatureConfigError, SlotSpec
-from schemas.fid import HASH_BITS, _hash_text, hash48
+from schemas.fid import HASH_BITS, hash_text, hash48
+from transforms.fitted_transform import FittedTransform
 
 __all__ = ["extract", "ExtractError", "ExtractFeatures", "FeatureExtractor", "Preprocessor",
            "TransformRequiredError", "DEAD_LETTER", "OUTPUT_KEYS"]
@@ -224,7 +225,7 @@ class FeatureExtractor:
             if slot.plain:  # the common case inline: one field holding a string
                 value = fields.get(slot.field)
                 if type(value) is str:
-                    append(slot.high | _hash_text(value))
+                    append(slot.high | hash_text(value))
                     continue
                 self._single(slot, value, fids)
             elif slot.is_cross:
@@ -280,10 +281,10 @@ class FeatureExtractor:
                 raise ExtractError(f"oversized_list:{field}",
                                    f"{len(value)} values > max_list_length {self.max_list}")
             high = slot.high
-            fids.extend([high | _hash_text(v if type(v) is str else _text(field, v))
+            fids.extend([high | hash_text(v if type(v) is str else _text(field, v))
                          for v in value])
         else:
-            fids.append(slot.high | _hash_text(_text(field, value)))
+            fids.append(slot.high | hash_text(_text(field, value)))
 
     def _analysed(self, slot: _Slot, value, fids: list, pending: list) -> None:
         field = slot.field
@@ -317,7 +318,7 @@ class FeatureExtractor:
             raise ExtractError(f"oversized_cross:{slot.name}", f"{combinations} combinations "
                                f"> max_list_length {self.max_list}")
         high = slot.high
-        fids.extend([high | _hash_text(CROSS_SEPARATOR.join(combo))
+        fids.extend([high | hash_text(CROSS_SEPARATOR.join(combo))
                      for combo in itertools.product(*parts)])
 
     @staticmethod
@@ -355,7 +356,7 @@ class Preprocessor:
     The one entry point that extraction in the pipelines (:class:`ExtractFeatures`) and
     serving share, so both make the same fids and dense values. Each result is the output
     dict of :func:`extract` or the :class:`ExtractError` that rejects the record. The
-    transform (``transforms.preprocess.FittedTransform``) is applied with NumPy, once per
+    transform (``transforms.fitted_transform.FittedTransform``) is applied with NumPy, once per
     batch: an analysed slot's bucket becomes its fid (``slot << 48 | hash48(bucket)``, as a
     fixed ``bucketize``), a normalised dense value its z-score (float32).
 
@@ -394,7 +395,6 @@ class Preprocessor:
             return cls(config)
         if not os.path.isdir(config_or_dir):
             raise _needs_transform(config)
-        from transforms.preprocess import FittedTransform  # it imports this module
         return cls(config, FittedTransform.load(config_or_dir))
 
     def __call__(self, records) -> list:
@@ -576,7 +576,6 @@ class ExtractFeatures(beam.PTransform):
         if transform is None and directory is not None and config.needs_analysis:
             transform = directory
         if isinstance(transform, (str, os.PathLike)):
-            from transforms.preprocess import FittedTransform  # it imports this module
             transform = FittedTransform.load(transform)
         self.config = config
         self.transform = transform

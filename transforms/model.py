@@ -6,7 +6,7 @@ the TensorFlow graph of its forward pass, and the bookkeeping that maps a CSR ba
 rows.
 
 >>> import numpy as np
->>> from transforms.batch import ExampleBatch
+>>> from transforms.example_batch import ExampleBatch
 >>> spec = ModelSpec("fm", slots=[(1, 4), (2, 4)], dense_dim=1)
 >>> spec.tables()                                  # one row per fid: [w | v_0..v_3]
 {'w5': 5}
@@ -79,7 +79,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from transforms.batch import ExampleBatch
+from transforms.example_batch import ExampleBatch
 
 KINDS = ("lr", "fm", "deepfm")
 SLOT_SHIFT = np.uint64(48)

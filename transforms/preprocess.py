@@ -36,52 +36,24 @@ importing TensorFlow in the workers or calling it per record.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
 
 import apache_beam as beam
 import numpy as np
 import yaml
 from apache_beam.metrics import Metrics
 
-from schemas import strict_json
 from schemas.feature_config import CONFIG_FILE, FeatureConfig, FeatureConfigError
 from transforms.features import DEAD_LETTER, ExtractError, FeatureExtractor, dead_letter
+from transforms.fitted_transform import (SUMMARY_FORMAT, FittedTransform, analysed_spec,
+                                        analysis_columns, default_epsilon, dense_column,
+                                        slot_column)
 
-__all__ = ["FittedTransform", "TransformMismatchError", "AnalyzeFeatureLogs",
-           "preprocessing_fn", "analysis_columns", "analysis_row", "apply_transform_graph",
-           "SUMMARY_FILE", "default_epsilon"]
+__all__ = ["AnalyzeFeatureLogs", "preprocessing_fn", "analysis_row", "apply_transform_graph",
+           "read_transform_graph", "write_analysed_config"]
 
-SUMMARY_FILE = "summary.json"
-SUMMARY_FORMAT = 1
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class TransformMismatchError(FeatureConfigError):
-    """A transform output that does not fit the config (other analysers, or none at all)."""
-
-
-def default_epsilon(quantiles: int) -> float:
-    """TFT's own default for ``tft.bucketize``: ``min(1 / num_buckets, 0.01)``."""
-    return min(1.0 / quantiles, 0.01)
-
-
-def slot_column(name: str) -> str:
-    return f"slot__{name}"
-
-
-def dense_column(name: str) -> str:
-    return f"dense__{name}"
-
-
-def analysis_columns(config: FeatureConfig) -> list[str]:
-    """The transform graph's inputs: analysed slots (config order), then normalised dense."""
-    return ([slot_column(s.name) for s in config.slots if s.analysed]
-            + [dense_column(d.name) for d in config.dense if d.analysed])
-
+# --------------------------------------------------------------------------- the graph
 
 def analysis_row(config: FeatureConfig, out: dict, pending: list) -> dict:
     """One record's graph inputs from ``FeatureExtractor.parse(record)``'s ``(out, pending)``.
@@ -98,143 +70,41 @@ def analysis_row(config: FeatureConfig, out: dict, pending: list) -> dict:
     return row
 
 
-def _spec(config: FeatureConfig) -> dict:
-    """What the analysis computes for this config (what a transform must have been made for)."""
-    return {
-        "slots": {s.name: {"source": s.fields[0], "quantiles": s.quantiles,
-                           "epsilon": s.epsilon if s.epsilon is not None
-                           else default_epsilon(s.quantiles)}
-                  for s in config.slots if s.analysed},
-        "dense": {d.name: {"source": d.source, "transform": d.transform,
-                           "normalize": d.normalize}
-                  for d in config.dense if d.analysed}}
+def read_transform_graph(directory: str | os.PathLike, config: FeatureConfig) -> FittedTransform:
+    """Read the analysers' results out of TFT's transform graph in ``directory``.
 
-
-# --------------------------------------------------------------------------- the numbers
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class FittedTransform:
-    """The analysers' results, applied with NumPy exactly as the transform graph applies them.
-
-    ``boundaries``: slot name → ascending float32 bucket boundaries (``tft.quantiles``);
-    ``mean`` / ``var``: dense name → float32 mean and (biased) variance. ``summary`` is what
-    ``summary.json`` says (counts, minima, maxima ... and the analysed spec).
+    Runs the graph once on a one-row batch (its per-row analyser outputs do not depend on
+    the input). Imports TensorFlow.
     """
-    boundaries: Mapping[str, np.ndarray]
-    mean: Mapping[str, np.float32]
-    var: Mapping[str, np.float32]
-    summary: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    columns = analysis_columns(config)
+    graph = apply_transform_graph(directory, [{c: [] for c in columns}])
+    first = {k: np.asarray(v)[0] for k, v in graph.items() if not k.endswith(("__bucket",
+                                                                              "__z"))}
+    f32 = lambda v: float(np.float32(v))  # noqa: E731 - exact in JSON, float32 again on load
+    spec = analysed_spec(config)
+    slots, dense = {}, {}
+    for name, s in spec["slots"].items():
+        col, count = slot_column(name), int(first[f"{slot_column(name)}__count"])
+        slots[name] = {**s, "count": count,
+                       "min": f32(first[f"{col}__min"]) if count else None,
+                       "max": f32(first[f"{col}__max"]) if count else None,
+                       "boundaries": [f32(b) for b in first[f"{col}__boundaries"]]}
+    for name, d in spec["dense"].items():
+        col, count = dense_column(name), int(first[f"{dense_column(name)}__count"])
+        var = np.float32(first[f"{col}__var"])
+        dense[name] = {**d, "count": count,
+                       "mean": f32(first[f"{col}__mean"]), "var": f32(var),
+                       "std": f32(np.sqrt(var)),
+                       "min": f32(first[f"{col}__min"]) if count else None,
+                       "max": f32(first[f"{col}__max"]) if count else None}
+    summary = {"format": SUMMARY_FORMAT, "records": int(first["records"]),
+               "slots": slots, "dense": dense}
+    return FittedTransform(boundaries={n: np.array(s["boundaries"], np.float32)
+                                       for n, s in slots.items()},
+                           mean={n: np.float32(d["mean"]) for n, d in dense.items()},
+                           var={n: np.float32(d["var"]) for n, d in dense.items()},
+                           summary=summary)
 
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, FittedTransform):
-            return NotImplemented
-        return (self.mean == other.mean and self.var == other.var
-                and self.boundaries.keys() == other.boundaries.keys()
-                and all(np.array_equal(b, other.boundaries[k])
-                        for k, b in self.boundaries.items()))
-
-    def bucketize(self, slot: str, values: np.ndarray) -> np.ndarray:
-        """float32 values → bucket indices (int64): ``b[i-1] <= x < b[i]`` is i, as
-        ``tft.apply_buckets`` (a sorted search on the right side)."""
-        return np.searchsorted(self.boundaries[slot], values.astype(np.float32, copy=False),
-                               side="right")
-
-    def normalize(self, name: str, values: np.ndarray) -> np.ndarray:
-        """float32 values → ``(x - mean) / sqrt(var)`` in float32 (``x - mean`` if var is 0)."""
-        centred = values.astype(np.float32, copy=False) - self.mean[name]
-        std = np.sqrt(self.var[name])
-        if std == 0:
-            return centred
-        with np.errstate(over="ignore"):  # inf where float32 overflows: the caller rejects it
-            return centred / std
-
-    # ----------------------------------------------------------------- files
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "FittedTransform":
-        """From ``DIR/summary.json`` (no TensorFlow needed: workers and serving stay light)."""
-        path = Path(directory) / SUMMARY_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no {SUMMARY_FILE}; is {directory} a transform "
-                                    "output of python -m dataflow.analyze?")
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        if summary.get("format") != SUMMARY_FORMAT:
-            raise ValueError(f"{path}: unknown summary format {summary.get('format')!r}")
-        return cls(
-            boundaries={name: np.array(s["boundaries"], np.float32)
-                        for name, s in summary["slots"].items()},
-            mean={name: np.float32(s["mean"]) for name, s in summary["dense"].items()},
-            var={name: np.float32(s["var"]) for name, s in summary["dense"].items()},
-            summary=summary)
-
-    @classmethod
-    def from_transform_graph(cls, directory: str | os.PathLike,
-                             config: FeatureConfig) -> "FittedTransform":
-        """Read the analysers' results out of TFT's transform graph in ``directory``.
-
-        Runs the graph once on a one-row batch (its per-row analyser outputs do not depend on
-        the input). Imports TensorFlow.
-        """
-        columns = analysis_columns(config)
-        graph = apply_transform_graph(directory, [{c: [] for c in columns}])
-        first = {k: np.asarray(v)[0] for k, v in graph.items() if not k.endswith(("__bucket",
-                                                                                  "__z"))}
-        f32 = lambda v: float(np.float32(v))  # noqa: E731 - exact in JSON, float32 again on load
-        spec = _spec(config)
-        slots, dense = {}, {}
-        for name, s in spec["slots"].items():
-            col, count = slot_column(name), int(first[f"{slot_column(name)}__count"])
-            slots[name] = {**s, "count": count,
-                           "min": f32(first[f"{col}__min"]) if count else None,
-                           "max": f32(first[f"{col}__max"]) if count else None,
-                           "boundaries": [f32(b) for b in first[f"{col}__boundaries"]]}
-        for name, d in spec["dense"].items():
-            col, count = dense_column(name), int(first[f"{dense_column(name)}__count"])
-            var = np.float32(first[f"{col}__var"])
-            dense[name] = {**d, "count": count,
-                           "mean": f32(first[f"{col}__mean"]), "var": f32(var),
-                           "std": f32(np.sqrt(var)),
-                           "min": f32(first[f"{col}__min"]) if count else None,
-                           "max": f32(first[f"{col}__max"]) if count else None}
-        summary = {"format": SUMMARY_FORMAT, "records": int(first["records"]),
-                   "slots": slots, "dense": dense}
-        return cls(boundaries={n: np.array(s["boundaries"], np.float32)
-                               for n, s in slots.items()},
-                   mean={n: np.float32(d["mean"]) for n, d in dense.items()},
-                   var={n: np.float32(d["var"]) for n, d in dense.items()},
-                   summary=summary)
-
-    def save(self, directory: str | os.PathLike, **extra) -> Path:
-        """Write ``summary.json`` (``extra`` keys added at the top level)."""
-        path = Path(directory) / SUMMARY_FILE
-        summary = {**self.summary, **extra}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(strict_json.dumps(summary, indent=2, sort_keys=True) + "\n",
-                       encoding="utf-8")
-        tmp.replace(path)
-        return path
-
-    def check(self, config: FeatureConfig) -> None:
-        """Raise :class:`TransformMismatchError` unless this transform was analysed for
-        ``config``'s analysers (same slot and dense names, sources, quantiles, epsilons)."""
-        want = _spec(config)
-        have = {"slots": {n: {k: s.get(k) for k in ("source", "quantiles", "epsilon")}
-                          for n, s in self.summary.get("slots", {}).items()},
-                "dense": {n: {k: d.get(k) for k in ("source", "transform", "normalize")}
-                          for n, d in self.summary.get("dense", {}).items()}}
-        problems = []
-        for kind in ("slots", "dense"):
-            for name in sorted(set(want[kind]) | set(have[kind])):
-                w, h = want[kind].get(name), have[kind].get(name)
-                if w != h:
-                    problems.append(f"{kind} {name!r}: config {w or 'has no analyser'}, "
-                                    f"transform {h or 'has none'}")
-        if problems:
-            raise TransformMismatchError("transform", "the transform output was analysed for "
-                                         "another config: " + "; ".join(problems))
-
-
-# --------------------------------------------------------------------------- the graph
 
 def preprocessing_fn(config: FeatureConfig):
     """The TFT ``preprocessing_fn`` of ``config``'s analysers (see the module docstring)."""

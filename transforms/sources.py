@@ -516,9 +516,9 @@ class WatchAvroLogs(_WithDeadLetters, beam.PTransform):
 # Tailing time-ordered files: the watermark follows the logs' event time.
 
 # The end of the offset range of a followed folder that never ends by itself: file indices
-# of a tail here, (period, batch) positions of the example reader (transforms.batch); a
+# of a tail here, (period, batch) positions of the example reader (transforms.example_reader); a
 # reader that stops claims it, which completes the range.
-_NO_END = 1 << 62
+NO_END = 1 << 62
 
 
 _LOG_FILE_NAME = re.compile(r"part-(\d{8})-(\d{2})(\d{4})?\.avro")
@@ -555,7 +555,7 @@ class _TailRestrictions(RestrictionProvider):
     """Restriction = the range of file indices (in name order) still to read."""
 
     def initial_restriction(self, file_pattern):
-        return OffsetRange(0, _NO_END)
+        return OffsetRange(0, NO_END)
 
     def create_tracker(self, restriction):
         return OffsetRestrictionTracker(restriction)
@@ -620,7 +620,7 @@ class TailAvroFilesFn(beam.DoFn):
                 return
             index += 1
         if self.read_once or marked or Timestamp.now() >= self.stop_timestamp:
-            tracker.try_claim(_NO_END)  # past the range: the restriction is done
+            tracker.try_claim(NO_END)  # past the range: the restriction is done
         else:
             tracker.defer_remainder(self.interval)  # wait for more files
 

@@ -24,7 +24,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.batch import DenseGradients, SparseGradients, shard_of
+from ps.gradients import DenseGradients, SparseGradients
+from ps.sharding import shard_of
 
 _LOG = logging.getLogger(__name__)
 

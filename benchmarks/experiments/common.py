@@ -142,7 +142,7 @@ def dataset(name: str, workdir: str, quick: bool) -> DataSet:
 
 def read_examples(files) -> list:
     """Every example of ``files`` in event-time order."""
-    from dataflow.join import read_examples_in_order
+    from transforms.example_log import read_examples_in_order
     return list(read_examples_in_order(list(files)))
 
 

@@ -1,30 +1,12 @@
-"""The columnar records of the training section: example batches and gradients.
-
-Elements in the training section are batches (NumPy arrays), never single examples: Beam's
-per-element overhead is tens of microseconds per transform, a TensorFlow step on 256 examples
-about a millisecond.
-
->>> batch = ExampleBatch.from_examples([
-...     {"fids": [1, 2], "dense": [0.5], "label": 1, "sample_weight": 1.0, "ts_ms": 10},
-...     {"fids": [3], "dense": [0.0], "label": 0, "sample_weight": 2.0, "ts_ms": 12}])
->>> len(batch), batch.row_splits.tolist(), batch.fids.tolist()
-(2, [0, 2, 3], [1, 2, 3])
->>> batch.example_index().tolist()
-[0, 0, 1]
->>> len(batch._replace(weight=batch.weight * 2))
-2
+"""``ReadExampleBatches``: the example log → ``ExampleBatch`` es in event-time order, the
+training section's reader (bounded, or following a folder as its periods land).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import logging
-import os
-import re
 import time
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
@@ -33,95 +15,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from transforms.sources import _NO_END  # the end of a followed folder's range: none
-
-
-class ExampleBatch(NamedTuple):
-    """Examples in CSR form: example ``i`` has ``fids[row_splits[i]:row_splits[i + 1]]``."""
-
-    fids: np.ndarray  #: uint64 [nnz]
-    row_splits: np.ndarray  #: int64 [n + 1]
-    dense: np.ndarray  #: float32 [n, d]
-    label: np.ndarray  #: float32 [n], 0 or 1
-    weight: np.ndarray  #: float32 [n], the sample weight (1 / negative-sampling rate)
-    ts_ms: np.ndarray  #: int64 [n], event time
-    true_ctr: np.ndarray  #: float32 [n], NaN where unknown
-
-    def __len__(self) -> int:
-        """Number of examples (not of fields: ``_make`` below knows)."""
-        return int(self.label.shape[0])
-
-    def example_index(self) -> np.ndarray:
-        """int64 [nnz]: the example each fid belongs to."""
-        return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.row_splits))
-
-    @classmethod
-    def from_examples(cls, examples, dense_dim: int | None = None) -> "ExampleBatch":
-        """From example dicts (schemas/example.avsc fields)."""
-        examples = list(examples)
-        n = len(examples)
-        lengths = np.fromiter((len(e["fids"]) for e in examples), dtype=np.int64, count=n)
-        row_splits = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=row_splits[1:])
-        fids = np.fromiter((f for e in examples for f in e["fids"]), dtype=np.int64,
-                           count=int(row_splits[-1])).view(np.uint64)
-        if dense_dim is None:
-            dense_dim = len(examples[0].get("dense") or ()) if n else 0
-        dense = np.zeros((n, dense_dim), dtype=np.float32)
-        if dense_dim and n:
-            dense[:] = [e.get("dense") or [0.0] * dense_dim for e in examples]
-        return cls(
-            fids=fids,
-            row_splits=row_splits,
-            dense=dense,
-            label=np.fromiter((e["label"] for e in examples), dtype=np.float32, count=n),
-            weight=np.fromiter((e.get("sample_weight", 1.0) for e in examples), dtype=np.float32,
-                               count=n),
-            ts_ms=np.fromiter((e["ts_ms"] for e in examples), dtype=np.int64, count=n),
-            true_ctr=np.fromiter((np.nan if e.get("true_ctr") is None else e["true_ctr"]
-                                  for e in examples), dtype=np.float32, count=n),
-        )
-
-
-# NamedTuple._make (used by _replace) checks len(result) == number of fields, which __len__
-# redefines as the number of examples; NamedTuple forbids overriding _make in the class body.
-ExampleBatch._make = classmethod(lambda cls, iterable: tuple.__new__(cls, iterable))
-
-
-class SparseGradients(NamedTuple):
-    """Gradients for the rows of one embedding table, bound for one PS shard.
-
-    ``fids`` may repeat (one entry per occurrence); the shard sums them before one step.
-    """
-
-    table: str  #: embedding table name (one per embedding width, e.g. "dim8")
-    fids: np.ndarray  #: uint64 [n]
-    grads: np.ndarray  #: float32 [n, width]
-    ts_ms: int  #: largest event time of the examples the gradients come from
-    examples: int  #: how many examples produced them
-
-
-class DenseGradients(NamedTuple):
-    """Gradients of the dense (non-embedding) weights, by variable name."""
-
-    grads: dict  #: {name: float32 array}
-    ts_ms: int
-    examples: int
-
-
-_SHARD_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-def shard_of(fids: np.ndarray, num_shards: int) -> np.ndarray:
-    """int64 [n]: the PS shard owning each fid (a multiplicative hash, stable everywhere).
-
-    >>> shard_of(np.array([1, 2, 3], dtype=np.uint64), 4).tolist()
-    [1, 2, 0]
-    """
-    fids = np.asarray(fids, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        mixed = fids * _SHARD_MIX
-    return ((mixed >> np.uint64(32)) % np.uint64(num_shards)).astype(np.int64)
+from transforms.example_batch import ExampleBatch
+from transforms.example_log import example_periods, followed_pattern
+from transforms.sources import NO_END  # the end of a followed folder's range: none
 
 
 class ReadExampleBatches(beam.PTransform):
@@ -181,59 +77,6 @@ class ReadExampleBatches(beam.PTransform):
                 | "ReadInOrder" >> beam.ParDo(read))
 
 
-def followed_pattern(pattern: str) -> str:
-    """The glob a following reader lists: a folder becomes ``FOLDER/*.avro``; a local path is
-    made absolute (the pattern is the reader's element, kept in checkpoints and savepoints,
-    so a job resumed from another working directory reads the same files).
-
-    >>> followed_pattern("/logs/examples/")
-    '/logs/examples/*.avro'
-    """
-    if not any(c in pattern for c in "*?["):
-        pattern = pattern.rstrip("/") + "/*.avro"
-    return pattern if "://" in pattern else os.path.abspath(pattern)
-
-
-def count_examples(paths) -> int:
-    """How many records the Avro files hold, from their block headers (nothing is decoded)."""
-    import fastavro
-    total = 0
-    for path in paths:
-        with FileSystems.open(path) as f:
-            total += sum(block.num_records for block in fastavro.block_reader(f))
-    return total
-
-
-_PERIOD_NAME = re.compile(r"^(\d{8}T\d{6}Z)-(\d{5})-of-(\d{5})-")
-
-
-def example_periods(pattern: str, complete_only: bool = False, keyed: bool = False,
-                    from_key: str = "") -> list:
-    """The files ``pattern`` names, as lists of one event-time period each, in time order.
-
-    ``complete_only``: leave out the periods of the example log that do not have all their
-    shards yet (``-00003-of-00004-`` names), and every period after the first such one that
-    is not before ``from_key``. ``keyed``: ``(period key, files)`` pairs.
-    """
-    from dataflow.join import example_files
-    groups: dict = {}
-    shards: dict = {}
-    for path in example_files(pattern):
-        match = _PERIOD_NAME.match(os.path.basename(path))
-        key = match.group(1) if match else os.path.basename(path)
-        groups.setdefault(key, []).append(path)
-        if match:
-            shards.setdefault(key, (set(), int(match.group(3))))[0].add(int(match.group(2)))
-    periods = []
-    for key in sorted(groups):
-        if complete_only and key in shards and len(shards[key][0]) < shards[key][1]:
-            if key < from_key:
-                continue
-            break
-        periods.append((key, groups[key]) if keyed else groups[key])
-    return periods
-
-
 _BATCHES_PER_PERIOD = 1 << 32  # restriction offset = period * this + batch within the period
 _FOLLOW_SPAN = 1 << 24  # following: offset = period start (epoch s) * this + batch (< 2**62)
 # What a following reader's restriction offsets mean, named in savepoint manifests: a job
@@ -258,10 +101,10 @@ class _PeriodRange(RestrictionProvider):
 
 
 class _FollowRange(_PeriodRange):
-    """The positions of a followed folder: no end until the reader claims ``_NO_END``."""
+    """The positions of a followed folder: no end until the reader claims ``NO_END``."""
 
     def initial_restriction(self, pattern):
-        return OffsetRange(0, _NO_END)
+        return OffsetRange(0, NO_END)
 
     def restriction_size(self, pattern, restriction):
         return 1  # the backlog is unknown until the folder is listed
@@ -369,7 +212,7 @@ class _ReadBatchesFn(beam.DoFn):
     def _read(self, pattern, tracker, watermark=None, marked: bool = False):
         """Claims and emits batches from the restriction's start, until a checkpoint or a
         split stops it, or to the end of what is listed: then :meth:`_listed_all`."""
-        from transforms.example_columns import slice_batch
+        from transforms.example_batch import slice_batch
         if self.gate is not None and self._emitted_ts is not None:
             self.gate.wait(self._emitted_ts)
         started = time.monotonic()
@@ -442,7 +285,7 @@ class _TailBatchesFn(_ReadBatchesFn):
         (``marked``: the end marker existed before this read), else resumed after a poll
         interval."""
         if marked or (self.stop_timestamp is not None and time.time() >= self.stop_timestamp):
-            tracker.try_claim(_NO_END)  # past the range: the restriction is done
+            tracker.try_claim(NO_END)  # past the range: the restriction is done
         else:
             tracker.defer_remainder(Duration.of(self.poll_interval_s))
 

@@ -1,0 +1,106 @@
+"""The example log: event-time periods of Avro example files (``schemas/example.avsc``), as
+``dataflow.join`` writes them (``PERIOD-SSSSS-of-NNNNN-DIGEST.avro``), and how to list, count
+and read them in event-time order.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+import re
+from contextlib import ExitStack
+from typing import Iterator
+
+import fastavro
+from apache_beam.io.filesystems import FileSystems
+
+__all__ = ["example_files", "read_examples_in_order", "example_order", "example_periods",
+           "count_examples", "followed_pattern"]
+
+
+def example_order(record: dict):
+    """The example log's order: event time, then request id."""
+    return record["ts_ms"], record["request_id"]
+
+
+def example_files(pattern: str) -> list[str]:
+    """The example files that ``pattern`` (a glob, or an example-log directory) names."""
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "*.avro")
+    matches = FileSystems.match([pattern])[0].metadata_list
+    return sorted(m.path for m in matches)
+
+
+def read_examples_in_order(pattern) -> Iterator[dict]:
+    """Every example in the files ``pattern`` names (a glob, a directory or a list of paths), in
+    event-time order (ts_ms, then
+    request_id), merging the files lazily: each file is sorted, so this holds one record
+    per file in memory.
+
+    >>> import tempfile
+    >>> from schemas import write_avro
+    >>> d = tempfile.mkdtemp()
+    >>> ex = lambda rid, ts: {"request_id": rid, "ts_ms": ts, "user_id": "u", "item_id": "i",
+    ...                       "fids": [], "label": 0}
+    >>> _ = write_avro(f"{d}/a.avro", "example", [ex("a", 1), ex("c", 5)])
+    >>> _ = write_avro(f"{d}/b.avro", "example", [ex("b", 3)])
+    >>> [e["request_id"] for e in read_examples_in_order(d)]
+    ['a', 'b', 'c']
+    """
+    paths = example_files(pattern) if isinstance(pattern, str) else sorted(pattern)
+    with ExitStack() as stack:
+        readers = [fastavro.reader(stack.enter_context(FileSystems.open(p))) for p in paths]
+        yield from heapq.merge(*readers, key=example_order)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def followed_pattern(pattern: str) -> str:
+    """The glob a following reader lists: a folder becomes ``FOLDER/*.avro``; a local path is
+    made absolute (the pattern is the reader's element, kept in checkpoints and savepoints,
+    so a job resumed from another working directory reads the same files).
+
+    >>> followed_pattern("/logs/examples/")
+    '/logs/examples/*.avro'
+    """
+    if not any(c in pattern for c in "*?["):
+        pattern = pattern.rstrip("/") + "/*.avro"
+    return pattern if "://" in pattern else os.path.abspath(pattern)
+
+
+def count_examples(paths) -> int:
+    """How many records the Avro files hold, from their block headers (nothing is decoded)."""
+    total = 0
+    for path in paths:
+        with FileSystems.open(path) as f:
+            total += sum(block.num_records for block in fastavro.block_reader(f))
+    return total
+
+
+_PERIOD_NAME = re.compile(r"^(\d{8}T\d{6}Z)-(\d{5})-of-(\d{5})-")
+
+
+def example_periods(pattern: str, complete_only: bool = False, keyed: bool = False,
+                    from_key: str = "") -> list:
+    """The files ``pattern`` names, as lists of one event-time period each, in time order.
+
+    ``complete_only``: leave out the periods of the example log that do not have all their
+    shards yet (``-00003-of-00004-`` names), and every period after the first such one that
+    is not before ``from_key``. ``keyed``: ``(period key, files)`` pairs.
+    """
+    groups: dict = {}
+    shards: dict = {}
+    for path in example_files(pattern):
+        match = _PERIOD_NAME.match(os.path.basename(path))
+        key = match.group(1) if match else os.path.basename(path)
+        groups.setdefault(key, []).append(path)
+        if match:
+            shards.setdefault(key, (set(), int(match.group(3))))[0].add(int(match.group(2)))
+    periods = []
+    for key in sorted(groups):
+        if complete_only and key in shards and len(shards[key][0]) < shards[key][1]:
+            if key < from_key:
+                continue
+            break
+        periods.append((key, groups[key]) if keyed else groups[key])
+    return periods
