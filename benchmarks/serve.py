@@ -153,11 +153,11 @@ def seed_store(store_url: str, spec, fids: np.ndarray, rng) -> None:
 
 def bench_store(store_url: str, args, workdir: str) -> dict:
     from dataflow import serve
-    from dataflow.train import model_spec
+    from transforms.model import ModelSpec
     from schemas.feature_config import load_feature_config
 
     config = load_feature_config("synthetic")
-    spec = model_spec(config, args.model)
+    spec = ModelSpec.from_feature_config(config, args.model)
     rng = np.random.default_rng(0)
     bodies, fids = request_bodies(config, args.users, args.items, args.distinct_requests,
                                   args.candidates, args.top_k, rng)

@@ -55,11 +55,11 @@ def main(argv=None) -> int:
     bench._pin(0)
     from dataflow import serve as new
     from dataflow.loop import Processes, start_redis
-    from dataflow.train import model_spec
+    from transforms.model import ModelSpec
     from schemas.feature_config import load_feature_config
 
     config = load_feature_config("synthetic")
-    spec = model_spec(config, "deepfm")
+    spec = ModelSpec.from_feature_config(config, "deepfm")
     rng = np.random.default_rng(0)
     bodies, fids = bench.request_bodies(config, 1000, 2000, 200, 100, 10, rng)
     rows_out = []

@@ -915,10 +915,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def build_scorer(args) -> Scorer:
-    from dataflow.train import model_spec
+    from transforms.model import ModelSpec
     from schemas.feature_config import load_feature_config
     config = load_feature_config(args.config)
-    spec = model_spec(config, args.model_kind, args.seed)
+    spec = ModelSpec.from_feature_config(config, args.model_kind, args.seed)
     log = open_feature_log(args.feature_log, args.roll_s, args.feature_log_in_process) \
         if args.feature_log else None
     return Scorer(config, spec, args.store, args.num_shards, args.model_dir,

@@ -9,16 +9,8 @@
         --runner=FlinkRunner --flink_master=HOST:PORT --streaming
     python -m dataflow.train online --input examples/ --savepoint_path savepoints/savepoint-… ...
 
-The pipeline, as it reads::
-
-    example log ──► ReadExampleBatches ──► TrainWorker ──┬─ scores ──► OnlineMetrics (CSV, PNG)
-    (event-time order)   (columnar)        score first,  ├─ sparse grads ──► SparseShard (by shard)
-                                           then grads    └─ dense grads ──► DenseShard
-                        ▲                                            │ every sync interval
-                        └──────────── ParameterStore ◄───────────────┘
-
-Only fusable steps (no GroupByKey) sit between the reader and the PS, so on the DirectRunner
-the PS applies a batch's gradients before the worker scores the next batch (DESIGN §4b).
+The pipeline is ``ReadExampleBatches | TrainOnline`` (``transforms/train.py``: worker →
+sharded PS → ParameterStore → worker, online metrics).
 ``backfill`` reads bounded example files and ends by exporting PS snapshots; ``online``
 bootstraps empty shards from those snapshots and trains on files as they land in a folder.
 """
@@ -56,8 +48,10 @@ class TrainOptions(MonolithOptions):
                                             "(online)")
         parser.add_argument("--config", help="required: feature config (YAML path or a name in "
                                              "schemas/configs): slots, dims, thresholds, expiry")
-        parser.add_argument("--model", default="deepfm", choices=["lr", "fm", "deepfm"],
-                            help="logistic regression, factorization machine or DeepFM")
+        parser.add_argument("--model", default="deepfm",
+                            help="lr (logistic regression), fm (factorization machine), deepfm, "
+                                 "or package.module:Class, a transforms.models.RankingModel "
+                                 "of your own")
         parser.add_argument("--store", default="memory://train",
                             help="ParameterStore URL: memory://NAME or redis://HOST:PORT/DB")
         parser.add_argument("--num_shards", type=int, default=2, help="sparse PS shards")
@@ -134,95 +128,69 @@ class TrainOptions(MonolithOptions):
                             help="how many of the newest exported models to keep")
 
 
-def model_spec(config, kind: str, seed: int = 0):
-    """The model's spec from the feature config: its slots with their dims, its dense inputs."""
-    from transforms.model import ModelSpec
-    return ModelSpec(kind, slots=[(s.slot, s.dim) for s in config.slots],
-                     dense_dim=len(config.dense), seed=seed)
-
-
-def slot_policies(config) -> dict:
-    """``{slot: (occurrence threshold, expiry seconds)}`` for the sparse PS."""
-    return {s.slot: {"threshold": s.occurrence_threshold, "expiry_s": s.expiry_seconds}
-            for s in config.slots}
-
-
-def _runner_name(pipeline: beam.Pipeline) -> str:
-    from apache_beam.options.pipeline_options import StandardOptions
-    runner = pipeline.options.view_as(StandardOptions).runner or "DirectRunner"
-    return runner if isinstance(runner, str) else type(runner).__name__
-
-
-def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
-    """Adds the training section to ``pipeline``; returns its PCollections by name."""
-    from ps.shard import DenseShard, SparseShard
-    from ps.store import view_url
+def training(opts: TrainOptions, mode: str):
+    """The :class:`transforms.train.TrainOnline` these options describe."""
     from schemas.feature_config import load_feature_config
-    from transforms.metrics import OnlineMetrics
-    from transforms.model import Model
-    from transforms.example_reader import ReadExampleBatches
-    from transforms.worker import TrainWorker
+    from transforms.model import ModelSpec
+    from transforms.train import (DenseConfig, MetricsConfig, ModelExport, Snapshots,
+                                  SparseConfig, TrainOnline)
 
     config = load_feature_config(opts.config)
-    spec = model_spec(config, opts.model, opts.seed)
-    # With a sync interval the PS also publishes every gradient batch to a training view of
-    # the store: the worker trains on fresh parameters and scores with the serving copy.
-    # So only --max_staleness_s bounds how stale training is (the reader waits on that view).
-    train_store = (view_url(opts.store, "train")
-                   if max(opts.sync_interval_s, opts.dense_sync_interval_s) > 0 else None)
-    fused = _runner_name(pipeline) in ("DirectRunner", "BundleBasedDirectRunner")
-    batches = pipeline | "ReadExamples" >> ReadExampleBatches(
-        opts.input, opts.batch_size, spec.dense_dim,
-        checkpoint_s=None if fused else opts.reader_checkpoint_s,
-        store_url=(train_store or opts.store) if opts.max_staleness_s >= 0 and not fused else None,
-        max_staleness_s=opts.max_staleness_s, staleness_timeout_s=opts.staleness_timeout_s,
-        publishers=("dense", *(f"sparse/{i}" for i in range(opts.num_shards))),
-        follow=mode == "online" or bool(opts.savepoint_dir), poll_interval_s=opts.poll_interval_s,
-        stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None,
-        stop_when_exists=opts.stop_when_exists)
-    export_dir = opts.export_dir
-    restore_dir = opts.restore if mode == "online" else None
-    # The PS DoFns are stateful, keyed by an int: typed so, their keys get a deterministic
-    # coder. Beam 2.62 takes no type hints for tagged outputs (apache/beam#18957): the dense
-    # gradients' type is set on their PCollection.
-    keyed = beam.typehints.Tuple[int, beam.typehints.Any]  # PS_KEYS
-    worker = (batches
-              | "Worker" >> beam.ParDo(TrainWorker(
-                  spec, opts.store, opts.num_shards,
-                  train_store_url=train_store)).with_output_types(keyed).with_outputs(
-                      TrainWorker.SCORES, TrainWorker.DENSE, main="sparse"))
-    worker[TrainWorker.DENSE].element_type = keyed
-    sparse_tables = {name: width for name, width in spec.tables().items()}
-    applied_sparse = worker.sparse | "SparseShard" >> beam.ParDo(SparseShard(
-        opts.store, opts.num_shards, sparse_tables, slots=slot_policies(config),
-        optimizer=opts.optimizer, lr=opts.learning_rate, sync_interval_s=opts.sync_interval_s,
-        init_scale=0.01 if spec.kind != "lr" else 0.0, seed=opts.seed,
-        export_dir=export_dir, restore_dir=restore_dir, train_store_url=train_store))
-    applied_dense = worker[TrainWorker.DENSE] | "DenseShard" >> beam.ParDo(DenseShard(
-        opts.store, "dense", Model(spec).initial_dense_params(),
-        optimizer=opts.dense_optimizer, lr=opts.dense_learning_rate,
-        sync_interval_s=opts.dense_sync_interval_s, export_dir=export_dir,
-        restore_dir=restore_dir, train_store_url=train_store))
-    if opts.model_dir:
-        from transforms.export import ExportDenseModel
-        worker[TrainWorker.DENSE] | "ExportModel" >> beam.ParDo(ExportDenseModel(
-            opts.store, "dense", spec, opts.model_dir, opts.model_export_interval_s,
-            opts.model_keep))
-    os.makedirs(metrics_dir(opts, mode), exist_ok=True)
-    metrics = worker[TrainWorker.SCORES] | "OnlineMetrics" >> OnlineMetrics(
-        opts.metrics_window_s, out_prefix=os.path.join(opts.metrics_dir, f"online-{mode}"),
-        title=f"Online metrics, {mode} ({opts.model})")
-    if opts.scores_out:
-        from transforms.metrics import WriteScores
-        worker[TrainWorker.SCORES] | "WriteScores" >> beam.ParDo(WriteScores(opts.scores_out))
-    return {"batches": batches, "scores": worker[TrainWorker.SCORES], "metrics": metrics,
-            "sparse": applied_sparse, "dense": applied_dense}
+    try:
+        spec = ModelSpec.from_feature_config(config, opts.model, opts.seed)
+        return TrainOnline(
+            spec, opts.store,
+            sparse=SparseConfig(num_shards=opts.num_shards, optimizer=opts.optimizer,
+                                learning_rate=opts.learning_rate,
+                                sync_interval_s=opts.sync_interval_s,
+                                slots=SparseConfig.slots_of(config)),
+            dense=DenseConfig(optimizer=opts.dense_optimizer,
+                              learning_rate=opts.dense_learning_rate,
+                              sync_interval_s=opts.dense_sync_interval_s),
+            metrics=MetricsConfig(window_s=opts.metrics_window_s,
+                                  out_prefix=os.path.join(metrics_dir(opts, mode),
+                                                          f"online-{mode}"),
+                                  title=f"Online metrics, {mode} ({spec.kind})",
+                                  scores_dir=opts.scores_out),
+            snapshots=Snapshots(export_dir=opts.export_dir,
+                                restore_dir=opts.restore if mode == "online" else None),
+            export=(ModelExport(opts.model_dir, opts.model_export_interval_s, opts.model_keep)
+                    if opts.model_dir else None),
+            seed=opts.seed)
+    except ValueError as e:
+        raise SystemExit(f"train: {e}") from e
+
+
+def stages_fused(options) -> bool:
+    """Whether the runner fuses the reader, worker and PS into one stage (the DirectRunner:
+    the reader needs no :class:`transforms.example_reader.Pacing`) or runs them
+    concurrently (Flink, and any portable runner: it does)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    return name.rsplit(".", 1)[-1] in ("DirectRunner", "BundleBasedDirectRunner")
+
+
+def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str):
+    """Adds the reader and :class:`transforms.train.TrainOnline` to ``pipeline``; returns
+    the ``TrainResult``."""
+    from transforms.example_reader import ReadExampleBatches
+
+    train = training(opts, mode)
+    os.makedirs(opts.metrics_dir, exist_ok=True)
+    pacing = None if stages_fused(pipeline.options) else train.pacing(
+        opts.max_staleness_s, opts.reader_checkpoint_s, opts.staleness_timeout_s)
+    return (pipeline
+            | "ReadExamples" >> ReadExampleBatches(
+                opts.input, opts.batch_size, train.spec.dense_dim, pacing=pacing,
+                follow=mode == "online" or bool(opts.savepoint_dir),
+                poll_interval_s=opts.poll_interval_s,
+                stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None,
+                stop_when_exists=opts.stop_when_exists)
+            | "Train" >> train)
 
 
 FLINK_BUNDLE_MS = 20
-#: how the PS DoFns' state is keyed (in a savepoint's manifest: Flink finds state by the
-#: encoded key; before it was named, keys were FastPrimitivesCoder-encoded)
-PS_KEYS = "int shard, VarIntCoder"
 
 
 def main(argv: list[str] | None = None):
@@ -319,6 +287,7 @@ _RESUME_KEYS = ("input", "config", "model", "num_shards", "batch_size")
 def _manifest(opts) -> dict:
     from transforms.example_reader import FOLLOW_POSITIONS
     from transforms.example_log import followed_pattern
+    from transforms.train import PS_KEYS
     return {"input": followed_pattern(opts.input), "config": opts.config, "model": opts.model,
             "num_shards": opts.num_shards, "batch_size": opts.batch_size,
             "reader_positions": FOLLOW_POSITIONS, "ps_keys": PS_KEYS}

@@ -180,8 +180,9 @@ def check_store_matches_snapshots(store_url, snapshots: dict, snap_dir):
     sparse shard's snapshot, and nothing else, is in the store with the same values."""
     from ps.shard import SparseShard
     from schemas.feature_config import load_feature_config
+    from transforms.model import ModelSpec
     store = open_store(store_url, num_shards=2)
-    spec = train.model_spec(load_feature_config("synthetic"), "fm")
+    spec = ModelSpec.from_feature_config(load_feature_config("synthetic"), "fm")
     shard_dofn = SparseShard("memory://unused", 2, spec.tables())
     for name, meta in snapshots.items():
         if not name.startswith("sparse"):

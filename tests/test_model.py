@@ -7,8 +7,14 @@ import pytest
 from transforms.example_batch import ExampleBatch
 from transforms.metrics import auc
 from transforms.model import Model, ModelSpec
+from transforms.models import DeepFM, model_from_name
 
 KINDS = ["lr", "fm", "deepfm"]
+
+
+def make_spec(kind, slots, dense_dim, hidden, seed=0) -> ModelSpec:
+    model = DeepFM(hidden=hidden) if kind == "deepfm" else model_from_name(kind)
+    return ModelSpec(model, slots, dense_dim, seed=seed)
 
 
 def fid(slot: int, value: int) -> int:
@@ -25,7 +31,7 @@ def make_batch(fid_lists, dense, labels, weights) -> ExampleBatch:
 def tiny_problem(kind, seed=0):
     """4 examples, 3 slots of dim 3 (+ an unknown slot 9), fids repeated within and across
     examples, an example without fids, non-unit weights."""
-    spec = ModelSpec(kind, slots=[(1, 3), (2, 3), (5, 3)], dense_dim=2, hidden=(4, 3), seed=seed)
+    spec = make_spec(kind, [(1, 3), (2, 3), (5, 3)], 2, hidden=(4, 3), seed=seed)
     fid_lists = [
         [fid(1, 10), fid(2, 20), fid(5, 50), fid(1, 11)],
         [fid(1, 10), fid(1, 10), fid(9, 90), fid(2, 21)],   # a repeat in one slot; unknown slot
@@ -62,7 +68,7 @@ def reference_logits(spec, batch, keys, rows, params):
                     logit += v[a] @ v[b]
         if spec.kind == "deepfm":
             h = np.concatenate([pooled[:, 1:].reshape(-1), x])
-            for layer in range(len(spec.hidden)):
+            for layer in range(len(spec.model.hidden)):
                 h = np.maximum(h @ params[f"mlp/w{layer}"] + params[f"mlp/b{layer}"], 0.0)
             logit += (h @ params["mlp/w_out"])[0] + params["mlp/b_out"][0]
         logits.append(logit)
@@ -197,7 +203,7 @@ def test_spec_validation_and_tables():
     assert ModelSpec("lr", [(1, 8), (2, 16)], 0).tables() == {"w1": 1}
     with pytest.raises(ValueError, match="one embedding dim for every slot"):
         ModelSpec("deepfm", [(1, 8), (2, 16)], 0)
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="unknown model .dnn.: use one of"):
         ModelSpec("dnn", [(1, 8)], 0)
     with pytest.raises(ValueError, match="repeat"):
         ModelSpec("lr", [(1, 8), (1, 8)], 0)
@@ -247,7 +253,7 @@ def test_sgd_with_the_gradients_learns_a_logistic_ground_truth(kind):
     rng = np.random.default_rng(42)
     true_w = rng.normal(scale=1.0, size=(slots, ids_per_slot))
     true_beta = np.array([0.8, -0.5])
-    spec = ModelSpec(kind, [(s, 4) for s in range(1, slots + 1)], dense_dim, hidden=(16, 8))
+    spec = make_spec(kind, [(s, 4) for s in range(1, slots + 1)], dense_dim, hidden=(16, 8))
     model = Model(spec)
     params = model.initial_dense_params()
     # The store: every possible fid's row (FM needs embeddings that are not all zero).

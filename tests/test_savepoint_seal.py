@@ -78,9 +78,10 @@ def test_train_refuses_to_resume_a_savepoint_of_another_job(tmp_path):
     os.makedirs(root)
     (root / "_metadata").write_bytes(b"flink")
     from transforms.example_reader import FOLLOW_POSITIONS
+    from transforms.train import PS_KEYS
     manifest = {"input": f"{folder}/*.avro", "config": "synthetic", "model": "fm",
                 "num_shards": 2, "batch_size": 256, "reader_positions": FOLLOW_POSITIONS,
-                "ps_keys": train.PS_KEYS}
+                "ps_keys": PS_KEYS}
     (root / SAVEPOINT_MANIFEST).write_text(json.dumps(manifest))
     seal_savepoint(str(root))
     same = [f"--input={folder}", "--config=synthetic", "--model=fm", "--num_shards=2",

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from dataflow import serve
-from dataflow.train import model_spec
 from ps.store import open_store
 from schemas import read_avro
 from schemas.feature_config import load_feature_config
@@ -27,6 +26,7 @@ from transforms.example_batch import ExampleBatch
 from transforms.export import (DenseModule, latest_model, list_models, load_model,
                                write_model)
 from transforms.features import extract
+from transforms.models import DeepFM
 from transforms.model import Model, ModelSpec
 
 CONFIG = load_feature_config("synthetic")
@@ -84,7 +84,7 @@ class Client:
 
 def make_server(tmp_path, store_url: str, kind: str = "deepfm", model_dir=None,
                 log_in_process: bool = True, **scorer_kwargs):
-    spec = model_spec(CONFIG, kind)
+    spec = ModelSpec.from_feature_config(CONFIG, kind)
     # the service's own log (a child process) where the log is checked; a thread elsewhere
     log = serve.open_feature_log(str(tmp_path / "feature_log"), 60, log_in_process)
     scorer = serve.Scorer(CONFIG, spec, store_url, num_shards=2, model_dir=model_dir,
@@ -112,7 +112,7 @@ def request_fids(req) -> list:
 
 
 def test_saved_model_computes_what_model_predicts(tmp_path):
-    spec = ModelSpec("deepfm", slots=[(1, 4), (2, 4), (3, 4)], dense_dim=2, hidden=(8, 4))
+    spec = ModelSpec(DeepFM(hidden=(8, 4)), slots=[(1, 4), (2, 4), (3, 4)], dense_dim=2)
     rng = np.random.default_rng(0)
     params = {k: rng.normal(0, 0.3, v.shape).astype(np.float32)
               for k, v in Model(spec).initial_dense_params().items()}
@@ -184,7 +184,7 @@ def test_train_exports_the_published_dense_weights(tmp_path):
     assert loaded[-1].version <= version
     assert all(m.meta["tick_ts_ms"] >= m.ts_ms for m in loaded)  # stamped with the PS's time
     spec = loaded[-1].spec
-    assert spec == model_spec(CONFIG, "fm")
+    assert spec == ModelSpec.from_feature_config(CONFIG, "fm")
     # the newest export equals a model written now from its version's weights: the store's
     # weights at the end are at least as new, and with an export at the last batch equal
     rows = np.zeros((1, spec.width), np.float32)
@@ -343,7 +343,7 @@ def test_model_hot_reload_keeps_the_last_good_model(tmp_path):
         assert status == 200 and kept["params"]["model_version"] == 10
         assert [it["score"] for it in kept["items"]] == [it["score"] for it in after["items"]]
         # a model of another spec (another model kind) is refused too
-        other = model_spec(CONFIG, "fm")
+        other = ModelSpec.from_feature_config(CONFIG, "fm")
         write_model(str(models), other, Model(other).initial_dense_params(), 12, T0)
         wait_for(lambda: scorer.counters["model_load_errors"] == 2)
         assert client.call("GET", "/healthz")[1]["model_version"] == 10
@@ -421,7 +421,7 @@ def test_request_extractor_makes_the_pipelines_fids(tmp_path):
     dense inputs are extract()'s on its merged record (in the same slot order once
     Model.index has ordered them), also when candidates override context fields or have
     different fields."""
-    spec = model_spec(CONFIG, "fm")
+    spec = ModelSpec.from_feature_config(CONFIG, "fm")
     scorer = serve.Scorer(CONFIG, spec, f"memory://extract-{tmp_path.name}", num_shards=2)
     model = Model(spec)
     rng = np.random.default_rng(3)
@@ -515,7 +515,7 @@ def test_log_odds_correction_of_negative_sampling(tmp_path):
     from transforms.joiner import corrected_ctr
     store_url = f"memory://correction-{tmp_path.name}"
     store = open_store(store_url, num_shards=2)
-    spec = model_spec(CONFIG, "fm")
+    spec = ModelSpec.from_feature_config(CONFIG, "fm")
     write_rows(store, spec, request_fids(request()), np.random.default_rng(5))
     answers = {}
     for rate in (1.0, 0.25):

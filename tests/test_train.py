@@ -165,12 +165,12 @@ def test_worker_logs_a_bundle_only_when_it_brought_examples(caplog, monkeypatch)
 
     import numpy as np
 
-    from transforms import worker as worker_module
-    from transforms.worker import TrainWorker, _Progress
+    from transforms import train as worker_module
+    from transforms.train import _Progress, _TrainWorkerFn
 
     clock = [100.0]
     monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
-    worker = TrainWorker(spec=None, store_url="memory://unused", num_shards=1,
+    worker = _TrainWorkerFn(spec=None, store_url="memory://unused", num_shards=1,
                          progress_every_s=5.0)
     worker._progress = _Progress(every_s=0)  # no per-batch progress lines in this test
     updates = []

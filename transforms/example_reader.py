@@ -1,10 +1,13 @@
 """``ReadExampleBatches``: the example log → ``ExampleBatch`` es in event-time order, the
-training section's reader (bounded, or following a folder as its periods land).
+training section's reader (bounded, or following a folder as its periods land), and the
+:class:`Pacing` that keeps it in step with the PS on Flink.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -18,6 +21,45 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from transforms.example_batch import ExampleBatch
 from transforms.example_log import example_periods, followed_pattern
 from transforms.sources import NO_END  # the end of a followed folder's range: none
+
+
+@dataclasses.dataclass(frozen=True)
+class Pacing:
+    """How the example reader keeps pace with the PS on a runner whose stages run
+    concurrently and hand output downstream only when a bundle ends (Flink's portable
+    runner).
+
+    The reader ends its bundle (checkpoints itself) at least every ``checkpoint_s`` of wall
+    time and as soon as its batches span more than ``max_staleness_s`` of event time, so
+    gradients reach the PS while it reads; before it reads on, it waits until every PS
+    publisher in ``store_url`` has applied gradients up to ``max_staleness_s`` before its
+    last batch (:class:`PSCatchUp`; at most ``timeout_s``). ``max_staleness_s=0``: one batch
+    per bundle, each scored with the parameters learned from every earlier one, as on the
+    fused DirectRunner; negative: never wait. Make one with
+    :meth:`transforms.train.TrainOnline.pacing`, which knows the store and the publishers.
+
+    >>> Pacing(max_staleness_s=0.0, store_url="memory://x", publishers=("dense",)).gate() is None
+    False
+    """
+
+    checkpoint_s: float = 0.05
+    max_staleness_s: float = 0.0
+    timeout_s: float = 30.0
+    store_url: Optional[str] = None
+    publishers: tuple = ()
+
+    def __post_init__(self):
+        if not self.checkpoint_s > 0:
+            raise ValueError(f"Pacing.checkpoint_s must be > 0, got {self.checkpoint_s}")
+        if not self.timeout_s >= 0:
+            raise ValueError(f"Pacing.timeout_s must be >= 0, got {self.timeout_s}")
+        object.__setattr__(self, "publishers", tuple(self.publishers))
+
+    def gate(self) -> "PSCatchUp | None":
+        """The wait before each resumption (None: no store, or a negative staleness)."""
+        if self.store_url is None or self.max_staleness_s < 0:
+            return None
+        return PSCatchUp(self.store_url, self.max_staleness_s, self.timeout_s, self.publishers)
 
 
 class ReadExampleBatches(beam.PTransform):
@@ -37,31 +79,37 @@ class ReadExampleBatches(beam.PTransform):
     must land in time order (a period sorting before one already read is skipped, counted
     as ``reader.late_files``).
 
-    The reader is a splittable DoFn over (period, batch) positions. With ``checkpoint_s`` it
-    checkpoints itself (ends its bundle): a runner that hands a stage's output downstream
-    only when its bundle ends (Flink's portable runner does) then sees bundles end as the
-    log is read, so gradients reach the PS while the worker is still reading. With a
-    ``store_url`` it waits at each resumption for the PS to catch up (:class:`PSCatchUp`)
-    and ends a bundle as soon as its batches span more than ``max_staleness_s`` of event
-    time (so ``0``: one batch per bundle, and every batch is scored with the parameters
-    learned from all earlier ones, as on the fused DirectRunner); ``checkpoint_s`` bounds
-    a bundle's wall time either way. Leave it None on the DirectRunner: there the stages
-    are fused (nothing to wait for), and the FnApiRunner treats each resumption as a new
-    run of the stage, firing end-of-input timers (PS snapshots, metrics) every time.
+    The reader is a splittable DoFn over (period, batch) positions.
+
+    Args:
+        pattern: the example log: a glob, or (``follow``) a folder.
+        batch_size: the largest batch (a batch never spans two periods).
+        dense_dim: dense inputs per example.
+        pacing: how the reader keeps pace with the PS where stages run concurrently
+            (:class:`Pacing`; what differs by runner). None on a runner that fuses the
+            reader, worker and PS into one stage (the DirectRunner): the PS then applies a
+            batch before the worker sees the next, and the FnApiRunner would treat every
+            self-checkpoint as a new run of the stage, firing end-of-input timers each time.
+            On Flink, :meth:`transforms.train.TrainOnline.pacing`.
+        follow: online training: follow the folder as its periods land.
+        poll_interval_s, stop_timestamp, stop_when_exists: following only (above).
+
+    Returns (``expand``): a PCollection of :class:`ExampleBatch`, timestamped by their
+    largest event time.
     """
 
     def __init__(self, pattern: str, batch_size: int, dense_dim: int,
-                 checkpoint_s: float | None = None, store_url: str | None = None,
-                 max_staleness_s: float = 0.0, staleness_timeout_s: float = 30.0,
-                 publishers: tuple = (), follow: bool = False, poll_interval_s: float = 5.0,
-                 stop_timestamp: float | None = None, stop_when_exists: str | None = None):
+                 pacing: "Pacing | None" = None, follow: bool = False,
+                 poll_interval_s: float = 5.0, stop_timestamp: float | None = None,
+                 stop_when_exists: str | None = None):
         super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"ReadExampleBatches.batch_size must be >= 1, got {batch_size}")
         self.pattern = followed_pattern(pattern) if follow else pattern
         self.batch_size = int(batch_size)
         self.dense_dim = int(dense_dim)
-        self.gate = None if store_url is None else PSCatchUp(
-            store_url, max_staleness_s, staleness_timeout_s, publishers)
-        self.checkpoint_s = checkpoint_s
+        self.gate = pacing.gate() if pacing is not None else None
+        self.checkpoint_s = pacing.checkpoint_s if pacing is not None else None
         self.follow = follow
         self.poll_interval_s = poll_interval_s
         self.stop_timestamp = stop_timestamp

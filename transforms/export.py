@@ -4,7 +4,7 @@ Serving reads embedding rows from the ParameterStore and runs the dense part (po
 term, MLP, biases: everything after the row lookup) from a SavedModel that training exports
 into a model directory every ``interval_s`` of event time::
 
-    worker[TrainWorker.DENSE] | ExportDenseModel("redis://...", "dense", spec, "models/")
+    dense_gradients | ExportDenseModel("redis://...", "dense", spec, "models/")   # TrainOnline(export=...)
 
 The graph is :class:`transforms.model.Model`'s own forward pass (one model, not a second
 one), traced with the dense weights as a variable, so the SavedModel needs no Python code
@@ -43,7 +43,6 @@ sees half a model); the ``keep`` newest are kept. :func:`latest_model` names the
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -62,24 +61,13 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from schemas import strict_json
 
 __all__ = ["DenseModule", "write_model", "latest_model", "list_models", "load_model",
-           "LoadedModel", "ExportDenseModel", "META_FILE", "spec_to_json", "spec_from_json"]
+           "LoadedModel", "ExportDenseModel", "META_FILE"]
 
 _LOG = logging.getLogger(__name__)
 
 META_FILE = "monolith_meta.json"
-FORMAT = 1
+FORMAT = 2  # 2: the spec names its model class (transforms.models.model_to_json)
 _MODEL_NAME = re.compile(r"^(\d{15})-v(\d{10})$")
-
-
-def spec_to_json(spec) -> dict:
-    """A ``ModelSpec`` as JSON-able values (``spec_from_json`` inverts it)."""
-    return {k: [list(x) for x in v] if k == "slots" else list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(spec).items()}
-
-
-def spec_from_json(values: dict):
-    from transforms.model import ModelSpec
-    return ModelSpec(**values)
 
 
 def _dense_module(spec, flat_params: np.ndarray, version: int, ts_ms: int):
@@ -105,7 +93,7 @@ def _dense_module(spec, flat_params: np.ndarray, version: int, ts_ms: int):
             n = tf.shape(dense)[0]
             # Model's graph takes [label, weight, dense...] per example; serving has no label.
             examples = tf.concat([tf.zeros([n, 2], tf.float32), dense], axis=1)
-            return model._logits(rows, occurrences, examples, self.params)
+            return model.logits_graph(rows, occurrences, examples, self.params)
 
     return _Module(), model
 
@@ -121,12 +109,12 @@ class DenseModule:
     def __init__(self, spec, params: dict, version: int = -1, ts_ms: int = 0):
         from transforms.model import Model
         self.spec = spec
-        flat = Model(spec)._flat_params(params)
+        flat = Model(spec).flatten_params(params)
         self.module, self.model = _dense_module(spec, flat, version, ts_ms)
         self._fn = self.module.logits.get_concrete_function()
 
     def assign(self, params: dict, version: int, ts_ms: int) -> None:
-        self.module.params.assign(self.model._flat_params(params))
+        self.module.params.assign(self.model.flatten_params(params))
         self.module.version.assign(int(version))
         self.module.ts_ms.assign(int(ts_ms))
 
@@ -177,7 +165,7 @@ def write_model(model_dir: str, spec, params: dict, version: int, ts_ms: int, ke
     try:
         module.save(tmp)
         info = {"format": FORMAT, "version": int(version), "ts_ms": int(ts_ms),
-                "wall_time": time.time(), "spec": spec_to_json(spec), **(meta or {})}
+                "wall_time": time.time(), "spec": spec.to_json(), **(meta or {})}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             strict_json.dump(info, f, indent=2, sort_keys=True)
         os.rename(tmp, final)
@@ -209,9 +197,11 @@ def load_model(path: str) -> LoadedModel:
     with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: model format {meta.get('format')!r}, expected {FORMAT}")
+        raise ValueError(f"{path}: model format {meta.get('format')!r}, expected {FORMAT} "
+                         f"(a model exported by another version: export it again)")
     loaded = tf.saved_model.load(path)
-    spec = spec_from_json(meta["spec"])
+    from transforms.model import ModelSpec
+    spec = ModelSpec.from_json(meta["spec"])
     version, ts_ms = int(loaded.version.numpy()), int(loaded.ts_ms.numpy())
     if (version, ts_ms) != (meta["version"], meta["ts_ms"]):
         raise ValueError(f"{path}: variables say version {version} ts {ts_ms}, "

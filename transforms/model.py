@@ -1,9 +1,10 @@
-"""The models (LR, FM, DeepFM) as pure functions of a batch, its embedding rows and dense weights.
+"""``Model``: runs a ranking model on a batch, its embedding rows and dense weights.
 
-The worker owns no variables: it reads rows from the ParameterStore, calls :meth:`Model.train_step`
-and ships the gradients to the parameter-server DoFns (DESIGN §1). So a model here is a spec,
-the TensorFlow graph of its forward pass, and the bookkeeping that maps a CSR batch of fids to
-rows.
+The worker owns no variables: it reads rows from the ParameterStore, calls
+:meth:`Model.train_step` and ships the gradients to the parameter-server DoFns (DESIGN §1).
+So a model here is a :class:`ModelSpec` (which :class:`transforms.models.RankingModel`, which
+slots with which embedding dims, how many dense inputs), the TensorFlow graph of its forward
+pass, and the bookkeeping that maps a CSR batch of fids to rows.
 
 >>> import numpy as np
 >>> from transforms.example_batch import ExampleBatch
@@ -27,24 +28,14 @@ rows.
 Rows and tables
 ---------------
 Every fid has one row ``[w | v]``: ``w`` its first-order weight, ``v`` its ``dim``-wide
-embedding. Rows live in one table per row width, named ``f"w{width}"``: LR uses only ``w``
-(``"w1"``), FM and DeepFM use ``"w{1 + dim}"``. FM's second-order term is a dot product between
-slot embeddings, so FM and DeepFM require one ``dim`` for every slot and raise ``ValueError``
+embedding. Rows live in one table per row width, named ``f"w{width}"``: a model without
+embeddings (LR) uses only ``w`` (``"w1"``), the others ``"w{1 + dim}"``. Those models combine
+the slots' embeddings, so they require one ``dim`` for every slot and raise ``ValueError``
 otherwise (a per-slot projection would add dense weights whose only job is to hide a feature
-config mistake). The slot of a fid is its top bits (``fid >> 48``, Monolith v2 layout); fids of
-slots the spec does not list are ignored and counted in :attr:`Model.ignored_fids`.
-
-The forward pass
-----------------
-Per example, a slot's rows are summed (sum pooling) into ``p_s = [w_s | v_s]``, then::
-
-    LR      logit = Σ_s w_s + dense · dense_w + bias
-    FM      LR + ½ Σ_k [(Σ_s v_sk)² − Σ_s v_sk²]
-    DeepFM  FM + MLP([v_1, ..., v_S, dense])      (ReLU hidden layers, linear output)
-
-DeepFM is the model of the Monolith paper. FM needs embeddings that are not all zero at the
-start (with ``v = 0`` its gradient with respect to ``v`` is zero): give the PS tables a small
-``init_scale`` (e.g. 0.01–0.05); DeepFM's MLP breaks the symmetry by itself.
+config mistake). The slot of a fid is its top bits (``fid >> 48``, Monolith v2 layout); fids
+of slots the spec does not list are ignored and counted in :attr:`Model.ignored_fids`. The
+forward pass sums each example's rows per slot (sum pooling) and hands ``w [n, S]``,
+``v [n, S, dim]`` and the dense inputs to the model's :meth:`RankingModel.logits`.
 
 Loss and its reduction
 ----------------------
@@ -80,15 +71,26 @@ import pandas as pd
 import tensorflow as tf
 
 from transforms.example_batch import ExampleBatch
+from transforms.models import RankingModel, model_from_json, model_from_name, model_to_json
 
-KINDS = ("lr", "fm", "deepfm")
+__all__ = ["ModelSpec", "Model", "BatchIndex", "Gathered"]
+
 SLOT_SHIFT = np.uint64(48)
 MAX_SLOT = (1 << 15) - 1
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What the model is: its kind, the slots it reads with their embedding dims, its inputs.
+    """What the model is: its :class:`RankingModel`, the slots it reads with their embedding
+    dims, its dense inputs.
+
+    Args:
+        model: a :class:`transforms.models.RankingModel`, or a name for
+            :func:`transforms.models.model_from_name` (``"lr"``, ``"fm"``, ``"deepfm"``,
+            ``"package.module:Class"``).
+        slots: ``[(slot id, embedding dim), ...]`` in the order the model pools them.
+        dense_dim: dense inputs per example.
+        seed: seeds the initial dense weights.
 
     >>> ModelSpec("deepfm", slots=[(1, 8), (2, 8)], dense_dim=3).tables()
     {'w9': 9}
@@ -100,41 +102,51 @@ class ModelSpec:
     ValueError: fm needs one embedding dim for every slot ..., got dims {8: [1], 16: [2]}; ...
     """
 
-    kind: str
+    model: RankingModel
     slots: tuple  #: ((slot_id, dim), ...) in the order the model pools them
     dense_dim: int = 0
-    hidden: tuple = (64, 32)
     seed: int = 0
 
     def __post_init__(self):
-        # Normalise to tuples: the spec is hashable, picklable and compares by value.
+        # Normalise: the spec is hashable, picklable and compares by value.
+        object.__setattr__(self, "model", model_from_name(self.model))
         object.__setattr__(self, "slots", tuple((int(s), int(d)) for s, d in self.slots))
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         object.__setattr__(self, "dense_dim", int(self.dense_dim))
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if not self.slots:
-            raise ValueError("a model needs at least one slot")
+            raise ValueError("ModelSpec.slots: a model needs at least one slot")
         ids = [s for s, _ in self.slots]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"slot ids repeat: {sorted(ids)}")
+            raise ValueError(f"ModelSpec.slots: slot ids repeat: {sorted(ids)}")
         for slot, dim in self.slots:
             if not 0 <= slot <= MAX_SLOT:
-                raise ValueError(f"slot {slot} is outside [0, {MAX_SLOT}] (15 bits)")
+                raise ValueError(f"ModelSpec.slots: slot {slot} is outside [0, {MAX_SLOT}] "
+                                 f"(15 bits)")
             if dim < 1:
-                raise ValueError(f"slot {slot}: embedding dim must be >= 1, got {dim}")
-        if self.dense_dim < 0 or any(h < 1 for h in self.hidden):
-            raise ValueError(f"dense_dim must be >= 0 and hidden sizes >= 1, got "
-                             f"{self.dense_dim}, {self.hidden}")
-        if self.kind != "lr":
+                raise ValueError(f"ModelSpec.slots: slot {slot}: embedding dim must be >= 1, "
+                                 f"got {dim}")
+        if self.dense_dim < 0:
+            raise ValueError(f"ModelSpec.dense_dim must be >= 0, got {self.dense_dim}")
+        if self.model.uses_embeddings:
             by_dim: dict = {}
             for slot, dim in self.slots:
                 by_dim.setdefault(dim, []).append(slot)
             if len(by_dim) > 1:
                 raise ValueError(
-                    f"{self.kind} needs one embedding dim for every slot (its second-order term "
-                    f"takes dot products between slots), got dims {by_dim}; set one dim in the "
-                    f"feature config or use kind='lr'")
+                    f"{self.kind} needs one embedding dim for every slot (it combines the "
+                    f"slots' embeddings), got dims {by_dim}; set one dim in the feature config "
+                    f"or use a model without embeddings ('lr')")
+
+    @classmethod
+    def from_feature_config(cls, config, model, seed: int = 0) -> "ModelSpec":
+        """The spec of ``model`` over a feature config's slots and dense inputs
+        (``schemas.feature_config.FeatureConfig``)."""
+        return cls(model, slots=[(s.slot, s.dim) for s in config.slots],
+                   dense_dim=len(config.dense), seed=seed)
+
+    @property
+    def kind(self) -> str:
+        """The model's name (``lr``, ``fm``, ``deepfm``, or a model of your own's)."""
+        return self.model.name
 
     @property
     def num_slots(self) -> int:
@@ -142,8 +154,8 @@ class ModelSpec:
 
     @property
     def dim(self) -> int:
-        """Embedding width ``v`` of every slot (0 for LR, which has none)."""
-        return 0 if self.kind == "lr" else self.slots[0][1]
+        """Embedding width ``v`` of every slot (0 for a model without embeddings)."""
+        return self.slots[0][1] if self.model.uses_embeddings else 0
 
     @property
     def width(self) -> int:
@@ -166,18 +178,21 @@ class ModelSpec:
 
     def dense_param_shapes(self) -> dict:
         """``{name: shape}`` of the dense weights, in a stable order."""
-        shapes = {"bias": (1,)}
-        if self.dense_dim:
-            shapes["dense_w"] = (self.dense_dim,)
-        if self.kind == "deepfm":
-            fan_in = self.num_slots * self.dim + self.dense_dim
-            for i, size in enumerate(self.hidden):
-                shapes[f"mlp/w{i}"] = (fan_in, size)
-                shapes[f"mlp/b{i}"] = (size,)
-                fan_in = size
-            shapes["mlp/w_out"] = (fan_in, 1)
-            shapes["mlp/b_out"] = (1,)
-        return shapes
+        return {name: tuple(int(d) for d in shape) for name, shape in
+                self.model.dense_param_shapes(self.num_slots, self.dim, self.dense_dim).items()}
+
+    def to_json(self) -> dict:
+        """JSON-able values (exported models carry them); :meth:`from_json` inverts it."""
+        return {"model": model_to_json(self.model), "slots": [list(s) for s in self.slots],
+                "dense_dim": self.dense_dim, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, values: dict) -> "ModelSpec":
+        if "model" not in values:
+            raise ValueError("a model spec written before models were pluggable (it has "
+                             f"{sorted(values)}): export the model again with this version")
+        return cls(model_from_json(values["model"]), slots=values["slots"],
+                   dense_dim=values["dense_dim"], seed=values["seed"])
 
 
 class BatchIndex(NamedTuple):
@@ -250,9 +265,10 @@ class Model:
     # -- parameters -------------------------------------------------------------------------
 
     def initial_dense_params(self) -> dict:
-        """``{name: float32 array}``: Glorot-uniform MLP kernels, zeros elsewhere; from the seed.
+        """``{name: float32 array}``: Glorot-uniform 2-D weights, zeros elsewhere; from the seed.
 
-        >>> model = Model(ModelSpec("deepfm", [(1, 4), (2, 4)], dense_dim=2, hidden=(3,)))
+        >>> from transforms.models import DeepFM
+        >>> model = Model(ModelSpec(DeepFM(hidden=(3,)), [(1, 4), (2, 4)], dense_dim=2))
         >>> for name, value in model.initial_dense_params().items():
         ...     print(name, value.shape)
         bias (1,)
@@ -272,7 +288,7 @@ class Model:
                 params[name] = np.zeros(shape, dtype=np.float32)
         return params
 
-    def _flat_params(self, dense_params: dict) -> np.ndarray:
+    def flatten_params(self, dense_params: dict) -> np.ndarray:
         missing = self._dense_shapes.keys() - dense_params.keys()
         if missing:
             raise ValueError(f"dense_params lacks {sorted(missing)}")
@@ -359,7 +375,7 @@ class Model:
         examples[:, 1] = batch.weight
         examples[:, 2:] = np.asarray(batch.dense).reshape(n, self.spec.dense_dim)
         occurrences = np.stack([gathered.row_of_occurrence, gathered.segment])
-        return gathered.rows, occurrences, examples, self._flat_params(dense_params)
+        return gathered.rows, occurrences, examples, self.flatten_params(dense_params)
 
     # -- public steps -------------------------------------------------------------------------
 
@@ -393,7 +409,9 @@ class Model:
 
     # -- the graph ----------------------------------------------------------------------------
 
-    def _logits(self, rows, occurrences, examples, flat_params):
+    def logits_graph(self, rows, occurrences, examples, flat_params):
+        """The logits as TensorFlow ops of the four packed graph arguments (what the
+        exported SavedModel runs): pooling, then :meth:`RankingModel.logits`."""
         spec = self.spec
         params = {name: tf.reshape(p, shape) for (name, shape), p in zip(
             self._dense_shapes.items(), tf.split(flat_params, self._dense_sizes))}
@@ -409,28 +427,16 @@ class Model:
             w, v = tf.split(pooled, [1, spec.dim], axis=2)
         else:
             w, v = pooled, None
-        logits = tf.reduce_sum(w, axis=[1, 2]) + params["bias"]
-        if spec.dense_dim:
-            logits += tf.linalg.matvec(dense, params["dense_w"])
-        if spec.kind in ("fm", "deepfm"):
-            summed = tf.reduce_sum(v, axis=1)  # [n, dim]
-            logits += 0.5 * (tf.reduce_sum(tf.square(summed), axis=1)
-                             - tf.reduce_sum(tf.square(v), axis=[1, 2]))
-        if spec.kind == "deepfm":
-            hidden = tf.concat([tf.reshape(v, [n, spec.num_slots * spec.dim]), dense], axis=1)
-            for i in range(len(spec.hidden)):
-                hidden = tf.nn.relu(tf.matmul(hidden, params[f"mlp/w{i}"]) + params[f"mlp/b{i}"])
-            logits += tf.reshape(tf.matmul(hidden, params["mlp/w_out"]), [n]) + params["mlp/b_out"]
-        return logits
+        return spec.model.logits(tf.reshape(w, [n, spec.num_slots]), v, dense, params)
 
     def _probs(self, rows, occurrences, examples, flat_params):
-        return tf.sigmoid(self._logits(rows, occurrences, examples, flat_params))
+        return tf.sigmoid(self.logits_graph(rows, occurrences, examples, flat_params))
 
     def _loss_and_grads(self, rows, occurrences, examples, flat_params):
         with tf.GradientTape() as tape:
             tape.watch(rows)
             tape.watch(flat_params)
-            logits = self._logits(rows, occurrences, examples, flat_params)
+            logits = self.logits_graph(rows, occurrences, examples, flat_params)
             loss = tf.reduce_sum(examples[:, 1] * tf.nn.sigmoid_cross_entropy_with_logits(
                 labels=examples[:, 0], logits=logits))
         row_grads, param_grads = tape.gradient(loss, (rows, flat_params))

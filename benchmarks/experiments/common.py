@@ -327,7 +327,8 @@ def quiet_stdout():
 def train(mode: str, ds: DataSet, input_pattern: str, run_dir: str, *, seed: int = 0,
           config: str | None = None, batch_size: int | None = None, store: str | None = None,
           flags: tuple = (), sample_store: bool = False, metrics_window_s: int = 86400) -> Run:
-    """One run of ``dataflow.train`` (``build(pipeline, opts, mode)``) on the DirectRunner."""
+    """One run of ``dataflow.train``'s pipeline (``ReadExampleBatches | TrainOnline``, from
+    ``build(pipeline, opts, mode)``) on the DirectRunner."""
     from dataflow import train as train_pipeline
     from dataflow.job import run_job
     from dataflow.options import pipeline_options
@@ -347,12 +348,13 @@ def train(mode: str, ds: DataSet, input_pattern: str, run_dir: str, *, seed: int
     tables = ()
     if sample_store:
         from schemas.feature_config import load_feature_config
-        spec = train_pipeline.model_spec(load_feature_config(opts.config), opts.model)
+        from transforms.model import ModelSpec
+        spec = ModelSpec.from_feature_config(load_feature_config(opts.config), opts.model)
         tables = tuple(spec.tables())
 
     def build(pipeline):
         out = train_pipeline.build(pipeline, opts, mode)
-        out["scores"] | "CollectScores" >> beam.ParDo(CollectScores(
+        out.scores | "CollectScores" >> beam.ParDo(CollectScores(
             scores_dir, store if sample_store else None, opts.num_shards, tables))
         return out
 

@@ -33,13 +33,14 @@ def expiry_label(expiry_s) -> str:
 
 def table_bytes(config_path: str, num_shards: int = 2) -> tuple:
     """(bytes per PS row, bytes of the frequency filters) of the training pipeline's tables."""
-    from dataflow import train as train_pipeline
     from ps.shard import SparseShard
     from schemas.feature_config import load_feature_config
+    from transforms.model import ModelSpec
+    from transforms.train_config import SparseConfig
     config = load_feature_config(config_path)
-    spec = train_pipeline.model_spec(config, "deepfm")
+    spec = ModelSpec.from_feature_config(config, "deepfm")
     shard = SparseShard("memory://unused", num_shards, spec.tables(),
-                        slots=train_pipeline.slot_policies(config), optimizer="adagrad")
+                        slots=SparseConfig.slots_of(config), optimizer="adagrad")
     table = shard.new_table(spec.width)
     filters = table.filter.memory_bytes if table.filter is not None else 0
     return table.payload_bytes_per_entry(), filters * num_shards * len(spec.tables())

@@ -56,8 +56,8 @@ def window_aucs(run, window_ms: int) -> list:
 
 
 def run_dataset(name: str, args) -> dict:
-    from dataflow import train as train_pipeline
     from schemas.feature_config import load_feature_config
+    from transforms.model import ModelSpec
     ds = common.dataset(name, args.workdir, args.quick)
     work = os.path.join(args.workdir, "sync", ds.name + ("-quick" if args.quick else ""))
     if ds.spec.synth is not None:
@@ -69,8 +69,8 @@ def run_dataset(name: str, args) -> dict:
     settings = [None, *intervals]
     batch_glob = common.link_files(batch_files, os.path.join(work, "batch-log"))
     online_dir = os.path.dirname(common.link_files(online_files, os.path.join(work, "online-log")))
-    tables = tuple(train_pipeline.model_spec(load_feature_config(ds.spec.config),
-                                             "deepfm").tables())
+    tables = tuple(ModelSpec.from_feature_config(load_feature_config(ds.spec.config),
+                                                 "deepfm").tables())
     aucs = {label(s): [] for s in settings}
     curves, backfill_aucs, seconds = {}, [], {label(s): [] for s in settings}
     examples = None
