@@ -30,6 +30,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from dataflow.job import run_job
+from transforms import state_cache
 from dataflow.options import MonolithOptions, pipeline_options
 from schemas import strict_json
 
@@ -112,11 +113,12 @@ def build(pipeline: beam.Pipeline, opts: SmokeOptions) -> None:
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
+    state_cache.weigh_without_module_globals()  # 7x faster stateful DoFns (its docstring)
     options = pipeline_options(argv, SmokeOptions)
     opts = options.view_as(SmokeOptions)
     if not opts.input or not opts.out:
         raise SystemExit("smoke: --input and --out are required (see --help)")
-    return run_job(lambda p: build(p, opts), options)
+    return run_job(lambda p: build(p, opts), options, freeze_startup_heap=True)
 
 
 OPTIONS = [SmokeOptions]

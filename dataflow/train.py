@@ -28,6 +28,7 @@ import time
 import apache_beam as beam
 
 from dataflow.job import run_job
+from transforms import state_cache
 from dataflow.options import MonolithOptions, pipeline_options
 from transforms.metrics import SCORE_COLUMNS
 
@@ -195,6 +196,7 @@ FLINK_BUNDLE_MS = 20
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    state_cache.weigh_without_module_globals()  # 7x faster stateful DoFns (its docstring)
     if not argv or argv[0] not in MODES:
         raise SystemExit(f"usage: python -m dataflow train {USAGE} (see --help)")
     mode, argv = argv[0], argv[1:]
@@ -238,11 +240,13 @@ def main(argv: list[str] | None = None):
             raise SystemExit("train: --savepoint_dir ends a backfill; the online job resumes "
                              "from the savepoint with --savepoint_path")
         finished, stop = _backfill_to_savepoint(opts, all_options)
-        return run_job(lambda p: build(p, opts, mode), options, finished=finished, stop=stop)
+        return run_job(lambda p: build(p, opts, mode), options, finished=finished, stop=stop,
+                       freeze_startup_heap=True)
     finished = None
     if checkpointed and (mode == "backfill" or opts.run_for_s or opts.stop_when_exists):
         finished = _end_of_input_done(opts, mode, time.time())
-    result = run_job(lambda p: build(p, opts, mode), options, finished=finished)
+    result = run_job(lambda p: build(p, opts, mode), options, finished=finished,
+                     freeze_startup_heap=True)
     _report(opts, mode)
     return result
 

@@ -92,12 +92,18 @@ def test_loop_help_shows_defaults_of_options_without_help_text():
     assert option_help(done.stdout, "--store").count("default") == 1
 
 
-def test_importing_the_library_changes_no_logging_or_warnings_state():
+def test_importing_the_library_changes_no_global_state():
     """Only the entry points set up output (dataflow.cli.setup): a library import adds no
-    handler or filter to another package's logger, and no warnings filter."""
+    handler or filter to another package's logger, no warnings filter, and patches nothing
+    of Beam's (transforms.state_cache is an explicit call), nor the interpreter's recursion
+    limit, thread stack size or garbage collector."""
     script = textwrap.dedent("""
-        import importlib, logging, os, pkgutil, warnings
+        import gc, importlib, logging, os, pkgutil, sys, threading, warnings
         import apache_beam, numpy, tensorflow, fastavro  # their own import-time effects first
+        from apache_beam.runners.worker import statecache
+        interpreter = lambda: (statecache.get_deep_size, sys.getrecursionlimit(),
+                               threading.stack_size(), gc.isenabled(), gc.get_freeze_count())
+        interpreter_before = interpreter()
         loggers = lambda: {n: l for n, l in logging.Logger.manager.loggerDict.items()
                            if isinstance(l, logging.Logger)} | {"root": logging.getLogger()}
         state = lambda: ({n: (list(l.handlers), list(l.filters), l.level)
@@ -120,6 +126,7 @@ def test_importing_the_library_changes_no_logging_or_warnings_state():
         print("loggers changed:", changed)
         print("warnings filters changed:", after[1] != before[1])
         print("TF_CPP_MIN_LOG_LEVEL changed:", after[2] != before[2])
+        print("interpreter changed:", interpreter() != interpreter_before)
     """)
     env = {**os.environ, "PYTHONPATH": ROOT}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
@@ -128,6 +135,7 @@ def test_importing_the_library_changes_no_logging_or_warnings_state():
     assert "loggers changed: []" in done.stdout, done.stdout
     assert "warnings filters changed: False" in done.stdout
     assert "TF_CPP_MIN_LOG_LEVEL changed: False" in done.stdout
+    assert "interpreter changed: False" in done.stdout
     assert int(done.stdout.split("imported ")[1].split()[0]) > 40
 
 

@@ -50,7 +50,8 @@ def test_no_collection_while_building_then_startup_frozen_then_restored(tmp_path
     metrics_out = tmp_path / "metrics.json"
     seen: dict = {}
     run_job(_job(seen, tmp_path / "running.json"),
-            pipeline_options(["--runner=DirectRunner", f"--metrics_out={metrics_out}"]))
+            pipeline_options(["--runner=DirectRunner", f"--metrics_out={metrics_out}"]),
+            freeze_startup_heap=True)
     assert seen["building"] == (False, 0)      # paused while the job starts
     enabled, frozen = _running(tmp_path / "running.json")
     assert enabled and frozen > 10_000         # running: collecting, start-up objects frozen
@@ -71,7 +72,7 @@ def test_garbage_from_before_the_job_is_collected_not_frozen(collector):
         seen["alive"] = any(id(o) == garbage_id for o in gc.get_objects()
                             if isinstance(o, _Cycle))
         pipeline | beam.Create([1])
-    run_job(build, pipeline_options(["--runner=DirectRunner"]))
+    run_job(build, pipeline_options(["--runner=DirectRunner"]), freeze_startup_heap=True)
     assert seen["alive"] is False
 
 
@@ -81,7 +82,8 @@ def test_a_caller_managing_the_collector_is_left_alone(tmp_path, collector):
     gc.freeze()
     frozen = gc.get_freeze_count()
     seen: dict = {}
-    run_job(_job(seen, running), pipeline_options(["--runner=DirectRunner"]))
+    run_job(_job(seen, running), pipeline_options(["--runner=DirectRunner"]),
+            freeze_startup_heap=True)
     # collecting all along, and only the caller's objects frozen (some of them freed since)
     for enabled, count in (seen["building"], _running(running),
                            (gc.isenabled(), gc.get_freeze_count())):
@@ -90,7 +92,8 @@ def test_a_caller_managing_the_collector_is_left_alone(tmp_path, collector):
     gc.unfreeze()
     gc.disable()
     seen = {}
-    run_job(_job(seen, running), pipeline_options(["--runner=DirectRunner"]))
+    run_job(_job(seen, running), pipeline_options(["--runner=DirectRunner"]),
+            freeze_startup_heap=True)
     assert seen["building"] == (False, 0) and _running(running) == (False, 0)
     assert not gc.isenabled()
 
@@ -102,8 +105,17 @@ def test_a_failed_build_restores_the_collector(collector):
     def build(pipeline):
         raise ValueError("bad flags")
     with pytest.raises(ValueError, match="bad flags"):
-        run_job(build, pipeline_options(["--runner=DirectRunner"]))
+        run_job(build, pipeline_options(["--runner=DirectRunner"]), freeze_startup_heap=True)
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_by_default_the_collector_is_left_alone(tmp_path, collector):
+    """Freezing is the command lines' explicit choice, not a library default."""
+    gc.enable()
+    gc.unfreeze()
+    seen: dict = {}
+    run_job(_job(seen, tmp_path / "running.json"), pipeline_options(["--runner=DirectRunner"]))
+    assert seen["building"] == (True, 0) and _running(tmp_path / "running.json") == (True, 0)
 
 
 def test_where_the_driver_reaches_a_flink_job_to_stop_it(tmp_path):

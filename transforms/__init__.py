@@ -1,4 +1,2 @@
-"""PTransforms and DoFns: parsing, feature extraction, joining, training steps."""
-from transforms import _beam_patches
-
-_beam_patches.apply()
+"""PTransforms and DoFns: reading logs, feature extraction, the joiner, the training worker
+and model, online metrics."""

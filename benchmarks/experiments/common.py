@@ -360,7 +360,7 @@ def train(mode: str, ds: DataSet, input_pattern: str, run_dir: str, *, seed: int
 
     start = time.monotonic()
     with quiet_stdout():
-        run_job(build, options)
+        run_job(build, options, freeze_startup_heap=True)
     seconds = time.monotonic() - start
     with open(metrics_out, encoding="utf-8") as f:
         metrics = json.load(f)
