@@ -74,6 +74,9 @@ from transforms.joiner import DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoi
 
 
 class JoinOptions(MonolithOptions):
+    """The join's flags (``python -m dataflow join --help``); none is required here, as Beam
+    parses every options class with every pipeline: :func:`main` checks them."""
+
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--features", help="glob of feature log Avro files "
