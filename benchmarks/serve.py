@@ -3,7 +3,7 @@
     python -m benchmarks.serve --json                        # memory and redis stores
     python -m benchmarks.serve --json --stores redis --model deepfm --candidates 100
 
-The service (``dataflow.serve``'s Scorer and HTTP server, DeepFM by default, its feature log
+The service (``dataflow.serving``'s Scorer and HTTP server, DeepFM by default, its feature log
 in a child process as ``python -m dataflow.serve`` runs it) runs in this process, pinned to
 one core with its log process; its store holds a row for every fid the requests use. A load
 generator in a child process, pinned to the other core, sends pre-built requests of the
@@ -152,7 +152,9 @@ def seed_store(store_url: str, spec, fids: np.ndarray, rng) -> None:
 
 
 def bench_store(store_url: str, args, workdir: str) -> dict:
-    from dataflow import serve
+    from dataflow.serving.feature_log import open_feature_log
+    from dataflow.serving.http_server import Server
+    from dataflow.serving.scorer import Scorer
     from transforms.model import ModelSpec
     from schemas.feature_config import load_feature_config
 
@@ -165,10 +167,10 @@ def bench_store(store_url: str, args, workdir: str) -> dict:
     bodies_path = os.path.join(workdir, f"bodies-{store_url.split(':')[0]}.jsonl")
     with open(bodies_path, "w", encoding="utf-8") as f:
         f.write("\n".join(bodies) + "\n")
-    log = serve.open_feature_log(os.path.join(workdir, f"log-{store_url.split(':')[0]}"),
-                                 args.roll_s, args.log_in_process)
-    scorer = serve.Scorer(config, spec, store_url, num_shards=2, feature_log=log)
-    server = serve.Server(scorer, port=0).start()
+    log = open_feature_log(os.path.join(workdir, f"log-{store_url.split(':')[0]}"),
+                           args.roll_s, args.log_in_process)
+    scorer = Scorer(config, spec, store_url, num_shards=2, feature_log=log)
+    server = Server(scorer, port=0).start()
     try:
         _run_load(server.url, bodies_path, 50, 30, 1)  # warm-up
         log_pid = getattr(getattr(log, "_proc", None), "pid", None)
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
                                args.concurrency)))
         return 0
     _pin(0)  # the service on one core
-    from dataflow.loop import Processes, start_redis
+    from dataflow.closed_loop.processes import Processes, start_redis
     results = {"model": args.model, "candidates": args.candidates, "top_k": args.top_k,
                "nice": args.nice, "load_average": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as workdir:

@@ -7,7 +7,9 @@ requests (``benchmarks.serve``'s: DeepFM, 100 candidates, top 10 logged, no even
 the feature log rolls a file every ``--roll_s``), alternately ``--rounds`` times, each
 pinned to one core with the load generator on the other: on a machine shared with other
 jobs only a comparison made this way means something. "old" writes its log as it did
-(``RollingAvroLog`` in the service); "new" as ``python -m dataflow.serve`` does.
+(``RollingAvroLog`` in the service); "new" as ``python -m dataflow.serve`` does. The old
+file must be one that still held the service (before ``dataflow.serving``: a revision
+before the split of ``dataflow/serve.py``, #18).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 
@@ -53,8 +56,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     bench._pin(0)
-    from dataflow import serve as new
-    from dataflow.loop import Processes, start_redis
+    from dataflow.closed_loop.processes import Processes, start_redis
+    from dataflow.serving.feature_log import open_feature_log
+    from dataflow.serving.http_server import Server
+    from dataflow.serving.scorer import Scorer
+    new = types.SimpleNamespace(Scorer=Scorer, Server=Server)
     from transforms.model import ModelSpec
     from schemas.feature_config import load_feature_config
 
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
                 for name, module in (("old", old), ("new", new)):
                     folder = os.path.join(workdir, f"log-{name}-{r}")
                     log = (old.RollingAvroLog(folder, "feature_log", args.roll_s)
-                           if name == "old" else new.open_feature_log(folder, args.roll_s))
+                           if name == "old" else open_feature_log(folder, args.roll_s))
                     scorer = module.Scorer(config, spec, url, num_shards=2, feature_log=log)
                     server = module.Server(scorer, port=0).start()
                     try:

@@ -28,13 +28,12 @@ if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dat
 import logging
 import os
 import shutil
-import sys
 
 import apache_beam as beam
 
 from dataflow.job import metrics_dict, run_job
+from dataflow.options import MonolithOptions, parse_pipeline_args
 from transforms import state_cache
-from dataflow.options import MonolithOptions, pipeline_options
 from schemas.feature_config import FeatureConfig
 
 _LOG = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ class AnalysisError(RuntimeError):
 
 
 def build(pipeline, opts, config: FeatureConfig, temp_dir: str) -> None:
-    from dataflow.join import WriteEventTimeFiles
+    from transforms.event_time_files import WriteEventTimeFiles
     from transforms.preprocess import AnalyzeFeatureLogs
     from transforms.sources import ReadFeatureLogs
 
@@ -94,12 +93,9 @@ def finish(out: str, config: FeatureConfig, input_glob: str, metrics: dict):
 
 
 def main(argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else argv
     state_cache.weigh_without_module_globals()  # 7x faster stateful DoFns (its docstring)
-    options = pipeline_options(argv, AnalyzeOptions)
-    opts = options.view_as(AnalyzeOptions)
-    if not opts.input or not opts.config or not opts.out:
-        raise SystemExit("analyze: --input, --config and --out are required (see --help)")
+    options, opts = parse_pipeline_args(argv, AnalyzeOptions, ("input", "config", "out"),
+                                        "analyze")
     config = FeatureConfig.load(opts.config)
     if not config.needs_analysis:
         raise SystemExit(f"analyze: config {opts.config!r} asks for no analysers "

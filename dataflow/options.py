@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
 
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
                                                   PortableOptions, StandardOptions)
@@ -135,4 +136,31 @@ def pipeline_options(argv: list[str], *option_classes, flink_defaults: dict | No
     return PipelineOptions(argv + extra, **ours)
 
 
-__all__ = ["MonolithOptions", "pipeline_options", "DirectOptions", "PortableOptions"]
+def parse_pipeline_args(argv: list[str] | None, options_class, required=(), prog: str = ""):
+    """A pipeline CLI's options: :func:`pipeline_options` of ``argv`` and their view.
+
+    Args:
+        argv: the flags (None: ``sys.argv[1:]``).
+        options_class: the pipeline's ``MonolithOptions`` subclass.
+        required: names of its flags that must be given (they have no default: Beam parses
+            every options class with every pipeline).
+        prog: the program's name in the error.
+
+    Returns:
+        ``(PipelineOptions, their options_class view)``.
+
+    Raises:
+        SystemExit: a required flag is missing; the message names them all.
+    """
+    options = pipeline_options(sys.argv[1:] if argv is None else argv, options_class)
+    opts = options.view_as(options_class)
+    if any(not getattr(opts, name) for name in required):
+        flags = [f"--{name}" for name in required]
+        listed = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+        raise SystemExit(f"{prog}: {listed} {'is' if len(flags) == 1 else 'are'} required "
+                         "(see --help)")
+    return options, opts
+
+
+__all__ = ["MonolithOptions", "pipeline_options", "parse_pipeline_args", "DirectOptions",
+           "PortableOptions"]

@@ -145,7 +145,7 @@ class Simulator:
                  concurrency: int = 2, seed: int = 0, max_delay_s: float = 1800.0,
                  stats_path: Optional[str] = None, wait_for_serve_s: float = 60.0,
                  clock_from_s: float = 0.0, clock_to_s: Optional[float] = None):
-        from dataflow.serve import RollingAvroLog
+        from dataflow.serving.feature_log import RollingAvroLog
         if speed <= 0 or rps <= 0:
             raise ValueError("--speed and --rps must be positive")
         self.url = urllib.parse.urlsplit(serve_url)

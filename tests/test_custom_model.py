@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from dataflow import data, join, serve
+from dataflow import data, join
+from dataflow.serving.http_server import Server
+from dataflow.serving.scorer import Scorer
 from dataflow.job import run_job
 from dataflow.options import pipeline_options
 from examples.cross_network import CrossNetwork
@@ -59,8 +61,8 @@ def test_a_cross_network_trains_through_train_online_and_serves(tmp_path):
     assert loaded.spec == spec and loaded.spec.model == CrossNetwork(layers=2)
 
     # dataflow.serve scores with the exported graph and the store's rows
-    scorer = serve.Scorer(CONFIG, spec, store, num_shards=2, model_dir=str(models))
-    server = serve.Server(scorer, port=0, poll_s=0.05).start()
+    scorer = Scorer(CONFIG, spec, store, num_shards=2, model_dir=str(models))
+    server = Server(scorer, port=0, poll_s=0.05).start()
     try:
         import http.client
         host, port = server.url.split("//")[1].split(":")

@@ -21,6 +21,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from transforms.example_log import read_examples_in_order
 from dataflow import join
+from dataflow.join_io import EXTRACTED_FEATURES_SCHEMA
 from schemas import write_avro
 from test_joiner import act, feat
 from transforms import sources
@@ -59,7 +60,7 @@ def make_hourly_logs(folder, n=300, seed=11):
     for hour in range(HOURS):
         lo, hi = T0 + hour * HOUR, T0 + (hour + 1) * HOUR
         with open(hour_file(os.path.join(folder, "features"), hour), "wb") as f:
-            fastavro.writer(f, join.EXTRACTED_FEATURES_SCHEMA,
+            fastavro.writer(f, EXTRACTED_FEATURES_SCHEMA,
                             sorted((r for r in features if lo <= r["ts_ms"] < hi),
                                    key=lambda r: r["ts_ms"]))
         write_avro(hour_file(os.path.join(folder, "actions"), hour), "action_log",

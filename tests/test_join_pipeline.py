@@ -16,8 +16,11 @@ import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
-from transforms.example_log import read_examples_in_order
-from dataflow import join
+from dataflow import join, join_slices
+from dataflow.join_io import EXTRACTED_FEATURES_SCHEMA
+from transforms import event_time_files, example_log
+from transforms.example_log import WriteExampleLog, read_examples_in_order
+from transforms.joiner import OnlineJoiner
 from dataflow.options import pipeline_options
 from schemas import read_avro, write_avro
 from test_joiner import act, direct_runner_metrics, feat, reference_join  # noqa: F401
@@ -66,7 +69,7 @@ def write_inputs(tmp_path, features, actions, files=3):
     os.makedirs(tmp_path / "in", exist_ok=True)
     for i in range(files):
         with open(tmp_path / "in" / f"features-{i}.avro", "wb") as f:
-            fastavro.writer(f, join.EXTRACTED_FEATURES_SCHEMA, features[i::files])
+            fastavro.writer(f, EXTRACTED_FEATURES_SCHEMA, features[i::files])
         write_avro(str(tmp_path / "in" / f"actions-{i}.avro"), "action_log", actions[i::files])
     return str(tmp_path / "in" / "features-*.avro"), str(tmp_path / "in" / "actions-*.avro")
 
@@ -149,7 +152,7 @@ def test_direct_runner_batch(tmp_path):
 def test_flink_local(tmp_path, flink_job_server_jar, mode):
     """Batch: Flink's DataSet translation. Streaming (bounded input, --streaming): windows
     fire as the watermark passes them, and Flink fires an extra empty pane per window at
-    garbage collection, reported as on-time (see join._WriteSortedFile)."""
+    garbage collection, reported as on-time (see transforms.event_time_files._WriteSortedFile)."""
     run_and_check(tmp_path, ["--runner=FlinkRunner", "--flink_master=[local]",
                              "--environment_type=LOOPBACK", "--parallelism=2",
                              *(["--streaming"] if mode == "streaming" else [])], n=200)
@@ -177,8 +180,8 @@ def test_streaming_example_log_writes_each_period_once_and_late_records_apart(
         records = p | stream
         joined = ((records | "F" >> beam.Filter(lambda r: "fids" in r),
                    records | "A" >> beam.Filter(lambda r: "action" in r))
-                  | join.OnlineJoiner(join_window_s=W_S))
-        joined.examples | join.WriteExampleLog(out, join_window_s=W_S)
+                  | OnlineJoiner(join_window_s=W_S))
+        joined.examples | WriteExampleLog(out, join_window_s=W_S)
 
     files = sorted((FILE_NAME.fullmatch(name)["period"],
                     [e["request_id"] for e in read_avro(os.path.join(out, name))])
@@ -215,7 +218,8 @@ def test_cli_lists_the_join_pipeline(capsys):
 
 def test_doctests():
     import doctest
-    assert doctest.testmod(join).failed == 0
+    for module in (join_slices, event_time_files, example_log):
+        assert doctest.testmod(module).failed == 0, module.__name__
 
 
 def test_refuses_to_mix_into_an_existing_example_log(tmp_path):

@@ -1,4 +1,4 @@
-"""The join in event-time slices (``dataflow.join.join_in_slices``, the DirectRunner's default
+"""The join in event-time slices (``dataflow.join_slices.join_in_slices``, the DirectRunner's default
 on bounded input) against the join in one pipeline: the same example files (names and
 records) and the same side outputs, on logs whose requests, actions and duplicates cross the slices'
 boundaries."""
@@ -13,7 +13,8 @@ import random
 import fastavro
 
 from transforms.example_log import read_examples_in_order
-from dataflow import join
+from dataflow import join, join_slices
+from dataflow.join_io import EXTRACTED_FEATURES_SCHEMA
 from schemas import read_avro, write_avro
 from test_join_pipeline import read_json_lines
 from test_joiner import act, feat, reference_join
@@ -72,7 +73,7 @@ def write_hourly(folder, features, actions):
             path = str(folder / kind / f"part-20240101-{hour:02d}.avro")
             if kind == "features":
                 with open(path, "wb") as f:
-                    fastavro.writer(f, join.EXTRACTED_FEATURES_SCHEMA, rs)
+                    fastavro.writer(f, EXTRACTED_FEATURES_SCHEMA, rs)
             else:
                 write_avro(path, "action_log", rs)
     (folder / "actions" / "part-20240101-09.avro").write_bytes(b"Obj\x01 not quite Avro")
@@ -178,12 +179,12 @@ def test_a_record_earlier_than_its_file_name_undoes_the_slices(tmp_path, caplog)
              2: [feat("d", T0 + 2 * HOUR + 10)]}
     for hour, records in files.items():
         with open(tmp_path / "in" / f"part-20240101-{hour:02d}.avro", "wb") as f:
-            fastavro.writer(f, join.EXTRACTED_FEATURES_SCHEMA, records)
+            fastavro.writer(f, EXTRACTED_FEATURES_SCHEMA, records)
     write_avro(str(tmp_path / "part-20240101-00.avro"), "action_log",
                [act("a", T0 + 50), act("c", T0 + HOUR + 50)])
     globs = str(tmp_path / "in" / "*.avro"), str(tmp_path / "part-*.avro")
     run(tmp_path / "one", *globs, 0)
-    with caplog.at_level("WARNING", logger="dataflow.join"):
+    with caplog.at_level("WARNING", logger="dataflow.join_slices"):
         run(tmp_path / "sliced", *globs, 3600)
     assert "joining again in one pipeline" in caplog.text
     assert_same_output(str(tmp_path / "one"), str(tmp_path / "sliced"))
@@ -192,14 +193,14 @@ def test_a_record_earlier_than_its_file_name_undoes_the_slices(tmp_path, caplog)
 
 
 def test_files_named_otherwise_join_in_one_pipeline(tmp_path):
-    assert join.plan_slices(["features-0.avro"], ["part-20240101-00.avro"], HOUR, W) is None
+    assert join_slices.plan_slices(["features-0.avro"], ["part-20240101-00.avro"], HOUR, W) is None
 
 
 def test_a_slice_that_hands_nothing_on(tmp_path):
     os.makedirs(tmp_path / "in")
     for hour in range(3):
         with open(tmp_path / "in" / f"part-20240101-{hour:02d}.avro", "wb") as f:
-            fastavro.writer(f, join.EXTRACTED_FEATURES_SCHEMA, [feat(f"r{hour}", T0 + hour * HOUR)])
+            fastavro.writer(f, EXTRACTED_FEATURES_SCHEMA, [feat(f"r{hour}", T0 + hour * HOUR)])
     write_avro(str(tmp_path / "part-20240101-00.avro"), "action_log", [act("r0", T0 + 50)])
     globs = str(tmp_path / "in" / "*.avro"), str(tmp_path / "part-*.avro")
     c = run(tmp_path / "sliced", *globs, 3600)
@@ -219,7 +220,7 @@ def test_a_record_handed_on_keeps_its_nan(tmp_path):
              1: [feat("r1", T0 + HOUR + 10)], 2: [feat("r2", T0 + 2 * HOUR + 20)]}
     for hour, records in files.items():
         with open(tmp_path / "in" / f"part-20240101-{hour:02d}.avro", "wb") as f:
-            fastavro.writer(f, join.EXTRACTED_FEATURES_SCHEMA, records)
+            fastavro.writer(f, EXTRACTED_FEATURES_SCHEMA, records)
     write_avro(str(tmp_path / "part-20240101-02.avro"), "action_log",
                [act("nan", T0 + 2 * HOUR + 50)])
     globs = str(tmp_path / "in" / "*.avro"), str(tmp_path / "part-*.avro")

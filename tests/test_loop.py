@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from dataflow import loop
+from dataflow.closed_loop import evaluation
 from schemas import read_avro
 from test_strict_json import strict_files
 
@@ -166,13 +167,13 @@ def test_click_noise_is_the_ratio_over_clicks_drawn_again():
     rng = np.random.default_rng(3)
     ctr = rng.uniform(0.02, 0.4, 3000)
     score = np.round(ctr + rng.normal(0, 0.1, 3000), 2)  # ties too
-    mean, sd = loop.click_noise(score, ctr, draws=50, seed=7)
+    mean, sd = evaluation.click_noise(score, ctr, draws=50, seed=7)
     labels = np.random.default_rng(7).random((50, 3000)) < ctr  # the same draws, one by one
     ratios = [roc_auc(score, row) / roc_auc(ctr, row) for row in labels]
     assert np.isclose(mean, np.mean(ratios)) and np.isclose(sd, np.std(ratios))
     assert 0.8 < mean < 0.99 and 0 < sd < 0.05
-    assert np.isnan(loop.click_noise(score, np.full(3000, np.nan))[0])
-    assert doctest.testmod(loop).failed == 0
+    assert np.isnan(evaluation.click_noise(score, np.full(3000, np.nan))[0])
+    assert doctest.testmod(evaluation).failed == 0
 
 
 def _run_start_ms(out) -> int:

@@ -229,7 +229,7 @@ def _plot_metrics(tmp_path, top=999_999):
 
 
 def _plot_loop(tmp_path):
-    from dataflow import loop
+    from dataflow.closed_loop.report import plot
     rows = [{"from_s": 300 * i, "to_s": 300 * (i + 1), "serving_auc": 0.5 + 0.03 * i,
              "bayes_auc": 0.81} for i in range(8)]
     n = 600
@@ -237,9 +237,9 @@ def _plot_loop(tmp_path):
              "sparse_age_ms": np.full(n, 250_000.0), "dense_age_ms": np.full(n, 1_000_000.0),
              "served": np.full(n, 10.0)}
     trained = [(float(w), 200 * w) for w in range(31)]
-    return loop.plot(str(tmp_path / "loop.png"), rows, stats, trained,
-                     "closed loop (deepfm, FlinkRunner): last quarter serving AUC 0.7768 vs "
-                     "Bayes 0.8132")
+    return plot(str(tmp_path / "loop.png"), rows, stats, trained,
+                "closed loop (deepfm, FlinkRunner): last quarter serving AUC 0.7768 vs "
+                "Bayes 0.8132")
 
 
 def _plot_memory(tmp_path):

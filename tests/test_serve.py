@@ -9,7 +9,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -17,7 +16,10 @@ import time
 import numpy as np
 import pytest
 
-from dataflow import serve
+from dataflow.serving.feature_log import open_feature_log
+from dataflow.serving.http_server import Server
+from dataflow.serving.request import BadRequest
+from dataflow.serving.scorer import Scorer
 from ps.store import open_store
 from schemas import read_avro
 from schemas.feature_config import load_feature_config
@@ -86,10 +88,10 @@ def make_server(tmp_path, store_url: str, kind: str = "deepfm", model_dir=None,
                 log_in_process: bool = True, **scorer_kwargs):
     spec = ModelSpec.from_feature_config(CONFIG, kind)
     # the service's own log (a child process) where the log is checked; a thread elsewhere
-    log = serve.open_feature_log(str(tmp_path / "feature_log"), 60, log_in_process)
-    scorer = serve.Scorer(CONFIG, spec, store_url, num_shards=2, model_dir=model_dir,
+    log = open_feature_log(str(tmp_path / "feature_log"), 60, log_in_process)
+    scorer = Scorer(CONFIG, spec, store_url, num_shards=2, model_dir=model_dir,
                           feature_log=log, **scorer_kwargs)
-    server = serve.Server(scorer, port=0, poll_s=0.05).start()
+    server = Server(scorer, port=0, poll_s=0.05).start()
     return spec, scorer, server
 
 
@@ -422,7 +424,7 @@ def test_request_extractor_makes_the_pipelines_fids(tmp_path):
     Model.index has ordered them), also when candidates override context fields or have
     different fields."""
     spec = ModelSpec.from_feature_config(CONFIG, "fm")
-    scorer = serve.Scorer(CONFIG, spec, f"memory://extract-{tmp_path.name}", num_shards=2)
+    scorer = Scorer(CONFIG, spec, f"memory://extract-{tmp_path.name}", num_shards=2)
     model = Model(spec)
     rng = np.random.default_rng(3)
     for trial in range(20):
@@ -437,7 +439,7 @@ def test_request_extractor_makes_the_pipelines_fids(tmp_path):
         if trial % 2:
             req["context"]["category"] = "c9"            # a candidate field in the context
             del req["candidates"][0]["features"]["category"]
-        records, _, _, _, _, context, fields = scorer.parse(req)
+        records, _, _, _, _, context, fields = scorer.parser.parse(req)
         fids, splits, dense = scorer.extractor(records, context, fields)
         pipeline = [extract(r, CONFIG) for r in records]
         assert splits[-1] == len(fids)
@@ -457,56 +459,9 @@ def test_request_extractor_makes_the_pipelines_fids(tmp_path):
     # a required context field missing: the pipeline's reason
     req = request(3)
     del req["context"]["gender"]
-    records, _, _, _, _, context, fields = scorer.parse(req)
-    with pytest.raises(serve.BadRequest, match="missing_field:gender"):
+    records, _, _, _, _, context, fields = scorer.parser.parse(req)
+    with pytest.raises(BadRequest, match="missing_field:gender"):
         scorer.extractor(records, context, fields)
-
-
-# --------------------------------------------------------------------------- the log
-
-
-@pytest.mark.parametrize("log_class", [serve.RollingAvroLog, serve.ProcessAvroLog])
-def test_rolling_log_files_follow_event_time(tmp_path, log_class):
-    log = log_class(str(tmp_path), "action_log", roll_s=60)
-    ts = [T0 + 1_000, T0 + 59_999, T0 + 60_000, T0 + 200_000, T0 + 200_001]
-    for i, t in enumerate(ts):
-        log.append([{"request_id": f"r{i}", "ts_ms": t, "action": "click"}], t)
-    log.flush()
-    files = sorted(p.name for p in tmp_path.glob("part-*.avro"))
-    assert files == ["part-20240101-000000.avro", "part-20240101-000100.avro"]
-    assert serve.read_watermark(str(tmp_path)) == T0 + 180_000
-    log.advance(T0 + 240_000)  # event time moves on: the open period closes
-    log.flush()
-    assert serve.read_watermark(str(tmp_path)) == T0 + 240_000
-    log.close(until_ms=T0 + 999_000)
-    assert serve.read_watermark(str(tmp_path)) == T0 + 999_000
-    got = [r["request_id"] for p in sorted(tmp_path.glob("part-*.avro"))
-           for r in read_avro(str(p))]
-    assert got == [f"r{i}" for i in range(5)]
-    assert not list(tmp_path.glob(".*tmp")) and log.late == 0 and log.errors == 0
-    assert log.records == 5 and log.files == 3
-    log.stop()
-
-
-def test_process_log_stop_writes_the_open_file_and_ends_the_child(tmp_path):
-    log = serve.ProcessAvroLog(str(tmp_path), "action_log", roll_s=60)
-    child = log._proc
-    log.append([{"request_id": "r0", "ts_ms": T0, "action": "click"}], T0)
-    log.append([{"request_id": "r1", "ts_ms": T0 - 1, "action": "click"}], T0 - 1)  # late
-    assert log.late == 1 and not list(tmp_path.glob("part-*.avro"))
-    # a signal to the service's process group (Ctrl-C, the loop's SIGTERM) reaches the child
-    # too: it waits for the service to tell it to write the open period
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        os.kill(child.pid, sig)
-    time.sleep(0.5)
-    assert child.poll() is None
-    log.stop()
-    assert child.poll() == 0  # ended by itself
-    assert [r["request_id"] for p in tmp_path.glob("part-*.avro") for r in read_avro(str(p))] \
-        == ["r0", "r1"]
-    assert log.stats() == {"records": 2, "files": 1, "late": 1, "errors": 0}
-    log.append([{"request_id": "r2", "ts_ms": T0, "action": "click"}], T0)  # no child: lost
-    assert log.lost == 1 and log.records == 2
 
 
 def test_log_odds_correction_of_negative_sampling(tmp_path):
@@ -531,4 +486,4 @@ def test_log_odds_correction_of_negative_sampling(tmp_path):
     for item, p in answers[1.0].items():
         assert answers[0.25][item] == pytest.approx(corrected_ctr(p, 0.25), rel=1e-5)
     with pytest.raises(ValueError, match="score_correction_rate"):
-        serve.Scorer(CONFIG, spec, store_url, num_shards=2, score_correction_rate=0.0)
+        Scorer(CONFIG, spec, store_url, num_shards=2, score_correction_rate=0.0)

@@ -1,6 +1,6 @@
-"""The example log: event-time periods of Avro example files (``schemas/example.avsc``), as
-``dataflow.join`` writes them (``PERIOD-SSSSS-of-NNNNN-DIGEST.avro``), and how to list, count
-and read them in event-time order.
+"""The example log: event-time periods of Avro example files (``schemas/example.avsc``),
+``PERIOD-SSSSS-of-NNNNN-DIGEST.avro``, as :class:`WriteExampleLog` writes them (in
+``dataflow.join``), and how to list, count and read them in event-time order.
 """
 from __future__ import annotations
 
@@ -13,13 +13,40 @@ from typing import Iterator
 import fastavro
 from apache_beam.io.filesystems import FileSystems
 
-__all__ = ["example_files", "read_examples_in_order", "example_order", "example_periods",
-           "count_examples", "followed_pattern"]
+from transforms.event_time_files import WriteEventTimeFiles, avro_encoder
+
+__all__ = ["WriteExampleLog", "example_files", "read_examples_in_order", "example_order",
+           "example_periods", "count_examples", "followed_pattern"]
 
 
 def example_order(record: dict):
     """The example log's order: event time, then request id."""
     return record["ts_ms"], record["request_id"]
+
+
+class WriteExampleLog(WriteEventTimeFiles):
+    """Examples (``schemas/example.avsc``) → the example log:
+    ``directory/PERIOD-SSSSS-of-NNNNN-DIGEST.avro``, each file sorted by
+    :func:`example_order`, a period's examples in the files of the period they were served in.
+
+    Args:
+        directory: the example log's folder.
+        join_window_s: how long after its ``ts_ms`` an example's timestamp is (the joiner
+            emits it when its join window closes).
+        period_s: event-time seconds per period.
+        shards: files per period (split by request id).
+
+    Example::
+
+        joined = (features, actions) | OnlineJoiner(join_window_s=300)
+        joined.examples | WriteExampleLog("out/examples", join_window_s=300)
+    """
+
+    def __init__(self, directory: str, join_window_s: float, period_s: int = 3600,
+                 shards: int = 1):
+        super().__init__(directory, period_s, shards, encode=avro_encoder("example"),
+                         suffix=".avro", sort_key=example_order,
+                         stamped_after_s=join_window_s)
 
 
 def example_files(pattern: str) -> list[str]:

@@ -188,8 +188,8 @@ def rewrite_log(files: list, folder: str, shift_ms: int = 0, weight: float | Non
     paths written."""
     import fastavro
 
-    from dataflow.join import period_name
     from schemas import load_schema
+    from transforms.event_time_files import period_name
     schema = load_schema("example")
     os.makedirs(folder, exist_ok=True)
     out = []
