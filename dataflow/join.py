@@ -83,7 +83,7 @@ from schemas import load_schema, strict_json
 from transforms.example_log import example_files, example_order
 from transforms.joiner import (DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner,
                                closed_request_keys)
-from transforms.sources import log_file_start_ms
+from transforms.tail import log_file_start_ms
 
 DEFAULT_SLICE_S = 3600
 # ~100 MiB of the join's memory a MiB of (compressed) feature log, measured: one pipeline
@@ -178,7 +178,7 @@ def _read_logs(pipeline: beam.Pipeline, label: str, patterns, reader, ordered=Fa
     """``(records, dead letters)`` of one glob or of a list of them (each read apart);
     ``ordered``: a glob read a file at a time in event-time order (:func:`join_in_order`)."""
     if ordered:
-        from transforms.sources import TailAvroLogs
+        from transforms.tail import TailAvroLogs
         return pipeline | label >> TailAvroLogs(patterns, read_once=True).with_dead_letters()
     if isinstance(patterns, str):
         return pipeline | label >> reader(patterns).with_dead_letters()

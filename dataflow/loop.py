@@ -188,7 +188,7 @@ def _wait_for_file(path: str, procs: Processes, name: str, timeout_s: float) -> 
 
 def _log_files(folder: str) -> list:
     """(period start ms, path) of a log folder's complete files, in time order."""
-    from transforms.sources import log_file_start_ms
+    from transforms.tail import log_file_start_ms
     starts = ((log_file_start_ms(p), p) for p in glob.glob(os.path.join(folder, "part-*.avro")))
     return sorted((start, p) for start, p in starts if start is not None)
 
@@ -398,7 +398,7 @@ def plot(path: str, rows: list, stats: dict, trained: list, title: str):
     """The loop's PNG (serving AUC, parameter age, throughput); returns the figure."""
     from matplotlib.figure import Figure
 
-    from transforms.metrics import fixed_margins
+    from transforms.metrics_report import fixed_margins
     fig = Figure(figsize=(9, 10))
     axes = fig.subplots(3, 1)
     ax = axes[0]
@@ -830,7 +830,7 @@ def build_stream_join(pipeline, opts) -> None:
     from dataflow.join import WriteEventTimeFiles, WriteExampleLog
     from transforms.features import ExtractFeatures
     from transforms.joiner import OnlineJoiner
-    from transforms.sources import TailAvroLogs
+    from transforms.tail import TailAvroLogs
     stop = time.time() + opts.stop_after_s
     extracted = (pipeline
                  | "TailFeatureLog" >> TailAvroLogs(f"{opts.features}/part-*.avro",

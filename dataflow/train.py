@@ -37,7 +37,7 @@ import apache_beam as beam
 
 from dataflow.job import run_job
 from dataflow.options import MonolithOptions, pipeline_options
-from transforms.metrics import SCORE_COLUMNS
+from transforms.scores import SCORE_COLUMNS
 
 _LOG = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
         opts.metrics_window_s, out_prefix=os.path.join(opts.metrics_dir, f"online-{mode}"),
         title=f"Online metrics, {mode} ({opts.model})")
     if opts.scores_out:
-        from transforms.metrics import WriteScores
+        from transforms.scores import WriteScores
         worker[TrainWorker.SCORES] | "WriteScores" >> beam.ParDo(WriteScores(opts.scores_out))
     return {"batches": batches, "scores": worker[TrainWorker.SCORES], "metrics": metrics,
             "sparse": applied_sparse, "dense": applied_dense}
@@ -409,7 +409,7 @@ def _end_of_input_done(opts, mode: str, since: float):
     at the end of the input (not the ones rewritten as windows close, which once cancelled
     an online job on Flink after its first window) and, with --export_dir, every PS
     snapshot, written after ``since``."""
-    from transforms.metrics import input_ended
+    from transforms.metrics_report import input_ended
     totals = os.path.join(opts.metrics_dir, f"online-{mode}-totals.json")
     wanted = [totals]
     if opts.export_dir:

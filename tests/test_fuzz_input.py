@@ -35,8 +35,9 @@ from schemas import load_schema, strict_json
 from transforms.features import ExtractFeatures
 from transforms.joiner import (MAX_TS_MS, KeyByRequest, OnlineJoiner, action_error,
                                features_error)
-from transforms.sources import (RECORD_COUNT_KEY, BadRecord, ReadActionLogs, ReadFeatureLogs,
-                                TailAvroLogs, event_time, read_avro_file)
+from transforms.avro_recovery import RECORD_COUNT_KEY, read_avro_file
+from transforms.sources import BadRecord, ReadActionLogs, ReadFeatureLogs, event_time
+from transforms.tail import TailAvroLogs
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 JOIN_WINDOW_S = 60

@@ -21,7 +21,8 @@ from dataflow.options import pipeline_options
 from schemas import read_avro, write_avro
 from schemas.feature_config import FeatureConfig
 from transforms.features import ExtractError, extract
-from transforms.sources import ReadActionLogs, ReadFeatureLogs, TailAvroLogs, WatchAvroLogs
+from transforms.sources import ReadActionLogs, ReadFeatureLogs, WatchAvroLogs
+from transforms.tail import TailAvroLogs
 
 SMALL = dict(users=300, items=400, requests=3000, days=0.25, seed=11, creators=50)
 
@@ -300,7 +301,7 @@ def test_tail_watermark_follows_event_time(tmp_path):
                                                ThreadsafeRestrictionTracker)
     from apache_beam.utils.timestamp import Timestamp
 
-    from transforms.sources import NO_END, TailAvroFilesFn
+    from transforms.tail import NO_END, TailAvroFilesFn
 
     def run(start_index):
         tracker = ThreadsafeRestrictionTracker(
@@ -344,20 +345,20 @@ def test_tail_lists_a_backlog_once_not_once_a_file(tmp_path, monkeypatch):
                                                ThreadsafeRestrictionTracker)
     from apache_beam.utils.timestamp import Timestamp
 
-    import transforms.sources as sources
+    import transforms.tail as tail
 
     listings = []
-    real = sources.ordered_log_files
-    monkeypatch.setattr(sources, "ordered_log_files",
+    real = tail.ordered_log_files
+    monkeypatch.setattr(tail, "ordered_log_files",
                         lambda pattern: listings.append(pattern) or real(pattern))
     for i in range(6):
         land(tmp_path, f"part-0{i}.avro", [{"request_id": f"r{i}", "ts_ms": 1_000 * i,
                                             "action": "click"}])
-    fn = sources.TailAvroFilesFn(interval_seconds=1.0, stop_timestamp=Timestamp.of(2 ** 40))
+    fn = tail.TailAvroFilesFn(interval_seconds=1.0, stop_timestamp=Timestamp.of(2 ** 40))
     read, index = [], 0
     while True:
         tracker = ThreadsafeRestrictionTracker(
-            OffsetRestrictionTracker(OffsetRange(index, sources.NO_END)))
+            OffsetRestrictionTracker(OffsetRange(index, tail.NO_END)))
         read += [o.value["request_id"] for o in fn.process(
             str(tmp_path / "part-*.avro"), tracker=RestrictionTrackerView(tracker),
             watermark=ManualWatermarkEstimator(None))]
@@ -382,7 +383,7 @@ def test_tail_stops_once_the_marker_exists(tmp_path):
                                                ThreadsafeRestrictionTracker)
     from apache_beam.utils.timestamp import Timestamp
 
-    from transforms.sources import NO_END, TailAvroFilesFn
+    from transforms.tail import NO_END, TailAvroFilesFn
 
     logs, marker = tmp_path / "logs", tmp_path / "done.json"
     logs.mkdir()

@@ -158,7 +158,7 @@ class _Progress:
     """A log line every few seconds: examples, running online AUC, throughput."""
 
     def __init__(self, every_s: float):
-        from transforms.metrics import BucketedAUC
+        from transforms.metrics_math import BucketedAUC
         self.every_s = every_s
         self.auc = BucketedAUC()
         self.examples = 0

@@ -307,7 +307,7 @@ class Run:
     distributions: dict
 
     def auc(self, mask=None) -> float:
-        from transforms.metrics import auc
+        from transforms.metrics_math import auc
         if mask is None:
             return auc(self.scores, self.labels)
         return auc(self.scores[mask], self.labels[mask])
