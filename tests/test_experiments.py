@@ -107,6 +107,7 @@ def test_hashing_rejects_bad_arguments():
 
 # --------------------------------------------------------------------------- experiments
 
+@pytest.mark.slow
 def test_collision_command_prints_one_json_object(workdir):
     """The command line itself, as docs/experiments.md gives it (in a subprocess)."""
     proc = subprocess.run(
@@ -140,6 +141,7 @@ def test_sync_quick(workdir):
     assert in_auc_range(r["backfill_online_auc"]["mean"])
 
 
+@pytest.mark.slow
 def test_filter_quick(workdir):
     r = run(workdir, "filter")["datasets"]["synthetic-churn"]
     by = {(s["threshold"], s["expiry_s"]): s for s in r["settings"]}

@@ -11,6 +11,7 @@ import os
 import random
 
 import fastavro
+import pytest
 
 from transforms.example_log import read_examples_in_order
 from dataflow import join
@@ -156,6 +157,7 @@ def test_slices_equal_one_pipeline_across_boundaries(tmp_path):
     assert sliced["join.actions_handed_on"] > 0
 
 
+@pytest.mark.slow
 def test_slices_of_a_synthetic_stream_with_feature_extraction(tmp_path):
     """``dataflow.data synth`` logs (hourly files), raw feature logs extracted with a config."""
     from dataflow import data

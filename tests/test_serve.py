@@ -381,6 +381,7 @@ def own_redis(tmp_path):
     proc.wait()
 
 
+@pytest.mark.redis
 def test_serving_goes_on_with_the_last_good_rows_while_the_store_is_down(tmp_path, own_redis):
     proc, url = own_redis
     spec, scorer, server = make_server(tmp_path, url, "fm", store_retry_s=0.2)
