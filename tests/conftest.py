@@ -58,8 +58,8 @@ def refuse_flink_and_redis_without_their_marker(request, monkeypatch):
         return refused
 
     if not _marked(request.node, "flink"):
-        monkeypatch.setattr(flink, "job_server_jar", refuse("flink", "runs Flink"))
-        monkeypatch.setattr(flink.FlinkCluster, "start", refuse("flink", "starts Flink"))
+        monkeypatch.setattr(flink, "job_server_jar", refuse("flink", "needs Flink (the job server jar)"))
+        monkeypatch.setattr(flink.FlinkCluster, "start", refuse("flink", "starts a Flink cluster"))
     if not _marked(request.node, "redis"):
         import redis.connection
         monkeypatch.setattr(redis.connection.AbstractConnection, "connect",

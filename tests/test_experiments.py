@@ -132,6 +132,7 @@ def test_collision_command_prints_one_json_object(workdir):
         assert in_auc_range(v["online_auc"]["mean"])
 
 
+@pytest.mark.slow
 def test_sync_quick(workdir):
     r = run(workdir, "sync")["datasets"]["synthetic"]
     assert set(r["auc"]) == {"batch", "5h", "30min"}
@@ -159,6 +160,7 @@ def test_filter_quick(workdir):
     assert by[(0, 21600)]["rows_final"] < plain["rows_final"]
 
 
+@pytest.mark.slow
 def test_peers_quick(workdir):
     argv = ["peers"] + ([] if os.path.exists(PEERS_PYTHON) else ["--no_river"])
     r = run(workdir, *argv)["datasets"]["synthetic"]

@@ -121,6 +121,7 @@ def assert_same_output(one, sliced):
     assert not os.path.exists(os.path.join(sliced, ".slices"))
 
 
+@pytest.mark.slow
 def test_slices_equal_one_pipeline_across_boundaries(tmp_path):
     features, actions = crossing_logs()
     features_glob, actions_glob = write_hourly(tmp_path / "in", features, actions)
@@ -172,6 +173,7 @@ def test_slices_of_a_synthetic_stream_with_feature_extraction(tmp_path):
     assert read_json_lines(tmp_path / "sliced" / "late"), "the stream should have late clicks"
 
 
+@pytest.mark.slow
 def test_a_record_earlier_than_its_file_name_undoes_the_slices(tmp_path, caplog):
     """Hour 1's file holds a request of hour 0 (a writer that files late records in its
     open period): hour 0 is joined already, so the join runs again in one pipeline."""

@@ -159,6 +159,7 @@ def test_model_dir_is_written_atomically_and_keeps_the_newest(tmp_path):
         write_model(str(tmp_path), spec, params, 5, T0, keep=0)
 
 
+@pytest.mark.slow
 def test_train_exports_the_published_dense_weights(tmp_path):
     """dataflow.train --model_dir: SavedModels appear every interval of event time, carry the
     store's version, and compute with the weights the store held at that version."""

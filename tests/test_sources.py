@@ -225,6 +225,16 @@ def land(folder, name, records):
     os.rename(tmp, os.path.join(folder, name))
 
 
+def run_while(pipeline, logger):
+    """Runs ``pipeline`` to its end while ``logger`` lands files in a thread."""
+    thread = threading.Thread(target=logger, daemon=True)
+    thread.start()
+    result = pipeline.run()
+    result.wait_until_finish()
+    thread.join()
+    return result
+
+
 def test_watch_folder_streaming(tmp_path):
     """Files landing while the pipeline runs are read once each, at their event times."""
     def batch(k):
@@ -251,11 +261,7 @@ def test_watch_folder_streaming(tmp_path):
                                 stop_timestamp=started + 5)
     assert_that(event_times(records, "Times"), equal_to(
         [(r["request_id"], "click", r["ts_ms"]) for k in range(4) for r in batch(k)]))
-    thread = threading.Thread(target=logger, daemon=True)
-    thread.start()
-    result = p.run()
-    result.wait_until_finish()
-    thread.join()
+    result = run_while(p, logger)
     assert len(landed) == 3 and landed[-1] < started + 5  # landed while it was running
     counters = metrics_dict(result)["counters"]
     assert counters["sources.records_read"] == 12
@@ -284,11 +290,7 @@ def test_tail_folder_streaming(tmp_path):
                                stop_timestamp=started + 4.5)
     assert_that(event_times(records, "Times"), equal_to(
         [(r["request_id"], "click", r["ts_ms"]) for h in range(4) for r in batch(h)]))
-    thread = threading.Thread(target=logger, daemon=True)
-    thread.start()
-    result = p.run()
-    result.wait_until_finish()
-    thread.join()
+    result = run_while(p, logger)
     assert len(landed) == 3 and landed[-1] < started + 4.5
     assert metrics_dict(result)["counters"]["sources.files_read"] == 4
 

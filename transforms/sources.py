@@ -276,19 +276,28 @@ class ReadAvroLogs(WithDeadLetters, beam.PTransform):
         file_pattern: the files to read; matching none is an error.
         time_field: the records' event time field, integer ms since the epoch.
 
+    :class:`ReadFeatureLogs` and :class:`ReadActionLogs` name what they read:
+
     >>> import tempfile
     >>> from apache_beam.testing.util import assert_that, equal_to
     >>> from schemas import write_avro
     >>> folder = tempfile.TemporaryDirectory()
-    >>> write_avro(f"{folder.name}/part-00.avro", "action_log", [
-    ...     {"request_id": "r1", "ts_ms": 1_000, "action": "click"},
+    >>> write_avro(f"{folder.name}/features.avro", "feature_log", [
+    ...     {"request_id": "r1", "ts_ms": 1_000, "user_id": "u1", "item_id": "i9"}])
+    1
+    >>> write_avro(f"{folder.name}/actions.avro", "action_log", [
+    ...     {"request_id": "r1", "ts_ms": 2_000, "action": "click"},
     ...     {"request_id": "r2", "ts_ms": -2**62, "action": "like"}])
     2
     >>> with beam.Pipeline() as p:
-    ...     actions, dead = p | ReadAvroLogs(f"{folder.name}/*.avro").with_dead_letters()
+    ...     served = p | ReadFeatureLogs(f"{folder.name}/features.avro")
+    ...     actions, dead = (p | ReadActionLogs(f"{folder.name}/actions.avro")
+    ...                      .with_dead_letters())
+    ...     _ = assert_that(served | beam.Map(lambda f: (f["user_id"], f["item_id"])),
+    ...                     equal_to([("u1", "i9")]), label="Served")
     ...     _ = assert_that(actions | beam.Map(lambda a, t=beam.DoFn.TimestampParam:
-    ...                                        (a["request_id"], t.micros // 1000)),
-    ...                     equal_to([("r1", 1_000)]), label="Records")
+    ...                                        (a["action"], t.micros // 1000)),
+    ...                     equal_to([("click", 2_000)]), label="Actions")
     ...     _ = assert_that(dead | beam.Map(lambda d: d["reason"]),
     ...                     equal_to(["out_of_range:ts_ms"]), label="DeadLetters")
     >>> folder.cleanup()
@@ -311,38 +320,13 @@ class ReadAvroLogs(WithDeadLetters, beam.PTransform):
 
 
 class ReadFeatureLogs(ReadAvroLogs):
-    """FeatureLog files (``schemas/feature_log.avsc``) → FeatureLog dicts at their ``ts_ms``.
-
-    >>> import tempfile
-    >>> from apache_beam.testing.util import assert_that, equal_to
-    >>> from schemas import write_avro
-    >>> folder = tempfile.TemporaryDirectory()
-    >>> write_avro(f"{folder.name}/part-00.avro", "feature_log", [
-    ...     {"request_id": "r1", "ts_ms": 1_000, "user_id": "u1", "item_id": "i9"}])
-    1
-    >>> with beam.Pipeline() as p:
-    ...     served = p | ReadFeatureLogs(f"{folder.name}/*.avro")
-    ...     _ = assert_that(served | beam.Map(lambda f: (f["user_id"], f["item_id"])),
-    ...                     equal_to([("u1", "i9")]))
-    >>> folder.cleanup()
-    """
+    """FeatureLog files (``schemas/feature_log.avsc``) → FeatureLog dicts at their ``ts_ms``
+    (example: :class:`ReadAvroLogs`)."""
 
 
 class ReadActionLogs(ReadAvroLogs):
-    """ActionLog files (``schemas/action_log.avsc``) → ActionLog dicts at their ``ts_ms``.
-
-    >>> import tempfile
-    >>> from apache_beam.testing.util import assert_that, equal_to
-    >>> from schemas import write_avro
-    >>> folder = tempfile.TemporaryDirectory()
-    >>> write_avro(f"{folder.name}/part-00.avro", "action_log", [
-    ...     {"request_id": "r1", "ts_ms": 1_000, "action": "click"}])
-    1
-    >>> with beam.Pipeline() as p:
-    ...     actions = p | ReadActionLogs(f"{folder.name}/*.avro")
-    ...     _ = assert_that(actions | beam.Map(lambda a: a["action"]), equal_to(["click"]))
-    >>> folder.cleanup()
-    """
+    """ActionLog files (``schemas/action_log.avsc``) → ActionLog dicts at their ``ts_ms``
+    (example: :class:`ReadAvroLogs`)."""
 
 
 class ReadAvroFileFn(beam.DoFn):
