@@ -225,14 +225,25 @@ def land(folder, name, records):
     os.rename(tmp, os.path.join(folder, name))
 
 
-def run_while(pipeline, logger):
-    """Runs ``pipeline`` to its end while ``logger`` lands files in a thread."""
+def run_while_landing(pipeline, folder, files, after=None):
+    """Runs ``pipeline`` to its end while ``files`` (``[(name, records)]``) land in ``folder``
+    0.8 s apart, then ``after()``; returns the result and the times the files landed."""
+    landed = []
+
+    def logger():
+        for name, records in files:
+            time.sleep(0.8)
+            land(folder, name, records)
+            landed.append(time.time())
+        if after:
+            after()
+
     thread = threading.Thread(target=logger, daemon=True)
     thread.start()
     result = pipeline.run()
     result.wait_until_finish()
     thread.join()
-    return result
+    return result, landed
 
 
 def test_watch_folder_streaming(tmp_path):
@@ -243,13 +254,8 @@ def test_watch_folder_streaming(tmp_path):
 
     land(tmp_path, "part-0.avro", batch(0))  # there before the pipeline starts
     (tmp_path / "not-avro.txt").write_text("ignored: the pattern does not match it")
-    landed = []
 
-    def logger():
-        for k in range(1, 4):
-            time.sleep(0.8)
-            land(tmp_path, f"part-{k}.avro", batch(k))
-            landed.append(time.time())
+    def land_broken():
         write_avro(str(tmp_path / ".broken.tmp"), "action_log", batch(9))
         with open(tmp_path / ".broken.tmp", "r+b") as f:
             f.truncate(300)  # a damaged file: skipped and counted, the stream goes on
@@ -261,7 +267,8 @@ def test_watch_folder_streaming(tmp_path):
                                 stop_timestamp=started + 5)
     assert_that(event_times(records, "Times"), equal_to(
         [(r["request_id"], "click", r["ts_ms"]) for k in range(4) for r in batch(k)]))
-    result = run_while(p, logger)
+    result, landed = run_while_landing(
+        p, tmp_path, [(f"part-{k}.avro", batch(k)) for k in range(1, 4)], after=land_broken)
     assert len(landed) == 3 and landed[-1] < started + 5  # landed while it was running
     counters = metrics_dict(result)["counters"]
     assert counters["sources.records_read"] == 12
@@ -276,21 +283,14 @@ def test_tail_folder_streaming(tmp_path):
                  "action": "click"} for j in range(3)]
 
     land(tmp_path, "part-00.avro", batch(0))
-    landed = []
-
-    def logger():
-        for hour in range(1, 4):
-            time.sleep(0.8)
-            land(tmp_path, f"part-{hour:02d}.avro", batch(hour))
-            landed.append(time.time())
-
     started = time.time()
     p = TestPipeline(options=pipeline_options(["--runner=DirectRunner", "--streaming"]))
     records = p | TailAvroLogs(str(tmp_path / "part-*.avro"), interval_seconds=0.25,
                                stop_timestamp=started + 4.5)
     assert_that(event_times(records, "Times"), equal_to(
         [(r["request_id"], "click", r["ts_ms"]) for h in range(4) for r in batch(h)]))
-    result = run_while(p, logger)
+    result, landed = run_while_landing(
+        p, tmp_path, [(f"part-{h:02d}.avro", batch(h)) for h in range(1, 4)])
     assert len(landed) == 3 and landed[-1] < started + 4.5
     assert metrics_dict(result)["counters"]["sources.files_read"] == 4
 
