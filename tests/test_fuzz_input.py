@@ -14,7 +14,6 @@ fuzzed with many examples; the pipeline with a few large mixed batches, one run 
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import math
@@ -24,7 +23,6 @@ import time
 import apache_beam as beam
 import apache_beam.testing.util
 import fastavro
-import pytest
 from apache_beam.coders import FastPrimitivesCoder
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
