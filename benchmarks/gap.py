@@ -156,7 +156,7 @@ def model_scores(workdir: str):
     """The kept run's scores (``read_scores``), in the example log's order, and each
     example's position in the generated stream (from its request id ``s<seed>-<k>``)."""
     from transforms.example_log import read_examples_in_order
-    from transforms.metrics import read_scores
+    from transforms.scores import read_scores
     runs = sorted(glob.glob(os.path.join(workdir, "scores-*")), key=os.path.getmtime)
     if not runs:
         raise SystemExit(f"no scores-* folder in {workdir}: run benchmarks.train --workdir first")
@@ -172,7 +172,7 @@ def model_scores(workdir: str):
 
 def model_by_exposure(s: dict, users: np.ndarray, items: np.ndarray) -> dict:
     """The kept run's online vs Bayes AUC, last quarter, by earlier sightings of user/item."""
-    from transforms.metrics import auc
+    from transforms.metrics_math import auc
     labels = s["labels"]
     n = len(labels)
     last = np.arange(n) >= 3 * n // 4
@@ -205,7 +205,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--workdir", default=None,
                         help="a kept benchmarks.train --workdir of the same --requests/--seed")
     args = parser.parse_args(argv)
-    from transforms.metrics import auc
+    from transforms.metrics_math import auc
     logs, world, terms, logit, ids, priors = world_terms(args.requests, args.seed, args.users,
                                                        args.items, args.days)
     y = logs.click.astype(np.float64)

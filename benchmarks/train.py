@@ -77,7 +77,7 @@ def river_peer(examples: str, kind: str) -> dict:
 
     import numpy as np
 
-    from transforms.metrics import auc
+    from transforms.metrics_math import auc
     if not os.path.exists(PEERS_PYTHON):
         raise SystemExit("--peers needs river in .venv-peers: run `make peers`")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "river_peer.py")
@@ -92,7 +92,8 @@ def last_quarter_aucs(scores_dir: str) -> dict:
     """Online and Bayes AUC over the last quarter of the examples (event-time order)."""
     import numpy as np
 
-    from transforms.metrics import auc, read_scores
+    from transforms.metrics_math import auc
+    from transforms.scores import read_scores
     s = read_scores(scores_dir)
     tail = slice(3 * len(s["scores"]) // 4, None)
     labels, weights = s["labels"][tail], s["weights"][tail]

@@ -38,7 +38,7 @@ def _read_logs(pipeline: beam.Pipeline, label: str, patterns, reader, ordered=Fa
     """``(records, dead letters)`` of one glob or of a list of them (each read apart);
     ``ordered``: a glob read a file at a time in event-time order."""
     if ordered:
-        from transforms.sources import TailAvroLogs
+        from transforms.tail import TailAvroLogs
         return pipeline | label >> TailAvroLogs(patterns, read_once=True).with_dead_letters()
     if isinstance(patterns, str):
         return pipeline | label >> reader(patterns).with_dead_letters()

@@ -11,7 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from dataflow.job import metrics_dict, run_job
 from dataflow.join_io import output_files
-from transforms.sources import log_file_start_ms
+from transforms.tail import log_file_start_ms
 
 __all__ = ["join_in_order"]
 
@@ -33,7 +33,7 @@ def join_in_order(options, opts, build: Callable):
     records mean what they do in one read, whose timers all fire at its end.
 
     It needs log files named by the start of their records (``part-YYYYmmdd-HH[MMSS].avro``,
-    :func:`transforms.sources.log_file_start_ms`); other names: None (with a warning). A
+    :func:`transforms.tail.log_file_start_ms`); other names: None (with a warning). A
     record earlier than the watermark when it is read (earlier than its file's name says)
     would be late for the joiner and change the output: the reader counts it
     (``sources.records_behind_watermark``), and the run is undone (the files it added to

@@ -34,7 +34,7 @@ from transforms.event_time_files import (WriteEventTimeFiles, period_name, read_
                                          record_order, write_json_lines, write_sorted_file)
 from transforms.example_log import example_files
 from transforms.joiner import closed_request_keys
-from transforms.sources import log_file_start_ms
+from transforms.tail import log_file_start_ms
 
 __all__ = ["DEFAULT_SLICE_S", "DEFAULT_SLICE_MIN_BYTES", "Slice", "plan_slices",
            "merge_small_slices", "route_slice", "hand_on", "join_in_slices"]
@@ -182,7 +182,7 @@ def plan_slices(feature_files, action_files, slice_ms: int, window_ms: int) -> l
 
     Args:
         feature_files: feature log paths, named by their records' start
-            (:func:`transforms.sources.log_file_start_ms`).
+            (:func:`transforms.tail.log_file_start_ms`).
         action_files: action log paths, named so too.
         slice_ms: event time per slice.
         window_ms: the join window.

@@ -30,7 +30,7 @@ window, and lands the examples (one file per period, event-time order) in the fo
 online training follows. ``--runner FlinkRunner`` runs online training on Flink's
 MiniCluster (measured: it keeps up, and the loop learns as on the DirectRunner).
 ``--join stream`` (Flink only) runs the join as one
-streaming job over the tailed folders (``transforms.sources.TailAvroLogs``) instead. It is
+streaming job over the tailed folders (``transforms.tail.TailAvroLogs``) instead. It is
 started before the history, so that Flink's start-up is over when the run begins, and its
 sources stop once the simulator's summary file exists (written after the last log file
 landed). Measured on this 2-core machine it falls behind: it joins most periods only when

@@ -30,7 +30,7 @@ import apache_beam as beam
 from dataflow.job import run_job
 from transforms import state_cache
 from dataflow.options import MonolithOptions, pipeline_options
-from transforms.metrics import SCORE_COLUMNS
+from transforms.scores import SCORE_COLUMNS
 
 _LOG = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class TrainOptions(MonolithOptions):
                             help="also write every example's online score, label, weight, "
                                  "event time and true CTR into this folder: .npz files with "
                                  f"the arrays {', '.join(SCORE_COLUMNS)} "
-                                 "(transforms.metrics.read_scores reads them back)")
+                                 "(transforms.scores.read_scores reads them back)")
         parser.add_argument("--export_dir", default=None,
                             help="write PS snapshots here when the input ends (backfill; "
                                  "online: when --run_for_s is over)")
@@ -382,7 +382,7 @@ def _end_of_input_done(opts, mode: str, since: float):
     at the end of the input (not the ones rewritten as windows close, which once cancelled
     an online job on Flink after its first window) and, with --export_dir, every PS
     snapshot, written after ``since``."""
-    from transforms.metrics import input_ended
+    from transforms.metrics_report import input_ended
     totals = os.path.join(opts.metrics_dir, f"online-{mode}-totals.json")
     wanted = [totals]
     if opts.export_dir:

@@ -1,13 +1,87 @@
-"""Shared fixtures: an example log, the Flink job server jar, a standalone Flink cluster, Redis.
+"""Shared fixtures: an example log, the Flink job server jar, a standalone Flink cluster, Redis;
+and the markers that let a developer run the fast tests alone (``pytest.ini``).
 
 Flink tests never skip: without Java, the jar or the Flink distribution they fail with a
 message that says what to install (``make setup`` does all of it).
+
+Markers: a test that runs Flink is marked ``flink``, one that needs a redis-server ``redis``,
+one that takes more than :data:`SLOW_S` seconds ``slow``; ``pytest -m "not flink and not
+slow"`` runs the rest. Forgetting a marker is caught three ways:
+
+* collection stops (:func:`pytest_collection_modifyitems`) when a test uses a fixture of
+  :data:`FIXTURE_MARKERS` (itself or through another fixture) without the fixture's marker;
+* a test that, unmarked, starts Flink (``dataflow.flink.job_server_jar``, the job server jar
+  that every Flink run of ours asks for, or ``FlinkCluster.start``) or connects to Redis
+  (redis-py, however it got the address: ``request.getfixturevalue``, a server of its own)
+  fails, naming the marker (:func:`refuse_flink_and_redis_without_their_marker`);
+* the run's summary lists every unmarked test that took more than :data:`SLOW_S` seconds.
 """
 from __future__ import annotations
 
 import pytest
 
 from dataflow import flink
+
+#: A fixture whose use needs the test marked so (tests/conftest.py's and test modules' own).
+FIXTURE_MARKERS = {"flink_job_server_jar": "flink", "flink_cluster": "flink",
+                   "redis_server": "redis", "own_redis": "redis"}
+#: Seconds a test's call may take before it belongs to the ``slow`` ones.
+SLOW_S = 10.0
+
+
+def _marked(item, name: str) -> bool:
+    return item.get_closest_marker(name) is not None
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects anything
+def pytest_collection_modifyitems(config, items):
+    missing = sorted({f"{item.nodeid}: uses {fixture}, mark it @pytest.mark.{marker}"
+                      for item in items
+                      for fixture, marker in FIXTURE_MARKERS.items()
+                      if fixture in getattr(item, "fixturenames", ())
+                      and not _marked(item, marker)})
+    if missing:
+        raise pytest.UsageError("tests without the marker their fixtures need:\n  "
+                                + "\n  ".join(missing))
+
+
+@pytest.fixture(autouse=True)
+def refuse_flink_and_redis_without_their_marker(request, monkeypatch):
+    """Unless the test is marked ``flink`` (``redis``), starting Flink (connecting to Redis)
+    raises, and the test fails at teardown even if the code under test caught that."""
+    used = []
+
+    def refuse(marker: str, what: str):
+        def refused(*args, **kwargs):
+            used.append(f"{what} without @pytest.mark.{marker}: mark the test (pytest.ini)")
+            raise RuntimeError(used[-1])
+        return refused
+
+    if not _marked(request.node, "flink"):
+        monkeypatch.setattr(flink, "job_server_jar", refuse("flink", "needs Flink (the job server jar)"))
+        monkeypatch.setattr(flink.FlinkCluster, "start", refuse("flink", "starts a Flink cluster"))
+    if not _marked(request.node, "redis"):
+        import redis.connection
+        monkeypatch.setattr(redis.connection.AbstractConnection, "connect",
+                            refuse("redis", "connects to Redis"))
+    yield
+    if used:
+        pytest.fail(f"{request.node.nodeid} {used[0]}", pytrace=False)
+
+
+_UNMARKED_SLOW: list = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.duration > SLOW_S and "slow" not in report.keywords:
+        _UNMARKED_SLOW.append(f"{report.duration:.0f} s {report.nodeid}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _UNMARKED_SLOW:
+        terminalreporter.write_sep("=", f"over {SLOW_S:.0f} s without @pytest.mark.slow")
+        for line in _UNMARKED_SLOW:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

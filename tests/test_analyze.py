@@ -162,6 +162,7 @@ def test_applied_buckets_follow_the_boundaries(analysed, a, bucket):
     assert graph["dense__x__z"] == [np.float32(result["dense"][0])]
 
 
+@pytest.mark.flink
 def test_analysis_runs_on_flink(tmp_path, flink_job_server_jar, analysed):
     out, fitted = run_analysis(tmp_path, ["--runner=FlinkRunner", "--flink_master=[local]",
                                           "--parallelism=1"])

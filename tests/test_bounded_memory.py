@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A 20-day stream: 600,000 requests from 150,000 users who each stay a day, over 150,000
@@ -172,7 +173,7 @@ def summary(runs: dict) -> dict:
 def plot(runs: dict, path: str):
     from matplotlib.figure import Figure
 
-    from transforms.metrics import fixed_margins
+    from transforms.metrics_report import fixed_margins
     fig = Figure(figsize=(11, 4.2))
     rows_ax, rss_ax = fig.subplots(1, 2)
     for policy, color in (("unbounded", "tab:red"), ("bounded", "tab:blue")):
@@ -197,6 +198,7 @@ def plot(runs: dict, path: str):
 
 # ------------------------------------------------------------------ the test
 
+@pytest.mark.slow
 def test_filter_and_expiry_bound_table_and_memory_and_without_them_both_grow(tmp_path):
     runs = measure()
     figures = summary(runs)

@@ -46,7 +46,7 @@ def option_help(text: str, flag: str) -> str:
 
 @pytest.mark.parametrize("prog", ["dataflow train", "dataflow.train"])
 def test_train_help_names_the_mode_and_every_default_without_warnings(prog):
-    from transforms.metrics import SCORE_COLUMNS
+    from transforms.scores import SCORE_COLUMNS
     done = run([*prog.split(), "--help"])
     assert done.returncode == 0, done.stderr
     assert noise(done.stdout + done.stderr) == [] and done.stderr == ""
@@ -207,6 +207,7 @@ def test_a_cli_run_is_quiet_and_verbose_shows_the_libraries(tmp_path):
     assert "INFO dataflow.job: pipeline finished" in verbose.stderr
 
 
+@pytest.mark.slow
 def test_train_cli_is_quiet_and_each_run_gets_its_own_metrics_folder(tmp_path, example_log):
     """TensorFlow's start-up lines and Beam's notes stay out of a training run's output;
     without --metrics_dir each run writes into a new folder, named at start and end."""

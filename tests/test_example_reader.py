@@ -8,6 +8,7 @@ import time
 
 import apache_beam as beam
 import numpy as np
+import pytest
 
 from dataflow.job import metrics_dict
 from dataflow.options import pipeline_options
@@ -79,6 +80,7 @@ def test_example_periods_stop_at_the_first_incomplete_period(tmp_path):
     assert len(example_periods(f"{tmp_path}/*.avro")) == 3
 
 
+@pytest.mark.slow
 def test_following_reads_periods_as_they_complete_and_counts_late_ones(tmp_path):
     land(tmp_path, 2, 6)
     land(tmp_path, 3, 6, shards=2, only=[0])  # incomplete: waits for its other shard

@@ -107,6 +107,7 @@ def test_hashing_rejects_bad_arguments():
 
 # --------------------------------------------------------------------------- experiments
 
+@pytest.mark.slow
 def test_collision_command_prints_one_json_object(workdir):
     """The command line itself, as docs/experiments.md gives it (in a subprocess)."""
     proc = subprocess.run(
@@ -131,6 +132,7 @@ def test_collision_command_prints_one_json_object(workdir):
         assert in_auc_range(v["online_auc"]["mean"])
 
 
+@pytest.mark.slow
 def test_sync_quick(workdir):
     r = run(workdir, "sync")["datasets"]["synthetic"]
     assert set(r["auc"]) == {"batch", "5h", "30min"}
@@ -140,6 +142,7 @@ def test_sync_quick(workdir):
     assert in_auc_range(r["backfill_online_auc"]["mean"])
 
 
+@pytest.mark.slow
 def test_filter_quick(workdir):
     r = run(workdir, "filter")["datasets"]["synthetic-churn"]
     by = {(s["threshold"], s["expiry_s"]): s for s in r["settings"]}
@@ -157,6 +160,7 @@ def test_filter_quick(workdir):
     assert by[(0, 21600)]["rows_final"] < plain["rows_final"]
 
 
+@pytest.mark.slow
 def test_peers_quick(workdir):
     argv = ["peers"] + ([] if os.path.exists(PEERS_PYTHON) else ["--no_river"])
     r = run(workdir, *argv)["datasets"]["synthetic"]

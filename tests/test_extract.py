@@ -254,6 +254,7 @@ def test_direct_runner_streaming_test_stream():
     assert counters == {k: v for k, v in WANT_COUNTERS.items() if k != "extract.extracted"}
 
 
+@pytest.mark.flink
 def test_flink_local(flink_job_server_jar):
     p = TestPipeline(options=pipeline_options([
         "--runner=FlinkRunner", "--flink_master=[local]", "--environment_type=LOOPBACK",

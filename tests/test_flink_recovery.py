@@ -34,6 +34,7 @@ from ps.store import open_store
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--config=synthetic", "--model=fm", "--learning_rate=0.05", "--batch_size=256",
           "--num_shards=2"]
+pytestmark = [pytest.mark.flink, pytest.mark.redis, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

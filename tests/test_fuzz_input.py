@@ -14,7 +14,6 @@ fuzzed with many examples; the pipeline with a few large mixed batches, one run 
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import math
@@ -24,7 +23,6 @@ import time
 import apache_beam as beam
 import apache_beam.testing.util
 import fastavro
-import pytest
 from apache_beam.coders import FastPrimitivesCoder
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -35,8 +33,9 @@ from schemas import load_schema, strict_json
 from transforms.features import ExtractFeatures
 from transforms.joiner import (MAX_TS_MS, KeyByRequest, OnlineJoiner, action_error,
                                features_error)
-from transforms.sources import (RECORD_COUNT_KEY, BadRecord, ReadActionLogs, ReadFeatureLogs,
-                                TailAvroLogs, event_time, read_avro_file)
+from transforms.avro_recovery import RECORD_COUNT_KEY, read_avro_file
+from transforms.sources import BadRecord, ReadActionLogs, ReadFeatureLogs, event_time
+from transforms.tail import TailAvroLogs
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 JOIN_WINDOW_S = 60

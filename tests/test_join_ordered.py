@@ -24,7 +24,7 @@ from dataflow import join
 from dataflow.join_io import EXTRACTED_FEATURES_SCHEMA
 from schemas import write_avro
 from test_joiner import act, feat
-from transforms import sources
+from transforms import sources, tail
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 HOUR = 3_600_000
@@ -103,9 +103,9 @@ def test_reader_takes_a_file_a_call_and_leaves_the_watermark_at_the_next_files_s
                    [act(f"h{hour}-{i}", T0 + hour * HOUR + i * 1000, "click") for i in range(3)])
     with open(hour_file(str(folder), 4), "wb") as f:
         f.write(b"damaged")
-    fn = sources.TailAvroFilesFn(0, MAX_TIMESTAMP, read_once=True)
+    fn = tail.TailAvroFilesFn(0, MAX_TIMESTAMP, read_once=True)
     estimator = ManualWatermarkEstimator(None)
-    restriction = OffsetRange(0, sources.NO_END)
+    restriction = OffsetRange(0, tail.NO_END)
     calls = []
     for _ in range(10):
         tracker = ThreadsafeRestrictionTracker(OffsetRestrictionTracker(restriction))
@@ -166,6 +166,7 @@ def output_records_of(run, features, actions, out, *flags):
     return output_records(out)
 
 
+@pytest.mark.flink
 def test_flink_ordered_join_equals_the_direct_runner_and_emits_before_the_last_file(
         tmp_path, flink_job_server_jar, monkeypatch):
     """Flink [local] --streaming over hourly files: the first hour's example file is written
@@ -183,7 +184,7 @@ def test_flink_ordered_join_equals_the_direct_runner_and_emits_before_the_last_f
     first_hour = str(out / "examples" / "20240101T000000Z-*.avro")
     last = hour_file(str(tmp_path / "in" / "features"), HOURS - 1)
     seen = {}
-    read = sources._FileReading.read
+    read = sources.LogFileReader.read
 
     def read_waiting(self, path, open_file):  # runs in this process (LOOPBACK)
         if path == last:
@@ -192,7 +193,7 @@ def test_flink_ordered_join_equals_the_direct_runner_and_emits_before_the_last_f
                 time.sleep(0.1)
             seen["first hour written before the last file"] = bool(glob.glob(first_hour))
         return read(self, path, open_file)
-    monkeypatch.setattr(sources._FileReading, "read", read_waiting)
+    monkeypatch.setattr(sources.LogFileReader, "read", read_waiting)
     counters = run_join(features, actions, out, "--runner=FlinkRunner",
                         "--flink_master=[local]", "--environment_type=LOOPBACK",
                         "--parallelism=2", "--streaming")

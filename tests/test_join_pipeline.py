@@ -148,6 +148,7 @@ def test_direct_runner_batch(tmp_path):
     run_and_check(tmp_path, ["--runner=DirectRunner"])
 
 
+@pytest.mark.flink
 @pytest.mark.parametrize("mode", ["batch", "streaming"])
 def test_flink_local(tmp_path, flink_job_server_jar, mode):
     """Batch: Flink's DataSet translation. Streaming (bounded input, --streaming): windows
@@ -233,7 +234,7 @@ def test_damaged_log_files_are_dead_lettered_and_the_join_goes_on(tmp_path):
     """A feature log and an action log cut short (a crashed writer): the join finishes, what
     can still be read of them is joined exactly as the rules say, and the damage is in
     ``dead_letter/`` with its reason and file, for actions as for features."""
-    from transforms.sources import read_avro_file
+    from transforms.avro_recovery import read_avro_file
     features, actions = make_logs(300, seed=11)
     features_glob, actions_glob = write_inputs(tmp_path, features, actions)
     readable = {}

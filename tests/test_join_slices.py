@@ -11,6 +11,7 @@ import os
 import random
 
 import fastavro
+import pytest
 
 from transforms.example_log import read_examples_in_order
 from dataflow import join, join_slices
@@ -121,6 +122,7 @@ def assert_same_output(one, sliced):
     assert not os.path.exists(os.path.join(sliced, ".slices"))
 
 
+@pytest.mark.slow
 def test_slices_equal_one_pipeline_across_boundaries(tmp_path):
     features, actions = crossing_logs()
     features_glob, actions_glob = write_hourly(tmp_path / "in", features, actions)
@@ -157,6 +159,7 @@ def test_slices_equal_one_pipeline_across_boundaries(tmp_path):
     assert sliced["join.actions_handed_on"] > 0
 
 
+@pytest.mark.slow
 def test_slices_of_a_synthetic_stream_with_feature_extraction(tmp_path):
     """``dataflow.data synth`` logs (hourly files), raw feature logs extracted with a config."""
     from dataflow import data
@@ -171,6 +174,7 @@ def test_slices_of_a_synthetic_stream_with_feature_extraction(tmp_path):
     assert read_json_lines(tmp_path / "sliced" / "late"), "the stream should have late clicks"
 
 
+@pytest.mark.slow
 def test_a_record_earlier_than_its_file_name_undoes_the_slices(tmp_path, caplog):
     """Hour 1's file holds a request of hour 0 (a writer that files late records in its
     open period): hour 0 is joined already, so the join runs again in one pipeline."""

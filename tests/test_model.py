@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from transforms.example_batch import ExampleBatch
-from transforms.metrics import auc
+from transforms.metrics_math import auc
 from transforms.model import Model, ModelSpec
 from transforms.models import DeepFM, model_from_name
 

@@ -198,6 +198,7 @@ def test_streaming_keeps_each_records_timestamp_and_window(data):
         assert_that(dead_letters | beam.Map(dead_summary), equal_to(dead), label="Dead")
 
 
+@pytest.mark.flink
 def test_pipeline_on_flink_equals_serving(data, flink_job_server_jar):
     _, transform_dir, records = data
     inputs = records[:200] + [r for r, _ in bad_records(records[0])]

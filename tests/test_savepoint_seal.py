@@ -57,6 +57,7 @@ def test_unsealed_savepoint_is_left_to_flink(tmp_path):
     assert verify_savepoint(str(tmp_path)) is False
 
 
+@pytest.mark.flink  # the runner's options ask for the job server jar
 def test_train_refuses_a_damaged_savepoint_before_submitting(tmp_path):
     root = make_savepoint(tmp_path / "sp")
     (root / "_metadata").write_bytes(b"garbage")

@@ -161,6 +161,7 @@ def test_model_dir_is_written_atomically_and_keeps_the_newest(tmp_path):
         write_model(str(tmp_path), spec, params, 5, T0, keep=0)
 
 
+@pytest.mark.slow
 def test_train_exports_the_published_dense_weights(tmp_path):
     """dataflow.train --model_dir: SavedModels appear every interval of event time, carry the
     store's version, and compute with the weights the store held at that version."""
@@ -383,6 +384,7 @@ def own_redis(tmp_path):
     proc.wait()
 
 
+@pytest.mark.redis
 def test_serving_goes_on_with_the_last_good_rows_while_the_store_is_down(tmp_path, own_redis):
     proc, url = own_redis
     spec, scorer, server = make_server(tmp_path, url, "fm", store_retry_s=0.2)

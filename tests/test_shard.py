@@ -348,7 +348,7 @@ def test_clean_run_equals_plain_reference():
 @pytest.mark.parametrize("seed,fail_rate,restore_rate,backend", [
     (1, 0.3, 0.0, "memory"), (2, 0.5, 0.0, "memory"), (3, 0.0, 0.15, "memory"),
     (4, 0.3, 0.1, "memory"), (5, 0.4, 0.2, "memory"), (6, 0.2, 0.1, "memory"),
-    (7, 0.3, 0.15, "redis")])
+    pytest.param(7, 0.3, 0.15, "redis", marks=pytest.mark.redis)])
 def test_exactly_once_under_retries_and_restores(seed, fail_rate, restore_rate, backend, request):
     batches = make_batches(seed=seed)
     events = events_with_watermarks(batches)
@@ -392,7 +392,8 @@ class _CheckingHarness(Harness):
 
 
 @pytest.mark.parametrize("seed,fail_rate,restore_rate,backend", [
-    (1, 0.0, 0.0, "memory"), (4, 0.3, 0.1, "memory"), (7, 0.3, 0.15, "redis")])
+    (1, 0.0, 0.0, "memory"), (4, 0.3, 0.1, "memory"),
+    pytest.param(7, 0.3, 0.15, "redis", marks=pytest.mark.redis)])
 def test_training_view_is_fresh_serving_view_lags(seed, fail_rate, restore_rate, backend,
                                                   request):
     """With a training view the PS publishes every input there (the worker trains on fresh
@@ -696,6 +697,7 @@ def test_direct_runner_pipeline(tmp_path):
     _check_pipeline_result(url, batches, dense, metrics_dict(result))
 
 
+@pytest.mark.flink
 def test_flink_local_pipeline(tmp_path, flink_job_server_jar):
     url = f"memory://flink-{uuid.uuid4().hex}"
     batches, dense = _pipeline_batches(), dense_batches(n=10)

@@ -102,11 +102,14 @@ def test_direct_runner_streaming_test_stream():
         assert_that(out, equal_to(expected_summaries(events)))
 
 
+@pytest.mark.flink
 def test_flink_local(tmp_path, flink_job_server_jar):
     run_and_check(tmp_path, ["--runner=FlinkRunner", "--flink_master=[local]",
                              "--environment_type=LOOPBACK", "--parallelism=2"])
 
 
+@pytest.mark.flink
+@pytest.mark.slow
 def test_flink_standalone_cluster(tmp_path, flink_cluster):
     run_and_check(tmp_path, ["--runner=FlinkRunner", f"--flink_master={flink_cluster.master}",
                              "--environment_type=LOOPBACK", "--parallelism=2"])

@@ -21,7 +21,8 @@ from dataflow.options import pipeline_options
 from schemas import read_avro, write_avro
 from schemas.feature_config import FeatureConfig
 from transforms.features import ExtractError, extract
-from transforms.sources import ReadActionLogs, ReadFeatureLogs, TailAvroLogs, WatchAvroLogs
+from transforms.sources import ReadActionLogs, ReadFeatureLogs, WatchAvroLogs
+from transforms.tail import TailAvroLogs
 
 SMALL = dict(users=300, items=400, requests=3000, days=0.25, seed=11, creators=50)
 
@@ -224,6 +225,27 @@ def land(folder, name, records):
     os.rename(tmp, os.path.join(folder, name))
 
 
+def run_while_landing(pipeline, folder, files, after=None):
+    """Runs ``pipeline`` to its end while ``files`` (``[(name, records)]``) land in ``folder``
+    0.8 s apart, then ``after()``; returns the result and the times the files landed."""
+    landed = []
+
+    def logger():
+        for name, records in files:
+            time.sleep(0.8)
+            land(folder, name, records)
+            landed.append(time.time())
+        if after:
+            after()
+
+    thread = threading.Thread(target=logger, daemon=True)
+    thread.start()
+    result = pipeline.run()
+    result.wait_until_finish()
+    thread.join()
+    return result, landed
+
+
 def test_watch_folder_streaming(tmp_path):
     """Files landing while the pipeline runs are read once each, at their event times."""
     def batch(k):
@@ -232,13 +254,8 @@ def test_watch_folder_streaming(tmp_path):
 
     land(tmp_path, "part-0.avro", batch(0))  # there before the pipeline starts
     (tmp_path / "not-avro.txt").write_text("ignored: the pattern does not match it")
-    landed = []
 
-    def logger():
-        for k in range(1, 4):
-            time.sleep(0.8)
-            land(tmp_path, f"part-{k}.avro", batch(k))
-            landed.append(time.time())
+    def land_broken():
         write_avro(str(tmp_path / ".broken.tmp"), "action_log", batch(9))
         with open(tmp_path / ".broken.tmp", "r+b") as f:
             f.truncate(300)  # a damaged file: skipped and counted, the stream goes on
@@ -250,11 +267,8 @@ def test_watch_folder_streaming(tmp_path):
                                 stop_timestamp=started + 5)
     assert_that(event_times(records, "Times"), equal_to(
         [(r["request_id"], "click", r["ts_ms"]) for k in range(4) for r in batch(k)]))
-    thread = threading.Thread(target=logger, daemon=True)
-    thread.start()
-    result = p.run()
-    result.wait_until_finish()
-    thread.join()
+    result, landed = run_while_landing(
+        p, tmp_path, [(f"part-{k}.avro", batch(k)) for k in range(1, 4)], after=land_broken)
     assert len(landed) == 3 and landed[-1] < started + 5  # landed while it was running
     counters = metrics_dict(result)["counters"]
     assert counters["sources.records_read"] == 12
@@ -269,25 +283,14 @@ def test_tail_folder_streaming(tmp_path):
                  "action": "click"} for j in range(3)]
 
     land(tmp_path, "part-00.avro", batch(0))
-    landed = []
-
-    def logger():
-        for hour in range(1, 4):
-            time.sleep(0.8)
-            land(tmp_path, f"part-{hour:02d}.avro", batch(hour))
-            landed.append(time.time())
-
     started = time.time()
     p = TestPipeline(options=pipeline_options(["--runner=DirectRunner", "--streaming"]))
     records = p | TailAvroLogs(str(tmp_path / "part-*.avro"), interval_seconds=0.25,
                                stop_timestamp=started + 4.5)
     assert_that(event_times(records, "Times"), equal_to(
         [(r["request_id"], "click", r["ts_ms"]) for h in range(4) for r in batch(h)]))
-    thread = threading.Thread(target=logger, daemon=True)
-    thread.start()
-    result = p.run()
-    result.wait_until_finish()
-    thread.join()
+    result, landed = run_while_landing(
+        p, tmp_path, [(f"part-{h:02d}.avro", batch(h)) for h in range(1, 4)])
     assert len(landed) == 3 and landed[-1] < started + 4.5
     assert metrics_dict(result)["counters"]["sources.files_read"] == 4
 
@@ -300,7 +303,7 @@ def test_tail_watermark_follows_event_time(tmp_path):
                                                ThreadsafeRestrictionTracker)
     from apache_beam.utils.timestamp import Timestamp
 
-    from transforms.sources import NO_END, TailAvroFilesFn
+    from transforms.tail import NO_END, TailAvroFilesFn
 
     def run(start_index):
         tracker = ThreadsafeRestrictionTracker(
@@ -344,20 +347,20 @@ def test_tail_lists_a_backlog_once_not_once_a_file(tmp_path, monkeypatch):
                                                ThreadsafeRestrictionTracker)
     from apache_beam.utils.timestamp import Timestamp
 
-    import transforms.sources as sources
+    import transforms.tail as tail
 
     listings = []
-    real = sources.ordered_log_files
-    monkeypatch.setattr(sources, "ordered_log_files",
+    real = tail.ordered_log_files
+    monkeypatch.setattr(tail, "ordered_log_files",
                         lambda pattern: listings.append(pattern) or real(pattern))
     for i in range(6):
         land(tmp_path, f"part-0{i}.avro", [{"request_id": f"r{i}", "ts_ms": 1_000 * i,
                                             "action": "click"}])
-    fn = sources.TailAvroFilesFn(interval_seconds=1.0, stop_timestamp=Timestamp.of(2 ** 40))
+    fn = tail.TailAvroFilesFn(interval_seconds=1.0, stop_timestamp=Timestamp.of(2 ** 40))
     read, index = [], 0
     while True:
         tracker = ThreadsafeRestrictionTracker(
-            OffsetRestrictionTracker(OffsetRange(index, sources.NO_END)))
+            OffsetRestrictionTracker(OffsetRange(index, tail.NO_END)))
         read += [o.value["request_id"] for o in fn.process(
             str(tmp_path / "part-*.avro"), tracker=RestrictionTrackerView(tracker),
             watermark=ManualWatermarkEstimator(None))]
@@ -382,7 +385,7 @@ def test_tail_stops_once_the_marker_exists(tmp_path):
                                                ThreadsafeRestrictionTracker)
     from apache_beam.utils.timestamp import Timestamp
 
-    from transforms.sources import NO_END, TailAvroFilesFn
+    from transforms.tail import NO_END, TailAvroFilesFn
 
     logs, marker = tmp_path / "logs", tmp_path / "done.json"
     logs.mkdir()

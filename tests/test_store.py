@@ -21,7 +21,7 @@ from ps.sharding import shard_of
 WIDTHS = {"a": 3, "b": 1}
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def make_store(request):
     """``make_store(num_shards)``: a fresh, empty store of the parametrised backend."""
     opened = []

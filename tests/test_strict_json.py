@@ -108,6 +108,7 @@ def test_benchmark_gap_prints_strict_json(capsys):
     assert 0.5 < r["bayes_auc"] < 1
 
 
+@pytest.mark.slow
 def test_benchmark_preprocess_prints_strict_json(tmp_path, capsys):
     from benchmarks import preprocess
     r = run_printed(capsys, preprocess.main, "--requests=2000", "--repeat=1",
@@ -129,6 +130,7 @@ def test_benchmark_model_prints_strict_json():
     assert [r["kind"] for r in rows] == ["lr"] and rows[0]["step_ms"] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_serve_prints_strict_json():
     [r] = run_module("benchmarks.serve", "--stores=memory", "--model=lr", "--requests=20",
                      "--seconds=1", "--candidates=10", "--distinct_requests=5", "--json")

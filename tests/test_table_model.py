@@ -7,6 +7,7 @@ the index and the arena grow many times during a run.
 """
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -195,7 +196,7 @@ class TableModel(RuleBasedStateMachine):
         assert estimates.tolist() == [self.counts[f] for f in sorted(self.counts)]
 
 
-TestTableModel = TableModel.TestCase
+TestTableModel = pytest.mark.slow(TableModel.TestCase)
 TestTableModel.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

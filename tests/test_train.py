@@ -37,7 +37,7 @@ def check_exactly_once(counters, examples):
     assert counters["ps.gradient_rows_applied"] == counters["worker.gradient_rows_emitted"]
 
 
-@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize("store", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def test_backfill_on_direct_runner(tmp_path, example_log, store, request):
     store_url = (f"memory://train-{tmp_path.name}" if store == "memory"
                  else request.getfixturevalue("redis_server") + "/3")
@@ -110,6 +110,8 @@ def test_online_continues_from_the_backfill_snapshots(tmp_path, example_log):
     assert warm_totals["auc"] > cold_totals["auc"] + 0.02, (warm_totals, cold_totals)
 
 
+@pytest.mark.flink
+@pytest.mark.slow
 def test_backfill_on_flink(tmp_path, example_log, flink_job_server_jar):
     """With the default bounded staleness of 0 the reader ends its bundle after every batch
     and waits for the PS to publish it, so Flink, which runs the stages concurrently, scores
@@ -127,6 +129,8 @@ def test_backfill_on_flink(tmp_path, example_log, flink_job_server_jar):
     assert abs(totals["auc"] - direct["auc"]) < 0.005, (totals, direct)
 
 
+@pytest.mark.flink
+@pytest.mark.slow
 def test_checkpointed_flink_job_ended_by_the_driver_keeps_its_metrics(tmp_path, example_log,
                                                                       flink_job_server_jar):
     """With checkpointing a Flink job keeps its sources up, so the driver ends it once its
@@ -205,7 +209,7 @@ def test_end_of_input_check_waits_for_the_final_report(tmp_path):
     import time
     from types import SimpleNamespace
 
-    from transforms.metrics import write_report
+    from transforms.metrics_report import write_report
     opts = SimpleNamespace(metrics_dir=str(tmp_path), export_dir=None, num_shards=2)
     done = train._end_of_input_done(opts, "online", time.time() - 1)
     prefix = str(tmp_path / "online-online")

@@ -55,6 +55,7 @@ def dead_letters(summary) -> list:
 
 # --------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_adult_table_to_online_auc(tmp_path, capsys):
     # The real table with two rows spoilt: row 5 has no label, row 17 a word for an age.
     with open(EXAMPLE, newline="", encoding="utf-8") as f:

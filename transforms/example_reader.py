@@ -20,7 +20,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.example_batch import ExampleBatch
 from transforms.example_log import example_periods, followed_pattern
-from transforms.sources import NO_END  # the end of a followed folder's range: none
+from transforms.tail import NO_END  # the end of a followed folder's range: none
 
 
 @dataclasses.dataclass(frozen=True)

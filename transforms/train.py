@@ -143,7 +143,8 @@ class TrainOnline(beam.PTransform):
 
     def expand(self, batches):
         from ps.shard import DenseShard, SparseShard
-        from transforms.metrics import OnlineMetrics, WriteScores
+        from transforms.metrics import OnlineMetrics
+        from transforms.scores import WriteScores
         from transforms.model import Model
 
         spec, sparse, dense = self.spec, self.sparse, self.dense
@@ -317,7 +318,7 @@ class _Progress:
     """A log line every few seconds: examples, running online AUC, throughput."""
 
     def __init__(self, every_s: float):
-        from transforms.metrics import BucketedAUC
+        from transforms.metrics_math import BucketedAUC
         self.every_s = every_s
         self.auc = BucketedAUC()
         self.examples = 0

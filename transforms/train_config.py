@@ -124,7 +124,7 @@ class MetricsConfig:
             metrics only).
         title: the plot's title.
         scores_dir: also write every example's score, label, weight, event time and true
-            CTR as ``.npz`` files here (``transforms.metrics.read_scores``).
+            CTR as ``.npz`` files here (``transforms.scores.read_scores``).
     """
 
     window_s: float = 3600.0

@@ -138,7 +138,7 @@ def plot(result: dict, path: str):
     """The experiment's PNG; returns the figure."""
     from matplotlib.figure import Figure
 
-    from transforms.metrics import fixed_margins
+    from transforms.metrics_report import fixed_margins
     datasets = result["datasets"]
     fig = Figure(figsize=(max(8.0, 6.0 * len(datasets)), 4.8))
     axes = fig.subplots(1, len(datasets), squeeze=False)

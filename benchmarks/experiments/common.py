@@ -4,7 +4,7 @@ Every experiment trains with ``dataflow.train.build`` itself on the DirectRunner
 pipeline of ``python -m dataflow.train``, with the ``memory://`` store), plus one extra sink
 on the worker's ``scores`` output (:class:`CollectScores`) that keeps each scored batch so
 an experiment can take the AUC of any slice of the stream (an epoch, a shard, a day) with
-``transforms.metrics.auc``. Every score is the model's prediction *before* it learned from
+``transforms.metrics_math.auc``. Every score is the model's prediction *before* it learned from
 that example (the worker scores first).
 
 Data sets (made once per work dir, then reused; ``--quick`` makes small ones):
@@ -307,7 +307,7 @@ class Run:
     distributions: dict
 
     def auc(self, mask=None) -> float:
-        from transforms.metrics import auc
+        from transforms.metrics_math import auc
         if mask is None:
             return auc(self.scores, self.labels)
         return auc(self.scores[mask], self.labels[mask])

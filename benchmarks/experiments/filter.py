@@ -90,7 +90,7 @@ def plot(result: dict, path: str):
     """The experiment's PNG; returns the figure."""
     from matplotlib.figure import Figure
 
-    from transforms.metrics import fixed_margins
+    from transforms.metrics_report import fixed_margins
     datasets = result["datasets"]
     fig = Figure(figsize=(13, 4.8 * len(datasets)))
     axes = fig.subplots(len(datasets), 2, squeeze=False)

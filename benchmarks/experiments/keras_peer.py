@@ -97,7 +97,7 @@ def run(files: list, config_name: str, *, seed: int = 0, num_bins: int = NUM_BIN
     import tensorflow as tf
 
     from schemas.feature_config import load_feature_config
-    from transforms.metrics import auc
+    from transforms.metrics_math import auc
     config = load_feature_config(config_name)
     data = example_arrays(common.read_examples(files), config)
     n, num_slots, width = data["ids"].shape

@@ -63,7 +63,7 @@ def plot(result: dict, path: str):
     """The experiment's PNG; returns the figure."""
     from matplotlib.figure import Figure
 
-    from transforms.metrics import fixed_margins
+    from transforms.metrics_report import fixed_margins
     datasets = result["datasets"]
     fig = Figure(figsize=(6 * len(datasets), 8))
     axes = fig.subplots(2, len(datasets), squeeze=False)

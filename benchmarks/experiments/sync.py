@@ -45,7 +45,7 @@ def label(interval_s) -> str:
 
 def window_aucs(run, window_ms: int) -> list:
     """``[(window start ms, AUC, examples)]`` over event-time windows."""
-    from transforms.metrics import auc
+    from transforms.metrics_math import auc
     windows = run.ts_ms // window_ms
     out = []
     for w in np.unique(windows):
@@ -128,7 +128,7 @@ def plot(result: dict, path: str):
 
     from matplotlib.figure import Figure
 
-    from transforms.metrics import fixed_margins
+    from transforms.metrics_report import fixed_margins
     datasets = result["datasets"]
     fig = Figure(figsize=(max(8.5, 6.5 * len(datasets)), 8))  # room for the title
     axes = fig.subplots(2, len(datasets), squeeze=False)

@@ -115,7 +115,7 @@ def plot(path: str, rows: list, stats: dict, trained: list, title: str):
     """
     from matplotlib.figure import Figure
 
-    from transforms.metrics import fixed_margins
+    from transforms.metrics_report import fixed_margins
     fig = Figure(figsize=(9, 10))
     axes = fig.subplots(3, 1)
     ax = axes[0]

@@ -14,7 +14,7 @@ from transforms.event_time_files import WriteEventTimeFiles
 from transforms.example_log import WriteExampleLog
 from transforms.features import ExtractFeatures
 from transforms.joiner import OnlineJoiner
-from transforms.sources import TailAvroLogs
+from transforms.tail import TailAvroLogs
 
 __all__ = ["build_stream_join", "main"]
 

@@ -34,7 +34,7 @@ class RollingAvroLog:
 
     ``append`` buffers records of the open period; a record of a later period closes it: its
     file is written by a background thread under a temporary name and renamed (a reader of
-    the folder never sees half a file; ``transforms.sources.TailAvroLogs`` can tail it).
+    the folder never sees half a file; ``transforms.tail.TailAvroLogs`` can tail it).
     ``_watermark.json`` (``{"ts_ms": T}``) then says that every record before ``T`` is in a
     file. Records must come in event-time order (a late one goes into the open file, and is
     counted in ``late``).
@@ -348,6 +348,6 @@ def log_files(folder: str) -> list:
     Returns:
         ``[(period start ms, path)]`` in time order (files being written are not listed).
     """
-    from transforms.sources import log_file_start_ms
+    from transforms.tail import log_file_start_ms
     starts = ((log_file_start_ms(p), p) for p in glob.glob(os.path.join(folder, "part-*.avro")))
     return sorted((start, p) for start, p in starts if start is not None)
