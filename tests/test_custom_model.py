@@ -27,6 +27,7 @@ from transforms.train import (MetricsConfig, ModelExport, SparseConfig, TrainOnl
 CONFIG = FeatureConfig.load("synthetic")
 
 
+@pytest.mark.slow
 def test_a_cross_network_trains_through_train_online_and_serves(tmp_path):
     data.synth(str(tmp_path / "logs"), requests=6000, users=60, items=80, days=0.5, seed=4)
     join.main([f"--features={tmp_path}/logs/feature_log/*.avro",
