@@ -33,8 +33,8 @@ import apache_beam as beam
 
 from dataflow.job import metrics_dict, run_job
 from dataflow.options import MonolithOptions, parse_pipeline_args
-from transforms import state_cache
 from schemas.feature_config import FeatureConfig
+from transforms import state_cache
 
 _LOG = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ def setup(argv: list[str] | None = None) -> bool:
         handler.setFormatter(_Formatter())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         handlers=[handler], force=True)
-    for name in OUR_PACKAGES:
-        logging.getLogger(name).setLevel(logging.INFO)
+    for name in OUR_PACKAGES:  # verbose: our debug lines too (e.g. a job's every counter)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     return verbose
 
 

@@ -192,5 +192,6 @@ def _run(pipeline: beam.Pipeline, options: PipelineOptions, finished, poll_s, st
     if out:
         with open(out, "w", encoding="utf-8") as f:
             strict_json.dump(metrics, f, indent=2, sort_keys=True)
-    _LOG.info("pipeline finished: %s", json.dumps(metrics["counters"], sort_keys=True))
+    # every counter: a long line, for --verbose (and --metrics_out writes them all)
+    _LOG.debug("pipeline finished: %s", json.dumps(metrics["counters"], sort_keys=True))
     return result

@@ -68,9 +68,9 @@ from dataflow.join_ordered import join_in_order
 from dataflow.join_slices import (DEFAULT_SLICE_MIN_BYTES, DEFAULT_SLICE_S, Slice,
                                   hand_on, join_in_slices, route_slice)
 from dataflow.options import MonolithOptions, parse_pipeline_args
+from transforms import state_cache
 from transforms.event_time_files import WriteEventTimeFiles
 from transforms.example_log import WriteExampleLog, example_files
-from transforms import state_cache
 from transforms.joiner import DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner
 
 

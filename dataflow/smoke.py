@@ -17,6 +17,7 @@ if __name__ == "__main__":  # output set up before Beam and TensorFlow load (dat
     from dataflow.pipelines import pipeline_main
     raise SystemExit(pipeline_main("smoke"))
 
+import logging
 import sys
 from typing import Any, Dict, Tuple
 
@@ -30,9 +31,11 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from dataflow.job import run_job
-from transforms import state_cache
 from dataflow.options import MonolithOptions, pipeline_options
 from schemas import strict_json
+from transforms import state_cache
+
+_LOG = logging.getLogger(__name__)
 
 
 class SmokeOptions(MonolithOptions):
@@ -118,7 +121,9 @@ def main(argv: list[str] | None = None):
     opts = options.view_as(SmokeOptions)
     if not opts.input or not opts.out:
         raise SystemExit("smoke: --input and --out are required (see --help)")
-    return run_job(lambda p: build(p, opts), options, freeze_startup_heap=True)
+    result = run_job(lambda p: build(p, opts), options, freeze_startup_heap=True)
+    _LOG.info("smoke: bucket summaries in %s*.jsonl", opts.out)
+    return result
 
 
 OPTIONS = [SmokeOptions]

@@ -28,8 +28,8 @@ import time
 import apache_beam as beam
 
 from dataflow.job import run_job
-from transforms import state_cache
 from dataflow.options import MonolithOptions, pipeline_options
+from transforms import state_cache
 from transforms.scores import SCORE_COLUMNS
 
 _LOG = logging.getLogger(__name__)
