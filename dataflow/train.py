@@ -155,7 +155,8 @@ def _runner_name(pipeline: beam.Pipeline) -> str:
 
 def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str) -> dict:
     """Adds the training section to ``pipeline``; returns its PCollections by name."""
-    from ps.shard import DenseShard, SparseShard
+    from ps.dense_shard import DenseShard
+    from ps.sparse_shard import SparseShard
     from ps.store import view_url
     from schemas.feature_config import load_feature_config
     from transforms.metrics import OnlineMetrics
@@ -317,11 +318,12 @@ _RESUME_KEYS = ("input", "config", "model", "num_shards", "batch_size")
 
 
 def _manifest(opts) -> dict:
+    from ps.shard_state import STATE_FORMAT
     from transforms.example_reader import FOLLOW_POSITIONS
     from transforms.example_log import followed_pattern
     return {"input": followed_pattern(opts.input), "config": opts.config, "model": opts.model,
             "num_shards": opts.num_shards, "batch_size": opts.batch_size,
-            "reader_positions": FOLLOW_POSITIONS, "ps_keys": PS_KEYS}
+            "reader_positions": FOLLOW_POSITIONS, "ps_keys": PS_KEYS, "ps_state": STATE_FORMAT}
 
 
 def _check_savepoint(path: str, opts, mode: str) -> None:
@@ -337,7 +339,8 @@ def _check_savepoint(path: str, opts, mode: str) -> None:
     if manifest is None:
         return
     ours = _manifest(opts)
-    for key, what in (("reader_positions", "reader positions"), ("ps_keys", "PS state keys")):
+    for key, what in (("reader_positions", "reader positions"), ("ps_keys", "PS state keys"),
+                      ("ps_state", "PS state format")):
         if manifest.get(key) != ours[key]:
             raise SystemExit(f"train: savepoint {path} holds {what} of another version "
                              f"({manifest.get(key)}; this one has {ours[key]}): resume it "

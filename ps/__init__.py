@@ -10,7 +10,7 @@ from ._jit import EMPTY_FID
 from .embedding_table import BUCKET_SIZE, Delta, EmbeddingTable, SlotConfig, TableStats, slot_of
 from .frequency_filter import FrequencyFilter
 from .optimizers import FTRL, SGD, Adagrad, Adam, Optimizer, optimizer_from_config
-from .snapshot import SnapshotError
+from .envelope import SnapshotError
 
 __all__ = [
     "EmbeddingTable",

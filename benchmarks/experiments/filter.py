@@ -34,7 +34,7 @@ def expiry_label(expiry_s) -> str:
 def table_bytes(config_path: str, num_shards: int = 2) -> tuple:
     """(bytes per PS row, bytes of the frequency filters) of the training pipeline's tables."""
     from dataflow import train as train_pipeline
-    from ps.shard import SparseShard
+    from ps.sparse_shard import SparseShard
     from schemas.feature_config import load_feature_config
     config = load_feature_config(config_path)
     spec = train_pipeline.model_spec(config, "deepfm")
