@@ -7,7 +7,6 @@ machinery (and its invariants L1-L5) is ``ps.shard_state``'s.
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, Optional
 
 import apache_beam as beam
@@ -114,8 +113,7 @@ class DenseShard(LoggedShard):
 
     def _publish_to(self, store, live):
         store.write_dense(self.name, live.params, int(live.seq))
-        store.set_sync("dense", {"version": int(live.seq), "ts_ms": int(live.ts_ms),
-                                 "wall_time": time.time(), **live.totals})
+        store.set_sync("dense", self._sync_record(live))
 
     def process(self, element, base=beam.DoFn.StateParam(LoggedShard.BASE),
                 log=beam.DoFn.StateParam(LoggedShard.LOG),

@@ -101,6 +101,13 @@ class SlotConfig:
 
     The embedding dim is not per slot: one table has one row width, so a shard whose slots use
     several dims keeps one table per dim.
+
+    >>> table = EmbeddingTable(dim=1, slots={2: SlotConfig(threshold=2, expiry=10)})
+    >>> fid = np.array([(2 << 48) + 5], dtype=np.uint64)          # slot 2
+    >>> [table.apply_gradients(fid, np.ones((1, 1), np.float32), now=t) for t in (0, 1)]
+    [0, 1]
+    >>> table.evict(now=5), table.evict(now=12)                    # unseen for 11 > 10
+    (0, 1)
     """
 
     threshold: int = 0
@@ -260,54 +267,52 @@ def _find_kernel(fids, index, seeds, num_buckets, row_ids):
         row_ids[i] = np.intp(index[e, 1]) if e >= 0 else -1
 
 
+_LOOKUP, _TOUCH = 0, 1  # what the pipelined find does with each key's row
+
+
 @njit(inline="always")
-def _pipeline_start(flat_index, index, fids, seeds, num_buckets, row_ids):
-    """Fill the pipeline of the kernels below: prefetch the buckets of the first ``2P`` keys,
-    find the first ``P`` (their rows to ``row_ids``)."""
-    n = fids.shape[0]
+def _pipelined_find(mode, fids, index, seeds, num_buckets, rows, last_seen, touched, row_ids,
+                    dim, init_slots, init_scale, init_seed, out, time, bits):
+    """Find the row of every key (to ``row_ids``, -1 if none), then, by ``mode``:
+
+    * _LOOKUP: ``out[i] = rows[row of fids[i], :ncols]``, or the initial value;
+    * _TOUCH: mark the rows found as seen at ``time`` and touched with ``bits`` (I5).
+
+    A three-stage software pipeline: prefetch the buckets of key ``i + 2P``, find key ``i + P``
+    (its buckets have arrived) and prefetch what the mode reads of its row, handle key ``i``.
+    Inlined into one kernel per mode, where the mode is a constant: each gets only its code.
+    """
+    flat_index = index.reshape(-1)
+    flat_rows = rows.reshape(-1)
+    width, ncols, n = rows.shape[1], out.shape[1], fids.shape[0]
     for i in range(min(2 * _PREFETCH, n)):
         _prefetch_buckets(flat_index, fids[i], seeds, num_buckets)
     for i in range(min(_PREFETCH, n)):
         e = _find(index, fids[i], seeds, num_buckets)
         row_ids[i] = np.intp(index[e, 1]) if e >= 0 else -1
-
-
-@njit(inline="always")
-def _pipeline_advance(flat_index, index, fids, seeds, num_buckets, row_ids, i):
-    """Step ``i`` of the pipeline: prefetch the buckets of key ``i + 2P`` and find key
-    ``i + P`` (its buckets have arrived). Returns that key's row, -1 if none (or past the end),
-    for the caller to prefetch what it will read of it."""
-    n = fids.shape[0]
-    ahead = i + 2 * _PREFETCH
-    if ahead < n:
-        _prefetch_buckets(flat_index, fids[ahead], seeds, num_buckets)
-    ahead = i + _PREFETCH
-    r = -1
-    if ahead < n:
-        e = _find(index, fids[ahead], seeds, num_buckets)
-        r = np.intp(index[e, 1]) if e >= 0 else -1
-        row_ids[ahead] = r
-    return r
-
-
-@njit
-def _lookup_kernel(fids, index, seeds, num_buckets, rows, dim, init_slots, init_scale, init_seed, out, row_ids):
-    """``out[i] = rows[row of fids[i], :ncols]``, or the initial value; row ids to ``row_ids``.
-
-    A three-stage software pipeline: prefetch the buckets of key ``i + 2P``, find key ``i + P``
-    (its buckets have arrived) and prefetch its row, copy the row of key ``i``.
-    """
-    flat_index = index.reshape(-1)
-    flat_rows = rows.reshape(-1)
-    width, ncols, n = rows.shape[1], out.shape[1], fids.shape[0]
-    _pipeline_start(flat_index, index, fids, seeds, num_buckets, row_ids)
     for i in range(n):
-        r = _pipeline_advance(flat_index, index, fids, seeds, num_buckets, row_ids, i)
-        if r >= 0:
-            prefetch(flat_rows, r * width)
-            prefetch(flat_rows, r * width + ncols - 1)
+        ahead = i + 2 * _PREFETCH
+        if ahead < n:
+            _prefetch_buckets(flat_index, fids[ahead], seeds, num_buckets)
+        ahead = i + _PREFETCH
+        if ahead < n:
+            e = _find(index, fids[ahead], seeds, num_buckets)
+            r = np.intp(index[e, 1]) if e >= 0 else -1
+            row_ids[ahead] = r
+            if r >= 0:
+                if mode == _LOOKUP:
+                    prefetch(flat_rows, r * width)
+                    prefetch(flat_rows, r * width + ncols - 1)
+                else:
+                    prefetch_write(last_seen, r)
+                    prefetch_write(touched, r)
         r = row_ids[i]
-        if r >= 0:
+        if mode == _TOUCH:
+            if r >= 0:
+                if last_seen[r] < time:
+                    last_seen[r] = time
+                touched[r] |= bits
+        elif r >= 0:
             for j in range(ncols):
                 out[i, j] = rows[r, j]
         else:
@@ -315,6 +320,22 @@ def _lookup_kernel(fids, index, seeds, num_buckets, rows, dim, init_slots, init_
                 out[i, j] = _initial_weight(fids[i], j, init_scale, init_seed)
             for j in range(dim, ncols):
                 out[i, j] = init_slots[j - dim]
+
+
+@njit
+def _lookup_kernel(fids, index, seeds, num_buckets, rows, dim, init_slots, init_scale, init_seed, out, row_ids):
+    """``out[i] = rows[row of fids[i], :ncols]``, or the initial value; row ids to ``row_ids``.
+    (The touch's arguments are unused here: any array stands in.)"""
+    _pipelined_find(_LOOKUP, fids, index, seeds, num_buckets, rows, row_ids, row_ids, row_ids,
+                    dim, init_slots, init_scale, init_seed, out, 0, 0)
+
+
+@njit
+def _find_and_touch_kernel(fids, index, seeds, num_buckets, last_seen, touched, time, bits, row_ids):
+    """Row ids of ``fids`` (-1: none); the rows found are marked seen at ``time`` and touched (I5).
+    (The lookup's arguments are unused here: any array of the right rank stands in.)"""
+    _pipelined_find(_TOUCH, fids, index, seeds, num_buckets, last_seen.reshape(-1, 1), last_seen, touched, row_ids,
+                    0, last_seen, 0.0, 0, last_seen.reshape(-1, 1), time, bits)
 
 
 @njit
@@ -466,27 +487,6 @@ def _admission_kernel(fids, thresholds, counts, seeds, maximum, admitted):
             admitted[i] = True
         else:
             admitted[i] = sketch_increment(counts, seeds, fid, maximum) >= threshold
-
-
-@njit
-def _find_and_touch_kernel(fids, index, seeds, num_buckets, last_seen, touched, time, bits, row_ids):
-    """``_find_kernel`` that also marks the rows found as seen at ``time`` and touched (I5).
-
-    Pipelined like the lookup: buckets of key ``i + 2P``, find key ``i + P`` and prefetch its
-    time and touched byte, update key ``i``.
-    """
-    flat_index = index.reshape(-1)
-    _pipeline_start(flat_index, index, fids, seeds, num_buckets, row_ids)
-    for i in range(fids.shape[0]):
-        r = _pipeline_advance(flat_index, index, fids, seeds, num_buckets, row_ids, i)
-        if r >= 0:
-            prefetch_write(last_seen, r)
-            prefetch_write(touched, r)
-        r = row_ids[i]
-        if r >= 0:
-            if last_seen[r] < time:
-                last_seen[r] = time
-            touched[r] |= bits
 
 
 @njit

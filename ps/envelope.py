@@ -144,7 +144,12 @@ def seal_arrays(kind: str, arrays: Dict[str, np.ndarray], **header) -> bytes:
 
 
 class Envelope(NamedTuple):
-    """A checked envelope: its kind, JSON header and payload (a view into the bytes read)."""
+    """A checked envelope: its kind, JSON header and payload (a view into the bytes read).
+
+    >>> envelope = open_envelope(seal("evict", {"seq": 4, "now_s": 100}), ("sparse-grads", "evict"))
+    >>> envelope.kind, envelope.header, bytes(envelope.payload)
+    ('evict', {'seq': 4, 'now_s': 100}, b'')
+    """
 
     kind: str
     header: dict

@@ -121,11 +121,11 @@ def _adam_row(rows, p, grads, i, dim, h):
 _SGD, _ADAGRAD, _FTRL, _ADAM = 0, 1, 2, 3
 
 
-@njit
-def _apply_kernel(rule, rows, positions, grads, dim, h):
+@njit(inline="always")
+def _apply_rows(rule, rows, positions, grads, dim, h):
     """One step of update ``rule`` on ``rows[positions[i]]`` with ``grads[i]``, prefetching
-    the rows ahead; ``h`` holds the rule's hyper-parameters. The rule is the same for the
-    whole loop (the branch is predicted, and hoisted out of the loop by the compiler)."""
+    the rows ahead; ``h`` holds the rule's hyper-parameters. Inlined into one kernel per rule,
+    where the rule is a constant: each kernel holds only its own update."""
     width = rows.shape[1]
     flat = rows.reshape(-1)
     for i in range(positions.shape[0]):
@@ -141,13 +141,40 @@ def _apply_kernel(rule, rows, positions, grads, dim, h):
             _adam_row(rows, p, grads, i, dim, h)
 
 
-def _apply(rule, rows, positions, grads, dim, *hyper):
-    h = tuple(float(x) for x in hyper) + (0.0,) * (4 - len(hyper))  # one kernel signature
-    _apply_kernel(rule, rows, positions, grads, dim, h)
+@njit
+def _sgd_kernel(rows, positions, grads, dim, h):
+    _apply_rows(_SGD, rows, positions, grads, dim, h)
+
+
+@njit
+def _adagrad_kernel(rows, positions, grads, dim, h):
+    _apply_rows(_ADAGRAD, rows, positions, grads, dim, h)
+
+
+@njit
+def _ftrl_kernel(rows, positions, grads, dim, h):
+    _apply_rows(_FTRL, rows, positions, grads, dim, h)
+
+
+@njit
+def _adam_kernel(rows, positions, grads, dim, h):
+    _apply_rows(_ADAM, rows, positions, grads, dim, h)
+
+
+def _hyper(*values):
+    """The kernels' hyper-parameter tuple: four float64s (one signature for every rule)."""
+    return tuple(float(x) for x in values) + (0.0,) * (4 - len(values))
 
 
 class Optimizer:
-    """Base class: subclasses are frozen dataclasses whose fields are their hyper-parameters."""
+    """Base class: subclasses are frozen dataclasses whose fields are their hyper-parameters.
+
+    >>> opt = as_optimizer("ftrl", lr=0.05)
+    >>> opt.num_slots(4), sorted(opt.dense_slots(np.zeros(3, np.float32)))
+    (8, ['n', 'z'])
+    >>> optimizer_from_config(opt.config()) == opt
+    True
+    """
 
     name = "optimizer"
 
@@ -185,7 +212,13 @@ class Optimizer:
 
 @dataclasses.dataclass(frozen=True)
 class SGD(Optimizer):
-    """Plain gradient descent: ``w -= lr * g``. No state."""
+    """Plain gradient descent: ``w -= lr * g``. No state.
+
+    >>> w = np.ones(2, np.float32)
+    >>> SGD(lr=0.5).apply_dense(w, {}, np.array([1.0, -1.0], np.float32), step=1)
+    >>> w.tolist()
+    [0.5, 1.5]
+    """
 
     lr: float = 0.01
     name = "sgd"
@@ -194,7 +227,7 @@ class SGD(Optimizer):
         return 0
 
     def apply(self, rows, positions, grads, dim):
-        _apply(_SGD, rows, positions, grads, dim, self.lr)
+        _sgd_kernel(rows, positions, grads, dim, _hyper(self.lr))
 
     def apply_dense(self, param, slots, grad, step):
         param[...] = param - self.lr * grad.astype(np.float64)
@@ -205,6 +238,9 @@ class Adagrad(Optimizer):
     """``a += g*g; w -= lr * g / (sqrt(a) + epsilon)``, one accumulator per weight.
 
     Defaults are Monolith's: learning rate 0.001, initial accumulator 0.1.
+
+    >>> Adagrad().initial_slots(3).astype(float).round(4).tolist()     # a new row's accumulators
+    [0.1, 0.1, 0.1]
     """
 
     lr: float = 0.001
@@ -219,7 +255,7 @@ class Adagrad(Optimizer):
         return np.full(dim, self.initial_accumulator, dtype=np.float32)
 
     def apply(self, rows, positions, grads, dim):
-        _apply(_ADAGRAD, rows, positions, grads, dim, self.lr, self.epsilon)
+        _adagrad_kernel(rows, positions, grads, dim, _hyper(self.lr, self.epsilon))
 
     def dense_slots(self, param):
         return {"acc": np.full(param.shape, self.initial_accumulator, dtype=np.float32)}
@@ -237,6 +273,12 @@ class FTRL(Optimizer):
 
     ``n' = n + g²;  z += g - (sqrt(n') - sqrt(n)) / lr * w;
     w = 0 if |z| <= l1 else -(z - sign(z) l1) / ((beta + sqrt(n')) / lr + l2)``
+
+    >>> w = np.zeros(2, np.float32)
+    >>> opt = FTRL(lr=0.1, l1=1.0)
+    >>> opt.apply_dense(w, opt.dense_slots(w), np.array([0.5, 5.0], np.float32), step=1)
+    >>> w.tolist()[0], w.tolist()[1] < 0        # L1: a small gradient leaves an exact zero
+    (0.0, True)
     """
 
     lr: float = 0.01
@@ -255,7 +297,7 @@ class FTRL(Optimizer):
         return slots
 
     def apply(self, rows, positions, grads, dim):
-        _apply(_FTRL, rows, positions, grads, dim, self.lr, self.beta, self.l1, self.l2)
+        _ftrl_kernel(rows, positions, grads, dim, _hyper(self.lr, self.beta, self.l1, self.l2))
 
     def dense_slots(self, param):
         return {"z": np.zeros(param.shape, dtype=np.float32),
@@ -273,7 +315,13 @@ class FTRL(Optimizer):
 
 @dataclasses.dataclass(frozen=True)
 class Adam(Optimizer):
-    """Adam with bias correction from a per-row step count; slots ``m``, ``v``, then ``t``."""
+    """Adam with bias correction from a per-row step count; slots ``m``, ``v``, then ``t``.
+
+    >>> rows = np.zeros((1, 2 + Adam().num_slots(2)), np.float32)
+    >>> Adam(lr=0.01).apply(rows, np.array([0]), np.ones((1, 2), np.float32), dim=2)
+    >>> rows[0, :2].astype(float).round(4).tolist(), float(rows[0, -1])  # about lr at first; one step
+    ([-0.01, -0.01], 1.0)
+    """
 
     lr: float = 0.001
     beta1: float = 0.9
@@ -285,7 +333,7 @@ class Adam(Optimizer):
         return 2 * dim + 1
 
     def apply(self, rows, positions, grads, dim):
-        _apply(_ADAM, rows, positions, grads, dim, self.lr, self.beta1, self.beta2, self.epsilon)
+        _adam_kernel(rows, positions, grads, dim, _hyper(self.lr, self.beta1, self.beta2, self.epsilon))
 
     def dense_slots(self, param):
         return {"m": np.zeros(param.shape, dtype=np.float32), "v": np.zeros(param.shape, dtype=np.float32)}

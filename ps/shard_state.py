@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from typing import Optional, Tuple
 
 import apache_beam as beam
@@ -349,6 +350,13 @@ class LoggedShard(beam.DoFn):
                         "ts_ms": int(live.ts_ms), "num_shards": self.num_shards,
                         "totals": dict(live.totals)})
         self.exports.inc()
+
+    @staticmethod
+    def _sync_record(live: LiveState) -> dict:
+        """What a publish records in the store's sync info: the version (entries applied),
+        event time, wall time and the key's totals."""
+        return {"version": int(live.seq), "ts_ms": int(live.ts_ms), "wall_time": time.time(),
+                **live.totals}
 
     @staticmethod
     def _check_window(window):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import time
 from typing import Dict, Optional
 
 import apache_beam as beam
@@ -224,10 +223,8 @@ class SparseShard(LoggedShard):
                 store.write_rows(name, shard, d.fids, d.weights, d.deleted)
         self._set_sync(store, shard, live)
 
-    @staticmethod
-    def _set_sync(store, shard, live):
-        store.set_sync(f"sparse/{shard}", {"version": int(live.seq), "ts_ms": int(live.ts_ms),
-                                           "wall_time": time.time(), **live.totals})
+    def _set_sync(self, store, shard, live):
+        store.set_sync(f"sparse/{shard}", self._sync_record(live))
 
     # --------------------------------------------------------- DoFn methods
     def process(self, element, base=beam.DoFn.StateParam(LoggedShard.BASE),

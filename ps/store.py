@@ -316,7 +316,15 @@ def _memory_store_in_process(url: str, num_shards: Optional[int], pid: int) -> "
 
 class MemoryStore(ParameterStore):
     """A store in this process's memory; ``open_store("memory://name")`` returns the same
-    object per name, until :meth:`drop` (see the module docstring for its lifetime)."""
+    object per name, until :meth:`drop` (see the module docstring for its lifetime).
+
+    >>> store = open_store("memory://doctest-dense", num_shards=None)
+    >>> store.write_dense("dense", {"w": np.ones(2, np.float32)}, version=3)
+    >>> params, version = open_store("memory://doctest-dense", None).read_dense("dense")
+    >>> params["w"].tolist(), version
+    ([1.0, 1.0], 3)
+    >>> store.drop()
+    """
 
     @classmethod
     def _get(cls, url: str, num_shards: int) -> "MemoryStore":
