@@ -36,6 +36,19 @@ class DenseShard(LoggedShard):
         compact_every: log entries after which the log is compacted into a new base.
 
     The published version is the number of gradient batches applied (``seq``).
+
+    >>> import apache_beam as beam
+    >>> from ps.gradients import DenseGradients
+    >>> from ps.store import open_store
+    >>> grads = [(0, DenseGradients({"w": np.ones(2, np.float32)}, 1_700_000_000_000 + i, 8))
+    ...          for i in range(3)]
+    >>> with beam.Pipeline() as p:
+    ...     _ = p | beam.Create(grads) | beam.ParDo(DenseShard(
+    ...         "memory://dense-example", "dense", {"w": np.zeros(2, np.float32)},
+    ...         optimizer="sgd", lr=0.5, sync_interval_s=0))
+    >>> params, version = open_store("memory://dense-example", None).read_dense("dense")
+    >>> params["w"].tolist(), version
+    ([-1.5, -1.5], 3)
     """
 
     KIND = "dense"

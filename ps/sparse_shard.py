@@ -65,6 +65,21 @@ class SparseShard(LoggedShard):
             fid and ``seed`` (deterministic: a replay creates the same values).
         filter_bytes: memory of each table's frequency filter (when a threshold is > 1).
         seed: seeds the tables (hashes, initial weights).
+
+    >>> import apache_beam as beam
+    >>> from ps.gradients import SparseGradients
+    >>> from ps.store import open_store
+    >>> fids = np.array([1, 2, 3, 4], np.uint64)
+    >>> owners = shard_of(fids, 2)
+    >>> grads = [(s, SparseGradients("dim2", fids[owners == s], np.ones(((owners == s).sum(), 2),
+    ...                                                                 np.float32), 1_700_000_000_000, 1))
+    ...          for s in range(2)]
+    >>> with beam.Pipeline() as p:
+    ...     _ = p | beam.Create(grads) | beam.ParDo(SparseShard(
+    ...         "memory://sparse-example", 2, {"dim2": 2}, optimizer="sgd", lr=0.5, sync_interval_s=0))
+    >>> rows, found = open_store("memory://sparse-example", 2).read_rows("dim2", fids, width=2)
+    >>> rows.tolist(), found.all()
+    ([[-0.5, -0.5], [-0.5, -0.5], [-0.5, -0.5], [-0.5, -0.5]], True)
     """
 
     KIND = "sparse"

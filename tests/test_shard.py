@@ -697,3 +697,13 @@ def test_set_channels_keeps_pending_deltas_of_kept_channels():
     with pytest.raises(ValueError):
         t.delta(1)
     assert t.delta(0).fids.tolist() == [fid(0, 4)]
+
+
+@pytest.mark.parametrize("module", ["sparse_shard", "dense_shard"])
+def test_docstring_examples_run(module):
+    """The shards' examples: a DirectRunner pipeline each, read back from the store."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"ps.{module}"))
+    assert result.attempted > 0 and result.failed == 0
