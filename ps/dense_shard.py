@@ -34,6 +34,10 @@ class DenseShard(LoggedShard):
             publish to after every input, so that training reads fresh parameters while
             ``store_url`` (serving) lags by the sync interval; None: no such view.
         compact_every: log entries after which the log is compacted into a new base.
+        export_dir: where each key writes its snapshot file when a bounded input ends
+            (None: no export; ``ps.shard_state``).
+        restore_dir: the snapshot files keys without state start from, each checked when the
+            DoFn is constructed (None: start empty).
 
     The published version is the number of gradient batches applied (``seq``).
 

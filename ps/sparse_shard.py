@@ -65,6 +65,10 @@ class SparseShard(LoggedShard):
             fid and ``seed`` (deterministic: a replay creates the same values).
         filter_bytes: memory of each table's frequency filter (when a threshold is > 1).
         seed: seeds the tables (hashes, initial weights).
+        export_dir: where each key writes its snapshot file when a bounded input ends
+            (None: no export; ``ps.shard_state``).
+        restore_dir: the snapshot files keys without state start from, each checked when the
+            DoFn is constructed (None: start empty).
 
     >>> import apache_beam as beam
     >>> from ps.gradients import SparseGradients
