@@ -66,7 +66,8 @@ class TrainOptions(MonolithOptions):
                             help="optimizer of the sparse rows (embeddings)")
         parser.add_argument("--learning_rate", type=float, default=0.05,
                             help="learning rate of the sparse rows")
-        parser.add_argument("--dense_optimizer", default="adam", choices=["sgd", "adagrad", "adam"],
+        parser.add_argument("--dense_optimizer", default="adam",
+                            choices=["sgd", "adagrad", "ftrl", "adam"],
                             help="optimizer of the dense weights")
         parser.add_argument("--dense_learning_rate", type=float, default=0.001,
                             help="learning rate of the dense weights")
@@ -289,12 +290,14 @@ _RESUME_KEYS = ("input", "config", "model", "num_shards", "batch_size")
 
 
 def _manifest(opts) -> dict:
+    from ps.shard_state import STATE_FORMAT
     from transforms.example_reader import FOLLOW_POSITIONS
     from transforms.example_log import followed_pattern
     from transforms.train import PS_KEYS
     return {"input": followed_pattern(opts.input), "config": opts.config, "model": opts.model,
             "num_shards": opts.num_shards, "batch_size": opts.batch_size,
-            "reader_positions": FOLLOW_POSITIONS, "ps_keys": PS_KEYS}
+            "reader_positions": FOLLOW_POSITIONS, "ps_keys": PS_KEYS,
+            "ps_state": STATE_FORMAT}
 
 
 def _check_savepoint(path: str, opts, mode: str) -> None:
@@ -310,7 +313,8 @@ def _check_savepoint(path: str, opts, mode: str) -> None:
     if manifest is None:
         return
     ours = _manifest(opts)
-    for key, what in (("reader_positions", "reader positions"), ("ps_keys", "PS state keys")):
+    for key, what in (("reader_positions", "reader positions"), ("ps_keys", "PS state keys"),
+                      ("ps_state", "PS state format")):
         if manifest.get(key) != ours[key]:
             raise SystemExit(f"train: savepoint {path} holds {what} of another version "
                              f"({manifest.get(key)}; this one has {ours[key]}): resume it "

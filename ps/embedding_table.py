@@ -70,6 +70,7 @@ import numpy as np
 
 from ._jit import EMPTY_FID, mix64, njit, prefetch, prefetch_write, reduce_range
 from .frequency_filter import FrequencyFilter, sketch_estimate, sketch_increment
+from .envelope import SnapshotError, open_envelope, seal_arrays
 from .optimizers import Adagrad, Optimizer, optimizer_from_config
 
 __all__ = ["EmbeddingTable", "SlotConfig", "Delta", "TableStats", "slot_of", "EMPTY_FID", "BUCKET_SIZE"]
@@ -100,6 +101,13 @@ class SlotConfig:
 
     The embedding dim is not per slot: one table has one row width, so a shard whose slots use
     several dims keeps one table per dim.
+
+    >>> table = EmbeddingTable(dim=1, slots={2: SlotConfig(threshold=2, expiry=10)})
+    >>> fid = np.array([(2 << 48) + 5], dtype=np.uint64)          # slot 2
+    >>> [table.apply_gradients(fid, np.ones((1, 1), np.float32), now=t) for t in (0, 1)]
+    [0, 1]
+    >>> table.evict(now=5), table.evict(now=12)                    # unseen for 11 > 10
+    (0, 1)
     """
 
     threshold: int = 0
@@ -259,12 +267,20 @@ def _find_kernel(fids, index, seeds, num_buckets, row_ids):
         row_ids[i] = np.intp(index[e, 1]) if e >= 0 else -1
 
 
-@njit
-def _lookup_kernel(fids, index, seeds, num_buckets, rows, dim, init_slots, init_scale, init_seed, out, row_ids):
-    """``out[i] = rows[row of fids[i], :ncols]``, or the initial value; row ids to ``row_ids``.
+_LOOKUP, _TOUCH = 0, 1  # what the pipelined find does with each key's row
+
+
+@njit(inline="always")
+def _pipelined_find(mode, fids, index, seeds, num_buckets, rows, last_seen, touched, row_ids,
+                    dim, init_slots, init_scale, init_seed, out, time, bits):
+    """Find the row of every key (to ``row_ids``, -1 if none), then, by ``mode``:
+
+    * _LOOKUP: ``out[i] = rows[row of fids[i], :ncols]``, or the initial value;
+    * _TOUCH: mark the rows found as seen at ``time`` and touched with ``bits`` (I5).
 
     A three-stage software pipeline: prefetch the buckets of key ``i + 2P``, find key ``i + P``
-    (its buckets have arrived) and prefetch its row, copy the row of key ``i``.
+    (its buckets have arrived) and prefetch what the mode reads of its row, handle key ``i``.
+    Inlined into one kernel per mode, where the mode is a constant: each gets only its code.
     """
     flat_index = index.reshape(-1)
     flat_rows = rows.reshape(-1)
@@ -284,10 +300,19 @@ def _lookup_kernel(fids, index, seeds, num_buckets, rows, dim, init_slots, init_
             r = np.intp(index[e, 1]) if e >= 0 else -1
             row_ids[ahead] = r
             if r >= 0:
-                prefetch(flat_rows, r * width)
-                prefetch(flat_rows, r * width + ncols - 1)
+                if mode == _LOOKUP:
+                    prefetch(flat_rows, r * width)
+                    prefetch(flat_rows, r * width + ncols - 1)
+                else:
+                    prefetch_write(last_seen, r)
+                    prefetch_write(touched, r)
         r = row_ids[i]
-        if r >= 0:
+        if mode == _TOUCH:
+            if r >= 0:
+                if last_seen[r] < time:
+                    last_seen[r] = time
+                touched[r] |= bits
+        elif r >= 0:
             for j in range(ncols):
                 out[i, j] = rows[r, j]
         else:
@@ -295,6 +320,22 @@ def _lookup_kernel(fids, index, seeds, num_buckets, rows, dim, init_slots, init_
                 out[i, j] = _initial_weight(fids[i], j, init_scale, init_seed)
             for j in range(dim, ncols):
                 out[i, j] = init_slots[j - dim]
+
+
+@njit
+def _lookup_kernel(fids, index, seeds, num_buckets, rows, dim, init_slots, init_scale, init_seed, out, row_ids):
+    """``out[i] = rows[row of fids[i], :ncols]``, or the initial value; row ids to ``row_ids``.
+    (The touch's arguments are unused here: any array stands in.)"""
+    _pipelined_find(_LOOKUP, fids, index, seeds, num_buckets, rows, row_ids, row_ids, row_ids,
+                    dim, init_slots, init_scale, init_seed, out, 0, 0)
+
+
+@njit
+def _find_and_touch_kernel(fids, index, seeds, num_buckets, last_seen, touched, time, bits, row_ids):
+    """Row ids of ``fids`` (-1: none); the rows found are marked seen at ``time`` and touched (I5).
+    (The lookup's arguments are unused here: any array of the right rank stands in.)"""
+    _pipelined_find(_TOUCH, fids, index, seeds, num_buckets, last_seen.reshape(-1, 1), last_seen, touched, row_ids,
+                    0, last_seen, 0.0, 0, last_seen.reshape(-1, 1), time, bits)
 
 
 @njit
@@ -446,39 +487,6 @@ def _admission_kernel(fids, thresholds, counts, seeds, maximum, admitted):
             admitted[i] = True
         else:
             admitted[i] = sketch_increment(counts, seeds, fid, maximum) >= threshold
-
-
-@njit
-def _find_and_touch_kernel(fids, index, seeds, num_buckets, last_seen, touched, time, bits, row_ids):
-    """``_find_kernel`` that also marks the rows found as seen at ``time`` and touched (I5).
-
-    Pipelined like the lookup: buckets of key ``i + 2P``, find key ``i + P`` and prefetch its
-    time and touched byte, update key ``i``.
-    """
-    flat_index = index.reshape(-1)
-    n = fids.shape[0]
-    for i in range(min(2 * _PREFETCH, n)):
-        _prefetch_buckets(flat_index, fids[i], seeds, num_buckets)
-    for i in range(min(_PREFETCH, n)):
-        e = _find(index, fids[i], seeds, num_buckets)
-        row_ids[i] = np.intp(index[e, 1]) if e >= 0 else -1
-    for i in range(n):
-        ahead = i + 2 * _PREFETCH
-        if ahead < n:
-            _prefetch_buckets(flat_index, fids[ahead], seeds, num_buckets)
-        ahead = i + _PREFETCH
-        if ahead < n:
-            e = _find(index, fids[ahead], seeds, num_buckets)
-            r = np.intp(index[e, 1]) if e >= 0 else -1
-            row_ids[ahead] = r
-            if r >= 0:
-                prefetch_write(last_seen, r)
-                prefetch_write(touched, r)
-        r = row_ids[i]
-        if r >= 0:
-            if last_seen[r] < time:
-                last_seen[r] = time
-            touched[r] |= bits
 
 
 @njit
@@ -1009,17 +1017,79 @@ class EmbeddingTable:
         return cls(capacity=capacity, **config)
 
     def to_bytes(self):
-        """Versioned, checksummed snapshot (see ``ps.snapshot``)."""
-        from .snapshot import table_to_bytes
+        """The table as bytes: a ``ps.envelope`` of kind ``"table"``.
 
-        return table_to_bytes(self)
+        Its header holds the config, entry count, row width, event time and stats; its arrays
+        are the entries only (``keys`` uint64[n], ``rows`` float32[n, width], ``last_seen``
+        uint32[n]) and the filter counters, not the hash index, so the bytes restore into a
+        table of any capacity. Everything that defines the table's behaviour round-trips
+        exactly; pending deltas do not (a restored table starts with nothing touched).
+
+        >>> table = EmbeddingTable(dim=4)
+        >>> _ = table.insert(np.arange(100, dtype=np.uint64), now=7)
+        >>> data = table.to_bytes()
+        >>> copy = EmbeddingTable.from_bytes(data, capacity=4096)   # room for 4096 entries
+        >>> len(copy), bool(copy.lookup(np.arange(100, dtype=np.uint64))[1].all())
+        (100, True)
+        >>> try:
+        ...     EmbeddingTable.from_bytes(data[:-1])
+        ... except SnapshotError as e:
+        ...     print(e)  # doctest: +ELLIPSIS
+        embedding table snapshot is truncated: expected ... bytes, got ...
+
+        Returns:
+            The bytes, read back by :meth:`from_bytes`.
+        """
+        n, arena = len(self), self._arena
+        arrays = {"keys": arena.keys[:n], "rows": arena.rows[:n], "last_seen": arena.last_seen[:n]}
+        if self.filter is not None:
+            arrays["filter"] = self.filter.counts
+        return seal_arrays("table", arrays, config=self.config(), count=n, width=self.width,
+                           event_time=self.event_time, stats=vars(self.stats))
 
     @classmethod
     def from_bytes(cls, data, capacity=None):
-        """Restore a snapshot, making room for ``capacity`` entries (default: its size)."""
-        from .snapshot import table_from_bytes
+        """Restore :meth:`to_bytes` output.
 
-        return table_from_bytes(data, capacity=capacity)
+        Args:
+            data: the bytes.
+            capacity: entries to make room for (default: the snapshot's size).
+
+        Returns:
+            The table.
+
+        Raises:
+            SnapshotError: the bytes are damaged, of another kind, or inconsistent.
+        """
+        envelope = open_envelope(data, "table")
+        arrays, header = envelope.arrays(), envelope.header
+        try:
+            count, width, config = int(header["count"]), int(header["width"]), header["config"]
+            keys, rows, last_seen = arrays["keys"], arrays["rows"], arrays["last_seen"]
+            event_time, stats = int(header["event_time"]), TableStats(**header["stats"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotError(f"embedding table snapshot header is malformed: {e!r}") from None
+        if keys.shape != (count,) or rows.shape != (count, width) or last_seen.shape != (count,):
+            raise SnapshotError("embedding table snapshot sections do not match its entry count "
+                                "and row width")
+        if count and (keys == EMPTY_FID).any():
+            raise SnapshotError("embedding table snapshot holds the reserved fid 0xFFFFFFFFFFFFFFFF")
+        table = cls.from_config(config, capacity=max(count, int(capacity or 0)))
+        if table.width != width:
+            raise SnapshotError(f"embedding table snapshot row width {width} does not match its "
+                                f"config (width {table.width})")
+        if count and np.unique(keys).size != count:
+            raise SnapshotError("embedding table snapshot holds duplicate keys")
+        table._load(keys.astype(np.uint64, copy=False), rows.astype(np.float32, copy=False),
+                    last_seen.astype(np.uint32, copy=False))
+        if table.filter is not None:
+            counts = arrays.get("filter")
+            if counts is None or counts.shape != table.filter.counts.shape:
+                raise SnapshotError("embedding table snapshot filter counters are missing or do "
+                                    "not match the filter config")
+            table.filter.counts[...] = counts
+        table.event_time, table.stats = event_time, stats
+        return table
 
     def __reduce__(self):  # pickling goes through the snapshot format
         return (EmbeddingTable.from_bytes, (self.to_bytes(),))

@@ -74,6 +74,12 @@ class FrequencyFilter:
         depth: number of hash rows (more rows: fewer overestimates, more work per id).
         counter: ``"uint8"`` (counts saturate at 255) or ``"uint16"`` (saturate at 65535).
         seed: hash seed; two filters with the same seed and size count identically.
+
+    >>> f = FrequencyFilter(memory_bytes=1024, depth=2, counter="uint16")
+    >>> f.width, f.max_count
+    (256, 65535)
+    >>> f.add(np.array([5, 5, 5], dtype=np.uint64)).tolist(), f.count(np.array([5], dtype=np.uint64)).tolist()
+    ([1, 2, 3], [3])
     """
 
     def __init__(self, memory_bytes=1 << 20, depth=4, counter="uint8", seed=0x5EED):

@@ -1,6 +1,6 @@
 """ParameterStore: the serving copy of the parameters, published by the PS DoFns.
 
-The PS DoFns (``ps.shard``) own parameters and optimizer state in Beam state; every sync
+The PS DoFns (``ps.sparse_shard``, ``ps.dense_shard``) own parameters and optimizer state in Beam state; every sync
 interval they publish what changed here. Workers and serving read from here. The store closes
 the worker → PS → worker loop that a Beam DAG cannot express (DESIGN §1).
 
@@ -10,9 +10,9 @@ the worker → PS → worker loop that a Beam DAG cannot express (DESIGN §1).
 
 Two backends behind one interface, chosen by URL, passing one test suite (tests/test_store.py):
 
-* ``memory://name``: an in-process registry; the same name gives the same object in one
-  process (DirectRunner, Flink ``--environment_type=LOOPBACK``). Pickling a memory store
-  pickles its URL, so a DoFn unpickled in the same process finds the same object.
+* ``memory://name``: a store in this process's memory, shared by name (below). It works
+  only where every DoFn runs in one process: the DirectRunner, and Flink with
+  ``--environment_type=LOOPBACK``. On every other runner or environment use ``redis://``.
 * ``redis://host:port/db[?prefix=ps]``: redis-py, one client per process, created at first use
   and never pickled (a pickled store carries its URL only; a forked child makes its own client).
 
@@ -36,7 +36,7 @@ vectorised fid → row map (numba kernels, no per-key Python loop, lookups relea
 redis backend: one hash per group, ``{prefix}:rows:{table}:{shard}``, fields = fid as 8 bytes
 little-endian, values = the row as float32 little-endian bytes; reads are pipelined HMGETs
 parsed with one ``np.frombuffer`` over the joined values, writes HSET/HDEL in MULTI/EXEC.
-Dense parameter sets are one value each (``encode_arrays``: JSON header + raw bytes); sync
+Dense parameter sets are one value each (a ``ps.envelope`` of kind ``dense-params``); sync
 records are a hash of JSON values. ``{prefix}:num_shards`` records the shard count the store
 was first opened with; a handle with another count is refused (its reads would look in the
 wrong groups).
@@ -45,64 +45,58 @@ Views: ``view_url(url, "train")`` names a second store beside ``url`` (memory: `
 redis: keys under ``{prefix}:view-train``, so a ``clear()`` of the store clears its views
 too, on both backends). The PS publishes every input to its training view and every sync
 interval to ``url``, the serving view: the worker trains on fresh parameters and scores with
-what serving holds (``ps.shard``).
+what serving holds (``ps.shard_state``).
+
+Process-shared memory stores
+----------------------------
+``open_store("memory://name")`` returns the one ``MemoryStore`` of that name in this process:
+the DoFns that publish, the workers and the reader that read, and the test or CLI that reads
+the result after the run all meet in it. The process's registry holds every memory store
+from its first ``open_store`` until :meth:`MemoryStore.drop` (or the process's exit): a store
+is the data, like a Redis server's, not a cache, so nothing frees it behind its users' backs.
+``drop()`` forgets it (and its views): the next ``open_store`` of the name starts empty, and
+handles still held keep the old object alive until they go. A pickled memory store is its URL
+and the process it lives in: unpickled in the same process it is the same object, and in
+another process (a runner's worker process, a fork) unpickling raises, where a new, empty
+store would silently lose everything written to it.
+
+Why not Beam's ``apache_beam.utils.shared.Shared``: it keeps only a weak reference to the
+object (plus a keep-alive for the last one acquired in the process), so a store between two
+uses, e.g. after the pipeline has finished and before the test reads it, would be garbage
+collected with its data; and its handles are keyed by a random id made at construction, where
+separately built DoFns and readers must find the store by name. ``ps`` is Beam-free (the store
+serves the ``serve`` CLI without Beam), so the registry is this module's own; like ``Shared``
+it is per process, which is why ``memory://`` is for one-process runners only.
+
+>>> store = open_store("memory://doctest", num_shards=1)
+>>> store.write_rows("dim2", shard=0, fids=[7], rows=[[0.5, -0.5]])
+>>> rows, found = open_store("memory://doctest").read_rows("dim2", [7, 8], width=2)
+>>> rows.tolist(), found.tolist()
+([[0.5, -0.5], [0.0, 0.0]], [True, False])
+>>> import pickle
+>>> pickle.loads(pickle.dumps(store)) is store
+True
+>>> store.drop()
+>>> open_store("memory://doctest").read_rows("dim2", [7], width=2)[1].tolist()
+[False]
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
 import threading
 import urllib.parse
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from ps.envelope import open_envelope, seal_arrays
 from ps.sharding import shard_of
 
-__all__ = ["ParameterStore", "MemoryStore", "RedisStore", "open_store", "view_url",
-           "encode_arrays", "decode_arrays"]
+__all__ = ["ParameterStore", "MemoryStore", "RedisStore", "open_store", "view_url", "row_map"]
 
 # Fields per HSET/HMGET command: bounded requests, still few round trips (they are pipelined).
 _CHUNK = 16384
-
-
-# ------------------------------------------------------------------ array dict encoding
-
-_ARRAYS_MAGIC = b"PSARRAY1"
-_ARRAYS_PREAMBLE = struct.Struct("<8sI")
-
-
-def encode_arrays(arrays: Dict[str, np.ndarray], meta: Optional[dict] = None) -> bytes:
-    """``{name: array}`` (+ a JSON-able ``meta``) → bytes: magic, header length, JSON header
-    (names, dtypes, shapes, meta), then the arrays' little-endian bytes back to back."""
-    names = list(arrays)
-    arrs = [np.ascontiguousarray(arrays[k]) for k in names]
-    arrs = [a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a for a in arrs]
-    header = json.dumps({"arrays": [[k, a.dtype.str, list(a.shape)] for k, a in zip(names, arrs)],
-                         "meta": meta}).encode("utf-8")
-    return b"".join([_ARRAYS_PREAMBLE.pack(_ARRAYS_MAGIC, len(header)), header,
-                     *(a.tobytes() for a in arrs)])
-
-
-def decode_arrays(data: bytes) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
-    """Inverse of ``encode_arrays``: (``{name: writable array}``, meta)."""
-    data = memoryview(data).cast("B")
-    magic, header_len = _ARRAYS_PREAMBLE.unpack_from(data)
-    if magic != _ARRAYS_MAGIC:
-        raise ValueError(f"not an encoded array dict: magic {bytes(magic)!r}")
-    offset = _ARRAYS_PREAMBLE.size
-    header = json.loads(bytes(data[offset:offset + header_len]))
-    offset += header_len
-    out = {}
-    for name, dtype, shape in header["arrays"]:
-        dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
-        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
-        offset += count * dtype.itemsize
-    if offset != len(data):
-        raise ValueError(f"encoded array dict has {len(data) - offset} unexpected trailing bytes")
-    return out, header["meta"]
 
 
 # ------------------------------------------------------------------ interface
@@ -305,19 +299,40 @@ def row_map(width: int, capacity: int = 1024):
     return EmbeddingTable(width, SGD(), capacity=max(1, capacity), channels=0)
 
 
-class MemoryStore(ParameterStore):
-    """In-process store; ``open_store("memory://name")`` returns the same object per name."""
+_memory_stores: Dict[str, "MemoryStore"] = {}  # the process's memory stores by name (above)
+_memory_stores_lock = threading.Lock()
 
-    _registry: Dict[str, "MemoryStore"] = {}
-    _registry_lock = threading.Lock()
+
+def _memory_store_in_process(url: str, num_shards: Optional[int], pid: int) -> "MemoryStore":
+    """Unpickle a memory store: the same object, in the process it lives in only."""
+    if pid != os.getpid():
+        raise RuntimeError(
+            f"{url} was pickled in process {pid} and unpickled in process {os.getpid()}: a "
+            f"memory:// store is shared only inside one process (DirectRunner, Flink with "
+            f"--environment_type=LOOPBACK); use a redis:// store where DoFns run in other "
+            f"processes")
+    return open_store(url, num_shards)
+
+
+class MemoryStore(ParameterStore):
+    """A store in this process's memory; ``open_store("memory://name")`` returns the same
+    object per name, until :meth:`drop` (see the module docstring for its lifetime).
+
+    >>> store = open_store("memory://doctest-dense", num_shards=None)
+    >>> store.write_dense("dense", {"w": np.ones(2, np.float32)}, version=3)
+    >>> params, version = open_store("memory://doctest-dense", None).read_dense("dense")
+    >>> params["w"].tolist(), version
+    ([1.0, 1.0], 3)
+    >>> store.drop()
+    """
 
     @classmethod
     def _get(cls, url: str, num_shards: int) -> "MemoryStore":
         name = url.split("://", 1)[1] or "default"
-        with cls._registry_lock:
-            store = cls._registry.get(name)
+        with _memory_stores_lock:
+            store = _memory_stores.get(name)
             if store is None:
-                store = cls._registry[name] = cls(f"memory://{name}", num_shards)
+                store = _memory_stores[name] = cls(f"memory://{name}", num_shards)
             if num_shards is not None:
                 if store.num_shards is None:
                     store.num_shards = num_shards
@@ -334,8 +349,25 @@ class MemoryStore(ParameterStore):
         self._dense: Dict[str, Tuple[Dict[str, np.ndarray], int]] = {}
         self._sync: Dict[str, dict] = {}
 
-    def __reduce__(self):  # a pickled memory store is its URL: same process, same object
-        return open_store, (self.url, self.num_shards)
+    def __reduce__(self):  # its URL and its process: the same object, in this process only
+        return _memory_store_in_process, (self.url, self.num_shards, os.getpid())
+
+    def _views(self):
+        name = self.url.split("://", 1)[1]
+        with _memory_stores_lock:
+            return [(k, v) for k, v in _memory_stores.items() if k.startswith(f"{name}/")]
+
+    def drop(self) -> None:
+        """Forget this store and its views: the next ``open_store`` of its URL starts empty.
+        Handles still held keep this object (and its data) alive until they go."""
+        name = self.url.split("://", 1)[1]
+        views = self._views()
+        with _memory_stores_lock:
+            if _memory_stores.get(name) is self:
+                del _memory_stores[name]
+            for key, view in views:
+                if _memory_stores.get(key) is view:
+                    del _memory_stores[key]
 
     def _writable_group(self, table, shard, width):
         group = self._groups_by_key.get((table, shard))
@@ -435,10 +467,7 @@ class MemoryStore(ParameterStore):
             self._groups_by_key.clear()
             self._dense.clear()
             self._sync.clear()
-        name = self.url.split("://", 1)[1]
-        with self._registry_lock:
-            views = [v for k, v in self._registry.items() if k.startswith(f"{name}/")]
-        for view in views:  # a cleared store must not leave a stale training view behind
+        for _, view in self._views():  # a cleared store must not leave a stale training view behind
             view.clear()
 
 
@@ -597,16 +626,16 @@ class RedisStore(ParameterStore):
         return fids[order], rows[order].astype(np.float32)
 
     def write_dense(self, name, params, version):
-        blob = encode_arrays({str(k): np.asarray(v) for k, v in params.items()},
-                             meta={"version": int(version)})
+        blob = seal_arrays("dense-params", {str(k): np.asarray(v) for k, v in params.items()},
+                           version=int(version))
         self._redis.set(f"{self.prefix}:dense:{name}", blob)
 
     def read_dense(self, name):
         blob = self._redis.get(f"{self.prefix}:dense:{name}")
         if blob is None:
             return None, -1
-        params, meta = decode_arrays(blob)
-        return params, int(meta["version"])
+        envelope = open_envelope(blob, "dense-params", source=f"{self.prefix}:dense:{name}")
+        return envelope.arrays(), int(envelope.header["version"])
 
     def set_sync(self, key, info):
         self._redis.hset(f"{self.prefix}:sync", key, json.dumps(info))

@@ -95,7 +95,7 @@ def run_child(policy: str, stream: dict = STREAM) -> dict:
     """Feed the stream to a SparseShard with ``policy``; the table size and RSS over time."""
     from apache_beam.transforms.window import GlobalWindow
 
-    from ps.shard import SparseShard
+    from ps.sparse_shard import SparseShard
     from ps.gradients import SparseGradients
     from ps.sharding import shard_of
 

@@ -28,7 +28,7 @@ import pytest
 
 from conftest import standalone_cluster
 from dataflow import train
-from ps.shard import read_snapshot
+from ps.snapshot_files import read_snapshot
 from ps.store import open_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +179,7 @@ def same_as_clean(result: dict, clean: dict, report: dict) -> None:
 def check_store_matches_snapshots(store_url, snapshots: dict, snap_dir):
     """The store ends equal to the PS state (reconciled after the restore): every row of every
     sparse shard's snapshot, and nothing else, is in the store with the same values."""
-    from ps.shard import SparseShard
+    from ps.sparse_shard import SparseShard
     from schemas.feature_config import load_feature_config
     from transforms.model import ModelSpec
     store = open_store(store_url, num_shards=2)

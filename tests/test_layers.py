@@ -18,8 +18,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = ("schemas", "ps", "transforms", "dataflow", "benchmarks")
 # ps modules that are Beam DoFns (they may import apache_beam, and only ps besides)
-PS_DOFN_MODULES = {"ps.shard_state", "ps.sparse_shard", "ps.dense_shard",
-                   "ps.shard"}  # ps.shard: until it is split into the three above
+PS_DOFN_MODULES = {"ps.shard_state", "ps.sparse_shard", "ps.dense_shard"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -124,8 +123,6 @@ def test_no_import_cycles():
             if not (MODULES[name].name != "__init__.py" and module == name.rpartition(".")[0]
                     and MODULES[module].name == "__init__.py"):
                 graph[name].add(module)
-    # until ps/snapshot.py and ps/embedding_table.py are one way (in progress)
-    graph["ps.snapshot"].discard("ps.embedding_table")
     cycles = []
     state: dict = {}
 

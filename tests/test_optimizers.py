@@ -1,9 +1,11 @@
-"""Row optimizers against straightforward reference implementations of their formulas."""
+"""Optimizers, on embedding rows and on dense weights, against straightforward reference
+implementations of their formulas."""
 
 import numpy as np
 import pytest
 
 from ps import FTRL, SGD, Adagrad, Adam, EmbeddingTable, optimizer_from_config
+from ps.optimizers import as_optimizer
 
 DIM = 5
 
@@ -131,3 +133,68 @@ def test_config_round_trip_and_unknown_name():
 
 def test_slot_counts():
     assert [o.num_slots(8) for o in (SGD(), Adagrad(), FTRL(), Adam())] == [0, 8, 16, 17]
+
+
+# ----------------------------------------------------------------------------- dense weights
+
+
+def _reference_step(name, w, g, state, t, lr):
+    """Scalar loops, written from the textbook formulas."""
+    w, out = w.ravel().astype(np.float64), []
+    g = g.ravel().astype(np.float64)
+    for i in range(w.size):
+        if name == "sgd":
+            out.append(w[i] - lr * g[i])
+        elif name == "adagrad":
+            state["acc"][i] += g[i] ** 2
+            out.append(w[i] - lr * g[i] / np.sqrt(state["acc"][i]))
+        else:
+            state["m"][i] = 0.9 * state["m"][i] + 0.1 * g[i]
+            state["v"][i] = 0.999 * state["v"][i] + 0.001 * g[i] ** 2
+            m_hat, v_hat = state["m"][i] / (1 - 0.9 ** t), state["v"][i] / (1 - 0.999 ** t)
+            out.append(w[i] - lr * m_hat / (np.sqrt(v_hat) + 1e-8))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_dense_optimizer_matches_reference_formula(name):
+    rng = np.random.default_rng(3)
+    opt = as_optimizer(name, lr=0.05)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    slots = opt.dense_slots(w)
+    state = {"acc": np.full(12, 0.1), "m": np.zeros(12), "v": np.zeros(12)}
+    ref = w.astype(np.float64).ravel()
+    for t in range(1, 6):
+        g = rng.standard_normal((3, 4)).astype(np.float32)
+        opt.apply_dense(w, slots, g, t)
+        ref = _reference_step(name, ref, g, state, t, 0.05)
+        np.testing.assert_allclose(w.ravel(), ref, rtol=1e-5, atol=1e-6)
+    assert w.dtype == np.float32 and all(s.dtype == np.float32 for s in slots.values())
+
+
+@pytest.mark.parametrize("opt,reference", CASES, ids=lambda x: repr(x) if not callable(x) else "")
+def test_dense_steps_match_the_reference(opt, reference):
+    """``apply_dense`` on a parameter array follows the same formulas as the rows (Adam's
+    step count is the caller's), for every rule and its hyper-parameters."""
+    rng = np.random.default_rng(2)
+    param = rng.standard_normal((DIM,)).astype(np.float32)
+    slots = opt.dense_slots(param)
+    assert all(s.shape == param.shape and s.dtype == np.float32 for s in slots.values())
+    row = np.concatenate([param, opt.initial_slots(DIM)]).astype(np.float64)
+    for step in range(1, 8):
+        g = rng.standard_normal(DIM).astype(np.float32)
+        opt.apply_dense(param, slots, g, step)
+        row = reference(row, g.astype(np.float64), opt).astype(np.float32).astype(np.float64)
+        np.testing.assert_allclose(param, row[:DIM], rtol=2e-5, atol=1e-6)
+    assert param.dtype == np.float32
+
+
+def test_as_optimizer_takes_a_name_a_config_or_an_instance():
+    assert as_optimizer("Adam") == Adam()
+    assert as_optimizer("sgd", lr=0.5) == SGD(lr=0.5)
+    assert as_optimizer({"name": "ftrl", "l1": 0.3}) == FTRL(l1=0.3)
+    opt = Adagrad(lr=0.2, epsilon=1e-3)
+    assert as_optimizer(opt) is opt
+    assert as_optimizer(opt, lr=0.1) == Adagrad(lr=0.1, epsilon=1e-3)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        as_optimizer("lamb")

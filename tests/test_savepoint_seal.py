@@ -78,11 +78,12 @@ def test_train_refuses_to_resume_a_savepoint_of_another_job(tmp_path):
     root = tmp_path / "sp"
     os.makedirs(root)
     (root / "_metadata").write_bytes(b"flink")
+    from ps.shard_state import STATE_FORMAT
     from transforms.example_reader import FOLLOW_POSITIONS
     from transforms.train import PS_KEYS
     manifest = {"input": f"{folder}/*.avro", "config": "synthetic", "model": "fm",
                 "num_shards": 2, "batch_size": 256, "reader_positions": FOLLOW_POSITIONS,
-                "ps_keys": PS_KEYS}
+                "ps_keys": PS_KEYS, "ps_state": STATE_FORMAT}
     (root / SAVEPOINT_MANIFEST).write_text(json.dumps(manifest))
     seal_savepoint(str(root))
     same = [f"--input={folder}", "--config=synthetic", "--model=fm", "--num_shards=2",
@@ -112,4 +113,11 @@ def test_train_refuses_to_resume_a_savepoint_of_another_job(tmp_path):
     (root / SAVEPOINT_MANIFEST).write_text(json.dumps({**manifest, "ps_keys": None}))
     seal_savepoint(str(root))  # PS state keyed by FastPrimitivesCoder-encoded shards
     with pytest.raises(SystemExit, match="PS state keys of another version"):
+        resume()
+    (root / SAVEPOINT_MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items()
+                                                      if k != "ps_state"}))
+    seal_savepoint(str(root))  # PS state of the version before ps.envelope (PSLE, PSSHARD1)
+    with pytest.raises(SystemExit, match="PS state format of another version \\(None; this one "
+                                         "has base\\+log\\+version, ps.envelope v1\\): resume it "
+                                         "with the version that wrote it"):
         resume()

@@ -1,15 +1,12 @@
 """Snapshots: exact round trip, any capacity, and clear errors for damaged bytes."""
 
-import json
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ps import FTRL, Adam, EmbeddingTable, FrequencyFilter, SlotConfig, SnapshotError
+from ps.envelope import HEAD, open_envelope, seal
 
 
 def trained_table(optimizer=None, n=3000, seed=0):
@@ -84,13 +81,15 @@ def test_every_truncation_is_rejected():
 
 
 def test_corrupted_header_and_payload_are_rejected_with_what_is_wrong():
+    """One checksum covers the envelope's head, header and payload (``ps.envelope``): a
+    damaged header and a damaged payload are both reported as corrupted."""
     data = bytearray(trained_table(n=30).to_bytes())
-    header_len = struct.unpack_from("<I", data, 12)[0]
-    in_header, in_payload = 32 + header_len // 2, 32 + header_len + 5
-    for offset, message in [(in_header, "header is corrupted"), (in_payload, "payload is corrupted")]:
+    header_len = HEAD.unpack_from(data)[4]
+    in_header, in_payload = HEAD.size + header_len // 2, HEAD.size + header_len + 5
+    for offset in (in_header, in_payload):
         damaged = bytearray(data)
         damaged[offset] ^= 0x10
-        with pytest.raises(SnapshotError, match=message):
+        with pytest.raises(SnapshotError, match="embedding table snapshot is corrupted"):
             EmbeddingTable.from_bytes(bytes(damaged))
 
 
@@ -114,7 +113,7 @@ def test_errors_name_the_problem():
     with pytest.raises(SnapshotError, match="not an embedding table snapshot"):
         EmbeddingTable.from_bytes(b"GARBAGE!" + data[8:])
     with pytest.raises(SnapshotError, match="version 9"):
-        EmbeddingTable.from_bytes(data[:8] + struct.pack("<H", 9) + data[10:])
+        EmbeddingTable.from_bytes(data[:4] + bytes([9]) + data[5:])
     with pytest.raises(SnapshotError, match="trailing"):
         EmbeddingTable.from_bytes(data + b"\0")
     with pytest.raises(SnapshotError, match="truncated"):
@@ -123,17 +122,13 @@ def test_errors_name_the_problem():
 
 
 def reseal(header, payload):
-    """A well-formed snapshot (valid checksums) around a chosen header and payload."""
-    header_bytes = json.dumps(header).encode()
-    preamble = struct.pack(
-        "<8sHHIQII", b"PSEMBTBL", 1, 0, len(header_bytes), len(payload), zlib.crc32(header_bytes), zlib.crc32(payload)
-    )
-    return preamble + header_bytes + payload
+    """A well-formed snapshot (valid checksum) around a chosen header and payload."""
+    return seal("table", header, payload)
 
 
 def split(data):
-    header_len = struct.unpack_from("<I", data, 12)[0]
-    return json.loads(data[32 : 32 + header_len]), data[32 + header_len :]
+    envelope = open_envelope(data, "table")
+    return envelope.header, bytes(envelope.payload)
 
 
 def test_consistent_checksums_do_not_hide_an_inconsistent_header():
@@ -145,7 +140,7 @@ def test_consistent_checksums_do_not_hide_an_inconsistent_header():
     with pytest.raises(SnapshotError, match="not described"):
         EmbeddingTable.from_bytes(reseal(header, payload + b"\0" * 8))
     header, payload = split(SNAPSHOT)
-    del header["sections"]
+    del header["arrays"]
     with pytest.raises(SnapshotError, match="malformed"):
         EmbeddingTable.from_bytes(reseal(header, payload))
 

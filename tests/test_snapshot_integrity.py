@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -24,11 +23,11 @@ from hypothesis import strategies as st
 
 from dataflow import data, join, train
 from ps import SnapshotError
-from ps.shard import SnapshotFileError, check_restore_dir, read_snapshot
+from ps.envelope import HEAD  # the envelope's fixed head
+from ps.snapshot_files import SnapshotFileError, check_restore_dir, read_snapshot
 
 CONFIG = "synthetic"
 SNAPSHOTS = ("dense-dense.snap", "sparse-0.snap", "sparse-1.snap")
-HEAD = struct.Struct("<8sIIQ")  # the envelope's fixed head (ps/shard.py)
 FAULTS = {"truncated": 0, "bit_flipped": 0, "missing_or_foreign": 0, "refused": 0}
 
 
@@ -74,7 +73,7 @@ def flip(data: bytes, position: int, bit: int) -> bytes:
 def cut_points(data: bytes) -> list[int]:
     """Truncation points in every part of the file: empty, the fixed head, the JSON header,
     the payload (the shard's base encoding, whose tables have their own checksums), the end."""
-    _, header_len, _, payload_len = HEAD.unpack_from(data)
+    header_len, payload_len = HEAD.unpack_from(data)[4:6]
     start = HEAD.size + header_len
     points = {0, 1, 7, 8, HEAD.size - 1, HEAD.size, HEAD.size + header_len // 2, start - 1,
               start, start + 1, start + payload_len // 3, start + payload_len // 2,
@@ -121,7 +120,7 @@ def test_bit_flips_in_every_header_byte_are_refused(backfill, tmp_path, name):
     shard count, event time): the checksum covers the header too, so no flip is read as a
     valid snapshot."""
     data = backfill["bytes"][name]
-    _, header_len, _, _ = HEAD.unpack_from(data)
+    header_len = HEAD.unpack_from(data)[4]
     target = tmp_path / "restore"
     shutil.copytree(backfill["snapshots"], target)
     for position in range(HEAD.size + header_len):
@@ -136,7 +135,7 @@ def test_bit_flips_in_every_header_byte_are_refused(backfill, tmp_path, name):
        bit=st.integers(0, 7))
 def test_any_bit_flip_in_the_payload_is_refused(backfill, tmp_path_factory, name, where, bit):
     data = backfill["bytes"][name]
-    _, header_len, _, _ = HEAD.unpack_from(data)
+    header_len = HEAD.unpack_from(data)[4]
     start = HEAD.size + header_len
     position = start + int(where * (len(data) - start))
     target = damaged_copy(backfill, tmp_path_factory.mktemp("flip"), name,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ps.store import MemoryStore, RedisStore, decode_arrays, encode_arrays, open_store
+from ps.store import MemoryStore, RedisStore, open_store
 from ps.sharding import shard_of
 
 WIDTHS = {"a": 3, "b": 1}
@@ -198,18 +198,6 @@ def test_pickle_keeps_the_url_not_the_client(make_store):
     np.testing.assert_array_equal(copy.read_rows("t", fids, 3)[0], rows)
 
 
-def test_encode_arrays_round_trip():
-    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([], np.int64),
-              "c": np.array(3.5)}
-    got, meta = decode_arrays(encode_arrays(arrays, meta={"k": [1, 2]}))
-    assert meta == {"k": [1, 2]} and list(got) == ["a", "b", "c"]
-    for k in arrays:
-        np.testing.assert_array_equal(got[k], arrays[k])
-        assert got[k].flags.writeable
-    with pytest.raises(ValueError):
-        decode_arrays(b"nonsense" + bytes(8))
-
-
 def test_memory_concurrent_readers_see_whole_writes():
     """Readers in threads while a writer rewrites a shard: every read sees one write whole
     (all rows of a shard carry the same version), and versions never go back."""
@@ -255,3 +243,48 @@ def test_memory_concurrent_readers_see_whole_writes():
         t.join()
     assert not errors, errors[0]
     assert np.all(store.read_rows("t", fids, width)[0] == 199)
+
+
+def test_memory_store_lives_until_dropped():
+    """The process's registry holds a memory store (the data) until ``drop()``: a handle
+    held keeps the old object, the next ``open_store`` of the name starts empty, and the
+    store's views go with it."""
+    url = f"memory://drop-{uuid.uuid4().hex[:8]}"
+    store = open_store(url, 1)
+    view = open_store(f"{url}/train", 1)
+    store.set_sync("dense", {"version": 1})
+    view.set_sync("dense", {"version": 2})
+    assert open_store(url) is store
+    store.drop()
+    assert store.sync_info() == {"dense": {"version": 1}}  # the handle still holds it
+    fresh = open_store(url, 1)
+    assert fresh is not store and fresh.sync_info() == {}
+    assert open_store(f"{url}/train").sync_info() == {}
+    fresh.drop()
+
+
+def test_memory_store_unpickled_in_another_process_is_refused(tmp_path):
+    """A memory store is shared inside one process only: unpickled elsewhere (a runner's
+    worker process), it raises instead of handing out a new, empty store."""
+    import os
+    import subprocess
+    import sys
+    store = open_store(f"memory://pickled-{uuid.uuid4().hex[:8]}", 1)
+    proc = subprocess.run([sys.executable, "-c", "import pickle, sys; "
+                           "pickle.loads(sys.stdin.buffer.read())"],
+                          input=pickle.dumps(store), capture_output=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode != 0
+    assert b"is shared only inside one process" in proc.stderr and b"redis://" in proc.stderr
+    store.drop()
+
+
+def test_dense_set_of_an_earlier_format_is_refused_by_name(redis_server):
+    """A redis store written by a version before the envelope (``PSARRAY1`` dense sets)."""
+    from ps.envelope import SnapshotError
+    store = open_store(f"{redis_server}/1?prefix=old{uuid.uuid4().hex[:8]}", 1)
+    store._redis.set(f"{store.prefix}:dense:model", b"PSARRAY1" + bytes(40))
+    with pytest.raises(SnapshotError, match=f"dense parameter set {store.prefix}:dense:model "
+                                            "is a PSARRAY1 array set of an earlier version"):
+        store.read_dense("model")
+    store.clear()

@@ -287,7 +287,8 @@ def test_arena_growth_falls_back_to_copying_when_maps_cannot_be_resized(monkeypa
     np.testing.assert_array_equal(table.lookup(fids)[0], weights)
 
 
-@pytest.mark.parametrize("module", ["embedding_table", "frequency_filter", "optimizers", "snapshot"])
+@pytest.mark.parametrize("module", ["embedding_table", "frequency_filter", "optimizers", "envelope",
+                                    "snapshot_files", "store", "sharding"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -142,7 +142,8 @@ class TrainOnline(beam.PTransform):
                       publishers=self.publishers)
 
     def expand(self, batches):
-        from ps.shard import DenseShard, SparseShard
+        from ps.dense_shard import DenseShard
+        from ps.sparse_shard import SparseShard
         from transforms.metrics import OnlineMetrics
         from transforms.scores import WriteScores
         from transforms.model import Model

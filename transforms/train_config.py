@@ -19,7 +19,7 @@ __all__ = ["SparseConfig", "DenseConfig", "MetricsConfig", "Snapshots", "ModelEx
            "SlotConfig"]
 
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "ftrl", "adam")
-DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "ftrl", "adam")
 
 
 def _at_least(owner, field: str, value, low, allow_none: bool = False) -> None:
@@ -95,8 +95,8 @@ class DenseConfig:
     """The dense parameter server: the model's dense weights, one Beam key.
 
     Args:
-        optimizer: ``sgd``, ``adagrad``, ``adam``, a config dict or a
-            ``ps.optimizers.DenseOptimizer``.
+        optimizer: ``sgd``, ``adagrad``, ``ftrl``, ``adam``, a config dict or a
+            ``ps.optimizers.Optimizer`` (the row optimizers' dense form).
         learning_rate: overrides the optimizer's rate (None: its default).
         sync_interval_s: event-time seconds between publishes to the store serving reads.
         compact_every: Beam-state log entries before a compaction into a new base.

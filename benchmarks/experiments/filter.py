@@ -33,7 +33,7 @@ def expiry_label(expiry_s) -> str:
 
 def table_bytes(config_path: str, num_shards: int = 2) -> tuple:
     """(bytes per PS row, bytes of the frequency filters) of the training pipeline's tables."""
-    from ps.shard import SparseShard
+    from ps.sparse_shard import SparseShard
     from schemas.feature_config import load_feature_config
     from transforms.model import ModelSpec
     from transforms.train_config import SparseConfig
