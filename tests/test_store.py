@@ -279,6 +279,7 @@ def test_memory_store_unpickled_in_another_process_is_refused(tmp_path):
     store.drop()
 
 
+@pytest.mark.redis
 def test_dense_set_of_an_earlier_format_is_refused_by_name(redis_server):
     """A redis store written by a version before the envelope (``PSARRAY1`` dense sets)."""
     from ps.envelope import SnapshotError
