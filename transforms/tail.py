@@ -76,7 +76,10 @@ def log_file_start_ms(path: str) -> Optional[int]:
 
 
 def ordered_log_files(file_pattern: str) -> list:
-    """The files ``file_pattern`` matches, in the order of their records.
+    """The files a pattern matches, in the order of their records.
+
+    Args:
+        file_pattern: a glob (any Beam file system).
 
     Returns:
         their paths in the order of the start their names give (:func:`log_file_start_ms`;
