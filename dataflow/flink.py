@@ -206,10 +206,10 @@ class FlinkCluster:
         extra_conf: more ``config.yaml`` settings, ``{key: value}``.
 
     Raises:
-        FlinkSetupError: no Flink distribution or Java (made, or :meth:`start`).
+        FlinkSetupError: there is no Flink distribution or no Java.
 
-    It needs Flink (``make flink-dist``) and a minute to start, so this example is not run
-    by the tests (``tests/test_flink*.py`` start one):
+    It needs Flink (``make flink-dist``) and a minute to start, so this example is shown, not
+    run (the Flink tests start one: ``tests/conftest.py``):
 
     >>> with FlinkCluster(task_slots=2) as cluster:          # doctest: +SKIP
     ...     run(["--runner=FlinkRunner", f"--flink_master={cluster.master}"])

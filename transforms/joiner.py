@@ -636,9 +636,8 @@ class JoinResult(NamedTuple):
     """The outputs of :class:`OnlineJoiner`, one PCollection each (the module docstring says
     what each holds).
 
-    >>> JoinResult._fields
-    ('examples', 'unmatched_actions', 'late_actions', 'duplicate_actions', \
-'duplicate_features', 'invalid', 'closed')
+    >>> print(*JoinResult._fields)
+    examples unmatched_actions late_actions duplicate_actions duplicate_features invalid closed
     """
     examples: Any
     unmatched_actions: Any
