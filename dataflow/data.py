@@ -74,6 +74,13 @@ __all__ = ["SynthParams", "SyntheticLogs", "SyntheticWorld", "draw_world", "draw
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve; tied scores count one half (the Mann-Whitney statistic).
 
+    Args:
+        scores: the scores.
+        labels: the labels (truthy: positive).
+
+    Returns:
+        The AUC; NaN without both classes.
+
     >>> roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
     0.75
     >>> roc_auc([0.5, 0.5], [0, 1])
