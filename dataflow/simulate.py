@@ -3,17 +3,17 @@
     python -m dataflow.simulate --serve http://127.0.0.1:8500 --actions out/loop/action_log \\
         --duration_s 7200 --speed 60 --rps 20 [--users 300 --items 400 --seed 0 ...]
 
-The users and items are ``dataflow.data``'s synthetic world (:class:`SyntheticWorld`: the
-same latent vectors, biases, life curves and true click logit as ``python -m dataflow.data
-synth``). A simulated clock runs ``--speed`` times faster than the wall clock from
-``--start`` for ``--duration_s`` simulated seconds. About ``--rps`` times per wall second a
-user (drawn by activity) on some device and network gets ``--candidates`` items (drawn by
-popularity times life curve at that moment) and asks serving to rank them (``POST
-/score``, with the request's event time, the user's and items' raw fields and, for the logs
-only, each item's true CTR). The user sees the ``--top_k`` items served and clicks each with
-its **true** probability (computed here from the world, not from what serving says), some
-seconds to minutes later (log-normal delays as in ``dataflow.data``), and likes some clicked
-items later still. Actions are written to ``--actions`` as the action log
+The users and items are ``dataflow.data``'s synthetic world
+(:class:`~dataflow.data.SyntheticWorld`: the same latent vectors, biases, life curves and true
+click logit as ``python -m dataflow.data synth``). A simulated clock runs ``--speed`` times
+faster than the wall clock from ``--start`` for ``--duration_s`` simulated seconds. About
+``--rps`` times per wall second a user (drawn by activity) on some device and network gets
+``--candidates`` items (drawn by popularity times life curve at that moment) and asks serving
+to rank them (``POST /score``, with the request's event time, the user's and items' raw fields
+and, for the logs only, each item's true CTR). The user sees the ``--top_k`` items served and
+clicks each with its **true** probability (computed here from the world, not from what serving
+says), some seconds to minutes later (log-normal delays as in ``dataflow.data``), and likes
+some clicked items later still. Actions are written to ``--actions`` as the action log
 (``schemas/action_log.avsc``), one Avro file per ``--roll_s`` of event time, in event-time
 order, with a ``_watermark.json`` that says up to when the folder is complete.
 
