@@ -16,6 +16,14 @@ from dataflow.pipelines import PIPELINES, run_pipeline, usage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m dataflow``.
+
+    Args:
+        argv: the pipeline's name and its flags (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

@@ -40,6 +40,15 @@ _LOG = logging.getLogger(__name__)
 
 
 class AnalyzeOptions(MonolithOptions):
+    """The flags of ``python -m dataflow.analyze`` (``--help`` lists them).
+
+    >>> from dataflow.options import pipeline_options
+    >>> opts = pipeline_options(["--input=logs/*.avro", "--config=synthetic_tft",
+    ...                          "--out=out/transform"], AnalyzeOptions).view_as(AnalyzeOptions)
+    >>> opts.out, opts.analysis_batch_size
+    ('out/transform', 1000)
+    """
+
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--input", help="glob of feature log Avro files of the backfill "
@@ -55,10 +64,36 @@ class AnalyzeOptions(MonolithOptions):
 
 
 class AnalysisError(RuntimeError):
-    """The analysis ran but its result cannot be used (e.g. a field had no values)."""
+    """The analysis ran but its result cannot be used (e.g. a field had no values).
+
+    >>> import tempfile
+    >>> from dataflow.options import pipeline_options
+    >>> from schemas import write_avro
+    >>> d = tempfile.mkdtemp()
+    >>> _ = write_avro(f"{d}/logs.avro", "feature_log", [   # no record has an age
+    ...     {"request_id": "r1", "ts_ms": 1, "user_id": "u", "item_id": "i"}])
+    >>> config = FeatureConfig.from_dict({"slots": [{"name": "age", "slot": 3, "source": "age",
+    ...     "optional": True, "bucketize": {"quantiles": 2}}]})
+    >>> opts = pipeline_options([f"--input={d}/logs.avro", f"--out={d}/transform"],
+    ...                         AnalyzeOptions).view_as(AnalyzeOptions)
+    >>> with beam.Pipeline() as p:
+    ...     build(p, opts, config, f"{d}/tmp")
+    >>> finish(opts.out, config, opts.input, {"counters": {}})
+    Traceback (most recent call last):
+    ...
+    dataflow.analyze.AnalysisError: no values to analyse for slot 'age' (field 'age') in 1 ...
+    """
 
 
 def build(pipeline, opts, config: FeatureConfig, temp_dir: str) -> None:
+    """The analysis pipeline (the module docstring's picture); example: :class:`AnalysisError`.
+
+    Args:
+        pipeline: the ``beam.Pipeline`` to add it to.
+        opts: the :class:`AnalyzeOptions`.
+        config: the feature config, with analysers.
+        temp_dir: TFT's scratch directory.
+    """
     from transforms.event_time_files import WriteEventTimeFiles
     from transforms.preprocess import AnalyzeFeatureLogs
     from transforms.sources import ReadFeatureLogs
@@ -72,7 +107,20 @@ def build(pipeline, opts, config: FeatureConfig, temp_dir: str) -> None:
 
 
 def finish(out: str, config: FeatureConfig, input_glob: str, metrics: dict):
-    """Read the results out of the written graph; write summary.json and the config."""
+    """Reads the results out of the written graph; writes ``summary.json`` and the config.
+
+    Args:
+        out: the transform output directory the pipeline wrote.
+        config: the feature config analysed.
+        input_glob: the input, for the summary.
+        metrics: the job's :func:`dataflow.job.metrics_dict` (the dead letters' counts).
+
+    Returns:
+        The ``FittedTransform``.
+
+    Raises:
+        AnalysisError: an analysed field had no values.
+    """
     from transforms.preprocess import read_transform_graph, write_analysed_config
 
     fitted = read_transform_graph(out, config)
@@ -93,6 +141,14 @@ def finish(out: str, config: FeatureConfig, input_glob: str, metrics: dict):
 
 
 def main(argv: list[str] | None = None):
+    """``python -m dataflow.analyze``.
+
+    Args:
+        argv: the flags (None: ``sys.argv[1:]``).
+
+    Returns:
+        The ``FittedTransform`` written.
+    """
     state_cache.weigh_without_module_globals()  # 7x faster stateful DoFns (its docstring)
     options, opts = parse_pipeline_args(argv, AnalyzeOptions, ("input", "config", "out"),
                                         "analyze")
@@ -114,7 +170,14 @@ def main(argv: list[str] | None = None):
 
 
 def describe(summary: dict) -> str:
-    """A few readable lines: boundaries per slot, mean ± std per dense input."""
+    """A transform's summary, readable.
+
+    Args:
+        summary: a ``FittedTransform.summary`` (``summary.json``).
+
+    Returns:
+        A few lines: boundaries per slot, mean ± std per dense input.
+    """
     lines = [f"{summary['records']} records analysed"]
     for name, s in summary["slots"].items():
         bounds = ", ".join(f"{b:.7g}" for b in s["boundaries"])  # float32: 7 digits

@@ -27,17 +27,31 @@ _NOT_OURS = r"(?!(%s)(\.|$))" % "|".join(OUR_PACKAGES)
 
 
 def verbose_requested(argv: list[str] | None = None) -> bool:
-    """Whether ``--verbose`` is among the command-line arguments."""
+    """Whether ``--verbose`` is among the command-line arguments.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        True if it is.
+    """
     return VERBOSE_FLAG in (sys.argv[1:] if argv is None else argv)
 
 
 def setup(argv: list[str] | None = None) -> bool:
-    """Set up logging and warnings for a command-line run; returns whether it is verbose.
+    """Sets up logging and warnings for a command-line run.
 
     Quiet (the default): log lines of our packages from INFO up, other libraries' from
     WARNING up, no warnings attributed to other libraries' modules (warnings about a call in
     our code still show), TensorFlow's C++ log off (unless ``TF_CPP_MIN_LOG_LEVEL`` is set).
     Verbose: every library's INFO lines and warnings, with the logger's name.
+
+    Args:
+        argv: the command-line arguments (None: ``sys.argv[1:]``); ``--verbose`` among them
+            makes the run verbose.
+
+    Returns:
+        Whether the run is verbose.
     """
     verbose = verbose_requested(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -57,8 +71,17 @@ def setup(argv: list[str] | None = None) -> bool:
 
 
 def verbose_flags(argv: list[str] | None = None) -> list[str]:
-    """``["--verbose"]`` if this run is verbose, else ``[]``: for the command lines of child
-    processes."""
+    """The flags that pass this run's verbosity on to the command lines of child processes.
+
+    Args:
+        argv: this run's arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        ``["--verbose"]`` if this run is verbose, else ``[]``.
+
+    >>> verbose_flags(["--out", "x", "--verbose"]), verbose_flags(["--out", "x"])
+    (['--verbose'], [])
+    """
     return [VERBOSE_FLAG] if verbose_requested(argv) else []
 
 
@@ -80,7 +103,18 @@ class _Formatter(logging.Formatter):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """``--help``: the description as written, and every option's default after its help
-    (unless the help already says it)."""
+    (unless the help already says it).
+
+    >>> parser = argparse.ArgumentParser(
+    ...     prog="demo", formatter_class=lambda prog: HelpFormatter(prog, width=100))
+    >>> _ = parser.add_argument("--batch_size", type=int, default=256, help="examples per batch")
+    >>> _ = parser.add_argument("--out", help="where to write (default: ./out)")
+    >>> print(parser.format_help().split("options:")[1].strip())
+    -h, --help            show this help message and exit
+      --batch_size BATCH_SIZE
+                            examples per batch (default: 256)
+      --out OUT             where to write (default: ./out)
+    """
 
     def _format_action(self, action):
         if not action.help and self._default_shown(action):
@@ -104,15 +138,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_verbose(parser, subcommand: bool = False) -> None:
-    """Adds ``--verbose`` (:func:`setup` reads it from ``sys.argv``; a parser accepts and
-    documents it). ``subcommand``: on a subcommand's parser, where a default would hide the
-    main parser's value."""
+    """Adds ``--verbose`` to a parser (:func:`setup` reads it from ``sys.argv``; a parser
+    accepts and documents it).
+
+    Args:
+        parser: an ``argparse.ArgumentParser``.
+        subcommand: the parser is a subcommand's, where a default would hide the main
+            parser's value.
+    """
     parser.add_argument(VERBOSE_FLAG, action="store_true", help=VERBOSE_HELP,
                         **({"default": argparse.SUPPRESS} if subcommand else {}))
 
 
 def argument_parser(**kwargs) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with :class:`HelpFormatter` and ``--verbose``."""
+    """An ``ArgumentParser`` with :class:`HelpFormatter` and ``--verbose``.
+
+    Args:
+        **kwargs: ``argparse.ArgumentParser``'s arguments.
+
+    Returns:
+        The parser.
+    """
     kwargs.setdefault("formatter_class", HelpFormatter)
     parser = argparse.ArgumentParser(**kwargs)
     add_verbose(parser)

@@ -74,6 +74,13 @@ __all__ = ["SynthParams", "SyntheticLogs", "SyntheticWorld", "draw_world", "draw
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve; tied scores count one half (the Mann-Whitney statistic).
 
+    Args:
+        scores: the scores.
+        labels: the labels (truthy: positive).
+
+    Returns:
+        The AUC; NaN without both classes.
+
     >>> roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
     0.75
     >>> roc_auc([0.5, 0.5], [0, 1])
@@ -113,6 +120,32 @@ def _write_summary(out_dir: Path, summary: dict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SynthParams:
+    """The synthetic stream's parameters (``python -m dataflow.data synth`` flags).
+
+    Args:
+        users, items: how many (items over the whole run, the initial catalogue included).
+        requests: served requests.
+        days: the stream's length.
+        seed: the random seed: same parameters, same files.
+        dim: latent dimension of tastes and items.
+        ctr: target mean click probability.
+        drift: radians per day each user's taste turns (0: stationary).
+        categories, creators: how many.
+        start: the UTC day the stream starts, ``YYYY-MM-DD``.
+        file_hours: hours of event time per Avro file.
+        user_life_days: ID churn: days each user is active (0: for ever).
+
+    Raises:
+        ValueError: a value out of range, named by its flag.
+
+    >>> SynthParams(requests=1000, start="2024-01-02").start_ms
+    1704153600000
+    >>> SynthParams(ctr=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: --ctr must be in (0, 1), got 1.5
+    """
+
     users: int = 10_000
     items: int = 10_000           # every item of the run, the initial catalogue included
     requests: int = 200_000
@@ -159,7 +192,16 @@ TRENDING_TAGS = 20
 
 @dataclasses.dataclass
 class SyntheticLogs:
-    """The generated stream, column by column (row = one served request, in time order)."""
+    """The generated stream, column by column (row = one served request, in time order), as
+    :func:`generate_synthetic` draws it.
+
+    >>> logs = generate_synthetic(SynthParams(users=100, items=100, requests=2000, days=0.5,
+    ...                                       creators=10, ctr=0.2))
+    >>> len(logs.ts_ms), bool(np.all(np.diff(logs.ts_ms) >= 0))
+    (2000, True)
+    >>> 0.15 < logs.click.mean() < 0.25, 0.6 < logs.bayes_auc < 1.0
+    (True, True)
+    """
     params: SynthParams
     ts_ms: np.ndarray             # int64
     user: np.ndarray              # user index
@@ -204,6 +246,16 @@ class SyntheticWorld:
     """The synthetic platform without its requests: users, creators, items and the effects
     that make the true click logit. :func:`generate_synthetic` draws a stream from it in bulk;
     ``dataflow.simulate`` serves it live. Times are ms relative to ``params.start_ms``.
+
+    >>> params = SynthParams(users=100, items=100, creators=10)
+    >>> world = draw_world(params, np.random.default_rng(0))
+    >>> born = world.item_weights(t_rel_ms=0) > 0      # items that can be served at the start
+    >>> 0 < born.sum() <= 100
+    True
+    >>> one = np.array([0])
+    >>> world.logit(ts_rel=one, user=one, item=np.flatnonzero(born)[:1], device=one,
+    ...             network=one).shape
+    (1,)
     """
     params: SynthParams
     gender: np.ndarray            # per user: index into GENDERS
@@ -235,8 +287,15 @@ class SyntheticWorld:
     tags: list | None = None      # per item: tag names (:func:`draw_tags`)
 
     def item_weights(self, t_rel_ms: float) -> np.ndarray:
-        """Unnormalised probability of serving each item at ``t_rel_ms``: popularity times
-        its life curve (age/peak * e^(1 - age/peak)); items not yet born weigh 0."""
+        """The unnormalised probability of serving each item at a time.
+
+        Args:
+            t_rel_ms: ms after ``params.start_ms``.
+
+        Returns:
+            Per item: its popularity times its life curve (age/peak * e^(1 - age/peak));
+            items not yet born weigh 0.
+        """
         age_h = (t_rel_ms - self.birth_ms) / HOUR_MS
         life = np.where(age_h > 0, age_h / self.peak_h * np.exp(1 - age_h / self.peak_h), 0.0)
         weight = self.popularity * life
@@ -246,8 +305,17 @@ class SyntheticWorld:
 
     def logit(self, ts_rel: np.ndarray, user: np.ndarray, item: np.ndarray,
               device: np.ndarray, network: np.ndarray) -> np.ndarray:
-        """The true click logit of each (time, user, item, device, network), without the
-        global bias ``b0`` (solved per stream for the target CTR; see ``solve_bias``)."""
+        """The true click logit of requests.
+
+        Args:
+            ts_rel: ms after ``params.start_ms``, per request.
+            user, item: user and item indices, per request.
+            device, network: indices into ``DEVICES`` and ``NETWORKS``, per request.
+
+        Returns:
+            The logit of each request, without the global bias ``b0`` (solved per stream
+            for the target CTR; see ``solve_bias``).
+        """
         p = self.params
         hour = (ts_rel // HOUR_MS + p.start_ms // HOUR_MS) % 24
         turn = p.drift * ts_rel / DAY_MS
@@ -265,7 +333,15 @@ class SyntheticWorld:
 
 
 def draw_world(params: SynthParams, rng: np.random.Generator) -> SyntheticWorld:
-    """Users, creators, items and effects, drawn in bulk from ``rng`` (tags not included)."""
+    """Users, creators, items and effects, drawn in bulk (tags not included).
+
+    Args:
+        params: the :class:`SynthParams`.
+        rng: a NumPy ``Generator``.
+
+    Returns:
+        The :class:`SyntheticWorld`.
+    """
     p = params
     span_ms = int(p.days * DAY_MS)
     sd = lambda s, *shape: rng.normal(0.0, s, size=shape)  # noqa: E731
@@ -313,7 +389,15 @@ def draw_world(params: SynthParams, rng: np.random.Generator) -> SyntheticWorld:
 
 
 def draw_tags(world: SyntheticWorld, rng: np.random.Generator) -> list:
-    """Each item's tags: 1-3 of its category's, maybe a trending one; sets ``world.tags``."""
+    """Draws each item's tags: 1-3 of its category's, maybe a trending one.
+
+    Args:
+        world: the :class:`SyntheticWorld`; its ``tags`` are set.
+        rng: a NumPy ``Generator``.
+
+    Returns:
+        Per item: its tag names.
+    """
     p = world.params
     tags = [None] * p.items
     n_tags = rng.integers(1, 4, size=p.items)
@@ -329,7 +413,14 @@ def draw_tags(world: SyntheticWorld, rng: np.random.Generator) -> list:
 
 
 def generate_synthetic(params: SynthParams = SynthParams()) -> SyntheticLogs:
-    """Draw the whole stream in bulk (see the module docstring); deterministic in the seed."""
+    """Draws the whole stream in bulk (see the module docstring); deterministic in the seed.
+
+    Args:
+        params: the :class:`SynthParams`.
+
+    Returns:
+        The :class:`SyntheticLogs` (example there).
+    """
     p = params
     rng = np.random.default_rng(p.seed)
     n_hours = int(np.ceil(p.days * 24))
@@ -390,7 +481,15 @@ def generate_synthetic(params: SynthParams = SynthParams()) -> SyntheticLogs:
 
 
 def write_synthetic(logs: SyntheticLogs, out_dir: str | os.PathLike) -> dict:
-    """Write the FeatureLog and ActionLog files and summary.json; returns the summary."""
+    """Writes the FeatureLog and ActionLog files and ``summary.json``.
+
+    Args:
+        logs: the :class:`SyntheticLogs`.
+        out_dir: the output directory.
+
+    Returns:
+        The summary.
+    """
     p, out_dir = logs.params, Path(out_dir)
     n = len(logs.ts_ms)
     request_ids = [f"s{p.seed}-{k:09d}" for k in range(n)]
@@ -451,14 +550,32 @@ def write_synthetic(logs: SyntheticLogs, out_dir: str | os.PathLike) -> dict:
 
 
 def synth(out_dir: str | os.PathLike, **params) -> dict:
-    """Generate and write a synthetic stream; returns its summary (``summary.json``)."""
+    """Generates and writes a synthetic stream (``python -m dataflow.data synth``).
+
+    Args:
+        out_dir: the output directory.
+        **params: :class:`SynthParams` fields.
+
+    Returns:
+        Its summary (``summary.json``).
+    """
     return write_synthetic(generate_synthetic(SynthParams(**params)), out_dir)
 
 
 # --------------------------------------------------------------------------- MovieLens
 
 def movielens_wheel(cache_dir: str | os.PathLike = DATA_CACHE) -> Path:
-    """The recbole wheel that carries MovieLens-100K, downloaded once into ``cache_dir``."""
+    """The recbole wheel that carries MovieLens-100K, downloaded once.
+
+    Args:
+        cache_dir: where it is kept.
+
+    Returns:
+        Its path.
+
+    Raises:
+        RuntimeError: it is not there and cannot be downloaded.
+    """
     cache_dir = Path(cache_dir)
     wheel = cache_dir / RECBOLE_WHEEL
     if wheel.is_file():
@@ -479,7 +596,20 @@ def movielens_wheel(cache_dir: str | os.PathLike = DATA_CACHE) -> Path:
 
 @dataclasses.dataclass
 class MovieLensLogs:
-    """MovieLens-100K ratings in time order, column by column."""
+    """MovieLens-100K ratings in time order, column by column (:func:`load_movielens`).
+
+    >>> import tempfile
+    >>> logs = MovieLensLogs(ts_ms=np.array([0, 60_000]), user=np.array([1, 2]),
+    ...                      item=np.array([7, 7]), rating=np.array([5.0, 2.0]),
+    ...                      users={1: (24, "M", "technician", "85711"),
+    ...                             2: (53, "F", "other", "94043")},
+    ...                      items={7: (1995, ["Drama"])})
+    >>> logs.positive.tolist()                 # a rating >= 4 is a click
+    [True, False]
+    >>> summary = write_movielens(logs, tempfile.mkdtemp())
+    >>> summary["records"], summary["positives"]
+    (2, 1)
+    """
     ts_ms: np.ndarray
     user: np.ndarray
     item: np.ndarray
@@ -498,7 +628,14 @@ def _tsv(zf: zipfile.ZipFile, suffix: str) -> list[list[str]]:
 
 
 def load_movielens(cache_dir: str | os.PathLike = DATA_CACHE) -> MovieLensLogs:
-    """Read ``ml-100k.inter``, ``.user`` and ``.item`` out of the recbole wheel."""
+    """Reads ``ml-100k.inter``, ``.user`` and ``.item`` out of the recbole wheel.
+
+    Args:
+        cache_dir: where the wheel is kept (:func:`movielens_wheel`).
+
+    Returns:
+        The :class:`MovieLensLogs`.
+    """
     with zipfile.ZipFile(movielens_wheel(cache_dir)) as zf:
         inter = np.array(_tsv(zf, "inter"), dtype=np.float64)   # user, item, rating, ts
         users = {int(u): (int(age), gender, occupation, zip_code)
@@ -515,7 +652,17 @@ def load_movielens(cache_dir: str | os.PathLike = DATA_CACHE) -> MovieLensLogs:
 
 def write_movielens(logs: MovieLensLogs, out_dir: str | os.PathLike, file_hours: int = 168,
                     seed: int = 0) -> dict:
-    """FeatureLog per rating, a "click" 1-60 s after each rating >= 4; returns the summary."""
+    """Writes a FeatureLog per rating and a "click" 1-60 s after each rating >= 4.
+
+    Args:
+        logs: the :class:`MovieLensLogs` (example there).
+        out_dir: the output directory.
+        file_hours: hours of event time per Avro file.
+        seed: seeds the click delays.
+
+    Returns:
+        The summary (``summary.json``).
+    """
     out_dir = Path(out_dir)
     n = len(logs.ts_ms)
     request_ids = [f"ml-{k:06d}" for k in range(n)]
@@ -567,7 +714,16 @@ def write_movielens(logs: MovieLensLogs, out_dir: str | os.PathLike, file_hours:
 
 def movielens(out_dir: str | os.PathLike, cache_dir: str | os.PathLike = DATA_CACHE,
               file_hours: int = 168, seed: int = 0) -> dict:
-    """Fetch (once), convert and write MovieLens-100K; returns its summary."""
+    """Fetches (once), converts and writes MovieLens-100K
+    (``python -m dataflow.data movielens``).
+
+    Args:
+        out_dir: the output directory.
+        cache_dir, file_hours, seed: as :func:`load_movielens` and :func:`write_movielens`.
+
+    Returns:
+        The summary.
+    """
     return write_movielens(load_movielens(cache_dir), out_dir, file_hours, seed)
 
 
@@ -615,6 +771,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dataflow.data``.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status.
+    """
     args = vars(_parser().parse_args(argv))
     if args["dataset"] == "table":
         from dataflow import table

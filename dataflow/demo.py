@@ -38,7 +38,14 @@ COMMON = [f"--config={CONFIG}", "--model=deepfm", "--learning_rate=0.05", "--bat
 
 
 def example_log(out: str = OUT) -> list[str]:
-    """The joined MovieLens example log (made once, reused by later runs)."""
+    """The joined MovieLens example log (made once, reused by later runs).
+
+    Args:
+        out: the demo's folder.
+
+    Returns:
+        The example files.
+    """
     joined = os.path.join(out, "joined")
     files = example_files(os.path.join(joined, "examples", "*.avro")) \
         if os.path.isdir(os.path.join(joined, "examples")) else []
@@ -56,7 +63,15 @@ def example_log(out: str = OUT) -> list[str]:
 
 
 def split_by_time(files: list[str], fraction: float = 0.8) -> tuple[list[str], list[str]]:
-    """(files of the first ``fraction`` of the examples in time, the files after them)."""
+    """Example files split in time.
+
+    Args:
+        files: example files, in time order.
+        fraction: the share of the examples of the first part.
+
+    Returns:
+        ``(files of the first fraction of the examples in time, the files after them)``.
+    """
     counts = [sum(1 for _ in read_examples_in_order([f])) for f in files]
     total, running = sum(counts), 0
     for i, n in enumerate(counts):
@@ -68,8 +83,18 @@ def split_by_time(files: list[str], fraction: float = 0.8) -> tuple[list[str], l
 
 def land_files(files: list[str], folder: str, every_s: float,
                done: str | None = None) -> threading.Thread:
-    """Copies ``files`` into ``folder`` one by one (temporary name, then rename), then
-    creates ``done``: the stream is over (``train online --stop_when_exists``)."""
+    """Lands files in a folder one by one (temporary name, then rename), as a stream would.
+
+    Args:
+        files: the files.
+        folder: where they land.
+        every_s: seconds between two.
+        done: a file created after the last one: the stream is over (``train online
+            --stop_when_exists``).
+
+    Returns:
+        The thread that copies them (started).
+    """
     def run():
         for f in files:
             target = os.path.join(folder, os.path.basename(f))
@@ -85,13 +110,26 @@ def land_files(files: list[str], folder: str, every_s: float,
 
 
 def totals(path: str) -> dict:
-    """The online metrics' totals, a metric without a value (null: no AUC without clicks)
-    as NaN, which prints."""
+    """The online metrics' totals.
+
+    Args:
+        path: a ``-totals.json`` file.
+
+    Returns:
+        Its values; a metric without a value (null: no AUC without clicks) as NaN, which
+        prints.
+    """
     with open(path, encoding="utf-8") as f:
         return {k: math.nan if v is None else v for k, v in json.load(f).items()}
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m dataflow demo``.
+
+    Args:
+        argv: more flags for both training jobs, Beam's or ``dataflow.train``'s (None:
+            ``sys.argv[1:]``).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     files = example_log()
     backfill, online = split_by_time(files)

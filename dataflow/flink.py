@@ -4,7 +4,7 @@ Two things come from outside Python and are set up by ``make`` (see README):
 
 * the Beam Flink **job server jar**, shaded by ``flink/jobserver/pom.xml`` from Maven
   Central into ``.cache/flink/`` (Beam's FlinkRunner takes it with
-  ``--flink_job_server_jar``; ``dataflow.options.runner_defaults`` fills that in);
+  ``--flink_job_server_jar``; ``dataflow.options.pipeline_options`` fills that in);
 * a **Flink distribution**, the ``apache-flink`` wheel installed with ``--no-deps`` into
   ``.venv-flink`` (it pins an old Beam, so it lives apart from ``.venv``). Its
   ``bin/start-cluster.sh`` starts a standalone cluster; :class:`FlinkCluster` drives it.
@@ -51,11 +51,26 @@ JOB_SERVER_JAR_NAME = f"beam-runners-flink-{FLINK_VERSION}-job-server-{BEAM_VERS
 
 
 class FlinkSetupError(RuntimeError):
-    """Something Flink needs is not installed; the message says what to run."""
+    """Something Flink needs is not installed; the message says what to run.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"FLINK_HOME": tempfile.mkdtemp()}):
+    ...     flink_home()
+    Traceback (most recent call last):
+    ...
+    dataflow.flink.FlinkSetupError: No Flink distribution (bin/start-cluster.sh) found ...
+    """
 
 
 def job_server_jar() -> str:
-    """Path of the Beam Flink job server jar, or :class:`FlinkSetupError` saying how to get it."""
+    """The Beam Flink job server jar.
+
+    Returns:
+        Its path (``BEAM_MONOLITH_FLINK_JOB_SERVER_JAR``, else the one ``make`` builds).
+
+    Raises:
+        FlinkSetupError: it, or Java, is missing; the message says how to get it.
+    """
     path = os.environ.get("BEAM_MONOLITH_FLINK_JOB_SERVER_JAR") or str(
         REPO_ROOT / ".cache" / "flink" / JOB_SERVER_JAR_NAME)
     if not os.path.isfile(path):
@@ -68,7 +83,14 @@ def job_server_jar() -> str:
 
 
 def flink_home() -> str:
-    """Root of the Flink distribution (has bin/ conf/ lib/), from FLINK_HOME or .venv-flink."""
+    """The Flink distribution.
+
+    Returns:
+        Its root (it has ``bin/ conf/ lib/``), from ``FLINK_HOME`` or ``.venv-flink``.
+
+    Raises:
+        FlinkSetupError: it, or Java, is missing (example: :class:`FlinkSetupError`).
+    """
     home = os.environ.get("FLINK_HOME")
     if not home:
         found = sorted(glob.glob(str(REPO_ROOT / ".venv-flink" / "lib" / "python3*" /
@@ -113,10 +135,17 @@ def low_latency_conf_dir() -> str:
 
 def local_rest_conf_dir(port: int | None = None) -> str:
     """A ``--flink_conf_dir`` for a job on the job server's embedded MiniCluster
-    (``--flink_master=[local]``): :data:`LOW_LATENCY_CONF` and ``rest.bind-port`` (a free
-    port unless given), so the driver can reach the job through Flink's REST API
+    (``--flink_master=[local]``), so the driver can reach the job through Flink's REST API
     (:func:`rest_address`; Flink otherwise binds a random port no one is told). Removed when
-    this process exits (the job server reads it when the job is submitted)."""
+    this process exits (the job server reads it when the job is submitted).
+
+    Args:
+        port: the REST API's port (None: a free one).
+
+    Returns:
+        The folder: its ``config.yaml`` holds :data:`LOW_LATENCY_CONF` and
+        ``rest.bind-port``.
+    """
     import atexit
     folder = tempfile.mkdtemp(prefix="beam-monolith-flink-conf-")
     atexit.register(shutil.rmtree, folder, True)
@@ -126,11 +155,22 @@ def local_rest_conf_dir(port: int | None = None) -> str:
 
 
 def rest_address(all_options: dict) -> str | None:
-    """Where the REST API of a Flink job's cluster is (``host:port``), from the job's options
-    (``PipelineOptions.get_all_options(retain_unknown_options=True)``): the ``--flink_master``
-    of a remote cluster, or for the embedded MiniCluster (``[local]``, ``[auto]``) the
-    ``rest.bind-port`` of its ``--flink_conf_dir`` (:func:`local_rest_conf_dir`); None when
-    unknown."""
+    """Where the REST API of a Flink job's cluster is.
+
+    Args:
+        all_options: the job's options
+            (``PipelineOptions.get_all_options(retain_unknown_options=True)``).
+
+    Returns:
+        ``host:port``: the ``--flink_master`` of a remote cluster, or for the embedded
+        MiniCluster (``[local]``, ``[auto]``) the ``rest.bind-port`` of its
+        ``--flink_conf_dir`` (:func:`local_rest_conf_dir`); None when unknown.
+
+    >>> rest_address({"flink_master": "http://flink:8081/"})
+    'flink:8081'
+    >>> rest_address({"flink_master": "[local]", "flink_conf_dir": local_rest_conf_dir(8123)})
+    'localhost:8123'
+    """
     master = (all_options.get("flink_master") or "[auto]").strip()
     if not master.startswith("["):
         return master.removeprefix("http://").removeprefix("https://").rstrip("/")
@@ -146,6 +186,7 @@ def rest_address(all_options: dict) -> str | None:
 
 
 def free_port() -> int:
+    """A TCP port of localhost that is free now."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
@@ -157,6 +198,18 @@ class FlinkCluster:
     It runs from a private copy of the distribution's ``conf/`` with free ports and its own
     log folder, so two clusters (or a leftover one) never collide. Use it as a context
     manager; ``stop()`` also kills the JVMs if the scripts leave any behind.
+
+    Args:
+        task_slots: slots of its TaskManager.
+        workdir: its configuration, logs and pid files (default: a new temporary folder).
+        rest_port: the port of its REST API and web UI (default: a free one).
+        extra_conf: more ``config.yaml`` settings, ``{key: value}``.
+
+    Raises:
+        FlinkSetupError: there is no Flink distribution or no Java.
+
+    It needs Flink (``make flink-dist``) and a minute to start, so this example is shown, not
+    run (the Flink tests start one: ``tests/conftest.py``):
 
     >>> with FlinkCluster(task_slots=2) as cluster:          # doctest: +SKIP
     ...     run(["--runner=FlinkRunner", f"--flink_master={cluster.master}"])
@@ -214,6 +267,17 @@ class FlinkCluster:
         return env
 
     def start(self, timeout_s: float = 120.0) -> "FlinkCluster":
+        """Starts the cluster and waits until a TaskManager with a slot is registered.
+
+        Args:
+            timeout_s: how long to wait.
+
+        Returns:
+            self.
+
+        Raises:
+            FlinkSetupError: it did not come up in time (its logs are in the message).
+        """
         self._write_conf()
         _LOG.info("starting Flink cluster from %s, REST %s", self.home, self.rest_url)
         subprocess.run(["bash", os.path.join(self.home, "bin", "start-cluster.sh")],
@@ -233,6 +297,16 @@ class FlinkCluster:
                               f"{timeout_s:.0f}s. Logs:\n{logs}")
 
     def rest(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
+        """A call to the cluster's REST API.
+
+        Args:
+            path: e.g. ``/overview``.
+            method: the HTTP method.
+            body: a JSON body.
+
+        Returns:
+            The JSON answer.
+        """
         return _rest(self.rest_url, path, method, body)
 
     def jobs(self) -> list[dict]:
@@ -240,7 +314,14 @@ class FlinkCluster:
         return self.rest("/jobs").get("jobs", [])
 
     def pids(self, daemon: str = "*") -> list[int]:
-        """PIDs the scripts recorded (``daemon``: ``taskexecutor``, ``standalonesession``)."""
+        """The PIDs the scripts recorded.
+
+        Args:
+            daemon: ``taskexecutor``, ``standalonesession`` or ``*`` (all).
+
+        Returns:
+            Their PIDs.
+        """
         pids = []
         for pid_file in self.workdir.glob(f"*-{daemon}.pid"):
             for line in pid_file.read_text().split():
@@ -249,7 +330,17 @@ class FlinkCluster:
         return pids
 
     def running_job(self, timeout_s: float = 120.0) -> str:
-        """The id of the job running on the cluster (waits for it to be RUNNING)."""
+        """The id of the job running on the cluster.
+
+        Args:
+            timeout_s: how long to wait for a job to be RUNNING.
+
+        Returns:
+            Its id.
+
+        Raises:
+            TimeoutError: none is RUNNING after ``timeout_s``.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             running = [j["id"] for j in self.jobs() if j["status"] == "RUNNING"]
@@ -259,7 +350,14 @@ class FlinkCluster:
         raise TimeoutError(f"no job RUNNING on {self.rest_url} after {timeout_s:.0f}s")
 
     def checkpoints(self, job_id: str) -> dict:
-        """The job's checkpoint counts: ``{"completed": n, "restored": n, "failed": n, ...}``."""
+        """A job's checkpoint counts.
+
+        Args:
+            job_id: the job.
+
+        Returns:
+            ``{"completed": n, "restored": n, "failed": n, ...}``.
+        """
         return self.rest(f"/jobs/{job_id}/checkpoints").get("counts", {})
 
     def kill_taskmanager(self) -> int:
@@ -273,7 +371,14 @@ class FlinkCluster:
         return pids[-1]
 
     def start_taskmanager(self, timeout_s: float = 60.0) -> None:
-        """Start one more TaskManager and wait until the JobManager has it registered."""
+        """Starts one more TaskManager and waits until the JobManager has it registered.
+
+        Args:
+            timeout_s: how long to wait.
+
+        Raises:
+            TimeoutError: it did not register in time.
+        """
         def ids():
             return {tm["id"] for tm in self.rest("/taskmanagers").get("taskmanagers", [])}
         before = ids()  # may still list a killed one until its heartbeat times out
@@ -288,10 +393,12 @@ class FlinkCluster:
 
     def stop_with_savepoint(self, job_id: str, directory: str, drain: bool = False,
                             timeout_s: float = 120.0, manifest: dict | None = None) -> str:
-        """``flink stop --savepointPath DIRECTORY JOB`` (:func:`stop_with_savepoint`)."""
+        """``flink stop --savepointPath DIRECTORY JOB``: :func:`stop_with_savepoint` (the
+        arguments) on this cluster."""
         return stop_with_savepoint(self.master, job_id, directory, drain, timeout_s, manifest)
 
     def stop(self) -> None:
+        """Stops the cluster, and kills what the scripts leave behind."""
         try:
             subprocess.run(["bash", os.path.join(self.home, "bin", "stop-cluster.sh")],
                            env=self._env(), capture_output=True, timeout=60)
@@ -304,6 +411,7 @@ class FlinkCluster:
                 pass
 
     def logs_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of each of the cluster's logs."""
         out = []
         for log in sorted(self.log_dir.glob("*.log")):
             text = log.read_text(errors="replace").splitlines()[-lines:]
@@ -322,7 +430,23 @@ SAVEPOINT_MANIFEST = "beam-monolith.json"
 
 
 class SavepointError(RuntimeError):
-    """A savepoint that does not match the checksums taken when it was written."""
+    """A savepoint that does not match the checksums taken when it was written.
+
+    >>> savepoint = tempfile.mkdtemp()
+    >>> Path(savepoint, "_metadata").write_bytes(b"state")
+    5
+    >>> verify_savepoint(savepoint)        # no seal: only Flink's own checks apply
+    False
+    >>> _ = seal_savepoint(savepoint)
+    >>> verify_savepoint(savepoint)
+    True
+    >>> Path(savepoint, "_metadata").write_bytes(b"stale")
+    5
+    >>> verify_savepoint(savepoint)
+    Traceback (most recent call last):
+    ...
+    dataflow.flink.SavepointError: savepoint ...: _metadata is damaged (checksum mismatch)
+    """
 
 
 def _savepoint_dir(path: str) -> Path:
@@ -334,8 +458,15 @@ def _savepoint_files(root: Path) -> list:
 
 
 def seal_savepoint(path: str) -> str:
-    """Write the SHA-256 of every file of the savepoint at ``path`` next to them (Flink
-    checks no checksum: a bit flipped in ``_metadata`` or a state file may go unnoticed)."""
+    """Writes the SHA-256 of every file of a savepoint next to them (Flink checks no
+    checksum: a bit flipped in ``_metadata`` or a state file may go unnoticed).
+
+    Args:
+        path: the savepoint (a folder, or its ``file://`` URL).
+
+    Returns:
+        The path of the seal written (example: :class:`SavepointError`).
+    """
     import hashlib
     root = _savepoint_dir(path)
     lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(root)}"
@@ -345,9 +476,19 @@ def seal_savepoint(path: str) -> str:
 
 
 def verify_savepoint(path: str) -> bool:
-    """Check a savepoint against its seal (:func:`seal_savepoint`); raises
-    :class:`SavepointError` naming the damaged file. False if it has no seal (not written by
-    :meth:`FlinkCluster.stop_with_savepoint`): then only Flink's own checks apply."""
+    """Checks a savepoint against its seal (:func:`seal_savepoint`).
+
+    Args:
+        path: the savepoint (a folder, or its ``file://`` URL).
+
+    Returns:
+        True if it matches its seal; False if it has no seal (not written by
+        :func:`stop_with_savepoint`): then only Flink's own checks apply.
+
+    Raises:
+        SavepointError: no such savepoint, or a file of it missing, added or damaged
+            (example there).
+    """
     import hashlib
     root = _savepoint_dir(path)
     seal = root / SAVEPOINT_SEAL
@@ -384,17 +525,32 @@ _ENDED = ("FINISHED", "CANCELED", "FAILED")
 
 
 def jobs_named(master: str, name: str | None) -> list[str]:
-    """The ids of the jobs called ``name`` (None: any) on the cluster at ``master`` that have
-    not ended."""
+    """The jobs of a name that have not ended.
+
+    Args:
+        master: the cluster's REST address (host:port or a URL).
+        name: the jobs' name (None: any).
+
+    Returns:
+        Their ids.
+    """
     return [j["jid"] for j in _rest(master, "/jobs/overview").get("jobs", [])
             if name in (None, j.get("name")) and j.get("state") not in _ENDED]
 
 
 def cancel_jobs_named(master: str, name: str, timeout_s: float = 60.0) -> list[str]:
-    """Cancel the jobs called ``name`` on the cluster at ``master`` (host:port); their ids.
+    """Cancels the jobs of a name and waits until they ended.
 
     Beam's job server, asked to cancel, stops its own invocation but leaves a job it
     submitted to a remote cluster running (and restarting once its Python workers are gone).
+
+    Args:
+        master: the cluster's REST address (host:port or a URL).
+        name: the jobs' name.
+        timeout_s: how long to wait for them to end.
+
+    Returns:
+        Their ids.
     """
     ids = jobs_named(master, name)
     for jid in ids:
@@ -410,13 +566,25 @@ def cancel_jobs_named(master: str, name: str, timeout_s: float = 60.0) -> list[s
 
 def stop_with_savepoint(master: str, job_id: str, directory: str, drain: bool = False,
                         timeout_s: float = 120.0, manifest: dict | None = None) -> str:
-    """``flink stop --savepointPath DIRECTORY JOB`` through the REST API of the cluster at
-    ``master``; returns the savepoint's path once it completed (the job then ends).
+    """``flink stop --savepointPath DIRECTORY JOB`` through a cluster's REST API (the job
+    then ends). The savepoint is sealed with the checksums of its files
+    (:func:`seal_savepoint`), which ``dataflow.train`` verifies before it resumes from it.
 
-    ``manifest`` (what the job was: its input, model, shards...) goes into the savepoint as
-    ``beam-monolith.json`` (:func:`savepoint_manifest`); then the savepoint is sealed with
-    the checksums of its files (:func:`seal_savepoint`), which ``dataflow.train`` verifies
-    before it resumes from it.
+    Args:
+        master: the cluster's REST address (host:port or a URL).
+        job_id: the job.
+        directory: where the savepoint goes.
+        drain: let the job's event time advance to the end first (Flink's ``--drain``).
+        timeout_s: how long to wait for the savepoint.
+        manifest: what the job was (its input, model, shards...), written into the
+            savepoint as ``beam-monolith.json`` (:func:`savepoint_manifest`).
+
+    Returns:
+        The savepoint's path, once it completed.
+
+    Raises:
+        RuntimeError: the savepoint failed.
+        TimeoutError: it was not done in time.
     """
     trigger = _rest(master, f"/jobs/{job_id}/stop", "POST",
                     {"targetDirectory": directory, "drain": drain})["request-id"]
@@ -440,14 +608,22 @@ def stop_with_savepoint(master: str, job_id: str, directory: str, drain: bool = 
 
 def stop_job(master: str, job_id: str, ended: Callable[[], bool],
              timeout_s: float = 120.0) -> bool:
-    """End a running job as FINISHED: Flink's stop with a savepoint (``flink stop``) into a
-    temporary folder, removed afterwards; True once ``ended()`` (e.g. Beam's result is in a
-    terminal state), False if the savepoint failed or the job did not end in ``timeout_s``
-    (it may still run: cancel it then).
+    """Ends a running job as FINISHED: Flink's stop with a savepoint (``flink stop``) into a
+    temporary folder, removed afterwards.
 
     A checkpointed Beam job keeps its sources up, so it never ends by itself; cancelled,
     it loses its metrics (Beam's job server reads them from the ``JobExecutionResult`` of a
     job that finished). Stopped, it finishes, and its result keeps them.
+
+    Args:
+        master: the cluster's REST address (host:port or a URL).
+        job_id: the job.
+        ended: says whether the job ended (e.g. Beam's result is in a terminal state).
+        timeout_s: how long to wait.
+
+    Returns:
+        True once ``ended()``; False if the savepoint failed or the job did not end in
+        ``timeout_s`` (it may still run: cancel it then).
     """
     with tempfile.TemporaryDirectory(prefix="beam-monolith-stop-",
                                      ignore_cleanup_errors=True) as folder:
@@ -471,8 +647,14 @@ def stop_job(master: str, job_id: str, ended: Callable[[], bool],
 
 
 def savepoint_manifest(path: str) -> dict | None:
-    """What the job that wrote the savepoint at ``path`` was (``stop_with_savepoint``'s
-    ``manifest``), or None if it has none."""
+    """What the job that wrote a savepoint was.
+
+    Args:
+        path: the savepoint (a folder, or its ``file://`` URL).
+
+    Returns:
+        :func:`stop_with_savepoint`'s ``manifest``, or None if it has none.
+    """
     manifest = _savepoint_dir(path) / SAVEPOINT_MANIFEST
     return json.loads(manifest.read_text()) if manifest.exists() else None
 
@@ -490,6 +672,14 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m dataflow.flink``.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status.
+    """
     parser = cli.argument_parser(prog="python -m dataflow.flink", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     start = sub.add_parser("start", help="start a standalone cluster in the background",

@@ -20,7 +20,16 @@ _LOG = logging.getLogger(__name__)
 
 
 def metrics_dict(result) -> dict:
-    """Committed counters and distributions of a finished pipeline, by metric name."""
+    """The metrics of a finished pipeline.
+
+    Args:
+        result: its ``PipelineResult``.
+
+    Returns:
+        ``{"counters": {"namespace.name": value}, "distributions": {"namespace.name":
+        {"count", "sum", "min", "max"}}}`` of the committed values (empty on a runner
+        without metrics).
+    """
     out: dict = {"counters": {}, "distributions": {}}
     try:
         queried = _query_metrics(result)
@@ -108,15 +117,33 @@ def _cancel_on_remote_flink(options: PipelineOptions) -> None:
 def run_job(build: Callable[[beam.Pipeline], None], options: PipelineOptions,
             finished: Callable[[], bool] | None = None, poll_s: float = 1.0,
             stop: Callable[[], None] | None = None, freeze_startup_heap: bool = False):
-    """Build with ``build(pipeline)``, run to completion, write metrics if asked; -> result.
+    """Builds a pipeline, runs it to completion and writes its metrics if asked
+    (``--metrics_out``).
 
-    ``finished``: for a job that stays up after its input ended (a checkpointed Flink job
-    keeps its sources alive), a check that its work is done; the job is then ended by
-    ``stop()`` if given (e.g. with a savepoint), else on Flink stopped with a throwaway
-    savepoint so that it keeps its metrics (:func:`_stop_on_flink`), else cancelled.
+    Args:
+        build: ``build(pipeline)`` adds the job's transforms.
+        options: the ``PipelineOptions``.
+        finished: for a job that stays up after its input ended (a checkpointed Flink job
+            keeps its sources alive), a check that its work is done; the job is then ended
+            by ``stop()`` if given (e.g. with a savepoint), else on Flink stopped with a
+            throwaway savepoint so that it keeps its metrics (:func:`_stop_on_flink`), else
+            cancelled.
+        poll_s: how often ``finished`` is asked.
+        stop: ends the job once ``finished``.
+        freeze_startup_heap: the command lines' choice (it changes the garbage collector
+            for the job's life; see :func:`_startup_heap_frozen`: 1.0-1.25 s of a 5-8 s
+            backfill).
 
-    ``freeze_startup_heap``: the command lines' choice (it changes the garbage collector for
-    the job's life; see :func:`_startup_heap_frozen`: 1.0-1.25 s of a 5-8 s backfill).
+    Returns:
+        The ``PipelineResult``.
+
+    >>> from apache_beam.metrics import Metrics
+    >>> from dataflow.options import pipeline_options
+    >>> def build(pipeline):
+    ...     seen = Metrics.counter("doc", "seen")
+    ...     _ = pipeline | beam.Create([1, 2, 3]) | beam.Map(lambda x: seen.inc())
+    >>> metrics_dict(run_job(build, pipeline_options([])))["counters"]
+    {'doc.seen': 3}
     """
     frozen = _startup_heap_frozen() if freeze_startup_heap else contextlib.nullcontext(
         lambda: None)

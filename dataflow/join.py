@@ -76,7 +76,14 @@ from transforms.joiner import DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoi
 
 class JoinOptions(MonolithOptions):
     """The join's flags (``python -m dataflow join --help``); none is required here, as Beam
-    parses every options class with every pipeline: :func:`main` checks them."""
+    parses every options class with every pipeline: :func:`main` checks them.
+
+    >>> from dataflow.options import pipeline_options
+    >>> opts = pipeline_options(["--features=f/*.avro", "--actions=a/*.avro", "--out=out/j",
+    ...                          "--join_window_s=300"], JoinOptions).view_as(JoinOptions)
+    >>> opts.join_window_s, opts.period_s, opts.ordered_read
+    (300.0, 3600, 'auto')
+    """
 
     @classmethod
     def _add_argparse_args(cls, parser):

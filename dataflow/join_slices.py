@@ -62,7 +62,15 @@ class Slice(NamedTuple):
     and from what the slice before handed on (``carry_in``).
 
     Its side outputs go to ``side`` (merged at the end), what it hands on to ``carry_out``,
-    the keys of the requests it closed to ``closed_out``."""
+    the keys of the requests it closed to ``closed_out``. :func:`join_in_slices` makes them
+    of :func:`plan_slices`' ranges.
+
+    >>> part = Slice(index=0, lo_ms=-math.inf, hi_ms=3_600_000, window_ms=600_000,
+    ...              feature_files=["f-00.avro"], action_files=["a-00.avro"],
+    ...              work="out/.slices", carry_in=None, closed=None)
+    >>> part.final, part.carry_out, part.closed_out
+    (False, 'out/.slices/carry-00000', 'out/.slices/closed-00000')
+    """
     index: int
     lo_ms: float                # -inf for the first slice
     hi_ms: float                # inf for the last
@@ -75,6 +83,7 @@ class Slice(NamedTuple):
 
     @property
     def final(self) -> bool:
+        """The last slice: what it leaves unmatched is unmatched for good."""
         return self.hi_ms == math.inf
 
     @property

@@ -30,10 +30,27 @@ def _file_name(key: int, file_hours: int) -> str:
 
 def write_logs(directory: str | os.PathLike, schema_name: str, ts_ms: np.ndarray,
                make_records, file_hours: int = 1, codec: str = "deflate") -> list[str]:
-    """Write records, already sorted by ``ts_ms``, one Avro file per ``file_hours`` of time.
+    """Writes records, already sorted by event time, one Avro file per ``file_hours``.
 
-    ``make_records(lo, hi)`` returns the dicts of rows ``[lo, hi)``; it is called once per
-    file, so only one file's records are ever in memory. Returns the paths written.
+    Args:
+        directory: the folder (made if missing).
+        schema_name: the records' schema in ``schemas/``.
+        ts_ms: int64 [n]: each row's event time, sorted.
+        make_records: ``make_records(lo, hi)`` returns the dicts of rows ``[lo, hi)``; it is
+            called once per file, so only one file's records are ever in memory.
+        file_hours: hours of event time per file.
+        codec: the Avro codec.
+
+    Returns:
+        The paths written (``part-YYYYmmdd-HH.avro``).
+
+    >>> import tempfile
+    >>> ts = np.array([0, 1_000, 3_600_000])
+    >>> paths = write_logs(tempfile.mkdtemp(), "action_log", ts, lambda lo, hi: [
+    ...     {"request_id": f"r{k}", "ts_ms": int(ts[k]), "action": "click"}
+    ...     for k in range(lo, hi)])
+    >>> [os.path.basename(p) for p in paths]
+    ['part-19700101-00.avro', 'part-19700101-01.avro']
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -54,7 +71,19 @@ def write_logs(directory: str | os.PathLike, schema_name: str, ts_ms: np.ndarray
 
 def write_actions(out_dir: Path, request_ids: list, ts_ms: np.ndarray,
                    actions: np.ndarray, rows: np.ndarray, file_hours: int) -> list[str]:
-    """ActionLog files: ``rows[k]`` is the request of action k, ``actions[k]`` its name."""
+    """Writes actions as ActionLog files in ``out_dir/action_log``, in time order.
+
+    Args:
+        out_dir: the data set's folder.
+        request_ids: the requests' ids, by row.
+        ts_ms: int64 [k]: each action's event time.
+        actions: each action's name.
+        rows: each action's request (its row in ``request_ids``).
+        file_hours: hours of event time per file.
+
+    Returns:
+        The paths written (:func:`write_logs`).
+    """
     order = np.lexsort((rows, ts_ms))  # time order; ties in request order
     ts_ms, actions, rows = ts_ms[order], actions[order], rows[order]
     ts_list, action_list, row_list = ts_ms.tolist(), actions.tolist(), rows.tolist()

@@ -34,6 +34,10 @@ class MonolithOptions(PipelineOptions):
 
     A pipeline's own options subclass this class (not ``PipelineOptions`` directly): Beam
     parses every direct subclass together, and two pipelines may both define ``--input``.
+
+    >>> opts = pipeline_options(["--metrics_out=out/metrics.json"]).view_as(MonolithOptions)
+    >>> opts.metrics_out
+    'out/metrics.json'
     """
 
     @classmethod
@@ -54,9 +58,18 @@ def _subclasses(cls):
 
 
 def split_flags(argv: list[str], option_classes=()) -> tuple[dict, list[str]]:
-    """(values of our flags in argv, the remaining flags for Beam).
+    """Our flags apart from Beam's.
 
-    ``option_classes``: the MonolithOptions subclasses of the pipeline (default: all).
+    Args:
+        argv: the command-line flags.
+        option_classes: the MonolithOptions subclasses of the pipeline (default: all).
+
+    Returns:
+        ``(values of our flags in argv, the remaining flags for Beam)``.
+
+    >>> ours, beams = split_flags(["--metrics_out=m.json", "--runner=DirectRunner"])
+    >>> ours["metrics_out"], beams
+    ('m.json', ['--runner=DirectRunner'])
     """
     parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False,
                                      conflict_handler="resolve")
@@ -84,8 +97,8 @@ class _OurOverridesAreValid(logging.Filter):
 
 @contextlib.contextmanager
 def our_overrides_accepted():
-    """While a job starts: no warning that our flags are "invalid overrides"
-    (:class:`_OurOverridesAreValid`)."""
+    """A context in which Beam does not warn that our flags are "invalid overrides"
+    (:class:`_OurOverridesAreValid`): the job's start."""
     logger = logging.getLogger("apache_beam.options.pipeline_options")
     accepted = _OurOverridesAreValid()
     logger.addFilter(accepted)
@@ -101,14 +114,26 @@ def _flag_given(argv: list[str], name: str) -> bool:
 
 def pipeline_options(argv: list[str], *option_classes, flink_defaults: dict | None = None,
                      **overrides) -> PipelineOptions:
-    """``PipelineOptions`` from command-line flags with this project's runner defaults.
+    """``PipelineOptions`` from command-line flags with this project's runner defaults (the
+    module docstring).
 
-    ``flink_defaults``: ``{flag name: value}`` a pipeline wants on Flink unless given (e.g. the
-    job server's ``max_bundle_time_mills``); ``True`` is a bare boolean flag.
+    Args:
+        argv: the command-line flags.
+        *option_classes: the pipeline's ``MonolithOptions`` subclasses (default: all).
+        flink_defaults: ``{flag name: value}`` a pipeline wants on Flink unless given (e.g.
+            the job server's ``max_bundle_time_mills``); ``True`` is a bare boolean flag.
+        **overrides: option values that win over the flags.
 
-    >>> opts = pipeline_options(["--runner=FlinkRunner", "--flink_master=[local]"])
-    ... # doctest: +SKIP
-    >>> opts.view_as(PortableOptions).environment_type                        # doctest: +SKIP
+    Returns:
+        The ``PipelineOptions``.
+
+    Raises:
+        dataflow.flink.FlinkSetupError: ``--runner=FlinkRunner`` without the job server jar.
+
+    >>> pipeline_options([]).view_as(DirectOptions).direct_running_mode
+    'in_memory'
+    >>> opts = pipeline_options(["--runner=PortableRunner", "--job_endpoint=localhost:8099"])
+    >>> opts.view_as(PortableOptions).environment_type
     'LOOPBACK'
     """
     ours, argv = split_flags(list(argv), option_classes)

@@ -24,6 +24,7 @@ PIPELINES = {
 
 
 def usage() -> str:
+    """The text of ``python -m dataflow --help``: the pipelines and what they do."""
     lines = ["usage: python -m dataflow <pipeline> [--help] [flags]", "", "pipelines:"]
     width = max(len(n) for n in PIPELINES)
     lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in PIPELINES.items()]
@@ -34,6 +35,16 @@ def usage() -> str:
 
 
 def pipeline_help(name: str, module, prog: str | None = None) -> str:
+    """A pipeline's ``--help``: its own flags and the Beam flags that matter here.
+
+    Args:
+        name: the pipeline's name in :data:`PIPELINES`.
+        module: its module.
+        prog: the program's name (default: ``python -m dataflow NAME``).
+
+    Returns:
+        The help text.
+    """
     from apache_beam.options.pipeline_options import (DirectOptions, FlinkRunnerOptions,
                                                       PortableOptions, StandardOptions)
 
@@ -50,8 +61,17 @@ def pipeline_help(name: str, module, prog: str | None = None) -> str:
 
 
 def run_pipeline(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Runs pipeline ``name`` (its importable module, whose DoFns pickle by reference, not
-    ``__main__``) with ``argv``, or prints its help."""
+    """Runs a pipeline (its importable module, whose DoFns pickle by reference, not
+    ``__main__``), or prints its help.
+
+    Args:
+        name: the pipeline's name in :data:`PIPELINES`.
+        argv: its flags (None: ``sys.argv[1:]``).
+        prog: the program's name in its help.
+
+    Returns:
+        The exit status.
+    """
     argv = sys.argv[1:] if argv is None else argv
     module = importlib.import_module(PIPELINES[name][0])
     if "-h" in argv or "--help" in argv:
@@ -64,6 +84,13 @@ def run_pipeline(name: str, argv: list[str] | None = None, prog: str | None = No
 def pipeline_main(name: str) -> int:
     """``python -m dataflow.<name>`` of a pipeline module: :func:`cli.setup`, then the
     pipeline's help or its run, as ``python -m dataflow <name>``, on the importable module
-    (its DoFns pickle by reference, not by value as ``__main__``'s would)."""
+    (its DoFns pickle by reference, not by value as ``__main__``'s would).
+
+    Args:
+        name: the pipeline's name in :data:`PIPELINES`.
+
+    Returns:
+        The exit status.
+    """
     cli.setup()
     return run_pipeline(name, sys.argv[1:], prog=f"python -m dataflow.{name}")

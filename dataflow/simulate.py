@@ -3,17 +3,17 @@
     python -m dataflow.simulate --serve http://127.0.0.1:8500 --actions out/loop/action_log \\
         --duration_s 7200 --speed 60 --rps 20 [--users 300 --items 400 --seed 0 ...]
 
-The users and items are ``dataflow.data``'s synthetic world (:class:`SyntheticWorld`: the
-same latent vectors, biases, life curves and true click logit as ``python -m dataflow.data
-synth``). A simulated clock runs ``--speed`` times faster than the wall clock from
-``--start`` for ``--duration_s`` simulated seconds. About ``--rps`` times per wall second a
-user (drawn by activity) on some device and network gets ``--candidates`` items (drawn by
-popularity times life curve at that moment) and asks serving to rank them (``POST
-/score``, with the request's event time, the user's and items' raw fields and, for the logs
-only, each item's true CTR). The user sees the ``--top_k`` items served and clicks each with
-its **true** probability (computed here from the world, not from what serving says), some
-seconds to minutes later (log-normal delays as in ``dataflow.data``), and likes some clicked
-items later still. Actions are written to ``--actions`` as the action log
+The users and items are ``dataflow.data``'s synthetic world
+(:class:`~dataflow.data.SyntheticWorld`: the same latent vectors, biases, life curves and true
+click logit as ``python -m dataflow.data synth``). A simulated clock runs ``--speed`` times
+faster than the wall clock from ``--start`` for ``--duration_s`` simulated seconds. About
+``--rps`` times per wall second a user (drawn by activity) on some device and network gets
+``--candidates`` items (drawn by popularity times life curve at that moment) and asks serving
+to rank them (``POST /score``, with the request's event time, the user's and items' raw fields
+and, for the logs only, each item's true CTR). The user sees the ``--top_k`` items served and
+clicks each with its **true** probability (computed here from the world, not from what serving
+says), some seconds to minutes later (log-normal delays as in ``dataflow.data``), and likes
+some clicked items later still. Actions are written to ``--actions`` as the action log
 (``schemas/action_log.avsc``), one Avro file per ``--roll_s`` of event time, in event-time
 order, with a ``_watermark.json`` that says up to when the folder is complete.
 
@@ -55,7 +55,24 @@ STATS_FIELDS = ["wall_s", "ts_ms", "latency_ms", "served", "clicks", "model_vers
 
 
 class World:
-    """The synthetic world with its global bias solved for ``ctr`` over the run."""
+    """The synthetic world (``dataflow.data``'s :class:`~dataflow.data.SyntheticWorld`) with
+    its global bias solved for ``ctr`` over the run.
+
+    Args:
+        users, items, categories, creators: how many.
+        duration_s: the run's simulated seconds.
+        seed: the random seed.
+        ctr: the target mean click probability.
+        start: the UTC day the run starts, ``YYYY-MM-DD``.
+        drift: radians per day each user's taste turns.
+
+    >>> world = World(users=50, items=50, duration_s=600, seed=0, ctr=0.1,
+    ...               start="2024-01-01", creators=10)
+    >>> body, items, ctr, logit = world.request(np.random.default_rng(0), t_rel_ms=0,
+    ...                                         candidates=5)
+    >>> sorted(body), len(body["candidates"]), bool(((0 < ctr) & (ctr < 1)).all())
+    (['candidates', 'context', 'user_id'], 5, True)
+    """
 
     def __init__(self, users: int, items: int, duration_s: float, seed: int, ctr: float,
                  start: str, drift: float = 0.6, categories: int = 30, creators: int = 2000):
@@ -92,8 +109,17 @@ class World:
         return weight / weight.sum()
 
     def candidates(self, rng, t_rel_ms: int, count: int) -> np.ndarray:
-        """``count`` distinct items, by popularity x life at ``t_rel_ms`` (the weights are
-        recomputed once per simulated minute)."""
+        """Items drawn by popularity x life (the weights are recomputed once per simulated
+        minute).
+
+        Args:
+            rng: a NumPy ``Generator``.
+            t_rel_ms: ms after the start.
+            count: how many (at most as many as can be served then).
+
+        Returns:
+            Distinct item indices.
+        """
         minute = t_rel_ms // 60_000
         if self._weights_at != minute:
             self._weights = self._normalised(minute * 60_000)
@@ -104,13 +130,24 @@ class World:
 
     def true_ctr(self, t_rel_ms: int, user: int, items: np.ndarray, device: int,
                  network: int) -> np.ndarray:
+        """The true click probability of each of ``items`` for one user's request at
+        ``t_rel_ms`` (ms after the start) on ``device`` and ``network`` (indices)."""
         n = len(items)
         logit = self.b0 + self.world.logit(np.full(n, t_rel_ms, np.int64), np.full(n, user),
                                            items, np.full(n, device), np.full(n, network))
         return 1.0 / (1.0 + np.exp(-logit))
 
     def request(self, rng, t_rel_ms: int, candidates: int) -> tuple:
-        """(request body without ts/top_k, items, true CTRs, logits) of one user's visit."""
+        """One user's visit.
+
+        Args:
+            rng: a NumPy ``Generator``.
+            t_rel_ms: ms after the start.
+            candidates: how many items to ask serving to rank.
+
+        Returns:
+            ``(request body without ts_ms and top_k, items, true CTRs, logits)``.
+        """
         w = self.world
         user = int(rng.choice(len(w.activity), p=w.activity))
         device = int(w.main_device[user] if rng.random() < 0.85 else rng.integers(0, 3))
@@ -138,7 +175,46 @@ class World:
 
 
 class Simulator:
-    """Runs the simulated users against a serving URL (see the module docstring)."""
+    """Runs the simulated users against a serving URL (see the module docstring).
+
+    Args:
+        serve_url: serving's URL.
+        actions_dir: the action log's folder.
+        world: the :class:`World`.
+        speed: simulated seconds per wall second.
+        rps: requests per wall second.
+        candidates: items per request.
+        top_k: items served (seen) per request (None: all).
+        roll_s: event-time seconds per action log file.
+        concurrency: users asking at once.
+        seed: the random seed of the users' choices.
+        max_delay_s: the longest delay of an action after serving.
+        stats_path: a CSV file with one line per request, or None.
+        wait_for_serve_s: how long to wait for serving to answer.
+        clock_from_s, clock_to_s: the simulated clock's span, seconds after ``start``
+            (default: the whole run).
+
+    Raises:
+        ValueError: ``speed`` or ``rps`` not positive, or a clock running backwards.
+
+    A minute of simulated users against a real (in-process) service:
+
+    >>> import tempfile
+    >>> from dataflow.serving.http_server import Server
+    >>> from dataflow.serving.scorer import Scorer
+    >>> from schemas.feature_config import FeatureConfig
+    >>> from transforms.model import ModelSpec
+    >>> config = FeatureConfig.load("synthetic")
+    >>> server = Server(Scorer(config, ModelSpec.from_feature_config(config, "lr"),
+    ...                        "memory://simulate-doc", num_shards=1)).start()
+    >>> world = World(users=50, items=50, duration_s=60, seed=0, ctr=0.1, start="2024-01-01",
+    ...               creators=10)
+    >>> summary = Simulator(server.url, tempfile.mkdtemp(), world, speed=600, rps=100,
+    ...                     candidates=5, top_k=2, roll_s=60).run()
+    >>> summary["errors"], summary["requests"] > 0, summary["served"] == 2 * summary["requests"]
+    (0, True, True)
+    >>> server.stop()
+    """
 
     def __init__(self, serve_url: str, actions_dir: str, world: World, speed: float,
                  rps: float, candidates: int, top_k: Optional[int], roll_s: float,
@@ -186,6 +262,7 @@ class Simulator:
     # -- the clock --------------------------------------------------------------------------
 
     def sim_rel_ms(self) -> int:
+        """The simulated clock: ms after the world's start."""
         return self.from_rel_ms + int((time.monotonic() - self.wall0) * self.speed * 1000)
 
     # -- actions ----------------------------------------------------------------------------
@@ -246,6 +323,8 @@ class Simulator:
         return response.status, json.loads(response.read() or b"{}")
 
     def wait_for_serve(self) -> None:
+        """Waits until serving answers ``GET /healthz`` (RuntimeError after
+        ``wait_for_serve_s``)."""
         deadline = time.monotonic() + self.wait_for_serve_s
         while True:
             try:
@@ -327,6 +406,13 @@ class Simulator:
                                  params.get("store"), status])
 
     def run(self) -> dict:
+        """Runs the users until the simulated clock is up, writes every action and closes
+        the action log, asks serving to close its feature log.
+
+        Returns:
+            The summary: requests, errors, served, clicks, likes, CTR, wall seconds,
+            latencies, serving's and the Bayes AUC of what was served.
+        """
         self.wait_for_serve()
         self.wall0 = time.monotonic()
         stop_rel_ms = self.to_rel_ms
@@ -378,6 +464,7 @@ def _auc(scores, labels) -> Optional[float]:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     p = cli.argument_parser(prog="python -m dataflow.simulate", description=__doc__)
     p.add_argument("--serve", required=True, help="serving URL, e.g. http://127.0.0.1:8500")
     p.add_argument("--actions", required=True, help="folder of the action log")
@@ -414,6 +501,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """``python -m dataflow.simulate``.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status.
+    """
     args = parser().parse_args(argv)
     try:
         world = World(args.users, args.items, args.duration_s, args.seed, args.ctr,

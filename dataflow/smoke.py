@@ -39,6 +39,14 @@ _LOG = logging.getLogger(__name__)
 
 
 class SmokeOptions(MonolithOptions):
+    """The smoke pipeline's flags (``python -m dataflow smoke --help``).
+
+    >>> opts = pipeline_options(["--input=events/*.avro", "--out=out/buckets"],
+    ...                         SmokeOptions).view_as(SmokeOptions)
+    >>> opts.input, opts.bucket_seconds
+    ('events/*.avro', 60)
+    """
+
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--input", help="glob of Avro files (schemas/smoke_event.avsc)")
@@ -53,6 +61,17 @@ class BucketSummaryFn(beam.DoFn):
     The timer is set to the bucket's end in event time, so it fires once the watermark has
     passed every event of the bucket; the state is then cleared, so state per key never
     outlives its bucket.
+
+    Args:
+        bucket_ms: the buckets' width, event-time ms.
+
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> with beam.Pipeline() as p:
+    ...     summaries = (p | beam.Create([(("u1", 0), {"value": 1.5}), (("u1", 0), {"value": 2.0})])
+    ...                  .with_output_types(Tuple[Tuple[str, int], Dict[str, Any]])
+    ...                  | beam.ParDo(BucketSummaryFn(bucket_ms=60_000)))
+    ...     _ = assert_that(summaries, equal_to(
+    ...         [{"user": "u1", "bucket_start_ms": 0, "count": 2, "total": 3.5}]))
     """
     VALUES = BagStateSpec("values", FloatCoder())
     FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
@@ -73,6 +92,7 @@ class BucketSummaryFn(beam.DoFn):
 
     @on_timer(FLUSH)
     def on_flush(self, key=beam.DoFn.KeyParam, values=beam.DoFn.StateParam(VALUES)):
+        """The bucket ended: its summary, and its state cleared."""
         user, bucket = key
         buffered = list(values.read())
         values.clear()
@@ -85,7 +105,20 @@ class BucketSummaryFn(beam.DoFn):
 
 
 class SummariseBuckets(beam.PTransform):
-    """Event dicts (user, ts_ms, value) → one summary dict per (user, event-time bucket)."""
+    """Event dicts (user, ts_ms, value) → one summary dict per (user, event-time bucket).
+
+    Args:
+        bucket_seconds: the buckets' width, event-time seconds.
+
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> events = [{"user": "u1", "ts_ms": ts, "value": 1.0} for ts in (5_000, 59_000, 61_000)]
+    >>> with beam.Pipeline() as p:
+    ...     summaries = (p | beam.Create(events)
+    ...                  | beam.Map(lambda e: TimestampedValue(e, e["ts_ms"] / 1000))
+    ...                  | SummariseBuckets(bucket_seconds=60))
+    ...     _ = assert_that(summaries | beam.Map(lambda s: (s["bucket_start_ms"], s["count"])),
+    ...                     equal_to([(0, 2), (60_000, 1)]))
+    """
 
     def __init__(self, bucket_seconds: int = 60):
         super().__init__()
@@ -102,10 +135,17 @@ class SummariseBuckets(beam.PTransform):
 
 # no annotations: Beam reads a callable's (strings here) and logs that it uses Any
 def to_json_line(summary):
+    """A summary as one line of strict JSON, keys sorted."""
     return strict_json.dumps(summary, sort_keys=True)
 
 
 def build(pipeline: beam.Pipeline, opts: SmokeOptions) -> None:
+    """The smoke pipeline (the module docstring).
+
+    Args:
+        pipeline: the pipeline to build in.
+        opts: its :class:`SmokeOptions`.
+    """
     (pipeline
      | "ReadEvents" >> ReadFromAvro(opts.input)
      | "EventTime" >> beam.Map(lambda e: TimestampedValue(e, e["ts_ms"] / 1000.0))
@@ -115,6 +155,14 @@ def build(pipeline: beam.Pipeline, opts: SmokeOptions) -> None:
 
 
 def main(argv: list[str] | None = None):
+    """``python -m dataflow smoke``.
+
+    Args:
+        argv: the flags (None: ``sys.argv[1:]``).
+
+    Returns:
+        The pipeline's result.
+    """
     argv = sys.argv[1:] if argv is None else argv
     state_cache.weigh_without_module_globals()  # 7x faster stateful DoFns (its docstring)
     options = pipeline_options(argv, SmokeOptions)

@@ -55,12 +55,47 @@ TRUE_TEXTS, FALSE_TEXTS = {"1", "true"}, {"0", "false"}
 
 
 class TableError(ValueError):
-    """The table or the flags cannot be used as given (a missing column, a clash)."""
+    """The table or the flags cannot be used as given (a missing column, a clash).
+
+    >>> table = pd.DataFrame({"clicked": [1, 0], "user": ["u1", "u2"]})
+    >>> convert_table(table, TableSpec(label="clickd"))
+    Traceback (most recent call last):
+    ...
+    dataflow.table.TableError: --label clickd: the table has no column 'clickd' (did you ...
+    """
 
 
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
-    """What the columns mean and how rows become requests; the CLI's flags."""
+    """What the columns mean and how rows become requests; the CLI's flags
+    (``python -m dataflow.data table --help`` says more of each).
+
+    Args:
+        label: the label column.
+        positive: label values that are positive (empty: 0/1, true/false).
+        time: the time column (None: row order, ``row_interval_s`` apart from ``start``).
+        time_format: ``auto``, ``s``, ``ms``, ``us``, ``ns``, ``iso`` or a strftime format.
+        user, item: the id columns (None: none).
+        categorical, numeric, ignore: columns of these kinds (others not named anywhere:
+            by their values).
+        row_interval_s: without ``time``: seconds between rows.
+        start: without ``time``: the UTC day of the first row.
+        max_click_delay_s: a click comes 1 .. this many seconds after its request.
+        action: the positive rows' action.
+        buckets: quantile buckets of a numeric column's slot.
+        dim: the slots' embedding dim.
+        file_hours: hours of event time per Avro file.
+        seed: seeds the click delays.
+
+    Raises:
+        TableError: a value out of range, named by its flag.
+
+    >>> table = pd.DataFrame({"clicked": [1, 0, "x"], "user": ["u1", "u2", "u3"],
+    ...                       "price": [1.5, 2.0, 3.0]})
+    >>> logs = convert_table(table, TableSpec(label="clicked", user="user"))
+    >>> logs.label.tolist(), logs.user, logs.numeric, [d["reason"] for d in logs.dead]
+    ([True, False], ['u1', 'u2'], ['price'], ['bad_label'])
+    """
     label: str
     positive: tuple[str, ...] = ()     # label values that are positive (empty: 0/1, true/false)
     time: str | None = None            # None: row order
@@ -105,7 +140,20 @@ class TableSpec:
 
 def read_table(path: str | os.PathLike, fmt: str = "auto", sep: str = ",",
                na_values: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A CSV (also .csv.gz, .tsv) or Parquet file as a DataFrame; ``fmt`` auto: by suffix."""
+    """A CSV (also .csv.gz, .tsv) or Parquet file as a DataFrame.
+
+    Args:
+        path: the file.
+        fmt: ``csv``, ``parquet`` or ``auto`` (by its suffix).
+        sep: a CSV file's separator (a ``.tsv``'s: a tab).
+        na_values: more CSV texts that mean an empty cell.
+
+    Returns:
+        The ``pandas.DataFrame``.
+
+    Raises:
+        TableError: no such file, or it cannot be read as ``fmt``.
+    """
     path = Path(path)
     if not path.is_file():
         raise TableError(f"--input {path}: no such file")
@@ -241,7 +289,14 @@ def _times(col: pd.Series, fmt: str):
 
 @dataclasses.dataclass
 class TableLogs:
-    """The table's readable rows as requests in time order, and what could not be read."""
+    """The table's readable rows as requests in time order, and what could not be read
+    (what :func:`convert_table` makes).
+
+    >>> table = pd.DataFrame({"clicked": [0, 1], "ts": [1_704_067_260, 1_704_067_200]})
+    >>> logs = convert_table(table, TableSpec(label="clicked", time="ts"))
+    >>> logs.row.tolist(), logs.ts_ms.tolist(), logs.time_format   # in time order
+    ([1, 0], [1704067200000, 1704067260000], 's')
+    """
     spec: TableSpec
     rows: int                      # rows of the table
     row: np.ndarray                # per request: its row in the table (0-based)
@@ -332,9 +387,19 @@ def _mostly_numbers(col: pd.Series) -> bool:
 
 
 def convert_table(df: pd.DataFrame, spec: TableSpec) -> TableLogs:
-    """Parse labels, times, ids and features; rows that cannot be read become dead letters
-    (the first problem of a row is its reason). Raises :class:`TableError` for flags that
-    do not fit the table."""
+    """Parses labels, times, ids and features; rows that cannot be read become dead letters
+    (the first problem of a row is its reason). Example: :class:`TableSpec`.
+
+    Args:
+        df: the table.
+        spec: the :class:`TableSpec`.
+
+    Returns:
+        The :class:`TableLogs`.
+
+    Raises:
+        TableError: the table has no rows, or flags that do not fit it.
+    """
     df = df.rename(columns=str).reset_index(drop=True)
     if len(df) == 0:
         raise TableError("the table has no rows")
@@ -425,7 +490,15 @@ def feature_config_yaml(logs: TableLogs, source: str = "the table") -> str:
     """The feature config of the table's columns, as YAML text with comments to edit by:
     user and item slots (with --user, --item), a slot per categorical column, and per
     numeric column a slot of its quantile buckets plus a dense input (log1p of the value,
-    the median when missing). A column with empty cells is ``optional``."""
+    the median when missing). A column with empty cells is ``optional``.
+
+    Args:
+        logs: the :class:`TableLogs`.
+        source: the table, as the config's comments name it.
+
+    Returns:
+        The YAML text (``schemas/feature_config.py`` reads it).
+    """
     spec, n = logs.spec, len(logs.ts_ms)
     lines = [
         f"# Feature config for {source}, written by python -m dataflow.data table.",
@@ -488,8 +561,17 @@ def feature_config_yaml(logs: TableLogs, source: str = "the table") -> str:
 # --------------------------------------------------------------------------- writing
 
 def write_table(logs: TableLogs, out_dir: str | os.PathLike, source: str = "") -> dict:
-    """Feature log, action log, feature config, dead letters and summary.json; returns the
-    summary (``requests + dead_letters == rows``)."""
+    """Writes the feature log, action log, feature config, dead letters and
+    ``summary.json`` (the module docstring).
+
+    Args:
+        logs: the :class:`TableLogs`.
+        out_dir: the output directory; it must hold no logs yet.
+        source: the table, as the config's comments name it.
+
+    Returns:
+        The summary (``requests + dead_letters == rows``).
+    """
     spec, out_dir = logs.spec, Path(out_dir)
     for kind in ("feature_log", "action_log"):
         if any((out_dir / kind).glob("*.avro")):
@@ -555,7 +637,11 @@ def write_table(logs: TableLogs, out_dir: str | os.PathLike, source: str = "") -
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``table`` subcommand's flags (every default in its help)."""
+    """Adds the ``table`` subcommand's flags (every default in its help).
+
+    Args:
+        p: the subcommand's parser.
+    """
     d = TableSpec(label="")
     p.add_argument("--input", required=True, metavar="FILE",
                    help="the table: a CSV file (also .csv.gz, .tsv) or a Parquet file "
@@ -624,7 +710,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: dict) -> int:
-    """The ``table`` subcommand: prints the summary as one line of strict JSON."""
+    """The ``table`` subcommand: prints the summary as one line of strict JSON.
+
+    Args:
+        args: the parsed flags (``vars(parser.parse_args())``).
+
+    Returns:
+        The exit status.
+    """
     try:
         spec = TableSpec(
             label=args["label"], positive=_split(args["positive"]), time=args["time"],

@@ -42,6 +42,17 @@ METRICS_ROOT = os.path.join("out", "train")
 
 
 class TrainOptions(MonolithOptions):
+    """The training pipeline's flags (``python -m dataflow train --help``).
+
+    >>> opts = pipeline_options(["--input=out/join/examples/*.avro", "--config=synthetic",
+    ...                          "--model=fm", "--metrics_dir=out/train/doc"],
+    ...                         TrainOptions).view_as(TrainOptions)
+    >>> opts.num_shards, opts.batch_size
+    (2, 256)
+    >>> training(opts, "backfill").spec.kind    # the TrainOnline they describe
+    'fm'
+    """
+
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--input", help="required: the example log, a glob of Avro files "
@@ -131,7 +142,19 @@ class TrainOptions(MonolithOptions):
 
 
 def training(opts: TrainOptions, mode: str):
-    """The :class:`transforms.train.TrainOnline` these options describe."""
+    """The :class:`transforms.train.TrainOnline` that options describe (example:
+    :class:`TrainOptions`).
+
+    Args:
+        opts: the :class:`TrainOptions`.
+        mode: ``backfill`` or ``online``.
+
+    Returns:
+        The ``TrainOnline``.
+
+    Raises:
+        SystemExit: a value the training refuses.
+    """
     from schemas.feature_config import load_feature_config
     from transforms.model import ModelSpec
     from transforms.train import (DenseConfig, MetricsConfig, ModelExport, Snapshots,
@@ -166,7 +189,18 @@ def training(opts: TrainOptions, mode: str):
 def stages_fused(options) -> bool:
     """Whether the runner fuses the reader, worker and PS into one stage (the DirectRunner:
     the reader needs no :class:`transforms.example_reader.Pacing`) or runs them
-    concurrently (Flink, and any portable runner: it does)."""
+    concurrently (Flink, and any portable runner: it does).
+
+    Args:
+        options: the ``PipelineOptions``.
+
+    Returns:
+        True on the DirectRunner.
+
+    >>> stages_fused(pipeline_options([])), stages_fused(pipeline_options(
+    ...     ["--runner=PortableRunner", "--job_endpoint=localhost:8099"]))
+    (True, False)
+    """
     from apache_beam.options.pipeline_options import StandardOptions
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     name = runner if isinstance(runner, str) else type(runner).__name__
@@ -174,8 +208,16 @@ def stages_fused(options) -> bool:
 
 
 def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str):
-    """Adds the reader and :class:`transforms.train.TrainOnline` to ``pipeline``; returns
-    the ``TrainResult``."""
+    """Adds the reader and :class:`transforms.train.TrainOnline` to a pipeline.
+
+    Args:
+        pipeline: the pipeline.
+        opts: the :class:`TrainOptions`.
+        mode: ``backfill`` or ``online``.
+
+    Returns:
+        The ``TrainResult``.
+    """
     from transforms.example_reader import ReadExampleBatches
 
     train = training(opts, mode)
@@ -196,6 +238,14 @@ FLINK_BUNDLE_MS = 20
 
 
 def main(argv: list[str] | None = None):
+    """``python -m dataflow train``.
+
+    Args:
+        argv: the mode and flags (None: ``sys.argv[1:]``).
+
+    Returns:
+        The pipeline's result.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     state_cache.weigh_without_module_globals()  # 7x faster stateful DoFns (its docstring)
     if not argv or argv[0] not in MODES:
@@ -253,8 +303,16 @@ def main(argv: list[str] | None = None):
 
 
 def metrics_dir(opts, mode: str) -> str:
-    """``opts.metrics_dir``; if not given, a new folder for this run (set in ``opts``), so
-    that runs do not overwrite each other's metrics."""
+    """Where a run's metrics go.
+
+    Args:
+        opts: the :class:`TrainOptions`; a folder made up here is set in them.
+        mode: ``backfill`` or ``online``.
+
+    Returns:
+        ``opts.metrics_dir``; if not given, a new folder for this run, so that runs do not
+        overwrite each other's metrics.
+    """
     if not opts.metrics_dir:
         path = os.path.join(METRICS_ROOT, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         opts.metrics_dir = path if not os.path.exists(path) else f"{path}-{os.getpid()}"

@@ -81,7 +81,12 @@ _TENSOR_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 class FeatureConfigError(ValueError):
-    """An invalid feature config. ``where`` names the offending entry, ``problem`` says why."""
+    """An invalid feature config (example: the module docstring).
+
+    Args:
+        where: the offending entry, e.g. ``slots[0] (u).slot``.
+        problem: what is wrong with it.
+    """
 
     def __init__(self, where: str, problem: str):
         super().__init__(f"{where}: {problem}" if where else problem)
@@ -131,6 +136,18 @@ class DenseSpec:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
+    """A feature config: which fields make which slots and dense inputs (the module
+    docstring). Made by :meth:`from_dict`, :meth:`from_yaml` or :meth:`load`, which check it.
+
+    Args:
+        slots: the slots, in config order.
+        dense: the dense inputs, in config order.
+        max_list_length: the longest list a field may hold (longer: a dead letter).
+
+    Attributes:
+        slot_by_id: ``{slot id: SlotSpec}``.
+        slot_by_name: ``{name: SlotSpec}``.
+    """
     slots: tuple[SlotSpec, ...]
     dense: tuple[DenseSpec, ...] = ()
     max_list_length: int = 32
@@ -149,6 +166,7 @@ class FeatureConfig:
 
     @property
     def dense_names(self) -> list[str]:
+        """The dense inputs' names, in config order."""
         return [d.name for d in self.dense]
 
     @property
@@ -158,11 +176,35 @@ class FeatureConfig:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "FeatureConfig":
-        """Validate a parsed config; raises :class:`FeatureConfigError` naming the entry."""
+        """A checked config of parsed YAML or JSON.
+
+        Args:
+            raw: the parsed config (a dict).
+
+        Returns:
+            The :class:`FeatureConfig`.
+
+        Raises:
+            FeatureConfigError: an invalid config, naming the entry.
+        """
         return _parse(raw)
 
     @classmethod
     def from_yaml(cls, text: str) -> "FeatureConfig":
+        """A checked config of YAML text.
+
+        Args:
+            text: the YAML.
+
+        Returns:
+            The :class:`FeatureConfig`.
+
+        Raises:
+            FeatureConfigError: invalid YAML, or an invalid config.
+
+        >>> FeatureConfig.from_yaml("slots: [{name: user, slot: 1, source: user_id}]").fields
+        frozenset({'user_id'})
+        """
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -171,8 +213,22 @@ class FeatureConfig:
 
     @classmethod
     def load(cls, path_or_name: str | Path) -> "FeatureConfig":
-        """From a YAML (or JSON) file, by name from ``schemas/configs/`` ("movielens"), or
-        from a transform output directory (the config it was analysed with)."""
+        """A checked config from a file.
+
+        Args:
+            path_or_name: a YAML (or JSON) file, a name in ``schemas/configs/``
+                (``"movielens"``), or a transform output directory (the config it was
+                analysed with).
+
+        Returns:
+            The :class:`FeatureConfig`.
+
+        Raises:
+            FeatureConfigError: no such file or name, or an invalid config.
+
+        >>> FeatureConfig.load("movielens").slot_by_name["user"].slot
+        1
+        """
         path = Path(path_or_name)
         if path.is_dir() and (path / CONFIG_FILE).is_file():
             path = path / CONFIG_FILE
@@ -211,7 +267,7 @@ class FeatureConfig:
 
 
 def load_feature_config(path_or_name: str | Path) -> FeatureConfig:
-    """Shorthand for :meth:`FeatureConfig.load`."""
+    """Shorthand for :meth:`FeatureConfig.load` (the same arguments)."""
     return FeatureConfig.load(path_or_name)
 
 

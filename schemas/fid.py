@@ -76,7 +76,14 @@ def _hash_bytes(data: bytes) -> int:
 
 @functools.lru_cache(maxsize=1 << 16)
 def hash_text(text: str) -> int:
-    """:func:`hash48` of a text value (cached: feature values repeat)."""
+    """:func:`hash48` of a text value, for the per-record hot path.
+
+    Args:
+        text: the value.
+
+    Returns:
+        Its 48-bit hash.
+    """
     return _hash_bytes(text.encode("utf-8"))
 
 
@@ -100,6 +107,16 @@ def _canonical_text(value) -> str | bytes:
 def hash48(value) -> int:
     """The 48-bit hash of one value's canonical form (see the module docstring).
 
+    Args:
+        value: a str, bytes, int or finite float.
+
+    Returns:
+        An int in ``[0, 2**48)``.
+
+    Raises:
+        TypeError: a bool, or a value of another type.
+        ValueError: a non-finite number.
+
     >>> hash48("a") == hash48(b"a")
     True
     >>> 0 <= hash48(12345) < 2 ** 48
@@ -120,7 +137,18 @@ def _check_slot(slot) -> int:
 
 
 def make_fid(slot: int, value) -> int:
-    """The fid of ``value`` in ``slot``, a Python int in ``[0, 2**63)``.
+    """The fid of a value in a slot.
+
+    Args:
+        slot: the slot, ``0..MAX_SLOT``.
+        value: the value (as :func:`hash48` takes it).
+
+    Returns:
+        ``slot << 48 | hash48(value)``, a Python int in ``[0, 2**63)``.
+
+    Raises:
+        TypeError, ValueError: a slot that is not an int in range, or a value
+            :func:`hash48` refuses.
 
     >>> make_fid(1, "x") >> 48, make_fid(1, "x") & (2 ** 48 - 1) == hash48("x")
     (1, True)
@@ -223,9 +251,14 @@ def _hash_values(values) -> np.ndarray:
 
 
 def make_fids(slot, values: Iterable) -> np.ndarray:
-    """int64 array of ``make_fid(slot, v)`` for every ``v`` in ``values``, vectorised.
+    """:func:`make_fid` of many values, vectorised.
 
-    ``slot``: one slot for all values, or an int array broadcast against them.
+    Args:
+        slot: one slot for all values, or an int array broadcast against them.
+        values: the values (a list or a NumPy array).
+
+    Returns:
+        int64 array of ``make_fid(slot, v)`` for every ``v`` in ``values``.
 
     >>> make_fids(2, [1, 2, 3]).dtype
     dtype('int64')
@@ -245,7 +278,16 @@ def make_fids(slot, values: Iterable) -> np.ndarray:
 
 
 def split_fid(fids):
-    """``(slots, hashes)`` of fids: ints for an int, int64 arrays for an array.
+    """The slots and hashes of fids.
+
+    Args:
+        fids: one fid (an int) or an array of them.
+
+    Returns:
+        ``(slots, hashes)``: ints for an int, int64 arrays for an array.
+
+    Raises:
+        ValueError: a value that is not a v2 fid (outside ``[0, 2**63)``).
 
     >>> split_fid(make_fid(9, "x"))[0]
     9

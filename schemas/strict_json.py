@@ -23,8 +23,18 @@ import numpy as np
 
 
 def plain(value):
-    """``value`` with NaN and ±infinity as None and NumPy values as Python ones, through
-    dicts, lists and tuples; anything else as it is (for ``json``'s ``default``)."""
+    """A value as plain JSON-able Python.
+
+    Args:
+        value: anything.
+
+    Returns:
+        ``value`` with NaN and ±infinity as None and NumPy values as Python ones, through
+        dicts, lists and tuples; anything else as it is (for ``json``'s ``default``).
+
+    >>> plain({"x": [float("inf"), np.float32(0.5)]})
+    {'x': [None, 0.5]}
+    """
     if isinstance(value, float):  # np.float64 too
         return float(value) if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -38,11 +48,32 @@ def plain(value):
 
 
 def dumps(value, **kwargs) -> str:
-    """``json.dumps`` of :func:`plain` ``(value)``, refusing non-finite numbers."""
+    """``json.dumps`` of :func:`plain` ``(value)``, refusing non-finite numbers
+    (example: the module docstring).
+
+    Args:
+        value: what to write.
+        **kwargs: ``json.dumps``'s arguments.
+
+    Returns:
+        The JSON text.
+
+    Raises:
+        ValueError: a non-finite number :func:`plain` did not reach (e.g. in a ``default``'s
+            result).
+    """
     return json.dumps(plain(value), allow_nan=False, **kwargs)
 
 
 def dump(value, f, **kwargs) -> None:
-    """``json.dump`` of :func:`plain` ``(value)`` to the text file ``f``, refusing
-    non-finite numbers."""
+    """``json.dump`` of :func:`plain` ``(value)``, refusing non-finite numbers.
+
+    Args:
+        value: what to write.
+        f: a text file open for writing.
+        **kwargs: ``json.dump``'s arguments.
+
+    Raises:
+        ValueError: as :func:`dumps`.
+    """
     json.dump(plain(value), f, allow_nan=False, **kwargs)

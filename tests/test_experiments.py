@@ -5,7 +5,6 @@ Full runs are not here (minutes each): ``docs/experiments.md`` has their numbers
 """
 from __future__ import annotations
 
-import doctest
 import math
 import os
 import subprocess
@@ -50,10 +49,6 @@ def run(workdir, *argv) -> dict:
 
 
 # --------------------------------------------------------------------------- hashing
-
-def test_hashing_docstring_examples():
-    assert doctest.testmod(hashing).failed == 0
-
 
 fids_of_slots = st.lists(st.tuples(st.integers(0, 40), st.integers(0, (1 << 48) - 1)),
                          min_size=1, max_size=300).map(

@@ -16,9 +16,8 @@ import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
-from dataflow import join, join_slices
+from dataflow import join
 from dataflow.join_io import EXTRACTED_FEATURES_SCHEMA
-from transforms import event_time_files, example_log
 from transforms.example_log import WriteExampleLog, read_examples_in_order
 from transforms.joiner import OnlineJoiner
 from dataflow.options import pipeline_options
@@ -215,12 +214,6 @@ def test_cli_lists_the_join_pipeline(capsys):
     assert main(["join", "--help"]) == 0
     text = capsys.readouterr().out
     assert "--join_window_s" in text and "--negative_sample_rate" in text
-
-
-def test_doctests():
-    import doctest
-    for module in (join_slices, event_time_files, example_log):
-        assert doctest.testmod(module).failed == 0, module.__name__
 
 
 def test_refuses_to_mix_into_an_existing_example_log(tmp_path):

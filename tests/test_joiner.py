@@ -345,10 +345,6 @@ def test_bad_arguments_fail_fast():
         OnlineJoiner(join_window_s=-1)
 
 
-def test_doctests():
-    import doctest
-    assert doctest.testmod(joiner).failed == 0
-
 
 # --------------------------------------------------------------------------- state machine
 

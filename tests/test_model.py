@@ -283,9 +283,3 @@ def test_sgd_with_the_gradients_learns_a_logistic_ground_truth(kind):
     assert online_auc > 0.75 and online_auc > ceiling - 0.06, (first_auc, online_auc, ceiling)
     assert online_auc > first_auc + 0.1
 
-
-def test_docstring_examples_run():
-    import doctest
-
-    import transforms.model
-    assert doctest.testmod(transforms.model).failed == 0

@@ -326,11 +326,3 @@ def test_analyser_configs_round_trip():
         FeatureConfig.from_dict({"slots": [{"name": "a", "slot": 1, "source": "a"}],
                                  "dense": [{"name": "d", "source": "d", "normalize": "minmax"}]})
 
-
-def test_doctests():
-    import doctest
-
-    import transforms.features
-    import transforms.preprocess
-    assert doctest.testmod(transforms.preprocess).failed == 0
-    assert doctest.testmod(transforms.features).failed == 0

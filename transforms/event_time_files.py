@@ -73,6 +73,12 @@ def avro_encoder(schema_name: str) -> Callable:
 
     Returns:
         ``encode(file, records)``.
+
+    >>> import io
+    >>> f = io.BytesIO()
+    >>> avro_encoder("action_log")(f, [{"request_id": "r1", "ts_ms": 5, "action": "click"}])
+    >>> [r["action"] for r in fastavro.reader(io.BytesIO(f.getvalue()))]
+    ['click']
     """
     schema = load_schema(schema_name)
 
@@ -88,6 +94,12 @@ def write_json_lines(f, records) -> None:
     Args:
         f: a binary file open for writing.
         records: JSON-able values (others are written as their ``repr``).
+
+    >>> import io
+    >>> f = io.BytesIO()
+    >>> write_json_lines(f, [{"b": float("nan"), "a": 1}])
+    >>> print(f.getvalue().decode(), end="")
+    {"a": 1, "b": null}
     """
     for r in records:
         f.write((strict_json.dumps(r, sort_keys=True, default=repr) + "\n").encode("utf-8"))
@@ -192,10 +204,17 @@ class WriteEventTimeFiles(beam.PTransform):
     Returns:
         (``expand``) a PCollection of the written paths.
 
-    Example::
-
-        errors | "WriteDeadLetter" >> WriteEventTimeFiles("out/dead_letter", period_s=3600)
-        # out/dead_letter/20240101T130000Z-00000-of-00001-3f2a9c1e.jsonl, ...
+    >>> import os, tempfile
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> with beam.Pipeline() as p:
+    ...     _ = (p | beam.Create([{"request_id": "r1", "ts_ms": 1704114000500},
+    ...                           {"request_id": "r2", "ts_ms": 1704114000000}])
+    ...          | beam.Map(lambda r: TimestampedValue(r, r["ts_ms"] / 1000))
+    ...          | WriteEventTimeFiles(folder.name, period_s=3600))
+    >>> [name] = os.listdir(folder.name)
+    >>> name[:32], [r["request_id"] for r in read_json_lines([f"{folder.name}/{name}"])]
+    ('20240101T130000Z-00000-of-00001-', ['r2', 'r1'])
+    >>> folder.cleanup()
     """
 
     def __init__(self, directory: str, period_s: int = 3600, shards: int = 1,

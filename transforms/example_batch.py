@@ -2,19 +2,8 @@
 
 Elements in the training section are batches (NumPy arrays), never single examples: Beam's
 per-element overhead is tens of microseconds per transform, a TensorFlow step on 256 examples
-about a millisecond.
-
->>> batch = ExampleBatch.from_examples([
-...     {"fids": [1, 2], "dense": [0.5], "label": 1, "sample_weight": 1.0, "ts_ms": 10},
-...     {"fids": [3], "dense": [0.0], "label": 0, "sample_weight": 2.0, "ts_ms": 12}])
->>> len(batch), batch.row_splits.tolist(), batch.fids.tolist()
-(2, [0, 2, 3], [1, 2, 3])
->>> batch.example_index().tolist()
-[0, 0, 1]
->>> len(batch._replace(weight=batch.weight * 2))
-2
->>> slice_batch(batch, 1, 2).fids.tolist(), take(batch, np.array([1, 0])).ts_ms.tolist()
-([3], [12, 10])
+about a millisecond. :func:`concat_batches`, :func:`take` and :func:`slice_batch` make new
+batches of old ones.
 """
 from __future__ import annotations
 
@@ -26,7 +15,20 @@ __all__ = ["ExampleBatch", "concat_batches", "take", "slice_batch"]
 
 
 class ExampleBatch(NamedTuple):
-    """Examples in CSR form: example ``i`` has ``fids[row_splits[i]:row_splits[i + 1]]``."""
+    """Examples in CSR form: example ``i`` has ``fids[row_splits[i]:row_splits[i + 1]]``.
+
+    Make one with :meth:`from_examples`; ``len(batch)`` is the number of examples.
+
+    >>> batch = ExampleBatch.from_examples([
+    ...     {"fids": [1, 2], "dense": [0.5], "label": 1, "sample_weight": 1.0, "ts_ms": 10},
+    ...     {"fids": [3], "dense": [0.0], "label": 0, "sample_weight": 2.0, "ts_ms": 12}])
+    >>> len(batch), batch.row_splits.tolist(), batch.fids.tolist()
+    (2, [0, 2, 3], [1, 2, 3])
+    >>> batch.example_index().tolist()
+    [0, 0, 1]
+    >>> len(batch._replace(weight=batch.weight * 2))
+    2
+    """
 
     fids: np.ndarray  #: uint64 [nnz]
     row_splits: np.ndarray  #: int64 [n + 1]
@@ -46,7 +48,16 @@ class ExampleBatch(NamedTuple):
 
     @classmethod
     def from_examples(cls, examples, dense_dim: int | None = None) -> "ExampleBatch":
-        """From example dicts (schemas/example.avsc fields)."""
+        """A batch of example dicts.
+
+        Args:
+            examples: dicts with the fields of ``schemas/example.avsc`` (``fids``, ``label``,
+                ``ts_ms``; ``dense``, ``sample_weight`` and ``true_ctr`` if known).
+            dense_dim: dense inputs per example (default: the first example's).
+
+        Returns:
+            The examples as one :class:`ExampleBatch`, in order.
+        """
         examples = list(examples)
         n = len(examples)
         lengths = np.fromiter((len(e["fids"]) for e in examples), dtype=np.int64, count=n)
@@ -78,7 +89,19 @@ ExampleBatch._make = classmethod(lambda cls, iterable: tuple.__new__(cls, iterab
 
 
 def concat_batches(parts) -> ExampleBatch:
-    """One ``ExampleBatch`` of ``parts`` in order."""
+    """Batches one after the other.
+
+    Args:
+        parts: a non-empty sequence of :class:`ExampleBatch`.
+
+    Returns:
+        One :class:`ExampleBatch` of the examples of ``parts``, in order.
+
+    >>> a = ExampleBatch.from_examples([{"fids": [1, 2], "label": 1, "ts_ms": 10}])
+    >>> b = ExampleBatch.from_examples([{"fids": [3], "label": 0, "ts_ms": 12}])
+    >>> concat_batches([a, b]).row_splits.tolist()
+    [0, 2, 3]
+    """
     if len(parts) == 1:
         return parts[0]
     offsets = np.cumsum([0] + [p.row_splits[-1] for p in parts[:-1]])
@@ -93,7 +116,20 @@ def concat_batches(parts) -> ExampleBatch:
 
 
 def take(batch: ExampleBatch, rows: np.ndarray) -> ExampleBatch:
-    """The examples ``rows`` of ``batch`` (any order), as a new batch."""
+    """Some examples of a batch, as a new batch.
+
+    Args:
+        batch: an :class:`ExampleBatch`.
+        rows: int array: the examples to take, in any order.
+
+    Returns:
+        An :class:`ExampleBatch` of ``batch``'s examples ``rows``, in that order.
+
+    >>> batch = ExampleBatch.from_examples([{"fids": [1, 2], "label": 1, "ts_ms": 10},
+    ...                                     {"fids": [3], "label": 0, "ts_ms": 12}])
+    >>> take(batch, np.array([1, 0])).ts_ms.tolist()
+    [12, 10]
+    """
     lengths = np.diff(batch.row_splits)[rows]
     splits = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(lengths, out=splits[1:])
@@ -104,8 +140,21 @@ def take(batch: ExampleBatch, rows: np.ndarray) -> ExampleBatch:
 
 
 def slice_batch(batch: ExampleBatch, start: int, stop: int) -> ExampleBatch:
-    """Examples ``start:stop`` of ``batch``, as arrays of their own (a batch goes out to
-    other steps; it must not pin, or share, the whole period's arrays)."""
+    """Examples ``start:stop`` of a batch, as arrays of their own (a batch goes out to other
+    steps; it must not pin, or share, the whole period's arrays).
+
+    Args:
+        batch: an :class:`ExampleBatch`.
+        start, stop: the examples to keep, as in ``range(start, stop)``.
+
+    Returns:
+        A new :class:`ExampleBatch`.
+
+    >>> batch = ExampleBatch.from_examples([{"fids": [1, 2], "label": 1, "ts_ms": 10},
+    ...                                     {"fids": [3], "label": 0, "ts_ms": 12}])
+    >>> slice_batch(batch, 1, 2).fids.tolist()
+    [3]
+    """
     lo, hi = batch.row_splits[start], batch.row_splits[stop]
     return ExampleBatch(batch.fids[lo:hi].copy(), batch.row_splits[start:stop + 1] - lo,
                         batch.dense[start:stop].copy(), batch.label[start:stop].copy(),

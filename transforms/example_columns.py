@@ -184,9 +184,18 @@ def _file_columns(path: str, dense_dim: int):
 
 
 def read_example_columns(paths, dense_dim: int) -> ExampleBatch:
-    """Every example in ``paths`` as one ``ExampleBatch``, in event-time order (``ts_ms``,
-    then ``request_id``: the order of ``transforms.example_log.read_examples_in_order``; each file
-    is in that order already, as the joiner writes it)."""
+    """Every example of some example files as one ``ExampleBatch``, in event-time order
+    (``ts_ms``, then ``request_id``: the order of
+    ``transforms.example_log.read_examples_in_order``; each file is in that order already,
+    as the joiner writes it).
+
+    Args:
+        paths: the example files (``schemas/example.avsc``).
+        dense_dim: dense inputs per example.
+
+    Returns:
+        The :class:`ExampleBatch`.
+    """
     parts = [_file_columns(path, dense_dim) for path in sorted(paths)]
     if not parts:
         return ExampleBatch.from_examples([], dense_dim)

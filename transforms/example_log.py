@@ -20,7 +20,14 @@ __all__ = ["WriteExampleLog", "example_files", "read_examples_in_order", "exampl
 
 
 def example_order(record: dict):
-    """The example log's order: event time, then request id."""
+    """The example log's order: event time, then request id.
+
+    Args:
+        record: an example (``schemas/example.avsc``).
+
+    Returns:
+        ``(ts_ms, request_id)``.
+    """
     return record["ts_ms"], record["request_id"]
 
 
@@ -36,10 +43,21 @@ class WriteExampleLog(WriteEventTimeFiles):
         period_s: event-time seconds per period.
         shards: files per period (split by request id).
 
-    Example::
+    In a pipeline, ``joined.examples | WriteExampleLog("out/examples", join_window_s=300)``
+    after :class:`transforms.joiner.OnlineJoiner`:
 
-        joined = (features, actions) | OnlineJoiner(join_window_s=300)
-        joined.examples | WriteExampleLog("out/examples", join_window_s=300)
+    >>> import apache_beam as beam, tempfile
+    >>> from apache_beam.transforms.window import TimestampedValue
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> with beam.Pipeline() as p:   # stamped join_window_s after ts_ms, as the joiner does
+    ...     _ = (p | beam.Create([{"request_id": "r1", "ts_ms": 1704114000000, "user_id": "u",
+    ...                            "item_id": "i", "fids": [7], "label": 1}])
+    ...          | beam.Map(lambda e: TimestampedValue(e, e["ts_ms"] / 1000 + 300))
+    ...          | WriteExampleLog(folder.name, join_window_s=300))
+    >>> [(os.path.basename(f)[:16], e["request_id"]) for f in example_files(folder.name)
+    ...  for e in read_examples_in_order([f])]
+    [('20240101T130000Z', 'r1')]
+    >>> folder.cleanup()
     """
 
     def __init__(self, directory: str, join_window_s: float, period_s: int = 3600,
@@ -50,7 +68,14 @@ class WriteExampleLog(WriteEventTimeFiles):
 
 
 def example_files(pattern: str) -> list[str]:
-    """The example files that ``pattern`` (a glob, or an example-log directory) names."""
+    """The example files of a glob or an example-log directory.
+
+    Args:
+        pattern: a glob, or a directory (its ``*.avro``); any Beam file system.
+
+    Returns:
+        The paths, sorted.
+    """
     if os.path.isdir(pattern):
         pattern = os.path.join(pattern, "*.avro")
     matches = FileSystems.match([pattern])[0].metadata_list
@@ -58,10 +83,15 @@ def example_files(pattern: str) -> list[str]:
 
 
 def read_examples_in_order(pattern) -> Iterator[dict]:
-    """Every example in the files ``pattern`` names (a glob, a directory or a list of paths), in
-    event-time order (ts_ms, then
-    request_id), merging the files lazily: each file is sorted, so this holds one record
-    per file in memory.
+    """Every example of some example files, in event-time order (:func:`example_order`),
+    merging the files lazily: each file is sorted, so this holds one record per file in
+    memory.
+
+    Args:
+        pattern: a glob, a directory (as :func:`example_files`) or a list of paths.
+
+    Returns:
+        An iterator of the examples (dicts).
 
     >>> import tempfile
     >>> from schemas import write_avro
@@ -87,6 +117,12 @@ def followed_pattern(pattern: str) -> str:
     made absolute (the pattern is the reader's element, kept in checkpoints and savepoints,
     so a job resumed from another working directory reads the same files).
 
+    Args:
+        pattern: a glob, or a folder of example files.
+
+    Returns:
+        The glob.
+
     >>> followed_pattern("/logs/examples/")
     '/logs/examples/*.avro'
     """
@@ -96,7 +132,14 @@ def followed_pattern(pattern: str) -> str:
 
 
 def count_examples(paths) -> int:
-    """How many records the Avro files hold, from their block headers (nothing is decoded)."""
+    """How many records some Avro files hold, from their block headers (nothing is decoded).
+
+    Args:
+        paths: the files (any Beam file system).
+
+    Returns:
+        The number of records in all of them.
+    """
     total = 0
     for path in paths:
         with FileSystems.open(path) as f:
@@ -109,11 +152,29 @@ _PERIOD_NAME = re.compile(r"^(\d{8}T\d{6}Z)-(\d{5})-of-(\d{5})-")
 
 def example_periods(pattern: str, complete_only: bool = False, keyed: bool = False,
                     from_key: str = "") -> list:
-    """The files ``pattern`` names, as lists of one event-time period each, in time order.
+    """The files of an example log, grouped by event-time period, in time order.
 
-    ``complete_only``: leave out the periods of the example log that do not have all their
-    shards yet (``-00003-of-00004-`` names), and every period after the first such one that
-    is not before ``from_key``. ``keyed``: ``(period key, files)`` pairs.
+    A file not named ``PERIOD-SSSSS-of-NNNNN-...`` is a period of its own, keyed by its name.
+
+    Args:
+        pattern: a glob or a directory (as :func:`example_files`).
+        complete_only: leave out the periods that do not have all their shards yet
+            (``-00003-of-00004-`` names), and every period after the first such one that is
+            not before ``from_key``.
+        keyed: return ``(period key, files)`` pairs.
+        from_key: with ``complete_only``: incomplete periods before this key are skipped
+            instead of ending the list.
+
+    Returns:
+        A list of lists of paths (``keyed``: of ``(period key, paths)``), one per period.
+
+    >>> import tempfile
+    >>> from schemas import write_avro
+    >>> d = tempfile.mkdtemp()
+    >>> for name in ["20240101T000000Z-00000-of-00001-a", "20240101T010000Z-00000-of-00002-b"]:
+    ...     _ = write_avro(f"{d}/{name}.avro", "example", [])
+    >>> [len(files) for files in example_periods(d)], len(example_periods(d, complete_only=True))
+    ([1, 1], 1)
     """
     groups: dict = {}
     shards: dict = {}

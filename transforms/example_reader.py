@@ -38,6 +38,13 @@ class Pacing:
     fused DirectRunner; negative: never wait. Make one with
     :meth:`transforms.train.TrainOnline.pacing`, which knows the store and the publishers.
 
+    Args:
+        checkpoint_s: the longest a reader bundle lasts, wall-clock seconds (> 0).
+        max_staleness_s: how far (event time) the PS may trail the reader; negative: any.
+        timeout_s: the longest wait for the PS, seconds (>= 0).
+        store_url: the ParameterStore whose publishers the reader waits for (None: no wait).
+        publishers: publisher keys that must exist in the store's sync records.
+
     >>> Pacing(max_staleness_s=0.0, store_url="memory://x", publishers=("dense",)).gate() is None
     False
     """
@@ -94,8 +101,22 @@ class ReadExampleBatches(beam.PTransform):
         follow: online training: follow the folder as its periods land.
         poll_interval_s, stop_timestamp, stop_when_exists: following only (above).
 
-    Returns (``expand``): a PCollection of :class:`ExampleBatch`, timestamped by their
-    largest event time.
+    Returns:
+        (``expand``) a PCollection of :class:`ExampleBatch`, timestamped by their largest
+        event time.
+
+    >>> import tempfile
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> from schemas import write_avro
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> _ = write_avro(f"{folder.name}/20240101T000000Z-00000-of-00001-a.avro", "example", [
+    ...     {"request_id": f"r{i}", "ts_ms": 1000 * i, "user_id": "u", "item_id": "i",
+    ...      "fids": [i], "dense": [0.5], "label": i % 2} for i in range(5)])
+    >>> with beam.Pipeline() as p:
+    ...     batches = p | ReadExampleBatches(f"{folder.name}/*.avro", batch_size=2, dense_dim=1)
+    ...     _ = assert_that(batches | beam.Map(lambda b: b.ts_ms.tolist()),
+    ...                     equal_to([[0, 1000], [2000, 3000], [4000]]))
+    >>> folder.cleanup()
     """
 
     def __init__(self, pattern: str, batch_size: int, dense_dim: int,
@@ -169,7 +190,21 @@ class PSCatchUp:
     it emitted. On the DirectRunner the worker and PS are fused, so this passes at once; on
     Flink the stages run concurrently and a stage's output moves on only when its bundle
     ends, so without it the reader runs ahead and the worker scores with ever older
-    parameters. Waits at most ``timeout_s``, then goes on (counted).
+    parameters. Waits at most ``timeout_s``, then goes on (counted). Made by
+    :meth:`Pacing.gate`.
+
+    Args:
+        store_url: the ParameterStore the PS publishes to.
+        max_staleness_s: how far (event time) the PS may trail the reader.
+        timeout_s: the longest wait, seconds.
+        publishers: publisher keys that must be in the store's sync records (a PS that is
+            not up yet is behind).
+
+    >>> from ps.store import open_store
+    >>> open_store("memory://catch-up-doc").set_sync("dense", {"ts_ms": 5_000})
+    >>> gate = PSCatchUp("memory://catch-up-doc", max_staleness_s=1.0, timeout_s=0.05)
+    >>> gate.wait(6_000)  # the PS has applied up to 5 s: no wait
+    >>> gate.wait(9_000)  # 3 s behind: waits 0.05 s, then reads on (logged and counted)
     """
 
     def __init__(self, store_url: str, max_staleness_s: float, timeout_s: float,
@@ -186,6 +221,9 @@ class PSCatchUp:
         return {**self.__dict__, "_store": None}
 
     def wait(self, emitted_ts_ms: int) -> None:
+        """Returns once every publisher has applied gradients up to ``max_staleness_s``
+        before ``emitted_ts_ms`` (the event time of the reader's last batch), or after
+        ``timeout_s``."""
         if self._store is None:
             from ps.store import open_store
             self._store = open_store(self.store_url, num_shards=None)

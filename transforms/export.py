@@ -28,18 +28,7 @@ The model directory
 
 A model is written under ``models/.tmp-<uuid>`` and renamed when complete (a reader never
 sees half a model); the ``keep`` newest are kept. :func:`latest_model` names the newest,
-:func:`load_model` loads one.
-
->>> import tempfile
->>> from transforms.model import ModelSpec, Model
->>> spec = ModelSpec("fm", slots=[(1, 4), (2, 4)], dense_dim=1)
->>> d = tempfile.mkdtemp()
->>> path = write_model(d, spec, Model(spec).initial_dense_params(), version=7, ts_ms=1000)
->>> os.path.basename(path), os.path.basename(latest_model(d))
-('000000000001000-v0000000007', '000000000001000-v0000000007')
->>> loaded = load_model(path)
->>> loaded.version, loaded.ts_ms, loaded.spec == spec
-(7, 1000, True)
+:func:`load_model` loads one (example: :class:`LoadedModel`).
 """
 from __future__ import annotations
 
@@ -104,6 +93,20 @@ class DenseModule:
     ``logits(rows, occurrences, dense)`` runs the same graph as a loaded SavedModel; serving
     uses one built from ``Model.initial_dense_params()`` until training publishes a model.
     ``assign`` replaces the weights without tracing again.
+
+    Args:
+        spec: the :class:`transforms.model.ModelSpec`.
+        params: the dense weights, ``{name: array}`` (``Model.initial_dense_params()``).
+        version: the weights' version in the store (-1: none).
+        ts_ms: the event time they were published at.
+
+    >>> from transforms.model import ModelSpec, Model
+    >>> spec = ModelSpec("lr", slots=[(1, 4)], dense_dim=1)
+    >>> module = DenseModule(spec, Model(spec).initial_dense_params())
+    >>> rows = np.array([[0.5]], np.float32)           # one fid's row [w]
+    >>> occurrences = np.array([[0], [0]], np.int32)    # its row, its segment (example 0)
+    >>> module.logits(rows, occurrences, dense=np.zeros((1, 1), np.float32))
+    array([0.5], dtype=float32)
     """
 
     def __init__(self, spec, params: dict, version: int = -1, ts_ms: int = 0):
@@ -114,21 +117,31 @@ class DenseModule:
         self._fn = self.module.logits.get_concrete_function()
 
     def assign(self, params: dict, version: int, ts_ms: int) -> None:
+        """Replaces the weights, their version and event time (no new trace)."""
         self.module.params.assign(self.model.flatten_params(params))
         self.module.version.assign(int(version))
         self.module.ts_ms.assign(int(ts_ms))
 
     def logits(self, rows, occurrences, dense) -> np.ndarray:
+        """float32 [n]: the logits of a batch (the module docstring's signature)."""
         return self._fn(rows, occurrences, dense).numpy()
 
     def save(self, path: str) -> None:
+        """Writes the SavedModel to the directory ``path`` (see :func:`write_model`)."""
         import tensorflow as tf
         tf.saved_model.save(self.module, path, signatures={
             "serving_default": self.module.logits.get_concrete_function()})
 
 
 def list_models(model_dir: str) -> list[str]:
-    """Complete models in ``model_dir``, oldest first (names sort in export order)."""
+    """The complete models of a model directory, oldest first (names sort in export order).
+
+    Args:
+        model_dir: the model directory (local).
+
+    Returns:
+        Their paths; ``[]`` if there is no such directory.
+    """
     try:
         names = os.listdir(model_dir)
     except FileNotFoundError:
@@ -137,18 +150,40 @@ def list_models(model_dir: str) -> list[str]:
 
 
 def latest_model(model_dir: str) -> Optional[str]:
-    """The newest complete model in ``model_dir``, or None."""
+    """The newest complete model of a model directory.
+
+    Args:
+        model_dir: the model directory (local).
+
+    Returns:
+        Its path, or None if there is none.
+    """
     models = list_models(model_dir)
     return models[-1] if models else None
 
 
 def write_model(model_dir: str, spec, params: dict, version: int, ts_ms: int, keep: int = 3,
                 meta: Optional[dict] = None, module: Optional[DenseModule] = None) -> str:
-    """Write the SavedModel of ``spec`` with dense ``params`` into ``model_dir`` atomically
-    (temporary directory, then rename); keep the ``keep`` newest models. Returns its path.
+    """Writes a SavedModel of the dense part into the model directory atomically (a
+    temporary directory, then a rename) and keeps the ``keep`` newest models.
 
-    ``module``: a :class:`DenseModule` of ``spec`` to reuse (its weights are replaced), so
-    that repeated exports do not trace the graph again.
+    Args:
+        model_dir: the model directory (local; made if missing).
+        spec: the :class:`transforms.model.ModelSpec`.
+        params: the dense weights, ``{name: array}``.
+        version: their version in the store.
+        ts_ms: the event time they were published at.
+        keep: how many models to keep (>= 1).
+        meta: more values for the model's ``monolith_meta.json``.
+        module: a :class:`DenseModule` of ``spec`` to reuse (its weights are replaced), so
+            that repeated exports do not trace the graph again.
+
+    Returns:
+        The model's path, ``model_dir/TS_MS-vVERSION`` (an existing one is not written
+        again).
+
+    Raises:
+        ValueError: ``keep`` < 1.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -178,7 +213,23 @@ def write_model(model_dir: str, spec, params: dict, version: int, ts_ms: int, ke
 
 
 class LoadedModel(NamedTuple):
-    """A model of the model directory, loaded: ``logits(rows, occurrences, dense)``."""
+    """A model of the model directory, loaded (:func:`load_model`):
+    ``logits(rows, occurrences, dense)``.
+
+    >>> import tempfile
+    >>> from transforms.model import ModelSpec, Model
+    >>> spec = ModelSpec("fm", slots=[(1, 4), (2, 4)], dense_dim=1)
+    >>> d = tempfile.mkdtemp()
+    >>> path = write_model(d, spec, Model(spec).initial_dense_params(), version=7, ts_ms=1000)
+    >>> os.path.basename(path), os.path.basename(latest_model(d))
+    ('000000000001000-v0000000007', '000000000001000-v0000000007')
+    >>> loaded = load_model(path)
+    >>> loaded.version, loaded.ts_ms, loaded.spec == spec
+    (7, 1000, True)
+    >>> loaded.logits(np.zeros((1, 5), np.float32), np.array([[0], [0]], np.int32),
+    ...               np.zeros((1, 1), np.float32))
+    array([0.], dtype=float32)
+    """
 
     path: str
     spec: object
@@ -188,11 +239,22 @@ class LoadedModel(NamedTuple):
     fn: object  #: the SavedModel's concrete ``logits`` function
 
     def logits(self, rows, occurrences, dense) -> np.ndarray:
+        """float32 [n]: the logits of a batch (the module docstring's signature)."""
         return self.fn(rows, occurrences, dense).numpy()
 
 
 def load_model(path: str) -> LoadedModel:
-    """Load a model written by :func:`write_model` (raises on a damaged or foreign one)."""
+    """Loads a model written by :func:`write_model` (example: :class:`LoadedModel`).
+
+    Args:
+        path: the model's directory.
+
+    Returns:
+        A :class:`LoadedModel`.
+
+    Raises:
+        ValueError: the model is damaged, or of another format version.
+    """
     import tensorflow as tf
     with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
         meta = json.load(f)
@@ -224,6 +286,29 @@ class ExportDenseModel(beam.DoFn):
     applied it, so the export trails the PS by a bundle and a bounded input's last
     ``interval_s`` may go unexported. Exports are idempotent by name (event time +
     version), so a retried bundle rewrites nothing.
+
+    Args:
+        store_url: the ParameterStore that ``DenseShard`` publishes to.
+        dense_name: the dense parameter set's name in the store.
+        spec: the :class:`transforms.model.ModelSpec`.
+        model_dir: the model directory (local).
+        interval_s: event-time seconds between exports (>= 0).
+        keep: how many models to keep.
+
+    >>> import tempfile
+    >>> from ps.gradients import DenseGradients
+    >>> from ps.store import open_store
+    >>> from transforms.model import ModelSpec, Model
+    >>> spec = ModelSpec("lr", slots=[(1, 4)], dense_dim=1)
+    >>> store = open_store("memory://export-doc")   # as DenseShard publishes:
+    >>> store.write_dense("dense", Model(spec).initial_dense_params(), version=3)
+    >>> store.set_sync("dense", {"version": 3, "ts_ms": 60_000})
+    >>> d = tempfile.mkdtemp()
+    >>> with beam.Pipeline() as p:
+    ...     _ = (p | beam.Create([(0, DenseGradients({}, ts_ms=60_000, examples=8))])
+    ...          | beam.ParDo(ExportDenseModel("memory://export-doc", "dense", spec, d)))
+    >>> [os.path.basename(m) for m in list_models(d)]
+    ['000000000060000-v0000000003']
     """
 
     # Keyed state (the input is keyed by the worker's dense key): the export runs in the

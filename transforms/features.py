@@ -71,7 +71,15 @@ PLACEHOLDER_FID = -1  # where an analysed slot's fid goes until its bucket is kn
 
 
 class TransformRequiredError(FeatureConfigError):
-    """A config with analysers used without the transform output they need."""
+    """A config with analysers used without the transform output they need.
+
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "age", "slot": 3, "source": "age", "bucketize": {"quantiles": 4}}]})
+    >>> Preprocessor(config)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    transforms.features.TransformRequiredError: the config analyses ['age'] (quantile buckets ...
+    """
 
 
 def _needs_transform(config: FeatureConfig) -> TransformRequiredError:
@@ -84,7 +92,20 @@ def _needs_transform(config: FeatureConfig) -> TransformRequiredError:
 
 
 class ExtractError(ValueError):
-    """A record :func:`extract` cannot use; ``reason`` is a short machine-readable code."""
+    """A record :func:`extract` cannot use.
+
+    Args:
+        reason: a short machine-readable code (a dead letter's ``reason``, module docstring).
+        detail: what is wrong, for a person.
+
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "user", "slot": 1, "source": "user_id"}]})
+    >>> try:
+    ...     extract({"request_id": "r1", "ts_ms": "noon", "user_id": "u1"}, config)
+    ... except ExtractError as e:
+    ...     print(e.reason)
+    wrong_type:ts_ms
+    """
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -161,6 +182,17 @@ class FeatureExtractor:
 
     A config with analysers cannot be extracted record by record without its transform
     (:class:`Preprocessor` applies it); :meth:`parse` gives what is known before it.
+
+    Args:
+        config: the :class:`FeatureConfig`.
+
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "user", "slot": 1, "source": "user_id"},
+    ...     {"name": "age", "slot": 3, "source": "age", "bucketize": {"quantiles": 4}}]})
+    >>> out, pending = FeatureExtractor(config).parse({"request_id": "r1", "ts_ms": 5,
+    ...     "user_id": "u1", "item_id": "i1", "features": {"age": 41}})
+    >>> [fid >> 48 for fid in out["fids"]], pending   # age's bucket: not known yet
+    ([1, -1], [(0, 1, 41.0)])
     """
 
     def __init__(self, config: FeatureConfig):
@@ -180,10 +212,21 @@ class FeatureExtractor:
         return self._parse(record, None)
 
     def parse(self, record: Any) -> tuple[dict, list | None]:
-        """``(output, pending)`` before the transform: an analysed slot's fid is
-        ``PLACEHOLDER_FID`` and ``pending`` holds ``(k, position in fids, value)`` for it
-        (``k``: its index among the analysed slots); normalised dense values are raw (after
-        the config's ``transform``). ``pending`` is None for configs without analysers."""
+        """One record's output before the transform.
+
+        Args:
+            record: a FeatureLog dict.
+
+        Returns:
+            ``(output, pending)``: the output dict of :func:`extract`, where an analysed
+            slot's fid is ``PLACEHOLDER_FID`` and ``pending`` holds ``(k, position in fids,
+            value)`` for it (``k``: its index among the analysed slots); normalised dense
+            values are raw (after the config's ``transform``). ``pending`` is None for
+            configs without analysers.
+
+        Raises:
+            ExtractError: the record cannot be used.
+        """
         pending = [] if self.needs_transform else None
         out = self._parse(record, pending)
         if self.normalized:
@@ -337,10 +380,20 @@ _EXTRACTORS: dict = {}
 
 
 def extract(record: Any, config: FeatureConfig) -> dict:
-    """One FeatureLog record → its output dict (module docstring); raises :class:`ExtractError`.
+    """One FeatureLog record → its output dict (module docstring).
 
-    The config is compiled on first use and the compiled form kept for the next calls. A
-    config with analysers raises :class:`TransformRequiredError`: use :class:`Preprocessor`.
+    The config is compiled on first use and the compiled form kept for the next calls.
+
+    Args:
+        record: a FeatureLog dict (``schemas/feature_log.avsc``).
+        config: the :class:`FeatureConfig`.
+
+    Returns:
+        The output dict.
+
+    Raises:
+        ExtractError: the record cannot be used (its ``reason`` says why).
+        TransformRequiredError: the config has analysers: use :class:`Preprocessor`.
     """
     cached = _EXTRACTORS.get(id(config))
     if cached is None or cached.config is not config:
@@ -360,8 +413,17 @@ class Preprocessor:
     batch: an analysed slot's bucket becomes its fid (``slot << 48 | hash48(bucket)``, as a
     fixed ``bucketize``), a normalised dense value its z-score (float32).
 
-    ``transform`` is required when the config has analysers, and must have been analysed
-    for it. :meth:`load` takes both from a transform output directory.
+    :meth:`load` takes the config and transform from a transform output directory.
+
+    Args:
+        config: the :class:`FeatureConfig`.
+        transform: its ``FittedTransform``; required when the config has analysers, and
+            must have been analysed for it.
+
+    Raises:
+        TransformRequiredError: the config has analysers and no ``transform`` was given.
+        transforms.fitted_transform.TransformMismatchError: ``transform`` was analysed for
+            another config.
 
     >>> config = FeatureConfig.from_dict({"slots": [
     ...     {"name": "user", "slot": 1, "source": "user_id"}]})
@@ -388,8 +450,19 @@ class Preprocessor:
 
     @classmethod
     def load(cls, config_or_dir) -> "Preprocessor":
-        """The config and transform that ``python -m dataflow.analyze --out DIR`` wrote, or
-        a config without analysers (YAML path or name), as ``--config`` takes them."""
+        """A preprocessor of a config, as ``--config`` takes them.
+
+        Args:
+            config_or_dir: the output directory of ``python -m dataflow.analyze --out DIR``
+                (its config and transform), or a config without analysers (a YAML path or
+                a config name).
+
+        Returns:
+            The :class:`Preprocessor`.
+
+        Raises:
+            TransformRequiredError: a config with analysers, not in a transform output.
+        """
         config = FeatureConfig.load(config_or_dir)
         if not config.needs_analysis:
             return cls(config)
@@ -398,6 +471,7 @@ class Preprocessor:
         return cls(config, FittedTransform.load(config_or_dir))
 
     def __call__(self, records) -> list:
+        """Per record of ``records``, in order: its output dict, or the ExtractError."""
         extractor = self.extractor
         results: list = []
         append = results.append
@@ -466,7 +540,21 @@ def dead_letter(record: Any, reason: str, detail: str) -> dict:
 
 
 class ExtractFeaturesFn(beam.DoFn):
-    """Runs :class:`FeatureExtractor`; what it rejects goes to ``dead_letter`` with a counter."""
+    """Runs :class:`FeatureExtractor`; what it rejects goes to ``dead_letter`` with a counter
+    (used by :class:`ExtractFeatures` for a config without analysers).
+
+    Args:
+        config: the :class:`FeatureConfig` (without analysers).
+
+    >>> fn = ExtractFeaturesFn(FeatureConfig.from_dict({"slots": [
+    ...     {"name": "user", "slot": 1, "source": "user_id"}]}))
+    >>> fn.setup()
+    >>> [out["user_id"] for out in fn.process(
+    ...     {"request_id": "r1", "ts_ms": 5, "user_id": "u1", "item_id": "i1"})]
+    ['u1']
+    >>> [(out.tag, out.value["reason"]) for out in fn.process({"ts_ms": 5})]
+    [('dead_letter', 'missing_field:request_id')]
+    """
 
     def __init__(self, config: FeatureConfig):
         self.config = config
@@ -501,7 +589,27 @@ class ExtractFeaturesFn(beam.DoFn):
 
 class ExtractBatchesFn(ExtractFeaturesFn):
     """Runs :class:`Preprocessor` on batches of ``batch_size`` records of a bundle (the rest
-    at the bundle's end); each output keeps its record's timestamp and window."""
+    at the bundle's end); each output keeps its record's timestamp and window (used by
+    :class:`ExtractFeatures` for a config with analysers).
+
+    Args:
+        config: the :class:`FeatureConfig`.
+        transform: its ``FittedTransform`` (None for a config without analysers).
+        batch_size: records per :class:`Preprocessor` call.
+
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> from transforms.fitted_transform import FittedTransform, analysed_spec
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "age", "slot": 3, "source": "age", "bucketize": {"quantiles": 4}}]})
+    >>> fitted = FittedTransform({"age": np.array([18, 30, 45], np.float32)}, {}, {},
+    ...                          summary=analysed_spec(config))
+    >>> with beam.Pipeline() as p:   # 41 is in bucket 2: [30, 45)
+    ...     out = (p | beam.Create([{"request_id": "r1", "ts_ms": 5, "user_id": "u1",
+    ...                              "item_id": "i1", "features": {"age": 41}}])
+    ...            | beam.ParDo(ExtractBatchesFn(config, fitted, batch_size=256)))
+    ...     _ = assert_that(out | beam.Map(lambda f: f["fids"] == [3 << 48 | hash48(2)]),
+    ...                     equal_to([True]))
+    """
 
     def __init__(self, config: FeatureConfig, transform, batch_size: int):
         super().__init__(config)
@@ -554,16 +662,39 @@ class ExtractBatchesFn(ExtractFeaturesFn):
 
 
 class ExtractFeatures(beam.PTransform):
-    """FeatureLog dicts → feature dicts (main output) and ``dead_letter`` dicts.
+    """FeatureLog dicts → feature dicts (main output ``features``) and ``dead_letter`` dicts.
 
-    ``config``: a :class:`FeatureConfig`, a YAML path, a config name ("movielens"), or a
-    transform output directory of ``python -m dataflow.analyze`` (its config and transform).
-    ``transform``: for a config with analysers, a ``FittedTransform`` or the directory to
-    load it from; :class:`Preprocessor` then applies it to ``batch_size`` records at a time.
+    ``logs | ExtractFeatures("synthetic")`` for a config without analysers,
+    ``logs | ExtractFeatures("out/transform")`` for one analysed by ``python -m
+    dataflow.analyze``.
 
-        features, dead = logs | ExtractFeatures("synthetic")
-        features, dead = logs | ExtractFeatures("out/transform")    # analysed config
-        # or: out = logs | ExtractFeatures(config); out.features, out.dead_letter
+    Args:
+        config: a :class:`FeatureConfig`, a YAML path, a config name (``"movielens"``), or
+            a transform output directory of ``python -m dataflow.analyze`` (its config and
+            transform).
+        transform: for a config with analysers, a ``FittedTransform`` or the directory to
+            load it from; :class:`Preprocessor` then applies it to ``batch_size`` records at
+            a time.
+        batch_size: records per :class:`Preprocessor` call (with a transform).
+
+    Returns:
+        (``expand``) a ``DoOutputsTuple``: ``features, dead = logs | ExtractFeatures(...)``,
+        or ``out.features`` and ``out.dead_letter``.
+
+    Raises:
+        TransformRequiredError: the config has analysers and there is no transform.
+
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "user", "slot": 1, "source": "user_id"}]})
+    >>> with beam.Pipeline() as p:
+    ...     features, dead = (p | beam.Create([{"request_id": "r1", "ts_ms": 5,
+    ...                                         "user_id": "u1", "item_id": "i1"}, "oops"])
+    ...                       | ExtractFeatures(config))
+    ...     _ = assert_that(features | beam.Map(lambda f: f["request_id"]), equal_to(["r1"]),
+    ...                     label="Features")
+    ...     _ = assert_that(dead | beam.Map(lambda d: d["reason"]), equal_to(["not_a_record"]),
+    ...                     label="DeadLetters")
     """
 
     def __init__(self, config: FeatureConfig | str, transform=None, batch_size: int = 256):

@@ -38,8 +38,18 @@ SLOT_SHIFT = np.uint64(48)
 
 
 def md5_buckets(fids, buckets: int) -> np.ndarray:
-    """uint64 [n]: ``MD5(fid as 8 little-endian bytes)`` (first 8 digest bytes) mod
-    ``buckets``. MD5 runs once per distinct fid."""
+    """The MD5 bucket of each fid. MD5 runs once per distinct fid.
+
+    Args:
+        fids: the fids (uint64 array-like).
+        buckets: the number of buckets ``M`` (>= 1).
+
+    Returns:
+        uint64 [n]: ``MD5(fid as 8 little-endian bytes)`` (first 8 digest bytes) mod ``M``.
+
+    Raises:
+        ValueError: ``buckets`` < 1.
+    """
     if int(buckets) < 1:
         raise ValueError(f"buckets must be >= 1, got {buckets}")
     fids = np.ascontiguousarray(fids, dtype=np.uint64)
@@ -52,8 +62,16 @@ def md5_buckets(fids, buckets: int) -> np.ndarray:
 
 
 def hash_fids(fids, buckets_by_slot: dict) -> np.ndarray:
-    """The fids with those of each slot in ``buckets_by_slot = {slot: M}`` replaced by
-    ``slot << 48 | md5_buckets(fid, M)``; fids of other slots unchanged."""
+    """Hashed fids of some slots.
+
+    Args:
+        fids: the fids (uint64 array-like).
+        buckets_by_slot: ``{slot: M}``: the slots to hash and their bucket counts.
+
+    Returns:
+        uint64 [n]: the fids, those of each slot of ``buckets_by_slot`` replaced by
+        ``slot << 48 | md5_buckets(fid, M)``; fids of other slots unchanged.
+    """
     fids = np.array(fids, dtype=np.uint64, copy=True).reshape(-1)
     slots = fids >> SLOT_SHIFT
     for slot, buckets in buckets_by_slot.items():
@@ -64,8 +82,15 @@ def hash_fids(fids, buckets_by_slot: dict) -> np.ndarray:
 
 
 def collision_rate(fids, buckets: int) -> float:
-    """Share of the distinct ``fids`` whose bucket holds at least one other of them (ids
-    that would share their row with another id)."""
+    """How many ids would share their row with another id if hashed.
+
+    Args:
+        fids: the ids (uint64 array-like).
+        buckets: the number of buckets ``M``.
+
+    Returns:
+        The share of the distinct ``fids`` whose bucket holds at least one other of them.
+    """
     unique = np.unique(np.asarray(fids, dtype=np.uint64))
     if unique.size == 0:
         return 0.0
@@ -74,15 +99,33 @@ def collision_rate(fids, buckets: int) -> float:
 
 
 def expected_collision_rate(ids: int, buckets: int) -> float:
-    """The collision rate of ``ids`` ids hashed uniformly into ``buckets`` buckets:
-    ``1 - (1 - 1/M)^(n-1)``."""
+    """The expected collision rate of ids hashed uniformly into buckets.
+
+    Args:
+        ids: the number of distinct ids ``n``.
+        buckets: the number of buckets ``M``.
+
+    Returns:
+        ``1 - (1 - 1/M)^(n-1)``.
+    """
     if ids <= 1:
         return 0.0
     return 1.0 - math.exp((ids - 1) * math.log1p(-1.0 / buckets)) if buckets > 1 else 1.0
 
 
 def buckets_for_collision_rate(ids: int, rate: float) -> int:
-    """The bucket count ``M`` at which ``ids`` uniformly hashed ids collide at ``rate``."""
+    """The bucket count at which uniformly hashed ids collide at a given rate.
+
+    Args:
+        ids: the number of distinct ids.
+        rate: the collision rate, in (0, 1).
+
+    Returns:
+        The bucket count ``M`` (inverts :func:`expected_collision_rate`).
+
+    Raises:
+        ValueError: ``rate`` outside (0, 1).
+    """
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be in (0, 1), got {rate}")
     if ids <= 1:

@@ -57,21 +57,7 @@ negatives_sampled_out, unmatched_actions, late_actions, duplicate_actions,
 duplicate_features, invalid_records, keys_opened, keys_closed (equal once every key's state
 is cleared); distribution ``label_delay_ms`` (first positive action - serving time).
 
-A runnable example (DirectRunner):
-
->>> import apache_beam as beam
->>> from apache_beam.testing.util import assert_that, equal_to
->>> feature = {"request_id": "r1", "ts_ms": 1000, "user_id": "u", "item_id": "i",
-...            "fids": [7], "dense": [0.5], "served_score": 0.1, "true_ctr": None}
->>> with beam.Pipeline() as p:
-...     features = p | "F" >> beam.Create([feature])
-...     actions = p | "A" >> beam.Create([{"request_id": "r1", "ts_ms": 3000, "action": "click"},
-...                                       {"request_id": "r9", "ts_ms": 3000, "action": "like"}])
-...     joined = (features, actions) | OnlineJoiner(join_window_s=60)
-...     _ = assert_that(joined.examples | beam.Map(lambda e: (e["label"], e["actions"])),
-...                     equal_to([(1, ["click"])]))
-...     _ = assert_that(joined.unmatched_actions | beam.Map(lambda a: a["request_id"]),
-...                     equal_to(["r9"]), label="Unmatched")
+A runnable example (DirectRunner): :class:`OnlineJoiner`.
 """
 from __future__ import annotations
 
@@ -111,7 +97,15 @@ _NAMESPACE = "joiner"
 # --------------------------------------------------------------------------- the rules
 
 def label_of(actions: Iterable[str], positive_actions=POSITIVE_ACTIONS) -> int:
-    """1 if any action is positive, else 0: a click followed by a dislike is a positive.
+    """The label of a request: 1 if any action is positive, else 0 (a click followed by a
+    dislike is a positive).
+
+    Args:
+        actions: the request's joined actions.
+        positive_actions: the actions that make a positive.
+
+    Returns:
+        1 or 0.
 
     >>> label_of(["click", "dislike"]), label_of(["skip", "dislike"]), label_of([])
     (1, 0, 0)
@@ -122,6 +116,13 @@ def label_of(actions: Iterable[str], positive_actions=POSITIVE_ACTIONS) -> int:
 def sampling_hash(request_id: str, salt: str = "") -> float:
     """A uniform number in [0, 1) that depends only on (request_id, salt): stable across
     processes, machines and Python versions (unlike ``hash``), so replays decide the same.
+
+    Args:
+        request_id: the request id.
+        salt: another salt draws other numbers.
+
+    Returns:
+        A float in [0, 1).
 
     >>> sampling_hash("r1") == sampling_hash("r1") != sampling_hash("r1", salt="exp2")
     True
@@ -134,7 +135,15 @@ def sampling_hash(request_id: str, salt: str = "") -> float:
 
 
 def keep_negative(request_id: str, rate: float, salt: str = "") -> bool:
-    """Whether negative sampling at ``rate`` keeps the negative example of ``request_id``.
+    """Whether negative sampling keeps the negative example of a request.
+
+    Args:
+        request_id: the request id.
+        rate: the probability of keeping a negative (>= 1: all are kept).
+        salt: changes which negatives are kept, still deterministically.
+
+    Returns:
+        True to keep it (:func:`sampling_hash` < ``rate``).
 
     >>> kept = sum(keep_negative(f"r{i}", 0.25) for i in range(10_000))
     >>> 2300 < kept < 2700
@@ -145,13 +154,20 @@ def keep_negative(request_id: str, rate: float, salt: str = "") -> bool:
 
 def log_odds_correction(logit, rate: float):
     """The logit of a model trained on negatives kept at ``rate`` (unweighted), corrected
-    to the logit of the unsampled data: ``logit + log(rate)`` (floats or NumPy arrays).
+    to the logit of the unsampled data.
 
     Sampling negatives at rate r multiplies the odds the model sees by 1/r, so its logit
     is ``log(r)`` too high (the Monolith paper's online joiner, citing Wang, Zhang & Wang,
     NeurIPS 2021). Use
     either this at serving *or* ``sample_weight`` in the training loss, never both:
     a loss weighted by 1/r already learns the unsampled CTR.
+
+    Args:
+        logit: the model's logit (a float or a NumPy array).
+        rate: the rate negatives were kept at in training, in (0, 1].
+
+    Returns:
+        ``logit + log(rate)``.
 
     >>> round(log_odds_correction(0.0, 0.5), 6)
     -0.693147
@@ -160,7 +176,14 @@ def log_odds_correction(logit, rate: float):
 
 
 def corrected_ctr(p, rate: float):
-    """:func:`log_odds_correction` in probability space: ``p*r / (p*r + 1 - p)``.
+    """:func:`log_odds_correction` in probability space.
+
+    Args:
+        p: the model's probability (a float or a NumPy array).
+        rate: the rate negatives were kept at in training, in (0, 1].
+
+    Returns:
+        ``p*r / (p*r + 1 - p)``.
 
     >>> corrected_ctr(0.5, 0.25)   # odds 1 seen with negatives kept at 1/4 -> odds 1/4
     0.2
@@ -211,7 +234,17 @@ def _ts_error(record) -> str | None:
 
 
 def features_error(record) -> str | None:
-    """Why ``record`` is not a valid extracted feature record, or None."""
+    """Why a record is not a valid extracted feature record.
+
+    Args:
+        record: what ``ExtractFeatures`` outputs, or anything else.
+
+    Returns:
+        The reason, or None if it is valid.
+
+    >>> features_error({"request_id": "r1", "user_id": "u", "item_id": "i", "ts_ms": -1})
+    'ts_ms must be in [0, 4294967296000) (ms since the epoch, 1970-2106)'
+    """
     if not isinstance(record, dict):
         return f"not a dict: {type(record).__name__}"
     for key in ("request_id", "user_id", "item_id"):
@@ -242,7 +275,17 @@ def features_error(record) -> str | None:
 
 
 def action_error(record) -> str | None:
-    """Why ``record`` is not a valid action record, or None."""
+    """Why a record is not a valid action record.
+
+    Args:
+        record: an ActionLog dict (``schemas/action_log.avsc``), or anything else.
+
+    Returns:
+        The reason, or None if it is valid.
+
+    >>> action_error({"request_id": "r1", "ts_ms": 5, "action": None})
+    'action must be a string'
+    """
     if not isinstance(record, dict):
         return f"not a dict: {type(record).__name__}"
     if not isinstance(record.get("request_id"), str) or not record["request_id"]:
@@ -290,6 +333,16 @@ class KeyByRequest(beam.DoFn):
     invalid ones → the ``invalid`` output as ``{kind, error, record}``.
 
     An action's payload is ``(ts_ms, action)``: that is all the join keeps of it.
+
+    Args:
+        kind: what the records are: ``"features"`` or ``"action"``.
+
+    >>> fn = KeyByRequest("action")
+    >>> [(out.value, out.timestamp) for out in fn.process(
+    ...     {"request_id": "r1", "ts_ms": 2000, "action": "click"})]
+    [(('r1', ('action', (2000, 'click'))), Timestamp(2))]
+    >>> [(out.tag, out.value["error"]) for out in fn.process({"request_id": "r1"})]
+    [('invalid', 'ts_ms must be an integer')]
     """
 
     def __init__(self, kind: str):
@@ -329,9 +382,15 @@ def _features_order(f: dict):
 # --------------------------------------------------------------------------- closed requests
 
 def closed_request_keys(request_ids) -> np.ndarray:
-    """Sorted, distinct keys of ``request_ids`` (``S16``: a 15-byte BLAKE2b digest of the
-    UTF-8 id and a non-zero byte, so that NumPy keeps every byte), the form of
-    ``JoinByRequestFn(closed_requests=...)``: 16 bytes a request, whatever the id's length.
+    """The keys of closed requests, in the form of ``JoinByRequestFn(closed_requests=...)``:
+    16 bytes a request, whatever the id's length.
+
+    Args:
+        request_ids: request ids (str).
+
+    Returns:
+        Their sorted, distinct keys: an ``S16`` array (a 15-byte BLAKE2b digest of the UTF-8
+        id and a non-zero byte, so that NumPy keeps every byte).
 
     >>> keys = closed_request_keys(["r2", "r1", "r2"])
     >>> keys.dtype, len(keys), is_closed(keys, "r1"), is_closed(keys, "r3")
@@ -345,7 +404,15 @@ def _closed_key(request_id: str) -> bytes:
 
 
 def is_closed(keys: np.ndarray, request_id: str) -> bool:
-    """Whether ``request_id`` is among ``keys`` (:func:`closed_request_keys`)."""
+    """Whether a request is among some closed requests.
+
+    Args:
+        keys: :func:`closed_request_keys` of the closed requests.
+        request_id: the request id.
+
+    Returns:
+        True if it is one of them (example: :func:`closed_request_keys`).
+    """
     key = _closed_key(request_id)
     i = int(np.searchsorted(keys, key))
     return i < len(keys) and keys[i] == key
@@ -366,12 +433,35 @@ class JoinByRequestFn(beam.DoFn):
     * ``closed_at`` held → the late horizon ends: forget the request;
     * only ``actions`` held → nobody served them: send them to ``unmatched_actions``.
 
-    ``closed_requests``: the path of a ``.npy`` file of :func:`closed_request_keys`, requests
-    whose example an earlier run over earlier event time emitted (``dataflow.join`` joins a
-    bounded input in event-time slices, one pipeline each). A request of that set holds no
-    state here: its feature records are duplicates (the earlier one won), its actions late
-    (their window closed). The key of every request whose features close here goes to the
-    ``closed`` output, for the next run's set.
+    Its input is :class:`KeyByRequest`'s; :class:`OnlineJoiner` is the whole join.
+
+    Args:
+        join_window_s, negative_sample_rate, positive_actions, late_horizon_s,
+            sampling_salt: as :class:`OnlineJoiner`'s.
+        closed_requests: the path of a ``.npy`` file of :func:`closed_request_keys`, requests
+            whose example an earlier run over earlier event time emitted (``dataflow.join``
+            joins a bounded input in event-time slices, one pipeline each). A request of
+            that set holds no state here: its feature records are duplicates (the earlier
+            one won), its actions late (their window closed). The key of every request
+            whose features close here goes to the ``closed`` output, for the next run's set.
+
+    Raises:
+        ValueError: a negative window or horizon, or a sample rate outside (0, 1].
+
+    >>> import tempfile
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> closed = f"{tempfile.mkdtemp()}/closed.npy"
+    >>> np.save(closed, closed_request_keys(["r0"]))   # an earlier run closed r0
+    >>> with beam.Pipeline() as p:
+    ...     out = (p | beam.Create([{"request_id": r, "ts_ms": 1000, "action": "click"}
+    ...                             for r in ("r0", "r1")])
+    ...            | beam.ParDo(KeyByRequest("action")).with_output_types(Tuple[str, Any])
+    ...            | beam.ParDo(JoinByRequestFn(join_window_s=60, closed_requests=closed))
+    ...            .with_outputs(LATE_ACTIONS, UNMATCHED_ACTIONS, main=EXAMPLES))
+    ...     _ = assert_that(out[LATE_ACTIONS] | beam.Map(lambda a: a["request_id"]),
+    ...                     equal_to(["r0"]), label="Late")
+    ...     _ = assert_that(out[UNMATCHED_ACTIONS] | beam.Map(lambda a: a["request_id"]),
+    ...                     equal_to(["r1"]), label="Unmatched")
     """
     REQUEST = ReadModifyWriteStateSpec("request", FastPrimitivesCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
@@ -469,6 +559,7 @@ class JoinByRequestFn(beam.DoFn):
     @on_timer(CLOSE)
     def on_close(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
                  request=beam.DoFn.StateParam(REQUEST), close=beam.DoFn.TimerParam(CLOSE)):
+        """The request's event-time timer: the class docstring says what a firing means."""
         # Runners may deliver a timer that was since reset or already fired (the
         # BundleBasedDirectRunner fires a timer set behind the watermark twice): only the
         # firing that matches the deadline counts.
@@ -542,7 +633,12 @@ class JoinByRequestFn(beam.DoFn):
 
 
 class JoinResult(NamedTuple):
-    """The outputs of :class:`OnlineJoiner`, one PCollection each."""
+    """The outputs of :class:`OnlineJoiner`, one PCollection each (the module docstring says
+    what each holds).
+
+    >>> print(*JoinResult._fields)
+    examples unmatched_actions late_actions duplicate_actions duplicate_features invalid closed
+    """
     examples: Any
     unmatched_actions: Any
     late_actions: Any
@@ -570,6 +666,24 @@ class OnlineJoiner(beam.PTransform):
         window closes).
       sampling_salt: changes which negatives are kept, still deterministically.
       closed_requests: requests an earlier run closed (see :class:`JoinByRequestFn`).
+      label: the transform's label.
+
+    Returns:
+      (``expand``) a :class:`JoinResult`.
+
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> feature = {"request_id": "r1", "ts_ms": 1000, "user_id": "u", "item_id": "i",
+    ...            "fids": [7], "dense": [0.5], "served_score": 0.1, "true_ctr": None}
+    >>> with beam.Pipeline() as p:
+    ...     features = p | "F" >> beam.Create([feature])
+    ...     actions = p | "A" >> beam.Create([
+    ...         {"request_id": "r1", "ts_ms": 3000, "action": "click"},
+    ...         {"request_id": "r9", "ts_ms": 3000, "action": "like"}])
+    ...     joined = (features, actions) | OnlineJoiner(join_window_s=60)
+    ...     _ = assert_that(joined.examples | beam.Map(lambda e: (e["label"], e["actions"])),
+    ...                     equal_to([(1, ["click"])]))
+    ...     _ = assert_that(joined.unmatched_actions | beam.Map(lambda a: a["request_id"]),
+    ...                     equal_to(["r9"]), label="Unmatched")
     """
 
     def __init__(self, join_window_s: float = DEFAULT_JOIN_WINDOW_S,

@@ -154,8 +154,9 @@ class OnlineMetrics(beam.PTransform):
     """Score batches → one row dict per event-time window (see
     :class:`OnlineMetricsAccumulator`), plus Beam metrics and a CSV/PNG/JSON report.
 
-    Elements: :class:`Scores`, a tuple of 4 or 5 arrays ``(scores, labels, weights, ts_ms
-    [, true_ctr])`` (the worker's ``scores`` output) or dict records (:func:`as_scores`).
+    Elements: :class:`transforms.scores.Scores`, a tuple of 4 or 5 arrays ``(scores, labels,
+    weights, ts_ms [, true_ctr])`` (the worker's ``scores`` output) or dict records
+    (:func:`as_scores`).
     Windows follow the examples' own ``ts_ms``, not the elements' Beam timestamps, so a batch
     spanning two windows is split exactly; a window is emitted once the watermark passes its
     end. Everything goes through one key: the metrics are a few arrays per training batch.

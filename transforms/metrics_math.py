@@ -111,7 +111,12 @@ class BucketedAUC:
         self.negative = np.zeros(self.buckets)
 
     def add(self, scores, labels, weights=None) -> None:
-        """Counts examples in (arrays of equal length; ``weights`` default to 1)."""
+        """Counts examples in.
+
+        Args:
+            scores, labels: arrays of equal length (non-finite scores are left out).
+            weights: their sample weights (None: 1).
+        """
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         positive, negative = _class_weights(labels, weights, scores.shape[0])
         finite = np.isfinite(scores)
@@ -122,7 +127,17 @@ class BucketedAUC:
         self.negative += np.bincount(bucket, weights=negative, minlength=self.buckets)
 
     def merge(self, other: "BucketedAUC") -> "BucketedAUC":
-        """Add ``other``'s counts into this one; returns self."""
+        """Adds another's counts into this one.
+
+        Args:
+            other: a :class:`BucketedAUC` of as many buckets.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: ``other`` has another number of buckets.
+        """
         if other.buckets != self.buckets:
             raise ValueError(f"cannot merge {other.buckets} buckets into {self.buckets}")
         self.positive += other.positive
@@ -224,7 +239,13 @@ class OnlineMetricsAccumulator:
         self.rows: list = []  #: every row flushed so far, in order (a caller may clear it)
 
     def add(self, scores, labels, weights, ts_ms, true_ctr=None) -> None:
-        """Buffer a batch: arrays of equal length; ``weights``/``true_ctr`` may be None."""
+        """Buffers a batch.
+
+        Args:
+            scores, labels, ts_ms: arrays of equal length.
+            weights: sample weights (None: 1).
+            true_ctr: the true CTRs where known (None: unknown).
+        """
         arrays = _as_float_arrays(scores, labels, weights, ts_ms, true_ctr)
         pane = arrays[3] // self.step_ms
         if self._flushed_until is not None:
@@ -270,7 +291,14 @@ class OnlineMetricsAccumulator:
         return end
 
     def flush(self, watermark_ms: int | None = None) -> list:
-        """Rows of the windows ending at or before ``watermark_ms`` (None: all), in order."""
+        """The rows of the windows that are complete.
+
+        Args:
+            watermark_ms: the event time up to which examples are in (None: every window).
+
+        Returns:
+            The rows of the windows ending at or before ``watermark_ms``, in order.
+        """
         if not self._panes:
             if watermark_ms is not None:
                 self._advance(watermark_ms // self.step_ms * self.step_ms)

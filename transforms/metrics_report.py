@@ -43,6 +43,9 @@ def write_csv(rows, path: str) -> None:
 def read_csv(path: str) -> list:
     """Reads a CSV file :func:`write_csv` wrote.
 
+    Args:
+        path: the file.
+
     Returns:
         its rows, dicts with numbers as int (times, counts) or float.
     """
@@ -167,7 +170,10 @@ def write_report(rows, totals: dict, out_prefix: str, title: str = "Online metri
 
 
 def input_ended(totals_path: str) -> bool:
-    """Whether the report at ``totals_path`` was written when the job's input ended.
+    """Whether a report was written when the job's input ended.
+
+    Args:
+        totals_path: the report's ``-totals.json`` file.
 
     Returns:
         its ``end_of_input``: True for the report written at the end of the input, False for

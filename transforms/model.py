@@ -4,26 +4,8 @@ The worker owns no variables: it reads rows from the ParameterStore, calls
 :meth:`Model.train_step` and ships the gradients to the parameter-server DoFns (DESIGN §1).
 So a model here is a :class:`ModelSpec` (which :class:`transforms.models.RankingModel`, which
 slots with which embedding dims, how many dense inputs), the TensorFlow graph of its forward
-pass, and the bookkeeping that maps a CSR batch of fids to rows.
-
->>> import numpy as np
->>> from transforms.example_batch import ExampleBatch
->>> spec = ModelSpec("fm", slots=[(1, 4), (2, 4)], dense_dim=1)
->>> spec.tables()                                  # one row per fid: [w | v_0..v_3]
-{'w5': 5}
->>> model = Model(spec)
->>> batch = ExampleBatch.from_examples([
-...     {"fids": [1 << 48 | 7, 2 << 48 | 9], "dense": [0.5], "label": 1, "ts_ms": 0},
-...     {"fids": [1 << 48 | 7, 3 << 48 | 1], "dense": [0.0], "label": 0, "ts_ms": 0}])
->>> keys = model.lookup_keys(batch)                # what to read from the store
->>> [hex(f) for f in keys["w5"]]                    # slot 3 is not in the spec: ignored
-['0x1000000000007', '0x2000000000009']
->>> rows = {"w5": (keys["w5"], np.full((2, 5), 0.1, np.float32))}
->>> probs, loss, sparse, dense = model.train_step(batch, rows, model.initial_dense_params())
->>> print(probs.round(4))                          # scored before anything is learned
-[0.5597 0.525 ]
->>> sparse["w5"][1].shape, sorted(dense)
-((2, 5), ['bias', 'dense_w'])
+pass, and the bookkeeping that maps a CSR batch of fids to rows (an example:
+:class:`Model`).
 
 Rows and tables
 ---------------
@@ -138,8 +120,16 @@ class ModelSpec:
 
     @classmethod
     def from_feature_config(cls, config, model, seed: int = 0) -> "ModelSpec":
-        """The spec of ``model`` over a feature config's slots and dense inputs
-        (``schemas.feature_config.FeatureConfig``)."""
+        """The spec of a model over a feature config's slots and dense inputs.
+
+        Args:
+            config: a ``schemas.feature_config.FeatureConfig``.
+            model: a :class:`transforms.models.RankingModel` or a model name.
+            seed: seeds the initial dense weights.
+
+        Returns:
+            The :class:`ModelSpec`.
+        """
         return cls(model, slots=[(s.slot, s.dim) for s in config.slots],
                    dense_dim=len(config.dense), seed=seed)
 
@@ -172,6 +162,17 @@ class ModelSpec:
         return {self.table: self.width}
 
     def table_of_slot(self, slot: int) -> str:
+        """The table of a slot's rows (every slot's is :attr:`table`).
+
+        Args:
+            slot: a slot id of the spec.
+
+        Returns:
+            The table name.
+
+        Raises:
+            KeyError: the slot is not in the spec.
+        """
         if int(slot) not in {s for s, _ in self.slots}:
             raise KeyError(f"slot {slot} is not in the model spec")
         return self.table
@@ -188,6 +189,17 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, values: dict) -> "ModelSpec":
+        """The spec of :meth:`to_json`'s values.
+
+        Args:
+            values: what :meth:`to_json` returned.
+
+        Returns:
+            The :class:`ModelSpec`.
+
+        Raises:
+            ValueError: values of a spec written before models were pluggable.
+        """
         if "model" not in values:
             raise ValueError("a model spec written before models were pluggable (it has "
                              f"{sorted(values)}): export the model again with this version")
@@ -198,7 +210,19 @@ class ModelSpec:
 class BatchIndex(NamedTuple):
     """Where each kept fid occurrence of a batch goes (kept: its slot is in the spec).
 
-    Occurrences are sorted by segment, as ``tf.sparse.segment_sum`` wants them.
+    Occurrences are sorted by segment, as ``tf.sparse.segment_sum`` wants them. Made by
+    :meth:`Model.index`.
+
+    >>> from transforms.example_batch import ExampleBatch
+    >>> model = Model(ModelSpec("lr", slots=[(1, 4), (2, 4)]))
+    >>> batch = ExampleBatch.from_examples([
+    ...     {"fids": [2 << 48 | 9, 1 << 48 | 7], "label": 1, "ts_ms": 0},
+    ...     {"fids": [1 << 48 | 7, 3 << 48 | 1], "label": 0, "ts_ms": 0}])
+    >>> index = model.index(batch)                  # slot 3 is not in the spec: ignored
+    >>> [hex(k) for k in index.keys], index.unique_of_occurrence.tolist()
+    (['0x1000000000007', '0x2000000000009'], [0, 1, 0])
+    >>> index.segment.tolist(), index.ignored       # example * 2 slots + slot position
+    ([0, 1, 2], 1)
     """
 
     keys: np.ndarray  #: uint64 [u] unique fids in order of first occurrence: the rows to read
@@ -208,7 +232,19 @@ class BatchIndex(NamedTuple):
 
 
 class Gathered(NamedTuple):
-    """The TensorFlow inputs of one batch: rows plus, per occurrence, its row and segment."""
+    """The TensorFlow inputs of one batch: rows plus, per occurrence, its row and segment.
+    Made by :meth:`Model.gather`.
+
+    >>> from transforms.example_batch import ExampleBatch
+    >>> model = Model(ModelSpec("lr", slots=[(1, 4), (2, 4)]))
+    >>> batch = ExampleBatch.from_examples([
+    ...     {"fids": [2 << 48 | 9, 1 << 48 | 7], "label": 1, "ts_ms": 0},
+    ...     {"fids": [1 << 48 | 7], "label": 0, "ts_ms": 0}])
+    >>> fids = np.array([2 << 48 | 9, 5, 1 << 48 | 7], np.uint64)   # any order, extra fids
+    >>> gathered = model.gather(batch, {"w1": (fids, np.zeros((3, 1), np.float32))})
+    >>> gathered.row_of_occurrence.tolist(), gathered.segment.tolist()
+    ([2, 0, 2], [0, 1, 2])
+    """
 
     rows: np.ndarray  #: float32 [u', width], as the caller passed them
     row_of_occurrence: np.ndarray  #: int32 [m]
@@ -222,6 +258,27 @@ class Model:
     batches of any size and any number of unique fids reuse one graph. The graphs take four
     packed arguments (rows, occurrences, example floats, flat dense weights) because each
     argument of a ``tf.function`` call costs tens of microseconds of Python.
+
+    Args:
+        spec: the :class:`ModelSpec`.
+
+    >>> from transforms.example_batch import ExampleBatch
+    >>> spec = ModelSpec("fm", slots=[(1, 4), (2, 4)], dense_dim=1)
+    >>> spec.tables()                                  # one row per fid: [w | v_0..v_3]
+    {'w5': 5}
+    >>> model = Model(spec)
+    >>> batch = ExampleBatch.from_examples([
+    ...     {"fids": [1 << 48 | 7, 2 << 48 | 9], "dense": [0.5], "label": 1, "ts_ms": 0},
+    ...     {"fids": [1 << 48 | 7, 3 << 48 | 1], "dense": [0.0], "label": 0, "ts_ms": 0}])
+    >>> keys = model.lookup_keys(batch)                # what to read from the store
+    >>> [hex(f) for f in keys["w5"]]                    # slot 3 is not in the spec: ignored
+    ['0x1000000000007', '0x2000000000009']
+    >>> rows = {"w5": (keys["w5"], np.full((2, 5), 0.1, np.float32))}
+    >>> probs, loss, sparse, dense = model.train_step(batch, rows, model.initial_dense_params())
+    >>> print(probs.round(4))                          # scored before anything is learned
+    [0.5597 0.525 ]
+    >>> sparse["w5"][1].shape, sorted(dense)
+    ((2, 5), ['bias', 'dense_w'])
     """
 
     def __init__(self, spec: ModelSpec):
@@ -289,6 +346,17 @@ class Model:
         return params
 
     def flatten_params(self, dense_params: dict) -> np.ndarray:
+        """The dense weights as one array, in :meth:`ModelSpec.dense_param_shapes` order.
+
+        Args:
+            dense_params: ``{name: array}`` of every dense weight of the spec.
+
+        Returns:
+            float32 [total size].
+
+        Raises:
+            ValueError: a weight is missing or of the wrong shape.
+        """
         missing = self._dense_shapes.keys() - dense_params.keys()
         if missing:
             raise ValueError(f"dense_params lacks {sorted(missing)}")
@@ -309,7 +377,14 @@ class Model:
     # -- batch bookkeeping (NumPy, vectorised) ------------------------------------------------
 
     def index(self, batch: ExampleBatch) -> BatchIndex:
-        """Map each fid occurrence to its unique fid, slot position and example."""
+        """Maps each fid occurrence of a batch to its unique fid, slot position and example.
+
+        Args:
+            batch: an :class:`ExampleBatch`.
+
+        Returns:
+            Its :class:`BatchIndex`.
+        """
         fids = np.asarray(batch.fids, dtype=np.uint64)
         position = self._slot_position[(fids >> SLOT_SHIFT).astype(np.int64)]
         kept = position >= 0
@@ -327,14 +402,33 @@ class Model:
                           unique_of_occurrence.astype(np.int32), segment.astype(np.int32), ignored)
 
     def lookup_keys(self, batch: ExampleBatch) -> dict:
-        """``{table: unique fids}``: the rows a step on ``batch`` reads."""
+        """The rows a step on a batch reads.
+
+        Args:
+            batch: an :class:`ExampleBatch`.
+
+        Returns:
+            ``{table: unique fids}``.
+        """
         return {self.spec.table: self.index(batch).keys}
 
     def gather(self, batch: ExampleBatch, rows_by_table: dict,
                index: BatchIndex | None = None) -> Gathered:
-        """Attach ``rows_by_table = {table: (fids uint64[u], rows float32[u, width])}`` to the
-        batch's occurrences. ``fids`` may be in any order and hold extra fids; each fid of a kept
-        occurrence must be there (``ValueError`` otherwise)."""
+        """Attaches rows to a batch's fid occurrences.
+
+        Args:
+            batch: an :class:`ExampleBatch`.
+            rows_by_table: ``{table: (fids uint64[u], rows float32[u, width])}``; ``fids`` may
+                be in any order and hold extra fids.
+            index: the batch's :meth:`index`, if the caller computed it already.
+
+        Returns:
+            The :class:`Gathered` inputs of the graph.
+
+        Raises:
+            ValueError: a fid of a kept occurrence has no row, or the rows have the wrong
+                shape.
+        """
         index = self.index(batch) if index is None else index
         self.ignored_fids += index.ignored
         table, width = self.spec.table, self.spec.width
@@ -381,20 +475,34 @@ class Model:
 
     def predict(self, batch: ExampleBatch, rows_by_table: dict, dense_params: dict,
                 index: BatchIndex | None = None) -> np.ndarray:
-        """float32 [n]: the click probability of each example."""
+        """The click probability of each example of a batch.
+
+        Args:
+            batch, rows_by_table, index: as :meth:`gather`'s.
+            dense_params: the dense weights, ``{name: array}``.
+
+        Returns:
+            float32 [n].
+        """
         return self._predict_graph(*self._inputs(batch, rows_by_table, dense_params,
                                                  index)).numpy()
 
     def train_step(self, batch: ExampleBatch, rows_by_table: dict, dense_params: dict,
                    index: BatchIndex | None = None):
-        """``(probs, loss, sparse_grads, dense_grads)`` of the weighted log loss (a sum, see the
-        module docstring).
+        """One step of the weighted log loss (a sum, see the module docstring).
 
-        ``probs`` [n] are the predictions of the parameters given, before any update.
-        ``sparse_grads = {table: (fids, grads float32[u, width])}``, aligned with the fids
-        passed in ``rows_by_table`` (a fid repeated in the batch gets the sum of its
-        occurrences' gradients); ``dense_grads = {name: float32 array}``. ``index``: the
-        batch's :meth:`index`, if the caller computed it already (to read the rows).
+        Args:
+            batch, rows_by_table: as :meth:`gather`'s.
+            dense_params: the dense weights, ``{name: array}``.
+            index: the batch's :meth:`index`, if the caller computed it already (to read
+                the rows).
+
+        Returns:
+            ``(probs, loss, sparse_grads, dense_grads)``: ``probs`` [n] are the predictions
+            of the parameters given, before any update; ``sparse_grads = {table: (fids,
+            grads float32[u, width])}``, aligned with the fids passed in ``rows_by_table``
+            (a fid repeated in the batch gets the sum of its occurrences' gradients);
+            ``dense_grads = {name: float32 array}``.
         """
         probs, loss, row_grads, param_grads = self._train_graph(
             *self._inputs(batch, rows_by_table, dense_params, index))
@@ -410,8 +518,18 @@ class Model:
     # -- the graph ----------------------------------------------------------------------------
 
     def logits_graph(self, rows, occurrences, examples, flat_params):
-        """The logits as TensorFlow ops of the four packed graph arguments (what the
-        exported SavedModel runs): pooling, then :meth:`RankingModel.logits`."""
+        """The logits as TensorFlow ops (what the exported SavedModel runs): pooling, then
+        :meth:`RankingModel.logits`.
+
+        Args:
+            rows: float32 [u, width] tensor.
+            occurrences: int32 [2, m] tensor: each occurrence's row and segment.
+            examples: float32 [n, 2 + dense_dim] tensor: label, weight, dense inputs.
+            flat_params: float32 tensor of :meth:`flatten_params`.
+
+        Returns:
+            float32 [n] tensor.
+        """
         spec = self.spec
         params = {name: tf.reshape(p, shape) for (name, shape), p in zip(
             self._dense_shapes.items(), tf.split(flat_params, self._dense_sizes))}

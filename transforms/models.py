@@ -15,27 +15,8 @@ embedding. Per example and slot, rows are summed (sum pooling), so a model sees
     FactorizationMachine LR + ½ Σ_k [(Σ_s v_sk)² − Σ_s v_sk²]
     DeepFM               FM + MLP([v_1, ..., v_S, dense])      (ReLU hidden layers)
 
-A model of your own subclasses one of them (or :class:`RankingModel`), as a frozen dataclass
-so that it is hashable and compares by value:
-
->>> import dataclasses
->>> import tensorflow as tf
->>> @dataclasses.dataclass(frozen=True)
-... class CrossNet(LogisticRegression):          # LR + a DCN-style cross layer on v
-...     name = "cross"
-...     def dense_param_shapes(self, num_slots, dim, dense_dim):
-...         width = num_slots * dim
-...         return {**super().dense_param_shapes(num_slots, dim, dense_dim),
-...                 "cross/w": (width, 1), "cross/b": (width,), "cross/out": (width, 1)}
-...     def logits(self, w, v, dense, params):
-...         x0 = tf.reshape(v, [tf.shape(v)[0], -1])
-...         x1 = x0 * tf.matmul(x0, params["cross/w"]) + params["cross/b"] + x0
-...         return (super().logits(w, v, dense, params)
-...                 + tf.reshape(tf.matmul(x1, params["cross/out"]), [-1]))
->>> sorted(CrossNet().dense_param_shapes(num_slots=2, dim=4, dense_dim=1))
-['bias', 'cross/b', 'cross/out', 'cross/w', 'dense_w']
->>> model_from_name("deepfm")
-DeepFM(hidden=(64, 32))
+A model of your own subclasses one of them (or :class:`RankingModel`, whose docstring
+shows one), as a frozen dataclass so that it is hashable and compares by value.
 """
 from __future__ import annotations
 
@@ -51,12 +32,33 @@ class RankingModel:
     """The dense part of a model: what its weights are, and the logits of a batch.
 
     Subclass it as a frozen dataclass (its fields are the model's hyper-parameters) and
-    define :meth:`dense_param_shapes` and :meth:`logits`; ``name`` names it in logs and in
-    exported models.
+    define :meth:`dense_param_shapes` and :meth:`logits`.
 
-    ``uses_embeddings``: whether rows carry an embedding ``v`` (False: rows are ``[w]`` only,
-    one weight per fid, and ``v`` is None). Models that use embeddings need one embedding dim
-    for every slot (they combine slots' embeddings).
+    Attributes:
+        name: names the model in logs and in exported models.
+        uses_embeddings: whether rows carry an embedding ``v`` (False: rows are ``[w]`` only,
+            one weight per fid, and ``v`` is None). Models that use embeddings need one
+            embedding dim for every slot (they combine slots' embeddings).
+
+    A model of your own:
+
+    >>> import dataclasses
+    >>> import tensorflow as tf
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class CrossNet(LogisticRegression):          # LR + a DCN-style cross layer on v
+    ...     name = "cross"
+    ...     uses_embeddings = True
+    ...     def dense_param_shapes(self, num_slots, dim, dense_dim):
+    ...         width = num_slots * dim
+    ...         return {**super().dense_param_shapes(num_slots, dim, dense_dim),
+    ...                 "cross/w": (width, 1), "cross/b": (width,), "cross/out": (width, 1)}
+    ...     def logits(self, w, v, dense, params):
+    ...         x0 = tf.reshape(v, [tf.shape(v)[0], -1])
+    ...         x1 = x0 * tf.matmul(x0, params["cross/w"]) + params["cross/b"] + x0
+    ...         return (super().logits(w, v, dense, params)
+    ...                 + tf.reshape(tf.matmul(x1, params["cross/out"]), [-1]))
+    >>> sorted(CrossNet().dense_param_shapes(num_slots=2, dim=4, dense_dim=1))
+    ['bias', 'cross/b', 'cross/out', 'cross/w', 'dense_w']
     """
 
     name: ClassVar[str] = "ranking_model"
@@ -103,7 +105,16 @@ def _plain(value):
 
 @dataclasses.dataclass(frozen=True)
 class LogisticRegression(RankingModel):
-    """``logit = Σ_s w_s + dense · dense_w + bias``: first-order weights only."""
+    """``logit = Σ_s w_s + dense · dense_w + bias``: first-order weights only.
+
+    >>> import tensorflow as tf
+    >>> lr = LogisticRegression()
+    >>> lr.dense_param_shapes(num_slots=2, dim=0, dense_dim=1)
+    {'bias': (1,), 'dense_w': (1,)}
+    >>> lr.logits(w=tf.constant([[0.5, 0.25]]), v=None, dense=tf.constant([[2.0]]),
+    ...           params={"bias": tf.constant([0.125]), "dense_w": tf.constant([1.0])}).numpy()
+    array([2.875], dtype=float32)
+    """
 
     name: ClassVar[str] = "lr"
     uses_embeddings: ClassVar[bool] = False
@@ -125,6 +136,12 @@ class FactorizationMachine(LogisticRegression):
 
     Its gradient with respect to ``v`` is zero while every ``v`` is zero: give the PS tables a
     small initial scale (the training default) so that it can start.
+
+    >>> import tensorflow as tf
+    >>> v = tf.constant([[[1.0, 0.0], [1.0, 1.0]]])    # one example, 2 slots, dim 2
+    >>> FactorizationMachine().logits(tf.zeros([1, 2]), v, tf.zeros([1, 0]),
+    ...                               {"bias": tf.zeros([1])}).numpy()   # <v_1, v_2> = 1
+    array([1.], dtype=float32)
     """
 
     name: ClassVar[str] = "fm"
@@ -140,7 +157,15 @@ class FactorizationMachine(LogisticRegression):
 @dataclasses.dataclass(frozen=True)
 class DeepFM(FactorizationMachine):
     """FM plus an MLP over the slots' embeddings and the dense inputs (the Monolith paper's
-    model): ReLU ``hidden`` layers, a linear output."""
+    model): ReLU ``hidden`` layers, a linear output.
+
+    Args:
+        hidden: the sizes of the hidden layers (one or more, each >= 1).
+
+    >>> shapes = DeepFM(hidden=(8,)).dense_param_shapes(num_slots=2, dim=4, dense_dim=1)
+    >>> shapes["mlp/w0"], shapes["mlp/w_out"]          # [v_1, v_2, dense] -> 8 -> 1
+    ((9, 8), (8, 1))
+    """
 
     name: ClassVar[str] = "deepfm"
     hidden: tuple = (64, 32)
@@ -175,8 +200,19 @@ MODELS = {m.name: m for m in (LogisticRegression, FactorizationMachine, DeepFM)}
 
 
 def model_from_name(name: str, **config) -> RankingModel:
-    """A model from its name: ``lr``, ``fm``, ``deepfm``, or ``package.module:Class`` (a model
-    of your own, importable where the pipeline runs), with ``config`` as its fields.
+    """A model from its name.
+
+    Args:
+        name: ``lr``, ``fm``, ``deepfm``, or ``package.module:Class`` (a model of your own,
+            importable where the pipeline runs); a :class:`RankingModel` is returned as it is.
+        **config: the model's fields.
+
+    Returns:
+        The :class:`RankingModel`.
+
+    Raises:
+        ValueError: an unknown name, or a class that cannot be imported or is not a
+            :class:`RankingModel`.
 
     >>> model_from_name("fm")
     FactorizationMachine()
@@ -201,11 +237,28 @@ def model_from_name(name: str, **config) -> RankingModel:
 
 
 def model_to_json(model: RankingModel) -> dict:
-    """``{"class": "module:Class", "config": {...}}``: what :func:`model_from_json` reads."""
+    """A model as JSON-able values, what :func:`model_from_json` reads.
+
+    Args:
+        model: a :class:`RankingModel`.
+
+    Returns:
+        ``{"class": "module:Class", "config": {...}}``.
+
+    >>> model_to_json(DeepFM(hidden=(8,)))
+    {'class': 'transforms.models:DeepFM', 'config': {'hidden': [8]}}
+    """
     cls = type(model)
     return {"class": f"{cls.__module__}:{cls.__qualname__}", "config": model.config()}
 
 
 def model_from_json(values: dict) -> RankingModel:
-    """The model :func:`model_to_json` described."""
+    """The model :func:`model_to_json` described.
+
+    Args:
+        values: what :func:`model_to_json` returned.
+
+    Returns:
+        The :class:`RankingModel`.
+    """
     return model_from_name(values["class"], **values.get("config", {}))

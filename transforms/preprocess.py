@@ -56,9 +56,21 @@ __all__ = ["AnalyzeFeatureLogs", "preprocessing_fn", "analysis_row", "apply_tran
 # --------------------------------------------------------------------------- the graph
 
 def analysis_row(config: FeatureConfig, out: dict, pending: list) -> dict:
-    """One record's graph inputs from ``FeatureExtractor.parse(record)``'s ``(out, pending)``.
+    """One record's graph inputs.
 
-    ``{column: [value]}``, ``[]`` for an optional slot whose field was missing.
+    Args:
+        config: the :class:`FeatureConfig`.
+        out, pending: what ``FeatureExtractor(config).parse(record)`` returned.
+
+    Returns:
+        ``{column: [value]}``, ``[]`` for an optional slot whose field was missing.
+
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "age", "slot": 3, "source": "age", "bucketize": {"quantiles": 4}}]})
+    >>> out, pending = FeatureExtractor(config).parse({"request_id": "r1", "ts_ms": 5,
+    ...     "user_id": "u1", "item_id": "i1", "features": {"age": 41}})
+    >>> analysis_row(config, out, pending)
+    {'slot__age': [41.0]}
     """
     slots = [s for s in config.slots if s.analysed]
     row = {slot_column(s.name): [] for s in slots}
@@ -71,10 +83,17 @@ def analysis_row(config: FeatureConfig, out: dict, pending: list) -> dict:
 
 
 def read_transform_graph(directory: str | os.PathLike, config: FeatureConfig) -> FittedTransform:
-    """Read the analysers' results out of TFT's transform graph in ``directory``.
+    """Reads the analysers' results out of TFT's transform graph.
 
     Runs the graph once on a one-row batch (its per-row analyser outputs do not depend on
-    the input). Imports TensorFlow.
+    the input). Imports TensorFlow. Example: :class:`AnalyzeFeatureLogs`.
+
+    Args:
+        directory: where :class:`AnalyzeFeatureLogs` wrote the graph.
+        config: the :class:`FeatureConfig` it was analysed for.
+
+    Returns:
+        The :class:`FittedTransform`, its ``summary`` that of ``summary.json``.
     """
     columns = analysis_columns(config)
     graph = apply_transform_graph(directory, [{c: [] for c in columns}])
@@ -107,7 +126,17 @@ def read_transform_graph(directory: str | os.PathLike, config: FeatureConfig) ->
 
 
 def preprocessing_fn(config: FeatureConfig):
-    """The TFT ``preprocessing_fn`` of ``config``'s analysers (see the module docstring)."""
+    """The TFT ``preprocessing_fn`` of a config's analysers (see the module docstring).
+
+    Args:
+        config: the :class:`FeatureConfig`.
+
+    Returns:
+        ``fn(inputs) -> outputs``, for ``tft_beam.AnalyzeDataset``.
+
+    Raises:
+        FeatureConfigError: the config has no analysers.
+    """
     slots = [s for s in config.slots if s.analysed]
     dense = [d for d in config.dense if d.analysed]
     if not slots and not dense:
@@ -162,8 +191,15 @@ def _arrow_schema(columns: list[str]):
 
 # no annotations: Beam reads a callable's (strings here) and logs that it uses Any
 def to_record_batch(rows, columns):
-    """Graph input rows (dicts) → one Arrow RecordBatch (a ``list<float32>`` column each of
-    ``columns``)."""
+    """Graph input rows → one Arrow RecordBatch.
+
+    Args:
+        rows: :func:`analysis_row` dicts.
+        columns: the columns (:func:`transforms.fitted_transform.analysis_columns`).
+
+    Returns:
+        A ``pyarrow.RecordBatch`` with a ``list<float32>`` column each.
+    """
     import pyarrow as pa
     return pa.RecordBatch.from_arrays(
         [pa.array([r[c] for r in rows], type=pa.list_(pa.float32())) for c in columns],
@@ -171,7 +207,14 @@ def to_record_batch(rows, columns):
 
 
 def tensor_adapter_config(columns: list[str]):
-    """TFXIO's description of :func:`to_record_batch`'s batches: a sparse tensor a column."""
+    """TFXIO's description of :func:`to_record_batch`'s batches: a sparse tensor a column.
+
+    Args:
+        columns: the batches' columns.
+
+    Returns:
+        A ``tfx_bsl`` ``TensorAdapterConfig``.
+    """
     from tensorflow_metadata.proto.v0 import schema_pb2
     from tfx_bsl.tfxio.tensor_adapter import TensorAdapterConfig
     sparse = schema_pb2.TensorRepresentation.VarLenSparseTensor
@@ -181,12 +224,17 @@ def tensor_adapter_config(columns: list[str]):
 
 
 def apply_transform_graph(directory: str | os.PathLike, rows: list[dict]) -> dict:
-    """TF's own application of the transform graph in ``directory`` to graph input rows
-    (:func:`analysis_row`), via ``TFTransformOutput.transform_raw_features``.
+    """TF's own application of a transform graph to graph input rows, via
+    ``TFTransformOutput.transform_raw_features``. For tests and for reading the analysers'
+    results; extraction uses :class:`FittedTransform`.
 
-    Returns NumPy arrays: sparse outputs as ``[value or None per row]`` lists, the per-row
-    analyser outputs as arrays. For tests and for reading the analysers' results; extraction
-    uses :class:`FittedTransform`.
+    Args:
+        directory: where :class:`AnalyzeFeatureLogs` wrote the graph.
+        rows: :func:`analysis_row` dicts.
+
+    Returns:
+        ``{output: values}``: sparse outputs as ``[value or None per row]`` lists, the
+        per-row analyser outputs as NumPy arrays.
     """
     import tensorflow as tf
     import tensorflow_transform as tft
@@ -248,14 +296,38 @@ class _AnalysisInputsFn(beam.DoFn):
 
 
 class AnalyzeFeatureLogs(beam.PTransform):
-    """FeatureLog dicts → TFT's transform graph for ``config``'s analysers, written to
-    ``out_dir`` (``tft_beam.WriteTransformFn``); returns the dead letters.
+    """FeatureLog dicts → TFT's transform graph for a config's analysers, written to
+    ``out_dir`` (``tft_beam.WriteTransformFn``). After the pipeline has run,
+    :func:`read_transform_graph` reads the results (``python -m dataflow.analyze`` does it
+    and writes ``summary.json``).
 
-    ``temp_dir``: TFT's scratch space (default ``out_dir/tmp``); it must be reachable by the
-    workers, as ``out_dir``. After the pipeline has run, ``FittedTransform.from_transform_graph``
-    reads the results (``python -m dataflow.analyze`` does it and writes ``summary.json``).
+    Args:
+        config: the :class:`FeatureConfig`; it must have analysers.
+        out_dir: where to write the graph.
+        temp_dir: TFT's scratch space (default ``out_dir/tmp``); it must be reachable by
+            the workers, as ``out_dir``.
+        batch_size: the largest batch of rows the analysis takes at once.
 
-        dead = logs | AnalyzeFeatureLogs(config, "out/transform")
+    Returns:
+        (``expand``) the dead letters: records extraction rejects.
+
+    Raises:
+        FeatureConfigError: the config has no analysers.
+
+    >>> import tempfile
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "age", "slot": 3, "source": "age", "bucketize": {"quantiles": 2}}]})
+    >>> out = tempfile.mkdtemp()
+    >>> with beam.Pipeline() as p:
+    ...     dead = (p | beam.Create([{"request_id": f"r{age}", "ts_ms": 0, "user_id": "u",
+    ...                               "item_id": "i", "features": {"age": age}}
+    ...                              for age in (18, 25, 40, 61)] + [{"ts_ms": 0}])
+    ...             | AnalyzeFeatureLogs(config, out))
+    ...     _ = assert_that(dead | beam.Map(lambda d: d["reason"]),
+    ...                     equal_to(["missing_field:request_id"]))
+    >>> read_transform_graph(out, config).boundaries      # the median: 2 buckets
+    {'age': array([40.], dtype=float32)}
     """
 
     def __init__(self, config: FeatureConfig, out_dir: str, temp_dir: str | None = None,
@@ -285,7 +357,16 @@ class AnalyzeFeatureLogs(beam.PTransform):
 
 
 def write_analysed_config(config: FeatureConfig, directory: str | os.PathLike) -> Path:
-    """``DIR/feature_config.yaml``: the config as analysed, so that DIR alone is enough."""
+    """Writes ``DIR/feature_config.yaml``: the config as analysed, so that the transform
+    output directory alone is enough.
+
+    Args:
+        config: the :class:`FeatureConfig`.
+        directory: the transform output directory.
+
+    Returns:
+        The path written.
+    """
     path = Path(directory) / CONFIG_FILE
     path.write_text("# Written by python -m dataflow.analyze: the config this transform was "
                     "analysed with.\n" + yaml.safe_dump(config.to_dict(), sort_keys=False),

@@ -1,8 +1,9 @@
 """The worker's score records: :class:`Scores`, and ``.npz`` files of them.
 
-The training worker scores each batch before it learns from it and emits the scores
-(``transforms.worker.TrainWorker``'s ``scores`` output); ``transforms.metrics.OnlineMetrics``
-turns them into windowed metrics, :class:`WriteScores` keeps every one for later questions.
+The training worker scores each batch before it learns from it and emits the scores (the
+``scores`` of ``transforms.train.TrainOnline``'s :class:`~transforms.train.TrainResult`);
+``transforms.metrics.OnlineMetrics`` turns them into windowed metrics, :class:`WriteScores`
+keeps every one for later questions.
 """
 from __future__ import annotations
 
@@ -109,7 +110,10 @@ class WriteScores(beam.DoFn):
 
 
 def read_scores(folder: str) -> dict:
-    """Every example :class:`WriteScores` wrote in ``folder``.
+    """Every example :class:`WriteScores` wrote in a folder.
+
+    Args:
+        folder: the folder (local).
 
     Returns:
         ``{column: array}`` for :data:`SCORE_COLUMNS`, in event-time order (stable: a

@@ -138,7 +138,14 @@ def event_time(record, time_field: str = "ts_ms") -> Timestamp:
 
 
 def with_event_time(record: dict, time_field: str = "ts_ms") -> TimestampedValue:
-    """``record`` stamped with its event time (``record[time_field]`` in ms since the epoch).
+    """A record stamped with its event time.
+
+    Args:
+        record: a dict.
+        time_field: the field that holds the event time, integer ms since the epoch.
+
+    Returns:
+        A ``TimestampedValue``.
 
     Raises:
         BadRecord: the record has none (see :func:`event_time`).
@@ -259,8 +266,15 @@ class WithDeadLetters:
         return self
 
     def split_dead_letters(self, result):
-        """The records of a ``DoOutputsTuple`` with a ``DEAD_LETTER`` output, and its dead
-        letters if :meth:`with_dead_letters` asked for them."""
+        """What ``expand`` returns.
+
+        Args:
+            result: a ``DoOutputsTuple`` with a ``DEAD_LETTER`` output.
+
+        Returns:
+            Its main output, or ``(main output, dead letters)`` if :meth:`with_dead_letters`
+            asked for them.
+        """
         records, dead = result[None], result[DEAD_LETTER]
         return (records, dead) if self._dead_letters else records
 
@@ -276,28 +290,26 @@ class ReadAvroLogs(WithDeadLetters, beam.PTransform):
         file_pattern: the files to read; matching none is an error.
         time_field: the records' event time field, integer ms since the epoch.
 
-    :class:`ReadFeatureLogs` and :class:`ReadActionLogs` name what they read:
+    Returns:
+        (``expand``) the records, or ``(records, dead letters)`` after
+        :meth:`with_dead_letters`.
+
+    :class:`ReadFeatureLogs` and :class:`ReadActionLogs` name what they read; this reads
+    any Avro records with an event time:
 
     >>> import tempfile
     >>> from apache_beam.testing.util import assert_that, equal_to
     >>> from schemas import write_avro
     >>> folder = tempfile.TemporaryDirectory()
-    >>> write_avro(f"{folder.name}/features.avro", "feature_log", [
-    ...     {"request_id": "r1", "ts_ms": 1_000, "user_id": "u1", "item_id": "i9"}])
-    1
-    >>> write_avro(f"{folder.name}/actions.avro", "action_log", [
-    ...     {"request_id": "r1", "ts_ms": 2_000, "action": "click"},
-    ...     {"request_id": "r2", "ts_ms": -2**62, "action": "like"}])
+    >>> write_avro(f"{folder.name}/events.avro", "smoke_event", [
+    ...     {"request_id": "r1", "user": "u1", "ts_ms": 1_000, "value": 0.5},
+    ...     {"request_id": "r2", "user": "u1", "ts_ms": -2**62, "value": 1.0}])
     2
     >>> with beam.Pipeline() as p:
-    ...     served = p | ReadFeatureLogs(f"{folder.name}/features.avro")
-    ...     actions, dead = (p | ReadActionLogs(f"{folder.name}/actions.avro")
-    ...                      .with_dead_letters())
-    ...     _ = assert_that(served | beam.Map(lambda f: (f["user_id"], f["item_id"])),
-    ...                     equal_to([("u1", "i9")]), label="Served")
-    ...     _ = assert_that(actions | beam.Map(lambda a, t=beam.DoFn.TimestampParam:
-    ...                                        (a["action"], t.micros // 1000)),
-    ...                     equal_to([("click", 2_000)]), label="Actions")
+    ...     events, dead = (p | ReadAvroLogs(f"{folder.name}/*.avro").with_dead_letters())
+    ...     _ = assert_that(events | beam.Map(lambda e, t=beam.DoFn.TimestampParam:
+    ...                                       (e["request_id"], t.micros // 1000)),
+    ...                     equal_to([("r1", 1_000)]), label="Events")
     ...     _ = assert_that(dead | beam.Map(lambda d: d["reason"]),
     ...                     equal_to(["out_of_range:ts_ms"]), label="DeadLetters")
     >>> folder.cleanup()
@@ -321,12 +333,40 @@ class ReadAvroLogs(WithDeadLetters, beam.PTransform):
 
 class ReadFeatureLogs(ReadAvroLogs):
     """FeatureLog files (``schemas/feature_log.avsc``) → FeatureLog dicts at their ``ts_ms``
-    (example: :class:`ReadAvroLogs`)."""
+    (arguments: :class:`ReadAvroLogs`).
+
+    >>> import tempfile
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> from schemas import write_avro
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> write_avro(f"{folder.name}/features.avro", "feature_log", [
+    ...     {"request_id": "r1", "ts_ms": 1_000, "user_id": "u1", "item_id": "i9"}])
+    1
+    >>> with beam.Pipeline() as p:
+    ...     served = p | ReadFeatureLogs(f"{folder.name}/*.avro")
+    ...     _ = assert_that(served | beam.Map(lambda f: (f["user_id"], f["item_id"])),
+    ...                     equal_to([("u1", "i9")]))
+    >>> folder.cleanup()
+    """
 
 
 class ReadActionLogs(ReadAvroLogs):
     """ActionLog files (``schemas/action_log.avsc``) → ActionLog dicts at their ``ts_ms``
-    (example: :class:`ReadAvroLogs`)."""
+    (arguments: :class:`ReadAvroLogs`).
+
+    >>> import tempfile
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> from schemas import write_avro
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> write_avro(f"{folder.name}/actions.avro", "action_log", [
+    ...     {"request_id": "r1", "ts_ms": 2_000, "action": "click"}])
+    1
+    >>> with beam.Pipeline() as p:
+    ...     actions = p | ReadActionLogs(f"{folder.name}/*.avro")
+    ...     _ = assert_that(actions | beam.Map(lambda a: (a["request_id"], a["action"])),
+    ...                     equal_to([("r1", "click")]))
+    >>> folder.cleanup()
+    """
 
 
 class ReadAvroFileFn(beam.DoFn):

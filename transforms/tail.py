@@ -76,7 +76,10 @@ def log_file_start_ms(path: str) -> Optional[int]:
 
 
 def ordered_log_files(file_pattern: str) -> list:
-    """The files ``file_pattern`` matches, in the order of their records.
+    """The files a pattern matches, in the order of their records.
+
+    Args:
+        file_pattern: a glob (any Beam file system).
 
     Returns:
         their paths in the order of the start their names give (:func:`log_file_start_ms`;
@@ -246,20 +249,18 @@ class TailAvroFilesFn(beam.DoFn):
 class TailAvroLogs(WithDeadLetters, beam.PTransform):
     """New files of a time-ordered log folder → their records, with an event-time watermark.
 
-    Unlike :class:`WatchAvroLogs` (whose watermark is the poll time), the watermark here
-    follows the files' event time, file by file (:class:`TailAvroFilesFn`), so the joiner's
-    event-time timers and windows see the logs' own clock, live or replayed. It needs what
-    ``python -m dataflow.data`` writes: names that give the start of their records
+    Unlike :class:`transforms.sources.WatchAvroLogs` (whose watermark is the poll time), the
+    watermark here follows the files' event time, file by file (:class:`TailAvroFilesFn`), so
+    the joiner's event-time timers and windows see the logs' own clock, live or replayed. It
+    needs what ``python -m dataflow.data`` writes: names that give the start of their records
     (``part-YYYYmmdd-HH[MMSS].avro``), each file holding only records later than those of the
     files before it, written atomically (temporary name, then rename), never a file sorting
-    before one already read. Polls every ``interval_seconds`` until
-    ``stop_timestamp`` (wall clock; default never) or, with ``stop_when_exists``, until that
-    path exists: the writer creates it after its last file has landed, and every file that
-    landed before it is read first. The SDF polling caveat on Flink
-    (apache/beam#27648, module docstring) applies here too, but its state is one offset.
-    ``read_once=True``: read the files there are and stop (a bounded read whose watermark
-    follows the files, ``dataflow join --ordered_read``). Dead letters as
-    ``transforms.sources.ReadAvroLogs``: :meth:`with_dead_letters`.
+    before one already read. Polls every ``interval_seconds`` until ``stop_timestamp`` (wall
+    clock; default never) or, with ``stop_when_exists``, until that path exists: the writer
+    creates it after its last file has landed, and every file that landed before it is read
+    first. The SDF polling caveat on Flink (apache/beam#27648, module docstring) applies here
+    too, but its state is one offset. Dead letters as ``transforms.sources.ReadAvroLogs``:
+    :meth:`with_dead_letters`.
 
     Args:
         file_pattern: the folder's files, e.g. ``landing/feature_log/part-*.avro``.
@@ -267,7 +268,8 @@ class TailAvroLogs(WithDeadLetters, beam.PTransform):
         stop_timestamp: when to stop waiting (wall clock; default: never).
         time_field: the records' event time field, integer ms since the epoch.
         stop_when_exists: stop once this path exists, after reading every file listed.
-        read_once: read the files there are and stop.
+        read_once: read the files there are and stop (a bounded read whose watermark
+            follows the files, ``dataflow join --ordered_read``).
 
     >>> import tempfile
     >>> from apache_beam.testing.util import assert_that, equal_to

@@ -18,23 +18,8 @@ before the worker scores the next (DESIGN §4b).
 What differs by runner is one explicit parameter, the reader's ``pacing``
 (:meth:`TrainOnline.pacing`): None where the runner fuses the reader, worker and PS into one
 stage (the DirectRunner); on Flink, where they run concurrently, a
-:class:`transforms.example_reader.Pacing` that makes the reader wait for the PS.
-
->>> import tempfile, apache_beam as beam
->>> from transforms.example_batch import ExampleBatch
->>> from transforms.model import ModelSpec
->>> out = tempfile.mkdtemp()
->>> batches = [ExampleBatch.from_examples(
-...     [{"fids": [1 << 48 | (i % 7), 2 << 48 | (i % 3)], "dense": [], "label": i % 2,
-...       "ts_ms": 1_700_000_000_000 + 1000 * i} for i in range(k, k + 8)]) for k in (0, 8)]
->>> with beam.Pipeline() as p:
-...     trained = (p | beam.Create(batches)
-...                  | TrainOnline(ModelSpec("fm", slots=[(1, 4), (2, 4)]),
-...                                store="memory://doc-train",
-...                                sparse=SparseConfig(num_shards=2, learning_rate=0.05),
-...                                metrics=MetricsConfig(out_prefix=f"{out}/online")))
->>> import json; json.load(open(f"{out}/online-totals.json"))["examples"]
-16
+:class:`transforms.example_reader.Pacing` that makes the reader wait for the PS. An
+example: :class:`TrainOnline`.
 """
 from __future__ import annotations
 
@@ -74,6 +59,9 @@ class TrainResult(NamedTuple):
         metrics: one row dict per closed event-time window (``transforms.metrics``).
         sparse: what the sparse shards applied (nothing is emitted today; a handle to wait on).
         dense: what the dense shard applied (likewise).
+
+    >>> TrainResult._fields
+    ('scores', 'metrics', 'sparse', 'dense')
     """
 
     scores: beam.PCollection
@@ -102,6 +90,29 @@ class TrainOnline(beam.PTransform):
     view of the store (``ps.store.view_url(store, "train")``): the worker scores with the
     serving copy and trains on fresh parameters, so only the reader's pacing bounds how
     stale training is.
+
+    Returns:
+        (``expand``) a :class:`TrainResult`.
+
+    Raises:
+        ValueError: an argument of the wrong type.
+
+    >>> import json, tempfile
+    >>> from apache_beam.testing.util import assert_that, equal_to
+    >>> from transforms.example_batch import ExampleBatch
+    >>> out = tempfile.mkdtemp()
+    >>> batches = [ExampleBatch.from_examples(
+    ...     [{"fids": [1 << 48 | (i % 7), 2 << 48 | (i % 3)], "dense": [], "label": i % 2,
+    ...       "ts_ms": 1_700_000_000_000 + 1000 * i} for i in range(k, k + 8)]) for k in (0, 8)]
+    >>> with beam.Pipeline() as p:
+    ...     trained = (p | beam.Create(batches)
+    ...                  | TrainOnline(ModelSpec("fm", slots=[(1, 4), (2, 4)]),
+    ...                                store="memory://doc-train",
+    ...                                sparse=SparseConfig(num_shards=2, learning_rate=0.05),
+    ...                                metrics=MetricsConfig(out_prefix=f"{out}/online")))
+    ...     _ = assert_that(trained.scores | beam.Map(lambda s: len(s[0])), equal_to([8, 8]))
+    >>> json.load(open(f"{out}/online-totals.json"))["examples"]
+    16
     """
 
     def __init__(self, spec: ModelSpec, store: str, sparse: SparseConfig = SparseConfig(),
@@ -136,7 +147,14 @@ class TrainOnline(beam.PTransform):
     def pacing(self, max_staleness_s: float = 0.0, checkpoint_s: float = 0.05,
                timeout_s: float = 30.0) -> Pacing:
         """The reader's :class:`Pacing` for this training on a runner whose stages run
-        concurrently (Flink): it waits on the view the worker trains on."""
+        concurrently (Flink): it waits on the view the worker trains on.
+
+        Args:
+            max_staleness_s, checkpoint_s, timeout_s: as :class:`Pacing`'s.
+
+        Returns:
+            The :class:`Pacing`, with this training's store and publishers.
+        """
         return Pacing(checkpoint_s=checkpoint_s, max_staleness_s=max_staleness_s,
                       timeout_s=timeout_s, store_url=self.train_store or self.store,
                       publishers=self.publishers)

@@ -1,12 +1,5 @@
 """What :class:`transforms.train.TrainOnline` is configured with: small frozen dataclasses,
 checked when they are made (a bad value raises ``ValueError`` naming the field).
-
->>> SparseConfig(num_shards=4, optimizer="adagrad", learning_rate=0.05).num_shards
-4
->>> SparseConfig(num_shards=0)
-Traceback (most recent call last):
-...
-ValueError: SparseConfig.num_shards must be >= 1, got 0
 """
 from __future__ import annotations
 
@@ -52,6 +45,16 @@ class SparseConfig:
         evict_interval_s: event-time seconds between eviction passes.
         compact_every: Beam-state log entries before a compaction into a new base.
         filter_bytes: memory of each table's frequency filter.
+
+    Raises:
+        ValueError: a value out of range, naming the field.
+
+    >>> SparseConfig(num_shards=4, optimizer="adagrad", learning_rate=0.05).num_shards
+    4
+    >>> SparseConfig(num_shards=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: SparseConfig.num_shards must be >= 1, got 0
     """
 
     num_shards: int = 2
@@ -84,8 +87,19 @@ class SparseConfig:
 
     @staticmethod
     def slots_of(feature_config) -> dict:
-        """``{slot: SlotConfig}`` of a ``schemas.feature_config.FeatureConfig``: its
-        occurrence thresholds and expiries."""
+        """The slot policies of a feature config: its occurrence thresholds and expiries.
+
+        Args:
+            feature_config: a ``schemas.feature_config.FeatureConfig``.
+
+        Returns:
+            ``{slot: SlotConfig}``, for ``SparseConfig(slots=...)``.
+
+        >>> from schemas.feature_config import FeatureConfig
+        >>> SparseConfig.slots_of(FeatureConfig.from_dict({"slots": [
+        ...     {"name": "user", "slot": 1, "source": "user_id", "occurrence_threshold": 2}]}))
+        {1: SlotConfig(threshold=2, expiry=None)}
+        """
         return {s.slot: SlotConfig(int(s.occurrence_threshold), s.expiry_seconds)
                 for s in feature_config.slots}
 
@@ -100,6 +114,16 @@ class DenseConfig:
         learning_rate: overrides the optimizer's rate (None: its default).
         sync_interval_s: event-time seconds between publishes to the store serving reads.
         compact_every: Beam-state log entries before a compaction into a new base.
+
+    Raises:
+        ValueError: a value out of range, naming the field.
+
+    >>> DenseConfig(optimizer="sgd", learning_rate=0.1).optimizer
+    'sgd'
+    >>> DenseConfig(optimizer="rmsprop")
+    Traceback (most recent call last):
+    ...
+    ValueError: DenseConfig.optimizer must be one of ['sgd', 'adagrad', 'adam'], got 'rmsprop'
     """
 
     optimizer: object = "adam"
@@ -125,6 +149,12 @@ class MetricsConfig:
         title: the plot's title.
         scores_dir: also write every example's score, label, weight, event time and true
             CTR as ``.npz`` files here (``transforms.scores.read_scores``).
+
+    Raises:
+        ValueError: ``window_s`` is not > 0.
+
+    >>> MetricsConfig(window_s=600, out_prefix="out/online").window_s
+    600
     """
 
     window_s: float = 3600.0
@@ -145,6 +175,9 @@ class Snapshots:
         export_dir: when a bounded input ends, every shard writes its whole state here.
         restore_dir: shards without state start from the snapshots here (checked when the
             pipeline is built: a damaged or missing snapshot refuses to start).
+
+    >>> Snapshots(export_dir="out/snapshots")   # batch: write them when the input ends
+    Snapshots(export_dir='out/snapshots', restore_dir=None)
     """
 
     export_dir: Optional[str] = None
@@ -159,6 +192,16 @@ class ModelExport:
         model_dir: where the models go (one folder per export; the newest ``keep`` stay).
         interval_s: event-time seconds between exports.
         keep: how many of the newest models to keep.
+
+    Raises:
+        ValueError: no ``model_dir``, a negative interval or ``keep`` < 1.
+
+    >>> ModelExport("out/models", interval_s=300).keep
+    3
+    >>> ModelExport("")
+    Traceback (most recent call last):
+    ...
+    ValueError: ModelExport.model_dir must be a folder, got ''
     """
 
     model_dir: str

@@ -40,13 +40,22 @@ class PeriodJoin:
         negative_sample_rate: ``dataflow.join --negative_sample_rate``.
         beam_args: Beam flags of the join pipelines.
 
-    Example::
+    While the loop serves, it calls :meth:`run_once` (which joins the periods closed since
+    the last call), then ``run_once(final=True)`` once the logs are complete:
 
-        joiner = PeriodJoin("out/feature_log", "out/action_log", "out/examples",
-                            "out/join", "synthetic", period_s=120, join_window_s=300)
-        while serving:
-            joiner.run_once()           # joins the periods closed since the last call
-        joiner.run_once(final=True)     # and the rest, once the logs are complete
+    >>> import tempfile
+    >>> from dataflow.serving.feature_log import RollingAvroLog
+    >>> d = tempfile.mkdtemp()
+    >>> joiner = PeriodJoin(f"{d}/features", f"{d}/actions", f"{d}/examples", f"{d}/join",
+    ...                     "synthetic", period_s=60, join_window_s=60)
+    >>> joiner.run_once()                   # no logs yet: nothing to join
+    0
+    >>> features = RollingAvroLog(f"{d}/features", "feature_log", roll_s=60)
+    >>> features.append([{"request_id": "r1", "ts_ms": 0, "user_id": "u", "item_id": "i"}], 0)
+    >>> features.close(until_ms=120_000)
+    >>> RollingAvroLog(f"{d}/actions", "action_log", roll_s=60).close(until_ms=120_000)
+    >>> joiner.ready_until()                # [0, 60 s) is closed: actions are in to 60 s + 60 s
+    60000
     """
 
     def __init__(self, features_dir: str, actions_dir: str, examples_dir: str,

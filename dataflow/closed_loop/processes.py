@@ -29,14 +29,18 @@ class Processes:
     Args:
         log_dir: the folder of the children's logs.
 
-    Example::
-
-        procs = Processes("out/loop/logs")
-        try:
-            procs.start("serve", [sys.executable, "-m", "dataflow.serve", ...])
-            procs.check("serve")      # raises if it exited with an error
-        finally:
-            procs.stop_all()
+    >>> import sys, tempfile
+    >>> procs = Processes(tempfile.mkdtemp())
+    >>> procs.start("fails", [sys.executable, "-c", "raise SystemExit(3)"]).wait()
+    3
+    >>> procs.check("fails")
+    Traceback (most recent call last):
+    ...
+    RuntimeError: fails exited with 3; see .../fails.log
+    >>> _ = procs.start("sleeps", [sys.executable, "-c", "import time; time.sleep(60)"])
+    >>> procs.stop_all()                   # SIGTERM to each process group, newest first
+    >>> procs.children
+    []
     """
 
     def __init__(self, log_dir: str):
@@ -64,14 +68,26 @@ class Processes:
         return proc
 
     def check(self, *names) -> None:
-        """Raises RuntimeError if a child of these names has exited with an error."""
+        """Checks that children have not failed.
+
+        Args:
+            *names: the children's names.
+
+        Raises:
+            RuntimeError: one of them exited with an error (its log is named).
+        """
         for name, proc, _ in self.children:
             if name in names and proc.poll() not in (None, 0):
                 raise RuntimeError(f"{name} exited with {proc.returncode}; see "
                                    f"{self.log_dir}/{name}.log")
 
     def stop(self, name: str, timeout_s: float = 15.0) -> None:
-        """Ends child ``name``'s process group: SIGTERM, then SIGKILL after ``timeout_s``."""
+        """Ends a child's process group: SIGTERM, then SIGKILL.
+
+        Args:
+            name: the child.
+            timeout_s: how long to wait after SIGTERM before SIGKILL.
+        """
         for child_name, proc, log in list(self.children):
             if child_name != name:
                 continue

@@ -45,12 +45,17 @@ class RollingAvroLog:
         roll_s: event-time seconds per file.
         codec: the Avro files' codec.
 
-    Example::
+    Raises:
+        ValueError: ``roll_s`` is not > 0.
 
-        log = RollingAvroLog("out/action_log", "action_log", roll_s=60)
-        log.append([{"request_id": "r1", "ts_ms": 1704067200000, "action": "click"}],
-                   1704067200000)
-        log.close()    # part-20240101-000000.avro; _watermark.json: {"ts_ms": 1704067260000}
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> log = RollingAvroLog(folder, "action_log", roll_s=60)
+    >>> log.append([{"request_id": "r1", "ts_ms": 1704067200000, "action": "click"}],
+    ...            1704067200000)
+    >>> log.close()
+    >>> [os.path.basename(path) for _, path in log_files(folder)], read_watermark(folder)
+    (['part-20240101-000000.avro'], 1704067260000)
     """
 
     WATERMARK = "_watermark.json"
@@ -95,7 +100,12 @@ class RollingAvroLog:
             self.records += len(records)
 
     def advance(self, ts_ms: int) -> None:
-        """Event time has reached ``ts_ms``: close the open period if it ended before it."""
+        """Tells the log that event time has reached ``ts_ms``: the open period is closed if
+        it ended before it.
+
+        Args:
+            ts_ms: the event time (ms since the epoch).
+        """
         period = ts_ms - ts_ms % self.roll_ms
         with self._lock:
             if self._period is None or period > self._period:
@@ -109,8 +119,11 @@ class RollingAvroLog:
         self._queue.put(("watermark", new_period, None))
 
     def close(self, until_ms: Optional[int] = None) -> None:
-        """Write the open file; the watermark moves to ``until_ms`` (default: the end of the
-        open period). Waits until everything is on disk."""
+        """Writes the open file and waits until everything is on disk.
+
+        Args:
+            until_ms: where the watermark moves to (default: the end of the open period).
+        """
         with self._lock:
             end = until_ms
             if end is None:
@@ -120,7 +133,7 @@ class RollingAvroLog:
         self.flush()
 
     def flush(self) -> None:
-        """Wait until the files of every closed period are written."""
+        """Waits until the files of every closed period are written."""
         done = threading.Event()
         self._queue.put(("sync", 0, done))
         done.wait()
@@ -131,6 +144,7 @@ class RollingAvroLog:
                 "errors": self.errors}
 
     def stop(self) -> None:
+        """:meth:`close` (the interface of :class:`ProcessAvroLog`)."""
         self.close()
 
     def _write_loop(self):
@@ -175,11 +189,17 @@ class ProcessAvroLog:
         codec: the Avro files' codec.
         nice: the child's niceness above this process's.
 
-    Example::
+    Raises:
+        ValueError: ``roll_s`` is not > 0.
 
-        log = ProcessAvroLog("out/feature_log", "feature_log", roll_s=60)
-        log.append(records, ts_ms)    # pickled into the pipe; the child writes the files
-        log.stop()                    # writes the open file, ends the child
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> log = ProcessAvroLog(folder, "action_log", roll_s=60)
+    >>> log.append([{"request_id": "r1", "ts_ms": 1704067200000, "action": "click"}],
+    ...            1704067200000)      # pickled into the pipe; the child writes the files
+    >>> log.stop()                     # writes the open file, ends the child
+    >>> log.stats()["files"], read_watermark(folder)
+    (1, 1704067260000)
     """
 
     def __init__(self, folder: str, schema_name: str, roll_s: float, codec: str = "deflate",
@@ -207,9 +227,12 @@ class ProcessAvroLog:
         self._ask("stats")  # the child is up and its folder exists
 
     def append(self, records: list, ts_ms: int) -> None:
+        """As :meth:`RollingAvroLog.append` (records lost if the child is gone are counted
+        in ``lost``)."""
         self._send(("append", records, ts_ms), len(records))
 
     def advance(self, ts_ms: int) -> None:
+        """As :meth:`RollingAvroLog.advance`."""
         self._send(("advance", ts_ms), 0)
 
     def _send(self, message, records: int) -> None:
@@ -224,12 +247,15 @@ class ProcessAvroLog:
                 self.records += records
 
     def close(self, until_ms: Optional[int] = None) -> None:
+        """As :meth:`RollingAvroLog.close`."""
         self._ask("close", until_ms)
 
     def flush(self) -> None:
+        """As :meth:`RollingAvroLog.flush`."""
         self._ask("flush")
 
     def stats(self) -> dict:
+        """As :meth:`RollingAvroLog.stats` (after :meth:`stop`: the last ones)."""
         if self._final is not None:  # stopped
             return self._final
         return self._ask("stats")
@@ -249,7 +275,7 @@ class ProcessAvroLog:
                 raise RuntimeError(f"the feature log process is gone: {e}") from None
 
     def stop(self) -> None:
-        """Write the open file and end the child."""
+        """Writes the open file and ends the child."""
         if self._final is not None:
             return
         self._final = {"records": self.records, "files": None, "late": None, "errors": None}

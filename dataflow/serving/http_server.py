@@ -116,11 +116,18 @@ class Server:
         port: the port (0: any free port).
         poll_s: seconds between :meth:`Scorer.refresh` calls.
 
-    Example::
-
-        server = Server(scorer, port=0).start()   # port 0: any free port
-        server.url                                # http://127.0.0.1:PORT
-        server.stop()                             # also writes the feature log's open file
+    >>> import urllib.request
+    >>> from schemas.feature_config import FeatureConfig
+    >>> from transforms.model import ModelSpec
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "user", "slot": 1, "source": "user_id"}]})
+    >>> scorer = Scorer(config, ModelSpec("lr", slots=[(1, 4)]), "memory://server-doc", 1)
+    >>> server = Server(scorer, port=0).start()   # port 0: any free port
+    >>> body = json.dumps({"user_id": "u1", "candidates": [{"item_id": "i7"}]}).encode()
+    >>> with urllib.request.urlopen(f"{server.url}/score", data=body) as answer:
+    ...     json.load(answer)["items"][0]["item_id"]
+    'i7'
+    >>> server.stop()                             # also writes the feature log's open file
     """
 
     def __init__(self, scorer: Scorer, host: str = "127.0.0.1", port: int = 0,
@@ -135,6 +142,7 @@ class Server:
 
     @property
     def url(self) -> str:
+        """``http://HOST:PORT``."""
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 

@@ -17,7 +17,18 @@ __all__ = ["BadRequest", "ParsedRequest", "RequestParser", "RequestExtractor"]
 
 
 class BadRequest(ValueError):
-    """A request serving cannot score: ``reason`` is a short code, ``detail`` says why."""
+    """A request serving cannot score (``dataflow.serve`` answers 400 with both).
+
+    Args:
+        reason: a short machine-readable code.
+        detail: what is wrong, for a person.
+
+    >>> try:
+    ...     RequestParser().parse({"user_id": "u1", "candidates": []})
+    ... except BadRequest as e:
+    ...     print(e.reason, "/", e.detail)
+    no_candidates / candidates is empty
+    """
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -47,7 +58,13 @@ def _check_feature_values(where: str, features) -> dict:
 
 
 class ParsedRequest(NamedTuple):
-    """A request, parsed (:meth:`RequestParser.parse`)."""
+    """A request, parsed (:meth:`RequestParser.parse`).
+
+    >>> parsed = RequestParser().parse({"user_id": "u1", "ts_ms": 5, "request_id": "r",
+    ...                                 "top_k": 1, "candidates": [{"item_id": "i7"}]})
+    >>> parsed.request_id, parsed.ts_ms, parsed.top_k, parsed.true_ctr
+    ('r', 5, 1, [None])
+    """
     records: list               # per candidate: its feature log record (context + features)
     true_ctr: list              # per candidate: its true CTR (a simulator's), or None
     top_k: Optional[int]        # how many to answer (None: all)
@@ -174,11 +191,17 @@ class RequestExtractor:
     Args:
         config: the feature config (``schemas.feature_config.FeatureConfig``).
 
-    Example::
-
-        parsed = RequestParser().parse(request)
-        fids, row_splits, dense = RequestExtractor(config)(
-            parsed.records, parsed.context, parsed.item_fields)
+    >>> from schemas.feature_config import FeatureConfig
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "user", "slot": 1, "source": "user_id"},
+    ...     {"name": "item", "slot": 2, "source": "item_id"}],
+    ...     "dense": [{"name": "age", "source": "age", "default": 0}]})
+    >>> parsed = RequestParser().parse({"user_id": "u1", "ts_ms": 5, "context": {"age": 31},
+    ...                                 "candidates": [{"item_id": "i7"}, {"item_id": "i8"}]})
+    >>> fids, row_splits, dense = RequestExtractor(config)(
+    ...     parsed.records, parsed.context, parsed.item_fields)
+    >>> (fids >> 48).tolist(), row_splits.tolist(), dense.tolist()   # the user's slot once
+    ([1, 2, 1, 2], [0, 2, 4], [[31.0], [31.0]])
     """
 
     def __init__(self, config):

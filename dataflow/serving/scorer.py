@@ -44,13 +44,23 @@ class Scorer:
         max_candidates: the most candidates a request may have.
         max_cached_rows: the local copy's size at which it is emptied.
 
-    Example::
+    Raises:
+        ValueError: ``score_correction_rate`` outside (0, 1].
 
-        scorer = Scorer(config, spec, "redis://127.0.0.1:6379/0", num_shards=2,
-                        model_dir="out/models")
-        scorer.refresh()
-        scorer.score({"user_id": "u1", "context": {...}, "candidates": [...]})
-        # {"request_id", "ts_ms", "items": [{"item_id", "request_id", "score"}, ...], "params"}
+    Before training publishes anything it scores with the initial weights:
+
+    >>> from schemas.feature_config import FeatureConfig
+    >>> from transforms.model import ModelSpec
+    >>> config = FeatureConfig.from_dict({"slots": [
+    ...     {"name": "user", "slot": 1, "source": "user_id"},
+    ...     {"name": "item", "slot": 2, "source": "item_id"}]})
+    >>> scorer = Scorer(config, ModelSpec("lr", slots=[(1, 4), (2, 4)]), "memory://scorer-doc",
+    ...                 num_shards=1)
+    >>> scorer.refresh()
+    >>> answer = scorer.score({"user_id": "u1", "ts_ms": 5, "request_id": "r", "top_k": 1,
+    ...                        "candidates": [{"item_id": "i7"}, {"item_id": "i8"}]})
+    >>> answer["items"], answer["params"]["model_version"]
+    ([{'item_id': 'i7', 'request_id': 'r-0', 'score': 0.5}], -1)
     """
 
     def __init__(self, config, spec, store_url: str, num_shards: int,
@@ -93,7 +103,7 @@ class Scorer:
     # -- background refresh -------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Load a newer model if one was published; read the store's sync records."""
+        """Loads a newer model if one was published; reads the store's sync records."""
         from transforms.export import latest_model, load_model
         if self.model_dir:
             path = latest_model(self.model_dir)
@@ -130,7 +140,12 @@ class Scorer:
         self.count("store_errors")
 
     def count(self, name: str, n: int = 1) -> None:
-        """Adds ``n`` to counter ``name`` (of :meth:`stats`)."""
+        """Counts something (in :meth:`stats`).
+
+        Args:
+            name: the counter.
+            n: how much to add.
+        """
         with self._counter_lock:
             self.counters[name] += n
 
