@@ -170,7 +170,7 @@ def bench_store(store_url: str, args, workdir: str) -> dict:
     log = open_feature_log(os.path.join(workdir, f"log-{store_url.split(':')[0]}"),
                            args.roll_s, args.log_in_process)
     scorer = Scorer(config, spec, store_url, num_shards=2, feature_log=log)
-    server = Server(scorer, port=0).start()
+    server = Server(scorer, port=0).start(freeze_heap=True)  # as the serving command line
     try:
         _run_load(server.url, bodies_path, 50, 30, 1)  # warm-up
         log_pid = getattr(getattr(log, "_proc", None), "pid", None)

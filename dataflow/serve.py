@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         scorer = build_scorer(args)
-        server = Server(scorer, args.host, args.port, args.poll_s).start()
+        server = Server(scorer, args.host, args.port, args.poll_s).start(freeze_heap=True)
     except (ValueError, OSError) as e:
         print(f"serve: {e}", file=sys.stderr)
         return 2

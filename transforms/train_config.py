@@ -123,7 +123,7 @@ class DenseConfig:
     >>> DenseConfig(optimizer="rmsprop")
     Traceback (most recent call last):
     ...
-    ValueError: DenseConfig.optimizer must be one of ['sgd', 'adagrad', 'adam'], got 'rmsprop'
+    ValueError: DenseConfig.optimizer must be one of ['sgd', 'adagrad', 'ftrl', 'adam'], got 'rmsprop'
     """
 
     optimizer: object = "adam"

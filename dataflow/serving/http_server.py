@@ -154,14 +154,20 @@ class Server:
                 _LOG.exception("serve: refresh failed")
             self._stop.wait(self.poll_s)
 
-    def start(self) -> "Server":
+    def start(self, freeze_heap: bool = False) -> "Server":
         """Loads the newest model, then serves in background threads.
+
+        Args:
+            freeze_heap: the serving command line's choice: take every object alive now out of
+                the garbage collector's generations (:func:`_freeze_heap`; a process-wide
+                change, so off for a server in someone else's process).
 
         Returns:
             This server.
         """
         self.scorer.refresh()
-        _freeze_heap()
+        if freeze_heap:
+            _freeze_heap()
         for target, name in ((self.httpd.serve_forever, "http"),
                              (self._refresh_loop, "refresh")):
             t = threading.Thread(target=target, name=f"serve-{name}", daemon=True)
