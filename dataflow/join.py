@@ -68,7 +68,6 @@ from dataflow.join_ordered import join_in_order
 from dataflow.join_slices import (DEFAULT_SLICE_MIN_BYTES, DEFAULT_SLICE_S, Slice,
                                   hand_on, join_in_slices, route_slice)
 from dataflow.options import MonolithOptions, parse_pipeline_args
-from transforms import state_cache
 from transforms.event_time_files import WriteEventTimeFiles
 from transforms.example_log import WriteExampleLog, example_files
 from transforms.joiner import DEFAULT_JOIN_WINDOW_S, POSITIVE_ACTIONS, OnlineJoiner
@@ -205,7 +204,6 @@ def main(argv: list[str] | None = None):
     Returns:
         The (last) pipeline's result.
     """
-    state_cache.weigh_without_module_globals()  # 7x faster stateful DoFns (its docstring)
     options, opts = parse_pipeline_args(argv, JoinOptions, ("features", "actions", "out"),
                                         "join")
     if not opts.append and example_files(os.path.join(opts.out, "examples", "*")):
