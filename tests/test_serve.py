@@ -338,9 +338,11 @@ def test_model_hot_reload_keeps_the_last_good_model(tmp_path):
             assert scores[c["item_id"]] == pytest.approx(float(expected[j]), rel=1e-5)
         assert scores != {it["item_id"]: it["score"] for it in before["items"]}
         # a newer model that cannot be loaded: serving keeps version 10
-        broken = models / f"{T0:015d}-v{11:010d}"
-        shutil.copytree(latest_model(str(models)), broken)
-        (broken / "saved_model.pb").write_bytes(b"garbage")
+        # (built aside and renamed into place, as write_model does: serving polls meanwhile)
+        staging = tmp_path / "broken-model"
+        shutil.copytree(latest_model(str(models)), staging)
+        (staging / "saved_model.pb").write_bytes(b"garbage")
+        staging.rename(models / f"{T0:015d}-v{11:010d}")
         wait_for(lambda: scorer.counters["model_load_errors"] == 1)
         status, kept = client.score(request())
         assert status == 200 and kept["params"]["model_version"] == 10
