@@ -48,22 +48,24 @@ def world_size(requests: int, users: int | None = None, items: int | None = None
             "days": days or max(1.0, requests / 100_000)}
 
 
-def example_log(work: str, dataset: str, requests: int, seed: int, **world) -> str:
-    """Synthetic or MovieLens logs → joined example log in ``work``; returns its glob.
-    ``world``: :func:`world_size`'s overrides. An example log already in ``work`` (a kept
-    ``--workdir``) is reused."""
+def example_log(work: str, dataset: str, requests: int, seed: int, shards: int = 1,
+                **world) -> str:
+    """Synthetic or MovieLens logs → joined example log in ``work`` (``shards`` files a
+    period); returns its glob. ``world``: :func:`world_size`'s overrides. Logs and an example
+    log already in ``work`` (a kept ``--workdir``) are reused."""
     import glob
     from dataflow import data, join
-    out = os.path.join(work, "joined")
+    out = os.path.join(work, "joined" if shards == 1 else f"joined-{shards}-shards")
     if glob.glob(os.path.join(out, "examples", "*.avro")):
         return os.path.join(out, "examples", "*.avro")
     logs = os.path.join(work, "logs")
-    if dataset == "movielens":
-        data.movielens(logs)
-    else:
-        data.synth(logs, requests=requests, seed=seed, **world_size(requests, **world))
+    if not glob.glob(os.path.join(logs, "action_log", "*.avro")):
+        if dataset == "movielens":
+            data.movielens(logs)
+        else:
+            data.synth(logs, requests=requests, seed=seed, **world_size(requests, **world))
     join.main([f"--features={logs}/feature_log/*.avro", f"--actions={logs}/action_log/*.avro",
-               f"--out={out}", f"--config={dataset}", "--shards_per_period=1"])
+               f"--out={out}", f"--config={dataset}", f"--shards_per_period={shards}"])
     return os.path.join(out, "examples", "*.avro")
 
 
@@ -104,6 +106,26 @@ def last_quarter_aucs(scores_dir: str) -> dict:
             "examples_last_quarter": int(labels.size)}
 
 
+def steady_rate(metrics: dict, workers: int, batch_size: int) -> float | None:
+    """Examples/s of all workers together from the end of the first batch anywhere to the
+    end of the last: the examples after each worker's first batch over that wall time
+    (the metrics' ``worker.batch_end_wall_ms`` distribution)."""
+    ends = metrics["distributions"].get("worker.batch_end_wall_ms")
+    examples = metrics["counters"].get("worker.examples", 0)
+    if not ends or ends["max"] <= ends["min"]:
+        return None
+    return round((examples - workers * batch_size) / ((ends["max"] - ends["min"]) / 1000), 1)
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds every process of the machine has used (/proc/stat): a job's JVMs and
+    worker processes are not this process's children. Other load on the machine counts too."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -130,6 +152,12 @@ def main(argv=None) -> dict:
                         help="default: max(1, requests / 100000)")
     parser.add_argument("--model", default="deepfm", choices=["lr", "fm", "deepfm"])
     parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--num_workers", type=int, default=1,
+                        help="data-parallel readers and workers (Flink; dataflow.train's flag)")
+    parser.add_argument("--shards_per_period", type=int, default=None,
+                        help="example files per period (default: --num_workers)")
+    parser.add_argument("--store", default=None,
+                        help="ParameterStore URL (default: memory://, one process)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "movielens"])
     parser.add_argument("--peers", action="store_true",
@@ -143,7 +171,8 @@ def main(argv=None) -> dict:
 
     from dataflow import train
     work = args.workdir or tempfile.mkdtemp(prefix="bench-train-")
-    examples = example_log(work, args.dataset, args.requests, args.seed, users=args.users,
+    examples = example_log(work, args.dataset, args.requests, args.seed,
+                           shards=args.shards_per_period or args.num_workers, users=args.users,
                            items=args.items, days=args.days)
     metrics_dir = os.path.join(work, "metrics")
     metrics_out = os.path.join(work, f"metrics-{args.runner}.json")
@@ -151,20 +180,21 @@ def main(argv=None) -> dict:
     flags = [f"--input={examples}", f"--config={args.dataset}", f"--model={args.model}",
              f"--batch_size={args.batch_size}", f"--metrics_dir={metrics_dir}",
              f"--metrics_out={metrics_out}", f"--runner={args.runner}",
-             f"--store=memory://bench-{os.getpid()}", f"--scores_out={scores_dir}",
+             f"--store={args.store or f'memory://bench-{os.getpid()}'}",
+             f"--scores_out={scores_dir}", f"--num_workers={args.num_workers}",
              *args.train_flags]
     if args.runner == "FlinkRunner":
         flags += ["--flink_master=[local]", "--streaming"]
-    start, cpu = time.monotonic(), _cpu_seconds()
+    start, cpu, machine = time.monotonic(), _cpu_seconds(), machine_cpu_seconds()
     train.main(["backfill"] + flags)
     seconds = time.monotonic() - start
     cpu = _cpu_seconds() - cpu
+    machine = machine_cpu_seconds() - machine
     with open(metrics_out, encoding="utf-8") as f:
         metrics = json.load(f)
     with open(os.path.join(metrics_dir, "online-backfill-totals.json"), encoding="utf-8") as f:
         totals = json.load(f)
     examples_n = int(metrics["counters"].get("worker.examples", totals.get("examples", 0)))
-    steady = metrics["distributions"].get("worker.examples_per_s_after_first_batch", {})
     result = {
         "runner": args.runner,
         "model": args.model,
@@ -176,7 +206,12 @@ def main(argv=None) -> dict:
         # that other jobs on a shared machine do not decide the figure
         "cpu_seconds": round(cpu, 2),
         "examples_per_cpu_s": round(examples_n / cpu, 1),
-        "examples_per_s_after_first_batch": steady.get("max"),
+        # every process on the machine: the Flink JVMs and Python workers included
+        "machine_cpu_seconds": round(machine, 2),
+        "cores_busy": round(machine / seconds, 2),
+        "examples_per_s_after_first_batch": steady_rate(metrics, args.num_workers,
+                                                        args.batch_size),
+        "num_workers": args.num_workers,
         "online_auc": totals.get("auc"),
         "bayes_auc": totals.get("bayes_auc"),
         **last_quarter_aucs(scores_dir),

@@ -66,6 +66,11 @@ class TrainOptions(MonolithOptions):
         parser.add_argument("--store", default="memory://train",
                             help="ParameterStore URL: memory://NAME or redis://HOST:PORT/DB")
         parser.add_argument("--num_shards", type=int, default=2, help="sparse PS shards")
+        parser.add_argument("--num_workers", type=int, default=1,
+                            help="data-parallel readers and workers, reader k reading shard "
+                                 "files k, k+W, ... of every period (make the join's "
+                                 "--shards_per_period a multiple of W); on Flink, one per "
+                                 "subtask (--parallelism defaults to W) and a redis:// store")
         parser.add_argument("--batch_size", type=int, default=256,
                             help="the largest training batch: a batch never spans two periods of the "
                                  "example log (the join's --period_s), so on a sparse stream "
@@ -221,15 +226,22 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str):
 
     train = training(opts, mode)
     os.makedirs(opts.metrics_dir, exist_ok=True)
-    pacing = None if stages_fused(pipeline.options) else train.pacing(
+    fused = stages_fused(pipeline.options)
+    if fused and opts.num_workers > 1:
+        raise SystemExit("train: --num_workers above 1 needs a runner that runs the readers "
+                         "side by side (Flink); the DirectRunner would read one after the other")
+    pacing = None if fused else train.pacing(
         opts.max_staleness_s, opts.reader_checkpoint_s, opts.staleness_timeout_s)
+    parallelism = pipeline.options.get_all_options(retain_unknown_options=True).get(
+        "parallelism")
     return (pipeline
             | "ReadExamples" >> ReadExampleBatches(
                 opts.input, opts.batch_size, train.spec.dense_dim, pacing=pacing,
                 follow=mode == "online" or bool(opts.savepoint_dir),
                 poll_interval_s=opts.poll_interval_s,
                 stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None,
-                stop_when_exists=opts.stop_when_exists)
+                stop_when_exists=opts.stop_when_exists, num_workers=opts.num_workers,
+                subtasks=parallelism if not fused and (parallelism or 0) > 0 else None)
             | "Train" >> train)
 
 
@@ -271,6 +283,9 @@ def main(argv: list[str] | None = None):
         # With them it must stay (Flink 1.19 on Beam 2.62 fails every checkpoint once the
         # Impulse source has finished), so the job ends when its end-of-input work is done.
         flink_defaults["shutdown_sources_after_idle_ms"] = 0
+    workers = _num_workers(argv)
+    if workers > 1:
+        flink_defaults["parallelism"] = workers  # a subtask per reader and worker
     if not any(a.startswith("--job_name") for a in argv):
         # a name the cluster's REST API can find the job by (dataflow.job cancels it there)
         flink_defaults["job_name"] = f"beam-monolith-train-{mode}-{os.getpid()}-{int(time.time())}"
@@ -298,6 +313,14 @@ def main(argv: list[str] | None = None):
                      freeze_startup_heap=True)
     _report(opts, mode)
     return result
+
+
+def _num_workers(argv: list[str]) -> int:
+    """``--num_workers`` as given (before the options are parsed: it sets Flink defaults)."""
+    import argparse
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--num_workers", type=int, default=1)
+    return parser.parse_known_args(argv)[0].num_workers
 
 
 def metrics_dir(opts, mode: str) -> str:
@@ -342,7 +365,8 @@ def _embedded_flink(argv: list[str]) -> bool:
 # What must be equal between the job that wrote a savepoint and the job resuming from it:
 # the reader's element and cursor (input, batch size), the PS keying (shards) and the shapes
 # of the parameters (config, model).
-_RESUME_KEYS = ("input", "config", "model", "num_shards", "batch_size")
+_RESUME_KEYS = ("input", "config", "model", "num_shards", "batch_size", "num_workers")
+_RESUME_DEFAULTS = {"num_workers": 1}  # in savepoints older than the key
 
 
 def _manifest(opts) -> dict:
@@ -352,6 +376,7 @@ def _manifest(opts) -> dict:
     from transforms.train import PS_KEYS
     return {"input": followed_pattern(opts.input), "config": opts.config, "model": opts.model,
             "num_shards": opts.num_shards, "batch_size": opts.batch_size,
+            "num_workers": opts.num_workers,
             "reader_positions": FOLLOW_POSITIONS, "ps_keys": PS_KEYS,
             "ps_state": STATE_FORMAT}
 
@@ -376,7 +401,8 @@ def _check_savepoint(path: str, opts, mode: str) -> None:
                              f"({manifest.get(key)}; this one has {ours[key]}): resume it "
                              "with the version that wrote it")
     wrong = [f"--{k}={ours[k]} (the savepoint's job: {manifest.get(k)})"
-             for k in _RESUME_KEYS if str(manifest.get(k)) != str(ours[k])]
+             for k in _RESUME_KEYS
+             if str(manifest.get(k, _RESUME_DEFAULTS.get(k))) != str(ours[k])]
     if wrong:
         raise SystemExit(f"train: savepoint {path} cannot be resumed with " + "; ".join(wrong)
                          + ". Its reader resumes in the folder it read, at its position in "

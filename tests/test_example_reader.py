@@ -45,13 +45,13 @@ class Collect(beam.DoFn):
         Collect.sink.append(((batch.ts_ms - T0) // HOUR, batch.ts_ms.copy()))
 
 
-def read(folder, follow, batch_size=4, seconds=0.0, marker=None):
+def read(folder, follow, batch_size=4, seconds=0.0, marker=None, num_workers=1):
     Collect.sink = []
     p = beam.Pipeline(options=pipeline_options([]))
     (p | ReadExampleBatches(str(folder) if follow else f"{folder}/*.avro", batch_size, 1,
                             follow=follow, poll_interval_s=0.2,
                             stop_timestamp=time.time() + seconds if follow else None,
-                            stop_when_exists=marker)
+                            stop_when_exists=marker, num_workers=num_workers)
        | beam.ParDo(Collect()))
     result = p.run()
     result.wait_until_finish()
@@ -68,6 +68,31 @@ def test_bounded_read_keeps_event_time_order_and_periods_apart(tmp_path):
     assert [len(h) for h in hours] == [4, 4, 2, 4, 3]  # a period's last batch may be short
     ts = np.concatenate([t for _, t in batches])
     assert ts.tolist() == sorted(ts.tolist()) and len(ts) == 17  # shards merged in order
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_data_parallel_readers_split_every_period_by_shard_and_keep_its_order(tmp_path, follow):
+    land(tmp_path, 0, 13, shards=2)
+    land(tmp_path, 1, 9, shards=4)
+    land(tmp_path, 2, 6, shards=2, only=[1])  # incomplete: a followed folder waits for it
+    marker = tmp_path / "done"
+    marker.touch()
+    batches, _ = read(tmp_path, follow=follow, marker=str(marker) if follow else None,
+                      num_workers=2)
+    index = [((t - T0 - h * HOUR) // 1000, h) for h, t in batches]
+    # reader k reads the shards s with s % 2 == k: here, the examples i with i % 2 == k
+    readers = [int(i[0] % 2) for i, _ in index]
+    assert all(len(set((i % 2).tolist())) == 1 for i, _ in index)
+    for k in (0, 1):  # each reader: event-time order, its batches within one period
+        mine = [t for (h, t), r in zip(batches, readers) if r == k]
+        assert all(len(set(((t - T0) // HOUR).tolist())) == 1 for t in mine)
+        ts = np.concatenate(mine).tolist()
+        assert ts == sorted(ts)
+    got = sorted(np.concatenate([t for _, t in batches]).tolist())
+    want = [e["ts_ms"] for h, n in ((0, 13), (1, 9)) for e in examples(h, n)]
+    if not follow:
+        want += [e["ts_ms"] for e in examples(2, 6, 1, 2)]
+    assert got == sorted(want)  # every example once: none lost, none read twice
 
 
 def test_example_periods_stop_at_the_first_incomplete_period(tmp_path):

@@ -151,7 +151,7 @@ _PERIOD_NAME = re.compile(r"^(\d{8}T\d{6}Z)-(\d{5})-of-(\d{5})-")
 
 
 def example_periods(pattern: str, complete_only: bool = False, keyed: bool = False,
-                    from_key: str = "") -> list:
+                    from_key: str = "", part: tuple | None = None) -> list:
     """The files of an example log, grouped by event-time period, in time order.
 
     A file not named ``PERIOD-SSSSS-of-NNNNN-...`` is a period of its own, keyed by its name.
@@ -164,6 +164,10 @@ def example_periods(pattern: str, complete_only: bool = False, keyed: bool = Fal
         keyed: return ``(period key, files)`` pairs.
         from_key: with ``complete_only``: incomplete periods before this key are skipped
             instead of ending the list.
+        part: ``(k, n)``: only the files of data-parallel reader ``k`` of ``n``: shard ``s``
+            of a period goes to reader ``s % n`` (the join splits a period's shards by
+            request id), a file of another name to ``crc32(name) % n``; a period of none of
+            its files is an empty list. Completeness is judged on all the files.
 
     Returns:
         A list of lists of paths (``keyed``: of ``(period key, paths)``), one per period.
@@ -175,6 +179,8 @@ def example_periods(pattern: str, complete_only: bool = False, keyed: bool = Fal
     ...     _ = write_avro(f"{d}/{name}.avro", "example", [])
     >>> [len(files) for files in example_periods(d)], len(example_periods(d, complete_only=True))
     ([1, 1], 1)
+    >>> [len(files) for files in example_periods(d, part=(1, 2))]
+    [0, 0]
     """
     groups: dict = {}
     shards: dict = {}
@@ -190,5 +196,16 @@ def example_periods(pattern: str, complete_only: bool = False, keyed: bool = Fal
             if key < from_key:
                 continue
             break
-        periods.append((key, groups[key]) if keyed else groups[key])
+        files = groups[key] if part is None else [p for p in groups[key]
+                                                  if _reader_of(p, part[1]) == part[0]]
+        periods.append((key, files) if keyed else files)
     return periods
+
+
+def _reader_of(path: str, readers: int) -> int:
+    """Which of ``readers`` data-parallel readers reads ``path`` (:func:`example_periods`)."""
+    import zlib
+    name = os.path.basename(path)
+    match = _PERIOD_NAME.match(name)
+    shard = int(match.group(2)) if match else zlib.crc32(name.encode())
+    return shard % readers

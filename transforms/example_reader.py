@@ -20,6 +20,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.example_batch import ExampleBatch
 from transforms.example_log import example_periods, followed_pattern
+from transforms.flink_placement import placed_names
 from transforms.tail import NO_END  # the end of a followed folder's range: none
 
 
@@ -86,6 +87,13 @@ class ReadExampleBatches(beam.PTransform):
     must land in time order (a period sorting before one already read is skipped, counted
     as ``reader.late_files``).
 
+    With ``num_workers`` W above 1 there are W readers, reader k reading the shard files
+    ``s`` of every period with ``s % W == k`` (the join's ``--shards_per_period`` splits a
+    period by request id: make it a multiple of W), each in event-time order; on a keyed
+    runner of ``subtasks`` parallel subtasks (Flink) reader k runs on subtask ``k % subtasks``
+    (:mod:`transforms.flink_placement`), and a worker after it in the same subtask. A job
+    resumed from a savepoint must have the same W and subtasks.
+
     The reader is a splittable DoFn over (period, batch) positions.
 
     Args:
@@ -100,6 +108,9 @@ class ReadExampleBatches(beam.PTransform):
             On Flink, :meth:`transforms.train.TrainOnline.pacing`.
         follow: online training: follow the folder as its periods land.
         poll_interval_s, stop_timestamp, stop_when_exists: following only (above).
+        num_workers: data-parallel readers (above).
+        subtasks: the parallelism of the runner's keyed operators (Flink's ``--parallelism``),
+            so that readers land on distinct subtasks; None elsewhere.
 
     Returns:
         (``expand``) a PCollection of :class:`ExampleBatch`, timestamped by their largest
@@ -122,10 +133,17 @@ class ReadExampleBatches(beam.PTransform):
     def __init__(self, pattern: str, batch_size: int, dense_dim: int,
                  pacing: "Pacing | None" = None, follow: bool = False,
                  poll_interval_s: float = 5.0, stop_timestamp: float | None = None,
-                 stop_when_exists: str | None = None):
+                 stop_when_exists: str | None = None, num_workers: int = 1,
+                 subtasks: int | None = None):
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"ReadExampleBatches.batch_size must be >= 1, got {batch_size}")
+        if int(num_workers) < 1:
+            raise ValueError(f"ReadExampleBatches.num_workers must be >= 1, got {num_workers}")
+        if subtasks is not None and int(subtasks) < 1:
+            raise ValueError(f"ReadExampleBatches.subtasks must be >= 1, got {subtasks}")
+        self.num_workers = int(num_workers)
+        self.subtasks = int(subtasks) if subtasks is not None else None
         self.pattern = followed_pattern(pattern) if follow else pattern
         self.batch_size = int(batch_size)
         self.dense_dim = int(dense_dim)
@@ -142,8 +160,36 @@ class ReadExampleBatches(beam.PTransform):
                                self.stop_when_exists) if self.follow else
                 _ReadBatchesFn(self.batch_size, self.dense_dim, self.checkpoint_s, self.gate))
         return (pbegin
-                | "Start" >> beam.Create([self.pattern])
+                | "Start" >> beam.Create(reader_elements(self.pattern, self.num_workers,
+                                                         self.subtasks), reshuffle=False)
                 | "ReadInOrder" >> beam.ParDo(read))
+
+
+_PART = "\x1freader-of-"  # reader element: PATTERN + _PART + "W#k.salt" (W > 1)
+
+
+def reader_elements(pattern: str, num_workers: int = 1, subtasks: int | None = None) -> list:
+    """The elements of :class:`ReadExampleBatches`' readers: the pattern itself for one
+    reader (as in every savepoint before there were more); for W, the pattern tagged with
+    reader k of W, named to land on subtask ``k % subtasks``.
+
+    >>> reader_elements("ex/*.avro")
+    ['ex/*.avro']
+    >>> [_split_element(e) for e in reader_elements("ex/*.avro", 2, 2)]
+    [('ex/*.avro', (0, 2)), ('ex/*.avro', (1, 2))]
+    """
+    if num_workers == 1:
+        return [pattern]
+    return placed_names(f"{pattern}{_PART}{num_workers}", num_workers, subtasks)
+
+
+def _split_element(element: str) -> tuple:
+    """A reader element → (pattern, (reader k, of W) or None)."""
+    pattern, tag, part = element.partition(_PART)
+    if not tag:
+        return element, None
+    of, _, k = part.partition("#")
+    return pattern, (int(k.partition(".")[0]), int(of))
 
 
 _BATCHES_PER_PERIOD = 1 << 32  # restriction offset = period * this + batch within the period
@@ -156,7 +202,8 @@ FOLLOW_POSITIONS = "period-start-s*2^24+batch"
 class _PeriodRange(RestrictionProvider):
     """Restriction: the (period, batch) positions still to read. Never split: order matters."""
 
-    def initial_restriction(self, pattern):
+    def initial_restriction(self, element):
+        pattern, _ = _split_element(element)
         return OffsetRange(0, len(example_periods(pattern)) * _BATCHES_PER_PERIOD)
 
     def create_tracker(self, restriction):
@@ -259,8 +306,12 @@ class _ReadBatchesFn(beam.DoFn):
         self.checkpoint_s = checkpoint_s
         self.gate = gate
         self.late_files = Metrics.counter("reader", "late_files")
+        # Flink's fixed cost per reader bundle, and how many batches share it
+        self.resume_gap = Metrics.distribution("reader", "resume_gap_ms")
+        self.bundle_batches = Metrics.distribution("reader", "batches_per_bundle")
 
     def setup(self):
+        self._deferred_at = None  # wall clock when the last bundle deferred its remainder
         self._emitted_ts = None
         self._periods = None  # (pattern, [[path, ...], ...]) as last listed
         # The period being read: (pattern, period, its examples as columns). A resumed
@@ -278,7 +329,8 @@ class _ReadBatchesFn(beam.DoFn):
         """The periods of ``pattern``, listed again only when ``period`` is past the last."""
         if self._periods is None or self._periods[0] != pattern or \
                 period >= len(self._periods[1]):
-            self._periods = (pattern, example_periods(pattern))
+            path, part = _split_element(pattern)
+            self._periods = (pattern, example_periods(path, part=part))
         return self._periods[1]
 
     def _period(self, pattern: str, period: int, paths: list) -> ExampleBatch:
@@ -299,10 +351,14 @@ class _ReadBatchesFn(beam.DoFn):
         """Claims and emits batches from the restriction's start, until a checkpoint or a
         split stops it, or to the end of what is listed: then :meth:`_listed_all`."""
         from transforms.example_batch import slice_batch
+        if self._deferred_at is not None:
+            self.resume_gap.update(int(1000 * (time.monotonic() - self._deferred_at)))
+            self._deferred_at = None
         if self.gate is not None and self._emitted_ts is not None:
             self.gate.wait(self._emitted_ts)
         started = time.monotonic()
         first_ts = None
+        emitted = 0
         position = tracker.current_restriction().start
         while True:
             located = self._locate(pattern, position)
@@ -310,6 +366,9 @@ class _ReadBatchesFn(beam.DoFn):
                 self._listed_all(tracker, marked)
                 return
             paths, base, done = located
+            if not paths:  # a period of none of this reader's shards
+                position = base + self._span
+                continue
             examples = self._period(pattern, base, paths)
             n = len(examples)
             while done * self.batch_size < n:
@@ -322,6 +381,7 @@ class _ReadBatchesFn(beam.DoFn):
                 if watermark is not None:
                     _advance_watermark(watermark, self._emitted_ts)
                 done += 1
+                emitted += 1
                 first_ts = self._emitted_ts if first_ts is None else first_ts
                 if self.checkpoint_s is not None and (
                         time.monotonic() - started > self.checkpoint_s or
@@ -330,6 +390,8 @@ class _ReadBatchesFn(beam.DoFn):
                     # Bundles end as the log is read (class docstring); the next call
                     # slices on from the period kept in the cursor.
                     tracker.defer_remainder()
+                    self.bundle_batches.update(emitted)
+                    self._deferred_at = time.monotonic()
                     return
             self._close_cursor()
             position = base + self._span
@@ -395,9 +457,10 @@ class _TailBatchesFn(_ReadBatchesFn):
         """(start seconds, files) of the complete periods, in time order; listed again when
         asked to (start times parsed once per listing: ``_locate`` runs every resumption)."""
         if self._periods is None or self._periods[0] != pattern:
-            listed = example_periods(pattern, complete_only=True, keyed=True,
+            path, part = _split_element(pattern)
+            listed = example_periods(path, complete_only=True, keyed=True,
                                      from_key=time.strftime("%Y%m%dT%H%M%SZ",
-                                                            time.gmtime(start_s)))
+                                                            time.gmtime(start_s)), part=part)
             named = [(_period_start_s(k), k, p) for k, p in listed]
             if any(s is None for s, _, _ in named):
                 self._warn_unnamed([k for s, k, _ in named if s is None])

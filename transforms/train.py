@@ -242,6 +242,10 @@ class _TrainWorkerFn(beam.DoFn):
         # batches trained on the serving copy because the training view was not up yet
         self.trained_on_serving = Metrics.counter("worker", "batches_trained_on_serving_copy")
         self.steady_rate = Metrics.distribution("worker", "examples_per_s_after_first_batch")
+        # wall clock (ms) at the end of each batch: min..max spans the workers' steady state
+        # together (a rate per worker would not add up across data-parallel workers)
+        self.batch_end = Metrics.distribution("worker", "batch_end_wall_ms")
+        self.step_ms = Metrics.distribution("worker", "batch_ms")  # read, score, train, emit
 
     def setup(self):
         from ps.store import open_store
@@ -277,6 +281,7 @@ class _TrainWorkerFn(beam.DoFn):
     def process(self, batch):  # an ExampleBatch (Beam would read a string annotation as Any)
         if len(batch) == 0:
             return
+        started = time.monotonic()
         now_ms = int(batch.ts_ms.max())
         dense = self._dense_params(self.store, now_ms)
         index = self.model.index(batch)
@@ -315,6 +320,8 @@ class _TrainWorkerFn(beam.DoFn):
         yield pvalue.TaggedOutput(self.DENSE, (DENSE_KEY, DenseGradients(dense_grads, now_ms, n)))
         self.examples.inc(n)
         self.batches.inc()
+        self.batch_end.update(int(time.time() * 1000))
+        self.step_ms.update(int(1000 * (time.monotonic() - started)))
         self._progress.update(probs, batch.label, batch.weight)
 
     def finish_bundle(self):
