@@ -156,6 +156,9 @@ def main(argv=None) -> dict:
                         help="data-parallel readers and workers (Flink; dataflow.train's flag)")
     parser.add_argument("--shards_per_period", type=int, default=None,
                         help="example files per period (default: --num_workers)")
+    parser.add_argument("--flink_master", default="[local]",
+                        help="FlinkRunner: the cluster (HOST:PORT) or [local], the job "
+                             "server's embedded MiniCluster")
     parser.add_argument("--store", default=None,
                         help="ParameterStore URL (default: memory://, one process)")
     parser.add_argument("--seed", type=int, default=0)
@@ -184,7 +187,7 @@ def main(argv=None) -> dict:
              f"--scores_out={scores_dir}", f"--num_workers={args.num_workers}",
              *args.train_flags]
     if args.runner == "FlinkRunner":
-        flags += ["--flink_master=[local]", "--streaming"]
+        flags += [f"--flink_master={args.flink_master}", "--streaming"]
     start, cpu, machine = time.monotonic(), _cpu_seconds(), machine_cpu_seconds()
     train.main(["backfill"] + flags)
     seconds = time.monotonic() - start

@@ -7,6 +7,7 @@ machinery (and its invariants L1-L5) is ``ps.shard_state``'s.
 """
 from __future__ import annotations
 
+import time
 from typing import Dict, Optional
 
 import apache_beam as beam
@@ -69,6 +70,8 @@ class DenseShard(LoggedShard):
         self.initial_params = {str(k): np.array(v, dtype=np.float32) for k, v in initial_params.items()}
         self.optimizer = as_optimizer(optimizer, lr)
         self.gradient_batches = Metrics.counter("ps", "dense_gradient_batches")
+        # wall time of one gradient record, state and publishing included (docs/scaling.md)
+        self.apply_us = Metrics.distribution("ps", "dense_apply_us")
 
     def _snapshot_key(self, key) -> str:
         return self.name
@@ -138,6 +141,7 @@ class DenseShard(LoggedShard):
                 sync_timer=beam.DoFn.TimerParam(SYNC),
                 export_timer=beam.DoFn.TimerParam(EXPORT),
                 window=beam.DoFn.WindowParam):
+        started = time.perf_counter()
         self._check_window(window)
         key, g = element
         grads = {}
@@ -162,4 +166,5 @@ class DenseShard(LoggedShard):
         self.gradient_batches.inc()
         self._maybe_publish(key, live, sync_timer)
         self.log_entries_dist.update(live.log_entries)
+        self.apply_us.update(int(1e6 * (time.perf_counter() - started)))
         return ()  # no output: the PS publishes to the store

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import time
 from typing import Dict, Optional
 
 import apache_beam as beam
@@ -112,6 +113,8 @@ class SparseShard(LoggedShard):
         expiries = [c.expiry for c in [self.default_slot, *self.slots.values()] if c.expiry is not None]
         self.evict_interval_s = None if evict_interval_s is None or not expiries else int(evict_interval_s)
         self.gradient_rows_applied = Metrics.counter("ps", "gradient_rows_applied")
+        # wall time of one gradient record, state and publishing included (docs/scaling.md)
+        self.apply_us = Metrics.distribution("ps", "sparse_apply_us")
         self.gradients_dropped = Metrics.counter("ps", "gradients_dropped_by_filter")
         self.rows_created = Metrics.counter("ps", "rows_created")
         self.rows_evicted = Metrics.counter("ps", "rows_evicted")
@@ -253,6 +256,7 @@ class SparseShard(LoggedShard):
                 evict_timer=beam.DoFn.TimerParam(EVICT),
                 export_timer=beam.DoFn.TimerParam(EXPORT),
                 window=beam.DoFn.WindowParam):
+        started = time.perf_counter()
         self._check_window(window)
         shard, g = element
         dim = self.tables.get(g.table)
@@ -290,6 +294,7 @@ class SparseShard(LoggedShard):
         self._maybe_publish(shard, live, sync_timer)
         self.log_entries_dist.update(live.log_entries)
         self.table_size.update(sum(len(t) for t in live.tables.values()))
+        self.apply_us.update(int(1e6 * (time.perf_counter() - started)))
         return ()  # no output: the PS publishes to the store
 
     def _evict_logged(self, live, now_s, base, log, version):
