@@ -3,11 +3,13 @@ environment, a cluster of several TaskManagers that places subtask i in TaskMana
 SDK process, and the option defaults that choose LOOPBACK or EXTERNAL by parallelism."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import apache_beam as beam
 import grpc
@@ -16,7 +18,6 @@ from apache_beam.options.pipeline_options import PortableOptions
 from apache_beam.portability.api import (beam_fn_api_pb2, beam_fn_api_pb2_grpc,
                                          endpoints_pb2)
 
-from conftest import standalone_cluster
 from dataflow import flink
 from dataflow.options import pipeline_options, python_in_several_processes
 
@@ -114,24 +115,7 @@ def processes_per_key(options, folder) -> dict:
 
 
 @pytest.mark.flink
-def test_two_taskmanagers_run_a_stage_in_two_python_processes(tmp_path, flink_job_server_jar):
-    clusters = standalone_cluster(tmp_path / "cluster", taskmanagers=2, task_slots=1)
-    cluster = next(clusters)
-    try:
-        assert cluster.rest("/overview")["taskmanagers"] == 2
-        with flink.WorkerPool(log_path=str(tmp_path / "pool.log")) as pool:
-            options = pipeline_options([
-                "--runner=FlinkRunner", f"--flink_master={cluster.master}", "--parallelism=2",
-                "--environment_type=EXTERNAL", f"--environment_config={pool.environment_config}"])
-            (tmp_path / "out").mkdir()
-            processes = set(processes_per_key(options, tmp_path / "out").values())
-        # TaskManager i's one SDK worker, forked by the pool, runs subtask i
-        assert len(processes) == 2 and {ppid for _, ppid in processes} == {pool.pid}, processes
-    finally:
-        next(clusters, None)  # stops it
-
-
-@pytest.mark.flink
+@pytest.mark.slow
 def test_embedded_flink_at_parallelism_two_runs_python_in_the_pool(tmp_path,
                                                                    flink_job_server_jar):
     options = pipeline_options(["--runner=FlinkRunner", "--flink_master=[local]",
@@ -143,31 +127,45 @@ def test_embedded_flink_at_parallelism_two_runs_python_in_the_pool(tmp_path,
 
 
 @pytest.mark.flink
-def test_cli_start_prints_the_flags_and_stop_stops_everything(tmp_path, flink_job_server_jar):
-    env = {**os.environ, "PYTHONPATH": REPO}
+@pytest.mark.slow
+def test_two_taskmanagers_run_a_stage_in_two_python_processes(tmp_path, flink_job_server_jar):
+    """``python -m dataflow.flink start --taskmanagers 2``: a cluster of two TaskManagers of
+    one slot and a worker pool; a job with the flags it prints runs subtask i in TaskManager
+    i's one SDK process; ``stop`` leaves none of the JVMs, the pool or its workers."""
+    # a pool started apart imports what its PYTHONPATH has: here write_pid's module too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
     workdir = tmp_path / "cluster"
-    done = subprocess.run(
+    started = subprocess.run(
         [sys.executable, "-m", "dataflow.flink", "start", "--taskmanagers=2",
          f"--workdir={workdir}", f"--rest_port={flink.free_port()}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    state = json.loads((workdir / flink.STATE_FILE).read_text()) \
+        if (workdir / flink.STATE_FILE).exists() else {"pids": [], "worker_pool": None}
     try:
-        assert done.returncode == 0, done.stderr
-        import json
-        state = json.loads((workdir / flink.STATE_FILE).read_text())
-        flags = done.stdout.strip().splitlines()[-1]
-        assert flags == " ".join(state["flags"])
-        assert flags.startswith(f"--runner=FlinkRunner --flink_master={state['master']} "
-                                "--parallelism=2 --environment_type=EXTERNAL "
-                                f"--environment_config=localhost:{state['worker_pool']['port']}")
-        pool_pid = state["worker_pool"]["pid"]
-        assert running(pool_pid) and len(state["pids"]) == 3  # JobManager + 2 TaskManagers
+        assert started.returncode == 0, started.stderr
+        flags = started.stdout.strip().splitlines()[-1]
+        pool = state["worker_pool"]
+        assert flags == " ".join(state["flags"]) == (
+            f"--runner=FlinkRunner --flink_master={state['master']} --parallelism=2 "
+            f"--environment_type=EXTERNAL --environment_config=localhost:{pool['port']}")
+        assert len(state["pids"]) == 3 and running(pool["pid"])  # JobManager, 2 TaskManagers
+        with urllib.request.urlopen(f"http://{state['master']}/overview", timeout=10) as r:
+            assert json.load(r)["slots-total"] == 2
+        (tmp_path / "out").mkdir()
+        processes = set(processes_per_key(pipeline_options(flags.split()),
+                                          tmp_path / "out").values())
+        # TaskManager i's one SDK worker, forked by the pool, ran subtask i
+        assert len(processes) == 2 and {ppid for _, ppid in processes} == {pool["pid"]}, \
+            processes
     finally:
         stopped = subprocess.run([sys.executable, "-m", "dataflow.flink", "stop",
                                   f"--workdir={workdir}"], cwd=REPO, env=env,
                                  capture_output=True, text=True, timeout=180)
     assert stopped.returncode == 0, stopped.stderr
+    ours = [*state["pids"], *([state["worker_pool"]["pid"]] if state["worker_pool"] else [])]
     deadline = time.monotonic() + 30
-    while any(map(running, [pool_pid, *state["pids"]])) and time.monotonic() < deadline:
+    while any(map(running, ours)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(map(running, [pool_pid, *state["pids"]]))
-    assert flink.process_group(pool_pid) == []
+    assert not any(map(running, ours))
+    assert flink.process_group(state["worker_pool"]["pid"]) == []
+    assert not (workdir / flink.STATE_FILE).exists()
