@@ -9,11 +9,16 @@ Two things come from outside Python and are set up by ``make`` (see README):
   ``.venv-flink`` (it pins an old Beam, so it lives apart from ``.venv``). Its
   ``bin/start-cluster.sh`` starts a standalone cluster; :class:`FlinkCluster` drives it.
 
+A job's Python runs in the submitting process with ``--environment_type=LOOPBACK``; in
+processes of its own, one per SDK worker, with ``--environment_type=EXTERNAL`` and a
+:class:`WorkerPool` (docs/flink.md, "Python in several processes").
+
 Both locations can be overridden: ``BEAM_MONOLITH_FLINK_JOB_SERVER_JAR`` and ``FLINK_HOME``.
 
 Command line::
 
-    python -m dataflow.flink start      # standalone cluster, prints its REST address
+    python -m dataflow.flink start      # standalone cluster, prints the flags a job needs
+    python -m dataflow.flink start --taskmanagers 2   # + a Python worker pool (EXTERNAL)
     python -m dataflow.flink stop
     python -m dataflow.flink paths      # where the jar and the distribution are
 """
@@ -23,6 +28,7 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
     from dataflow.cli import setup
     setup()
 
+import argparse
 import glob
 import json
 import logging
@@ -33,6 +39,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -193,17 +200,25 @@ def free_port() -> int:
 
 
 class FlinkCluster:
-    """A standalone Flink cluster (one JobManager, one TaskManager) on localhost.
+    """A standalone Flink cluster on localhost: one JobManager, ``taskmanagers`` TaskManager
+    JVMs of ``task_slots`` slots each.
 
     It runs from a private copy of the distribution's ``conf/`` with free ports and its own
     log folder, so two clusters (or a leftover one) never collide. Use it as a context
     manager; ``stop()`` also kills the JVMs if the scripts leave any behind.
 
+    Several TaskManagers of one slot each place a job deterministically: each TaskManager
+    has its own SDK harness factory, so with ``--sdk_worker_parallelism=1`` (the default)
+    subtask i of every stage runs in TaskManager i's one Python process (docs/flink.md,
+    "Python in several processes").
+
     Args:
-        task_slots: slots of its TaskManager.
+        task_slots: slots of each TaskManager.
         workdir: its configuration, logs and pid files (default: a new temporary folder).
         rest_port: the port of its REST API and web UI (default: a free one).
         extra_conf: more ``config.yaml`` settings, ``{key: value}``.
+        taskmanagers: how many TaskManager JVMs (each 1200 MB when more than one, 1728 MB
+            alone: the total stays sane on a shared machine).
 
     Raises:
         FlinkSetupError: there is no Flink distribution or no Java.
@@ -216,9 +231,14 @@ class FlinkCluster:
     """
 
     def __init__(self, task_slots: int = 2, workdir: str | None = None,
-                 rest_port: int | None = None, extra_conf: dict | None = None):
+                 rest_port: int | None = None, extra_conf: dict | None = None,
+                 taskmanagers: int = 1):
+        if taskmanagers < 1 or task_slots < 1:
+            raise ValueError(f"taskmanagers ({taskmanagers}) and task_slots ({task_slots}) "
+                             "must be at least 1")
         self.home = flink_home()
         self.task_slots = task_slots
+        self.taskmanagers = taskmanagers
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="flink-cluster-"))
         self.rest_port = rest_port or free_port()
         self.extra_conf = dict(extra_conf or {})
@@ -243,10 +263,11 @@ class FlinkCluster:
             "rest.bind-address": "localhost",
             "jobmanager.rpc.port": free_port(),
             "taskmanager.numberOfTaskSlots": self.task_slots,
-            "taskmanager.memory.process.size": "1728m",
+            "taskmanager.memory.process.size": "1728m" if self.taskmanagers == 1 else "1200m",
             "jobmanager.memory.process.size": "1200m",
             "blob.server.port": free_port(),
-            "taskmanager.rpc.port": free_port(),
+            # one TaskManager: a fixed free port; several on one host: each picks its own
+            "taskmanager.rpc.port": free_port() if self.taskmanagers == 1 else 0,
             "io.tmp.dirs": str(self.workdir / "tmp"),
             "parallelism.default": 1,
         }
@@ -257,6 +278,8 @@ class FlinkCluster:
             f.write("\n# beam-monolith test cluster\n")
             for key, value in settings.items():
                 f.write(f"{key}: {json.dumps(value) if isinstance(value, str) else value}\n")
+        # start-cluster.sh starts one TaskManager per line, locally for "localhost"
+        (self.conf_dir / "workers").write_text("localhost\n" * self.taskmanagers)
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -267,7 +290,7 @@ class FlinkCluster:
         return env
 
     def start(self, timeout_s: float = 120.0) -> "FlinkCluster":
-        """Starts the cluster and waits until a TaskManager with a slot is registered.
+        """Starts the cluster and waits until all its TaskManagers and slots are registered.
 
         Args:
             timeout_s: how long to wait.
@@ -286,7 +309,8 @@ class FlinkCluster:
         while time.monotonic() < deadline:
             try:
                 overview = self.rest("/overview")
-                if overview.get("taskmanagers", 0) >= 1 and overview.get("slots-total", 0) >= 1:
+                if (overview.get("taskmanagers", 0) >= self.taskmanagers and
+                        overview.get("slots-total", 0) >= self.taskmanagers * self.task_slots):
                     return self
             except OSError:
                 pass
@@ -423,6 +447,178 @@ class FlinkCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class WorkerPool:
+    """Beam's Python worker pool (``python -m apache_beam.runners.worker.worker_pool_main``)
+    for ``--environment_type=EXTERNAL``: every SDK worker a Flink TaskManager asks for is a
+    process of its own, so a job at parallelism above 1 runs its Python on several cores
+    (LOOPBACK runs all of it in the submitting process, under one GIL).
+
+    The pool starts each worker with ``python`` from its ``PATH``: it gets the running
+    interpreter's ``bin/`` first, and ``PYTHONPATH`` this repository and the running
+    ``sys.path``, so a worker imports what the submitting process imports (the venv's
+    editable install may point at another checkout). The pool runs in a session of its own:
+    :meth:`stop` kills the whole process group, the SDK workers it forked included.
+
+    Args:
+        port: its gRPC port (default: a free one).
+        log_path: where its and its workers' output goes (default: a temporary file).
+
+    >>> with WorkerPool() as pool:
+    ...     flags = [f"--environment_type=EXTERNAL",
+    ...              f"--environment_config={pool.environment_config}"]
+    ...     pool.alive()
+    True
+    >>> pool.alive(), pool.processes()
+    (False, [])
+    """
+
+    MODULE = "apache_beam.runners.worker.worker_pool_main"
+
+    def __init__(self, port: int | None = None, log_path: str | None = None):
+        self.port = port or free_port()
+        self.log_path = log_path or tempfile.mkstemp(prefix="beam-worker-pool-",
+                                                     suffix=".log")[1]
+        self.pid: int | None = None
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def environment_config(self) -> str:
+        """The value for ``--environment_config``: ``localhost:PORT``."""
+        return f"localhost:{self.port}"
+
+    def env(self) -> dict:
+        """The pool's environment (see the class docstring)."""
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        paths = [str(REPO_ROOT), *(p for p in sys.path if p and os.path.isdir(p))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
+            paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        return env
+
+    def start(self, timeout_s: float = 60.0) -> "WorkerPool":
+        """Starts the pool and waits until its port accepts connections.
+
+        Args:
+            timeout_s: how long to wait.
+
+        Returns:
+            self.
+
+        Raises:
+            RuntimeError: it exited or did not listen in time (its log is in the message).
+        """
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", self.MODULE, f"--service_port={self.port}"],
+                env=self.env(), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self._proc.pid
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            try:
+                with socket.create_connection(("localhost", self.port), timeout=0.5):
+                    _LOG.debug("worker pool %d on port %d", self.pid, self.port)
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        tail = Path(self.log_path).read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the Python worker pool did not listen on port {self.port} within "
+                           f"{timeout_s:.0f}s; its log {self.log_path}:\n{tail}")
+
+    def alive(self) -> bool:
+        """Whether the pool process runs."""
+        return self.pid is not None and _alive(self.pid)
+
+    def processes(self) -> list[int]:
+        """The pool and the SDK workers it started (its process group), running ones only."""
+        return process_group(self.pid) if self.pid else []
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stops the pool and every SDK worker it started: SIGTERM to its process group,
+        SIGKILL to what is left after ``timeout_s``."""
+        if self.pid is None:
+            return
+        stop_process_group(self.pid, timeout_s)
+        if self._proc is not None:
+            self._proc.wait()  # reap it: no zombie of ours
+
+    def __enter__(self) -> "WorkerPool":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def process_group(pgid: int) -> list[int]:
+    """The running (not zombie) processes of a process group, from ``/proc``.
+
+    Args:
+        pgid: the group's id (the pid of its leader).
+
+    Returns:
+        Their pids.
+
+    >>> process_group(os.getpgrp()) != []
+    True
+    """
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # state, ppid, pgrp...
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def stop_process_group(pgid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM to a process group, SIGKILL to what is left of it after ``timeout_s``.
+
+    Args:
+        pgid: the group's id.
+        timeout_s: how long its processes get to exit.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + timeout_s
+        while process_group(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not process_group(pgid):
+            return
+
+
+_shared_pool: WorkerPool | None = None
+_shared_pool_lock = threading.Lock()
+
+
+def shared_worker_pool() -> WorkerPool:
+    """This process's worker pool, started on first use and stopped when it exits
+    (``dataflow.options.pipeline_options`` uses it for a Flink job at parallelism above 1).
+
+    Returns:
+        The running pool.
+    """
+    global _shared_pool
+    import atexit
+    with _shared_pool_lock:
+        if _shared_pool is None or not _shared_pool.alive():
+            started = time.monotonic()
+            _shared_pool = WorkerPool().start()
+            atexit.register(_shared_pool.stop)
+            _LOG.debug("worker pool started in %.1f s", time.monotonic() - started)
+        return _shared_pool
 
 
 SAVEPOINT_SEAL = "beam-monolith.sha256"
@@ -671,6 +867,72 @@ def _alive(pid: int) -> bool:
         return False
 
 
+STATE_FILE = "beam-monolith-cluster.json"
+
+
+def start_cluster(workdir: str, rest_port: int | None = None, taskmanagers: int = 1,
+                  task_slots: int | None = None, worker_pool: bool | None = None) -> dict:
+    """``python -m dataflow.flink start``: a :class:`FlinkCluster` and, for a job whose
+    Python runs in several processes, a :class:`WorkerPool`, both left running; what was
+    started is written to ``WORKDIR/beam-monolith-cluster.json`` for :func:`stop_cluster`.
+
+    Args:
+        workdir: the cluster's configuration, logs, pid files and that state file.
+        rest_port: its REST port (None: a free one).
+        taskmanagers: TaskManager JVMs.
+        task_slots: slots of each (None: 2 with one TaskManager, 1 with several).
+        worker_pool: start a pool (None: when ``taskmanagers`` > 1).
+
+    Returns:
+        The state: ``master``, ``taskmanagers``, ``task_slots``, ``pids`` (the JVMs),
+        ``worker_pool`` (``{pid, port, log}`` or None) and ``flags``, the flags a job needs.
+    """
+    if task_slots is None:
+        task_slots = 2 if taskmanagers == 1 else 1
+    if worker_pool is None:
+        worker_pool = taskmanagers > 1
+    cluster = FlinkCluster(task_slots, workdir, rest_port, taskmanagers=taskmanagers).start()
+    flags = ["--runner=FlinkRunner", f"--flink_master={cluster.master}"]
+    pool_state = None
+    if worker_pool:
+        try:
+            pool = WorkerPool(log_path=str(cluster.log_dir / "worker-pool.log")).start()
+        except BaseException:
+            cluster.stop()
+            raise
+        pool_state = {"pid": pool.pid, "port": pool.port, "log": pool.log_path}
+        flags += [f"--parallelism={taskmanagers * task_slots}", "--environment_type=EXTERNAL",
+                  f"--environment_config={pool.environment_config}"]
+    state = {"master": cluster.master, "taskmanagers": taskmanagers, "task_slots": task_slots,
+             "pids": cluster.pids(), "worker_pool": pool_state, "flags": flags}
+    Path(workdir, STATE_FILE).write_text(strict_json.dumps(state, indent=2) + "\n")
+    return state
+
+
+def stop_cluster(workdir: str) -> None:
+    """``python -m dataflow.flink stop``: stops what :func:`start_cluster` started there
+    (the cluster by its pid files, the worker pool by its recorded pid, if it still is one).
+
+    Args:
+        workdir: the ``workdir`` it was started with.
+    """
+    FlinkCluster(workdir=workdir, rest_port=0).stop()
+    state_file = Path(workdir, STATE_FILE)
+    if state_file.exists():
+        pool = json.loads(state_file.read_text()).get("worker_pool")
+        if pool and WorkerPool.MODULE in _cmdline(pool["pid"]):  # not a reused pid
+            stop_process_group(pool["pid"])
+        state_file.unlink()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m dataflow.flink``.
 
@@ -688,8 +950,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="the cluster's configuration, logs and pid files")
     start.add_argument("--rest_port", type=int, default=8081,
                        help="port of the REST API and web UI (the job master: HOST:PORT)")
-    start.add_argument("--task_slots", type=int, default=2, help="slots of its task manager")
-    stop = sub.add_parser("stop", help="stop the cluster started by `start`",
+    start.add_argument("--taskmanagers", type=int, default=1,
+                       help="TaskManager JVMs (several: one Python process each, see "
+                            "docs/flink.md)")
+    start.add_argument("--task_slots", "--slots", type=int, default=None,
+                       help="slots of each TaskManager (default: 2 with one TaskManager, "
+                            "1 with several)")
+    start.add_argument("--worker_pool", action=argparse.BooleanOptionalAction, default=None,
+                       help="also start a Python worker pool for --environment_type=EXTERNAL "
+                            "(default: with more than one TaskManager)")
+    stop = sub.add_parser("stop", help="stop the cluster (and worker pool) started by `start`",
                           formatter_class=cli.HelpFormatter)
     stop.add_argument("--workdir", default=str(REPO_ROOT / ".cache" / "flink-cluster"),
                       help="the --workdir it was started with")
@@ -703,12 +973,16 @@ def main(argv: list[str] | None = None) -> int:
             print(strict_json.dumps({"job_server_jar": job_server_jar(),
                                      "flink_home": flink_home()}))
         elif args.cmd == "start":
-            cluster = FlinkCluster(args.task_slots, args.workdir, args.rest_port).start()
-            print(f"Flink {FLINK_VERSION} cluster up: web UI {cluster.rest_url}, "
-                  f"pass --flink_master={cluster.master}")
+            state = start_cluster(args.workdir, args.rest_port, args.taskmanagers,
+                                  args.task_slots, args.worker_pool)
+            pool = state["worker_pool"]
+            print(f"Flink {FLINK_VERSION} cluster up: {state['taskmanagers']} TaskManager(s) x "
+                  f"{state['task_slots']} slot(s), web UI http://{state['master']}"
+                  + (f", Python worker pool on localhost:{pool['port']} (log {pool['log']})"
+                     if pool else "") + ". A job's flags:")
+            print(" ".join(state["flags"]))
         elif args.cmd == "stop":
-            cluster = FlinkCluster(workdir=args.workdir, rest_port=0)
-            cluster.stop()
+            stop_cluster(args.workdir)
             print("Flink cluster stopped")
     except FlinkSetupError as e:
         print(f"error: {e}", file=sys.stderr)

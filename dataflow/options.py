@@ -4,8 +4,13 @@ Every pipeline takes Beam's own flags (``--runner``, ``--flink_master``, ``--str
 unchanged. :func:`pipeline_options` adds what a user should not have to type on this setup:
 
 * FlinkRunner: ``--flink_job_server_jar`` (the jar ``make`` built; Maven Central does not
-  serve Beam's prebuilt one here), ``--flink_version`` matching it, and
-  ``--environment_type=LOOPBACK`` (Python workers run in the submitting process: no Docker).
+  serve Beam's prebuilt one here), ``--flink_version`` matching it, and where the Python
+  runs (no Docker either way): at ``--parallelism`` 1 (or none) ``--environment_type=LOOPBACK``,
+  in the submitting process; above 1 ``--environment_type=EXTERNAL`` with the address of a
+  worker pool started once per process (``dataflow.flink.shared_worker_pool``), one process
+  per SDK worker, and on the embedded MiniCluster ``--sdk_worker_parallelism`` = the
+  parallelism (it otherwise starts one SDK process whatever the parallelism). A LOOPBACK job
+  runs all its Python under one GIL. :func:`python_in_several_processes` tells which.
 * DirectRunner: ``--direct_running_mode=in_memory`` and one worker, so the local runner
   never tries to download a Prism binary and ``memory://`` objects are shared in-process.
 
@@ -112,6 +117,65 @@ def _flag_given(argv: list[str], name: str) -> bool:
     return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
 
 
+def _embedded_master(master: str | None) -> bool:
+    return (master or "[auto]").strip() in ("[local]", "[auto]")
+
+
+def _python_environment(argv: list[str]) -> list[str]:
+    """The FlinkRunner's environment flags when none is given (the module docstring)."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    from dataflow import flink
+    flink_opts = PipelineOptions(argv).view_as(FlinkRunnerOptions)
+    parallelism = flink_opts.parallelism or -1
+    if parallelism <= 1:
+        return ["--environment_type=LOOPBACK"]
+    pool = flink.shared_worker_pool()
+    flags = ["--environment_type=EXTERNAL", f"--environment_config={pool.environment_config}"]
+    if _embedded_master(flink_opts.flink_master) and not _flag_given(argv,
+                                                                     "sdk_worker_parallelism"):
+        flags.append(f"--sdk_worker_parallelism={parallelism}")
+    logging.getLogger(__name__).info(
+        "Flink at parallelism %d: Python in worker processes of the pool at %s (%s)",
+        parallelism, pool.environment_config, " ".join(flags))
+    return flags
+
+
+def python_in_several_processes(options: PipelineOptions) -> bool:
+    """Whether a job's Python may run in more than one process, or in another one than the
+    submitting process: then an in-process object such as a ``memory://`` store is not
+    shared between its DoFns (nor with the driver), and a job needs ``redis://``.
+
+    Args:
+        options: the job's options (:func:`pipeline_options`' defaults filled in).
+
+    Returns:
+        False for the in-memory or multi-threaded DirectRunner and for a portable runner's
+        LOOPBACK environment (without the ``use_loopback_process_worker`` experiment); True
+        otherwise (EXTERNAL, PROCESS, DOCKER, the multi-processing DirectRunner, other
+        runners).
+
+    >>> python_in_several_processes(pipeline_options([]))
+    False
+    >>> jar = ["--flink_job_server_jar=job-server.jar"]
+    >>> python_in_several_processes(pipeline_options(["--runner=FlinkRunner", *jar]))
+    False
+    >>> python_in_several_processes(pipeline_options(
+    ...     ["--runner=FlinkRunner", "--environment_type=EXTERNAL",
+    ...      "--environment_config=localhost:50000", *jar]))
+    True
+    """
+    from apache_beam.options.pipeline_options import DebugOptions
+    runner = (options.view_as(StandardOptions).runner or "DirectRunner").rsplit(".", 1)[-1]
+    if runner in ("DirectRunner", "BundleBasedDirectRunner"):
+        return options.view_as(DirectOptions).direct_running_mode == "multi_processing"
+    if runner in ("FlinkRunner", "PortableRunner"):
+        environment = (options.view_as(PortableOptions).environment_type or "").upper()
+        return environment != "LOOPBACK" or bool(
+            options.view_as(DebugOptions).lookup_experiment("use_loopback_process_worker"))
+    return True
+
+
 def pipeline_options(argv: list[str], *option_classes, flink_defaults: dict | None = None,
                      **overrides) -> PipelineOptions:
     """``PipelineOptions`` from command-line flags with this project's runner defaults (the
@@ -148,11 +212,12 @@ def pipeline_options(argv: list[str], *option_classes, flink_defaults: dict | No
             extra.append(f"--flink_job_server_jar={flink.job_server_jar()}")
         if runner == "FlinkRunner" and not _flag_given(argv, "flink_version"):
             extra.append(f"--flink_version={flink.FLINK_VERSION}")
-        if not _flag_given(argv, "environment_type"):
-            extra.append("--environment_type=LOOPBACK")
         extra += [f"--{name}" if value is True else f"--{name}={value}"
                   for name, value in (flink_defaults or {}).items()
                   if not _flag_given(argv, name)]
+        if not _flag_given(argv + extra, "environment_type"):
+            extra += (_python_environment(argv + extra) if runner == "FlinkRunner"
+                      else ["--environment_type=LOOPBACK"])
     elif runner in ("DirectRunner", "BundleBasedDirectRunner"):
         if not _flag_given(argv, "direct_running_mode"):
             extra.append("--direct_running_mode=in_memory")
@@ -187,5 +252,5 @@ def parse_pipeline_args(argv: list[str] | None, options_class, required=(), prog
     return options, opts
 
 
-__all__ = ["MonolithOptions", "pipeline_options", "parse_pipeline_args", "DirectOptions",
-           "PortableOptions"]
+__all__ = ["MonolithOptions", "pipeline_options", "parse_pipeline_args",
+           "python_in_several_processes", "DirectOptions", "PortableOptions"]

@@ -28,7 +28,8 @@ import time
 import apache_beam as beam
 
 from dataflow.job import run_job
-from dataflow.options import MonolithOptions, pipeline_options
+from dataflow.options import (MonolithOptions, pipeline_options,
+                              python_in_several_processes)
 from transforms.scores import SCORE_COLUMNS
 
 _LOG = logging.getLogger(__name__)
@@ -291,6 +292,9 @@ def main(argv: list[str] | None = None):
         flink_defaults["job_name"] = f"beam-monolith-train-{mode}-{os.getpid()}-{int(time.time())}"
     options = pipeline_options(argv, TrainOptions, flink_defaults=flink_defaults)
     opts = options.view_as(TrainOptions)
+    if opts.store.startswith("memory://") and python_in_several_processes(options):
+        raise SystemExit(f"train: {opts.store} lives in one process and this job's Python runs in "
+                         "several (Flink at --parallelism > 1, or not LOOPBACK): use redis://")
     if not opts.input or not opts.config:
         raise SystemExit("train: --input and --config are required (see --help)")
     if not opts.metrics_dir:
