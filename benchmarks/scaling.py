@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--batch_size", type=int, default=512,
-                        help="the batch of one worker")
+                        help="the global batch: W workers take batch_size / W each, so that a "
+                             "step spans the same event time at every W")
     parser.add_argument("--max_staleness_s", type=float, default=0.0,
                         help="the Flink runs' staleness bound (event-time seconds)")
     parser.add_argument("--reader_checkpoint_s", type=float, default=1.0,
@@ -89,51 +90,62 @@ def main(argv=None) -> dict:
     if args.quick:
         args.requests = 10_000
 
-    from benchmarks.store import RedisServer
+    from dataflow.closed_loop.processes import Processes, start_redis
     from dataflow.flink import FlinkCluster, WorkerPool
     work = args.workdir or tempfile.mkdtemp(prefix="bench-scaling-")
     result: dict = {"requests": args.requests, "batch_size": args.batch_size,
                     "reader_checkpoint_s": args.reader_checkpoint_s}
-    with RedisServer() as redis, \
-            FlinkCluster(task_slots=1, taskmanagers=2,
-                         workdir=os.path.join(work, "flink")) as cluster, \
+    procs = Processes(work)
+    redis_dir = os.path.join(work, "redis")
+    os.makedirs(redis_dir, exist_ok=True)
+    with FlinkCluster(task_slots=1, taskmanagers=2,
+                      workdir=os.path.join(work, "flink")) as cluster, \
             WorkerPool(log_path=os.path.join(work, "worker-pool.log")) as pool:
-        db = iter(range(1, 16))
-
-        def flink(workers: int, staleness: float) -> dict:
-            flags = [f"--flink_master={cluster.master}", f"--parallelism={workers}",
-                     "--environment_type=EXTERNAL",
-                     f"--environment_config={pool.environment_config}",
-                     f"--store={redis.url}/{next(db)}", f"--max_staleness_s={staleness}",
-                     f"--reader_checkpoint_s={args.reader_checkpoint_s}"]
-            return train_run(work, "FlinkRunner", workers, args.batch_size, args.requests,
-                             flags, ["--flink_master", cluster.master])
-
-        if args.curve:
-            curve = []
-            for staleness in [float(s) for s in args.curve.split(",")]:
-                for workers in (1, 2):
-                    curve.append({"max_staleness_s": staleness, **flink(workers, staleness)})
-            result["curve"] = curve
-            if args.plot:
-                plot_curve(curve, args.plot)
-                result["plot"] = args.plot
-        else:
-            result["direct"] = train_run(work, "DirectRunner", 1, args.batch_size,
-                                         args.requests, [])
-            result["flink_w1"] = flink(1, args.max_staleness_s)
-            result["flink_w2"] = flink(2, args.max_staleness_s)
-            d, f1, f2 = result["direct"], result["flink_w1"], result["flink_w2"]
-            steady = "examples_per_s_after_first_batch"
-            result["flink_vs_direct"] = _ratio(f1[steady], d[steady])
-            result["flink_vs_direct_per_core"] = _ratio(
-                _ratio(f1[steady], f1["cores_busy"]), _ratio(d[steady], d["cores_busy"]))
-            result["flink_w2_vs_w1"] = _ratio(f2[steady], f1[steady])
-            result["auc_w2_minus_w1"] = (round(f2["online_auc"] - f1["online_auc"], 4)
-                                         if f1["online_auc"] and f2["online_auc"] else None)
+        try:
+            redis = start_redis(procs, redis_dir).rsplit("/", 1)[0]
+            _runs(args, work, cluster, pool, redis, result)
+        finally:
+            procs.stop_all()
     result = strict_json.plain(result)
     print(strict_json.dumps(result))
     return result
+
+
+def _runs(args, work: str, cluster, pool, redis: str, result: dict) -> None:
+    """The runs of :func:`main`, their figures and ratios into ``result``."""
+    db = iter(range(1, 16))
+
+    def flink(workers: int, staleness: float) -> dict:
+        flags = [f"--flink_master={cluster.master}", f"--parallelism={workers}",
+                 "--environment_type=EXTERNAL",
+                 f"--environment_config={pool.environment_config}",
+                 f"--store={redis}/{next(db)}", f"--max_staleness_s={staleness}",
+                 f"--reader_checkpoint_s={args.reader_checkpoint_s}"]
+        return train_run(work, "FlinkRunner", workers, args.batch_size // workers,
+                         args.requests, flags, ["--flink_master", cluster.master])
+
+    if args.curve:
+        curve = []
+        for staleness in [float(s) for s in args.curve.split(",")]:
+            for workers in (1, 2):
+                curve.append({"max_staleness_s": staleness, **flink(workers, staleness)})
+        result["curve"] = curve
+        if args.plot:
+            plot_curve(curve, args.plot)
+            result["plot"] = args.plot
+    else:
+        result["direct"] = train_run(work, "DirectRunner", 1, args.batch_size,
+                                     args.requests, [])
+        result["flink_w1"] = flink(1, args.max_staleness_s)
+        result["flink_w2"] = flink(2, args.max_staleness_s)
+        d, f1, f2 = result["direct"], result["flink_w1"], result["flink_w2"]
+        steady = "examples_per_s_after_first_batch"
+        result["flink_vs_direct"] = _ratio(f1[steady], d[steady])
+        result["flink_vs_direct_per_core"] = _ratio(
+            _ratio(f1[steady], f1["cores_busy"]), _ratio(d[steady], d["cores_busy"]))
+        result["flink_w2_vs_w1"] = _ratio(f2[steady], f1[steady])
+        result["auc_w2_minus_w1"] = (round(f2["online_auc"] - f1["online_auc"], 4)
+                                     if f1["online_auc"] and f2["online_auc"] else None)
 
 
 def plot_curve(curve: list[dict], path: str) -> None:

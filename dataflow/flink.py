@@ -450,16 +450,17 @@ class FlinkCluster:
 
 
 class WorkerPool:
-    """Beam's Python worker pool (``python -m apache_beam.runners.worker.worker_pool_main``)
-    for ``--environment_type=EXTERNAL``: every SDK worker a Flink TaskManager asks for is a
-    process of its own, so a job at parallelism above 1 runs its Python on several cores
-    (LOOPBACK runs all of it in the submitting process, under one GIL).
+    """The Python worker pool (``python -m dataflow.worker_pool``: Beam's, with worker ids
+    per TaskManager) for ``--environment_type=EXTERNAL``: every SDK worker a Flink
+    TaskManager asks for is a process of its own, so a job at parallelism above 1 runs its
+    Python on several cores (LOOPBACK runs all of it in the submitting process, under one
+    GIL).
 
-    The pool starts each worker with ``python`` from its ``PATH``: it gets the running
-    interpreter's ``bin/`` first, and ``PYTHONPATH`` this repository and the running
-    ``sys.path``, so a worker imports what the submitting process imports (the venv's
-    editable install may point at another checkout). The pool runs in a session of its own:
-    :meth:`stop` kills the whole process group, the SDK workers it forked included.
+    The pool and its workers run this interpreter, with ``PATH`` its ``bin/`` first and
+    ``PYTHONPATH`` this repository and the running ``sys.path``, so a worker imports what
+    the submitting process imports (the venv's editable install may point at another
+    checkout). The pool runs in a session of its own: :meth:`stop` kills the whole process
+    group, the SDK workers it forked included.
 
     Args:
         port: its gRPC port (default: a free one).
@@ -474,7 +475,7 @@ class WorkerPool:
     (False, [])
     """
 
-    MODULE = "apache_beam.runners.worker.worker_pool_main"
+    MODULE = "dataflow.worker_pool"  # Beam's, with per-TaskManager worker ids
 
     def __init__(self, port: int | None = None, log_path: str | None = None):
         self.port = port or free_port()
