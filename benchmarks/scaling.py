@@ -53,7 +53,8 @@ def train_run(work: str, runner: str, num_workers: int, batch_size: int, request
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     with open(os.path.join(work, f"metrics-{runner}.json"), encoding="utf-8") as f:
-        dist = json.load(f)["distributions"]
+        metrics = json.load(f)
+    dist = metrics["distributions"]
 
     def mean(name):
         d = dist.get(name)
@@ -62,7 +63,11 @@ def train_run(work: str, runner: str, num_workers: int, batch_size: int, request
             "reader_resume_gap_ms": mean("reader.resume_gap_ms"),
             "reader_ps_wait_ms": mean("reader.ps_catch_up_wait_ms"),
             "reader_batches_per_bundle": mean("reader.batches_per_bundle"),
-            "worker_batch_ms": mean("worker.batch_ms")}
+            "worker_batch_ms": mean("worker.batch_ms"),
+            "ps_sparse_apply_us": mean("ps.sparse_apply_us"),
+            "ps_sparse_records": (dist.get("ps.sparse_apply_us") or {}).get("count"),
+            "ps_dense_apply_us": mean("ps.dense_apply_us"),
+            "ps_dense_records": (dist.get("ps.dense_apply_us") or {}).get("count")}
 
 
 def _ratio(a, b):

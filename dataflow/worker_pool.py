@@ -21,59 +21,65 @@ import sys
 import threading
 import time
 
-from apache_beam.portability.api import beam_fn_api_pb2
-from apache_beam.runners.worker import worker_pool_main
-
 _LOG = logging.getLogger(__name__)
 
 
-class WorkerPoolServicer(worker_pool_main.BeamFnExternalWorkerPoolServicer):
-    """Beam's worker pool servicer with per-TaskManager worker ids (module docstring).
+def servicer_class():
+    """The pool's gRPC servicer class (Beam's worker pool module is imported here, not when
+    this module is: it adds a warnings filter on import)."""
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.worker import worker_pool_main
 
-    >>> pool = WorkerPoolServicer(use_process=True)
-    >>> request = beam_fn_api_pb2.StopWorkerRequest(worker_id="1-1")  # none by that id
-    >>> pool.StopWorker(request, None) == beam_fn_api_pb2.StopWorkerResponse()
-    True
-    """
+    class WorkerPoolServicer(worker_pool_main.BeamFnExternalWorkerPoolServicer):
+        """Beam's worker pool servicer with per-TaskManager worker ids (module docstring).
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._lock = threading.Lock()
-        self._by_id: dict = {}  # worker id -> [Popen, ...] (one per TaskManager)
+        >>> from apache_beam.portability.api import beam_fn_api_pb2
+        >>> pool = servicer_class()(use_process=True)
+        >>> request = beam_fn_api_pb2.StopWorkerRequest(worker_id="1-1")  # none by that id
+        >>> pool.StopWorker(request, None) == beam_fn_api_pb2.StopWorkerResponse()
+        True
+        """
 
-    def StartWorker(self, request, context):
-        command = [sys.executable, "-c",
-                   "from apache_beam.runners.worker.sdk_worker import SdkHarness; "
-                   f"SdkHarness({request.control_endpoint.url!r}, "
-                   f"worker_id={request.worker_id!r}, "
-                   f"state_cache_size={int(self._state_cache_size)}, "
-                   f"data_buffer_time_limit_ms={int(self._data_buffer_time_limit_ms)}).run()"]
-        try:
-            process = subprocess.Popen(command, close_fds=True)
-        except OSError as e:
-            return beam_fn_api_pb2.StartWorkerResponse(error=f"{type(e).__name__}: {e}")
-        with self._lock:
-            alive = [p for p in self._by_id.get(request.worker_id, []) if p.poll() is None]
-            self._by_id[request.worker_id] = alive + [process]
-            self._worker_processes[f"{request.worker_id}/{process.pid}"] = process
-        _LOG.info("started SDK worker %s (pid %d) for %s", request.worker_id, process.pid,
-                  request.control_endpoint.url)
-        return beam_fn_api_pb2.StartWorkerResponse()
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._lock = threading.Lock()
+            self._by_id: dict = {}  # worker id -> [Popen, ...] (one per TaskManager)
 
-    def StopWorker(self, request, context):
-        with self._lock:
-            alive = [p for p in self._by_id.get(request.worker_id, []) if p.poll() is None]
-            self._by_id[request.worker_id] = alive
-        if len(alive) == 1:
+        def StartWorker(self, request, context):
+            command = [sys.executable, "-c",
+                       "from apache_beam.runners.worker.sdk_worker import SdkHarness; "
+                       f"SdkHarness({request.control_endpoint.url!r}, "
+                       f"worker_id={request.worker_id!r}, "
+                       f"state_cache_size={int(self._state_cache_size)}, "
+                       f"data_buffer_time_limit_ms={int(self._data_buffer_time_limit_ms)}).run()"]
+            try:
+                process = subprocess.Popen(command, close_fds=True)
+            except OSError as e:
+                return beam_fn_api_pb2.StartWorkerResponse(error=f"{type(e).__name__}: {e}")
             with self._lock:
-                self._by_id.pop(request.worker_id, None)
-                self._worker_processes.pop(f"{request.worker_id}/{alive[0].pid}", None)
-            worker_pool_main.kill_process_gracefully(alive[0])
-        elif alive:
-            _LOG.info("worker id %s is shared by %d workers (one per TaskManager): each ends "
-                      "when its TaskManager closes its control channel", request.worker_id,
-                      len(alive))
-        return beam_fn_api_pb2.StopWorkerResponse()
+                alive = [p for p in self._by_id.get(request.worker_id, []) if p.poll() is None]
+                self._by_id[request.worker_id] = alive + [process]
+                self._worker_processes[f"{request.worker_id}/{process.pid}"] = process
+            _LOG.info("started SDK worker %s (pid %d) for %s", request.worker_id, process.pid,
+                      request.control_endpoint.url)
+            return beam_fn_api_pb2.StartWorkerResponse()
+
+        def StopWorker(self, request, context):
+            with self._lock:
+                alive = [p for p in self._by_id.get(request.worker_id, []) if p.poll() is None]
+                self._by_id[request.worker_id] = alive
+            if len(alive) == 1:
+                with self._lock:
+                    self._by_id.pop(request.worker_id, None)
+                    self._worker_processes.pop(f"{request.worker_id}/{alive[0].pid}", None)
+                worker_pool_main.kill_process_gracefully(alive[0])
+            elif alive:
+                _LOG.info("worker id %s is shared by %d workers (one per TaskManager): each ends "
+                          "when its TaskManager closes its control channel", request.worker_id,
+                          len(alive))
+            return beam_fn_api_pb2.StopWorkerResponse()
+
+    return WorkerPoolServicer
 
 
 def main(argv=None) -> None:
@@ -84,7 +90,7 @@ def main(argv=None) -> None:
                         help="the gRPC port (--environment_config=localhost:PORT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    address, server = WorkerPoolServicer.start(use_process=True, port=args.service_port)
+    address, server = servicer_class().start(use_process=True, port=args.service_port)
     _LOG.info("Python worker pool on %s", address)
     try:
         while True:
