@@ -4,12 +4,15 @@
 In one run, against a private redis-server (``dataflow.closed_loop.processes.start_redis``):
 
 1. ``training``: ``python -m benchmarks.train`` (DirectRunner, deepfm) against the Redis store,
-   once per mode: ``sync_every_batch`` (the default: the PS publishes after every input) and
-   ``sync_60s`` (``--sync_interval_s=60 --dense_sync_interval_s=60``: the PS publishes every
-   input to the training view and every 60 s of event time to serving; the worker reads
-   both). Redis's ``INFO commandstats`` / ``INFO stats`` and redis-server's CPU time
-   (``/proc/PID/stat``) are read before and after each run: commands by name, bytes in and
-   out, and redis CPU microseconds, per example and per batch.
+   once per mode: ``sync_every_batch`` (the default: the PS publishes after every input),
+   ``sync_60s`` and ``sync_3600s`` (``--sync_interval_s=S --dense_sync_interval_s=S``: the PS
+   publishes every input to the training view and every S s of event time to serving; the
+   worker reads both; a batch of this stream spans ~20 min of event time, so at 60 s the
+   serving view is published after every input as well). Redis's ``INFO commandstats`` /
+   ``INFO stats`` and redis-server's CPU time are read before and after each run: commands
+   by name, bytes in and out, and redis CPU microseconds (net of its idle timers' CPU), per
+   example and per batch. CPU time is the sum of its threads' ``/proc/PID/task/*/schedstat``
+   (nanoseconds); ``/proc/PID/stat``'s utime + stime (10 ms ticks) is reported beside it.
 2. ``ceiling``: K = 1, 2, 4 client processes each replay the per-batch request mix of
    ``sync_every_batch`` with the real ``RedisStore`` methods (``read_dense``, ``read_rows`` of a
    batch's fids at the model's width, ``write_rows`` of its gradient rows per PS shard,
@@ -45,8 +48,11 @@ from schemas import strict_json
 _LOG = logging.getLogger(__name__)
 
 #: the training modes measured: name → dataflow.train flags
+#: (a batch of the synthetic stream spans ~20 min of event time: at 60 s the PS publishes the
+#: serving view after every input too; at 3600 s every few batches)
 MODES = {"sync_every_batch": [],
-         "sync_60s": ["--sync_interval_s=60", "--dense_sync_interval_s=60"]}
+         "sync_60s": ["--sync_interval_s=60", "--dense_sync_interval_s=60"],
+         "sync_3600s": ["--sync_interval_s=3600", "--dense_sync_interval_s=3600"]}
 #: commands the benchmark itself sends between its snapshots (not training's)
 OWN_COMMANDS = ("info",)
 #: a Flink worker's rate on this project (docs/flink.md): what one instance is compared with
@@ -54,10 +60,25 @@ FLINK_WORKER_EXAMPLES_PER_S = (10_000, 20_000)
 
 
 def redis_cpu_seconds(pid: int) -> float:
-    """redis-server's CPU seconds (user + system, /proc/PID/stat fields 14 and 15)."""
+    """redis-server's CPU seconds (user + system, /proc/PID/stat fields 14 and 15: whole
+    clock ticks, 10 ms here; see :func:`redis_run_seconds`)."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_run_seconds(pid: int) -> float:
+    """redis-server's time on a CPU, to the nanosecond: the sum over its threads of
+    /proc/PID/task/TID/schedstat's first field (the same time as utime + stime, without
+    their 10 ms ticks, too coarse for a short run)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return total / 1e9
 
 
 def snapshot(client, pid: int) -> dict:
@@ -67,7 +88,8 @@ def snapshot(client, pid: int) -> dict:
                 for name, v in client.info("commandstats").items()}
     return {"commands": commands, "total_commands": stats["total_commands_processed"],
             "bytes_in": stats["total_net_input_bytes"],
-            "bytes_out": stats["total_net_output_bytes"], "cpu_s": redis_cpu_seconds(pid)}
+            "bytes_out": stats["total_net_output_bytes"], "cpu_s": redis_run_seconds(pid),
+            "cpu_ticks_s": redis_cpu_seconds(pid), "wall_s": time.monotonic()}
 
 
 def difference(before: dict, after: dict, overhead: dict | None = None) -> dict:
@@ -83,29 +105,45 @@ def difference(before: dict, after: dict, overhead: dict | None = None) -> dict:
               - before["commands"].get(n, {}).get("calls", 0) for n in OWN_COMMANDS)
     out = {"commands": commands, "total_commands": after["total_commands"]
            - before["total_commands"] - own}
-    for key in ("bytes_in", "bytes_out", "cpu_s"):
+    for key in ("bytes_in", "bytes_out", "cpu_s", "cpu_ticks_s", "wall_s"):
         out[key] = after[key] - before[key] - (overhead or {}).get(key, 0)
     return out
 
 
-def per_unit(delta: dict, n: float) -> dict:
-    """A snapshot difference per example (or per batch): ``n`` of them."""
+def idle_cpu_per_s(client, pid: int, seconds: float) -> float:
+    """redis-server's CPU seconds per second with no client (its timers: ``hz``)."""
+    before = snapshot(client, pid)
+    time.sleep(seconds)
+    return difference(before, snapshot(client, pid))["cpu_s"] / seconds
+
+
+def per_unit(delta: dict, n: float, idle_per_s: float = 0.0) -> dict:
+    """A snapshot difference per example (or per batch): ``n`` of them. ``redis_cpu_us``
+    is net of ``idle_per_s`` over the difference's wall time (``redis_cpu_us_gross``
+    with it; ``redis_cpu_us_ticks``: /proc/PID/stat's utime + stime, gross)."""
     return {"commands": {k: round(v["calls"] / n, 4) for k, v in sorted(delta["commands"].items())},
             "commands_total": round(delta["total_commands"] / n, 4),
-            "command_usec": round(sum(v["usec"] for v in delta["commands"].values()) / n, 3),
+            # EXEC's time includes the commands it ran, counted under their own names too
+            "command_usec": round(sum(v["usec"] for k, v in delta["commands"].items()
+                                      if k != "exec") / n, 3),
+            "command_usec_by_name": {k: round(v["usec"] / n, 3)
+                                     for k, v in sorted(delta["commands"].items())},
             "bytes_in": round(delta["bytes_in"] / n, 1),
             "bytes_out": round(delta["bytes_out"] / n, 1),
-            "redis_cpu_us": round(1e6 * delta["cpu_s"] / n, 3)}
+            "redis_cpu_us": round(1e6 * (delta["cpu_s"] - idle_per_s * delta["wall_s"]) / n, 3),
+            "redis_cpu_us_gross": round(1e6 * delta["cpu_s"] / n, 3),
+            "redis_cpu_us_ticks": round(1e6 * delta["cpu_ticks_s"] / n, 3)}
 
 
-def training_cost(url: str, pid: int, work: str, requests: int, flags: list[str]) -> dict:
+def training_cost(url: str, pid: int, work: str, requests: int, flags: list[str],
+                  idle_per_s: float) -> dict:
     """One ``benchmarks.train`` run (a child process) against ``url``: redis's cost per
     example and per batch, and the run's own figures."""
     import redis
     client = redis.Redis.from_url(url)
     client.flushdb()
     overhead = difference(snapshot(client, pid), snapshot(client, pid))
-    overhead["cpu_s"] = 0.0  # two INFOs' CPU is below the clock tick; the bytes are exact
+    overhead = {k: overhead[k] for k in ("bytes_in", "bytes_out")}  # of its own INFOs
     cmd = [sys.executable, "-m", "benchmarks.train", "--json", f"--requests={requests}",
            f"--workdir={work}", f"--store={url}", "--", *flags]
     _LOG.info("store: %s", " ".join(cmd[2:]))
@@ -119,17 +157,22 @@ def training_cost(url: str, pid: int, work: str, requests: int, flags: list[str]
         counters = json.load(f)["counters"]
     delta = difference(before, after, overhead)
     examples, batches = counters["worker.examples"], counters["worker.batches"]
+    from benchmarks.train import world_size
+    event_s = world_size(requests)["days"] * 86400
     return {"command": " ".join(["python", "-m", "benchmarks.train", *cmd[3:]]),
             "examples": examples, "batches": batches,
             "examples_per_batch": round(examples / batches, 1),
+            "event_seconds_per_batch": round(event_s / batches, 1),
             "rows_read_per_batch": round(counters["worker.rows_read"] / batches, 1),
             "gradient_rows_applied_per_batch":
                 round(counters["ps.gradient_rows_applied"] / batches, 1),
             "ps_publishes": counters.get("ps.publishes"),
             "training_seconds": run["seconds"],
             "examples_per_s_after_first_batch": run["examples_per_s_after_first_batch"],
-            "redis_cpu_seconds": round(delta["cpu_s"], 3),
-            "per_example": per_unit(delta, examples), "per_batch": per_unit(delta, batches)}
+            "run_seconds": round(delta["wall_s"], 2),
+            "redis_cpu_seconds": round(delta["cpu_s"], 4),
+            "per_example": per_unit(delta, examples, idle_per_s),
+            "per_batch": per_unit(delta, batches, idle_per_s)}
 
 
 def store_shape(url: str) -> dict:
@@ -218,7 +261,7 @@ def ceiling(url: str, pid: int, shape: dict, cost: dict, clients: int, seconds: 
             "machine_cores_busy": round(machine / wall, 2),
             "redis_cpu_us_per_example": round(1e6 * delta["cpu_s"] / examples, 3)
             if examples else None,
-            "per_batch": per_unit(delta, batches) if batches else None}
+            "per_batch": per_unit(delta, batches) if batches else None}  # gross: at load
 
 
 def _machine_busy_s() -> float:
@@ -253,6 +296,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.seconds, args.clients = 3000, 1.0, "1,2"
+    import redis
+
     from benchmarks.train import example_log
     from dataflow.closed_loop.processes import Processes, start_redis
 
@@ -264,7 +309,8 @@ def main(argv=None) -> dict:
         base = start_redis(procs, work)
         pid = procs.pids["redis"]
         url = base.rsplit("/", 1)[0] + "/1"
-        training = {mode: training_cost(url, pid, work, args.requests, flags)
+        idle = idle_cpu_per_s(redis.Redis.from_url(url), pid, 2.0)
+        training = {mode: training_cost(url, pid, work, args.requests, flags, idle)
                     for mode, flags in MODES.items()}
         shape = store_shape(url)   # what the last mode left; rows as sync_every_batch's
         ceilings = [ceiling(url, pid, shape, training["sync_every_batch"], int(k),
@@ -277,6 +323,7 @@ def main(argv=None) -> dict:
     capacity["replay_at_max_load"] = round(1e6 / loaded["redis_cpu_us_per_example"], 1)
     result = {
         "requests": args.requests, "cores": os.cpu_count(),
+        "redis_idle_cpu_percent": round(100 * idle, 3),
         "store": {"table": shape["table"], "width": shape["width"],
                   "num_shards": shape["num_shards"], "rows": int(shape["fids"].size),
                   "dense_bytes": shape["dense_bytes"]},
