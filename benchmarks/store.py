@@ -53,6 +53,8 @@ _LOG = logging.getLogger(__name__)
 MODES = {"sync_every_batch": [],
          "sync_60s": ["--sync_interval_s=60", "--dense_sync_interval_s=60"],
          "sync_3600s": ["--sync_interval_s=3600", "--dense_sync_interval_s=3600"]}
+#: --quick's modes (3000 requests: a batch spans ~1 h of event time, sync_3600s ~ sync_60s)
+QUICK_MODES = ("sync_every_batch", "sync_60s")
 #: commands the benchmark itself sends between its snapshots (not training's)
 OWN_COMMANDS = ("info",)
 #: a Flink worker's rate on this project (docs/flink.md): what one instance is compared with
@@ -284,7 +286,8 @@ def main(argv=None) -> dict:
     parser = cli.argument_parser(prog="python -m benchmarks.store", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 3000 requests, K = 1 and 2, 1 s each")
+                        help="a smoke run: 3000 requests, modes sync_every_batch and sync_60s, "
+                             "K = 1 and 2, 1 s each")
     parser.add_argument("--requests", type=int, default=30_000,
                         help="synthetic requests trained on per mode")
     parser.add_argument("--seconds", type=float, default=4.0, help="replay seconds per K")
@@ -310,9 +313,10 @@ def main(argv=None) -> dict:
         pid = procs.pids["redis"]
         url = base.rsplit("/", 1)[0] + "/1"
         idle = idle_cpu_per_s(redis.Redis.from_url(url), pid, 2.0)
-        training = {mode: training_cost(url, pid, work, args.requests, flags, idle)
-                    for mode, flags in MODES.items()}
-        shape = store_shape(url)   # what the last mode left; rows as sync_every_batch's
+        modes = QUICK_MODES if args.quick else tuple(MODES)
+        training = {mode: training_cost(url, pid, work, args.requests, MODES[mode], idle)
+                    for mode in modes}
+        shape = store_shape(url)   # what the last mode left (the serving view's rows)
         ceilings = [ceiling(url, pid, shape, training["sync_every_batch"], int(k),
                             args.seconds) for k in args.clients.split(",")]
     finally:
