@@ -198,8 +198,10 @@ def store_shape(url: str) -> dict:
 
 
 def _client(url: str, shape: dict, fids_per_batch: int, ready, go, until, out,
-            seed: int) -> None:
-    """A replay client: the per-batch mix of ``sync_every_batch`` until ``until.value``."""
+            seed: int, rows: bool = True) -> None:
+    """A replay client: the per-batch mix of ``sync_every_batch`` until ``until.value``
+    (``rows=False``: its dense set and sync record only, what stays on one key however the
+    rows were spread over instances)."""
     from ps.sharding import shard_of
     from ps.store import open_store
     store = open_store(url, num_shards=shape["num_shards"])
@@ -220,18 +222,21 @@ def _client(url: str, shape: dict, fids_per_batch: int, ready, go, until, out,
     while time.monotonic() < deadline:
         fids, per_shard = batches[n % len(batches)]
         store.read_dense("dense")                            # worker
-        store.read_rows(table, fids, width)
-        for s, f in per_shard:                               # sparse PS shards publish
-            store.write_rows(table, s, f, grads[:f.size])
-            store.set_sync(f"sparse/{s}", {"version": n, "ts_ms": n})
+        if rows:
+            store.read_rows(table, fids, width)
+            for s, f in per_shard:                           # sparse PS shards publish
+                store.write_rows(table, s, f, grads[:f.size])
+                store.set_sync(f"sparse/{s}", {"version": n, "ts_ms": n})
         store.write_dense("dense", dense, n)                 # the dense PS publishes
         store.set_sync("dense", {"version": n, "ts_ms": n})
         n += 1
     out.put(n)
 
 
-def ceiling(url: str, pid: int, shape: dict, cost: dict, clients: int, seconds: float) -> dict:
-    """``clients`` processes replaying the mix for ``seconds``: rate, commands/s, redis CPU."""
+def ceiling(url: str, pid: int, shape: dict, cost: dict, clients: int, seconds: float,
+            rows: bool = True) -> dict:
+    """``clients`` processes replaying the mix for ``seconds``: rate, commands/s, redis CPU
+    (``rows=False``: the dense part of the mix only)."""
     import redis
     client = redis.Redis.from_url(url)
     # spawn: this process has run Beam (the example log), whose threads a fork would copy
@@ -239,7 +244,7 @@ def ceiling(url: str, pid: int, shape: dict, cost: dict, clients: int, seconds: 
     ready, go, until, out = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0), ctx.Queue()
     fids_per_batch = int(round(cost["rows_read_per_batch"]))
     procs = [ctx.Process(target=_client, args=(url, shape, fids_per_batch, ready, go, until,
-                                               out, i)) for i in range(clients)]
+                                               out, i, rows)) for i in range(clients)]
     for p in procs:
         p.start()
     for _ in procs:  # each has connected and drawn its batches
@@ -319,12 +324,16 @@ def main(argv=None) -> dict:
         shape = store_shape(url)   # what the last mode left (the serving view's rows)
         ceilings = [ceiling(url, pid, shape, training["sync_every_batch"], int(k),
                             args.seconds) for k in args.clients.split(",")]
+        dense_only = ceiling(url, pid, shape, training["sync_every_batch"], 1, args.seconds,
+                             rows=False)
     finally:
         procs.stop_all()
     capacity = {mode: round(1e6 / t["per_example"]["redis_cpu_us"], 1)
                 for mode, t in training.items()}
     loaded = max(ceilings, key=lambda c: c["redis_cpu_percent"])
     capacity["replay_at_max_load"] = round(1e6 / loaded["redis_cpu_us_per_example"], 1)
+    # the one instance holding the dense set (rows spread over others): its own ceiling
+    capacity["dense_key_only"] = round(1e6 / dense_only["redis_cpu_us_per_example"], 1)
     result = {
         "requests": args.requests, "cores": os.cpu_count(),
         "redis_idle_cpu_percent": round(100 * idle, 3),
@@ -333,6 +342,8 @@ def main(argv=None) -> dict:
                   "dense_bytes": shape["dense_bytes"]},
         "training": training,
         "ceiling": ceilings,
+        # the dense set's GET + SET and the dense sync record per batch, alone (K = 1)
+        "ceiling_dense_only": dense_only,
         # examples/s one instance serves at one core fully busy, from redis's CPU per example
         "capacity_examples_per_s": capacity,
         "projection": {
