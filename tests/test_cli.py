@@ -22,7 +22,8 @@ CLIS = ["dataflow", "dataflow.train", "dataflow.join", "dataflow.smoke", "datafl
         "dataflow.data synth", "dataflow.data movielens", "dataflow.data table",
         "dataflow.flink start",
         "benchmarks.gap", "benchmarks.join", "benchmarks.model", "benchmarks.preprocess",
-        "benchmarks.serve", "benchmarks.serve_ab", "benchmarks.table", "benchmarks.train",
+        "benchmarks.serve", "benchmarks.serve_ab", "benchmarks.store", "benchmarks.table",
+        "benchmarks.train",
         "benchmarks.experiments sync"]
 
 
