@@ -200,6 +200,22 @@ def check_store_matches_snapshots(store_url, snapshots: dict, snap_dir):
             np.testing.assert_array_equal(rows[order], stored_rows[stored_order])
 
 
+def kill_mid_stream(cluster, job, out, store, landing, clean):
+    """Once the job has a completed checkpoint, starts landing the stream; after 30% of the
+    clean run's examples are trained on, SIGKILLs a TaskManager and starts a new one.
+    Returns (job id, examples trained before the kill, the killed pid)."""
+    job_id = cluster.running_job()
+    wait_until(lambda: cluster.checkpoints(job_id).get("completed", 0) >= 1,
+               120, "a completed checkpoint", job, out)
+    landing.start()
+    wait_until(lambda: trained(store) > clean["trained"] * 0.3, 120,
+               "30% of the stream trained", job, out)
+    before_kill = trained(store)
+    killed = cluster.kill_taskmanager()
+    cluster.start_taskmanager()
+    return job_id, before_kill, killed
+
+
 def test_taskmanager_killed_mid_stream(recovery_cluster, stream, tmp_path, redis_server):
     """Kill -9 the TaskManager after a checkpoint, mid-stream; a new one takes over, the job
     restarts from the checkpoint, and the result equals the clean run's: every example
@@ -210,15 +226,8 @@ def test_taskmanager_killed_mid_stream(recovery_cluster, stream, tmp_path, redis
     landing = Landing(stream["files"], tmp_path / "landing")
     job = start_job(recovery_cluster, out, store_url, landing.folder, run_for_s=60)
     try:
-        job_id = recovery_cluster.running_job()
-        wait_until(lambda: recovery_cluster.checkpoints(job_id).get("completed", 0) >= 1,
-                   120, "a completed checkpoint", job, out)
-        landing.start()
-        wait_until(lambda: trained(store) > clean["trained"] * 0.3, 120,
-                   "30% of the stream trained", job, out)
-        before_kill = trained(store)
-        killed = recovery_cluster.kill_taskmanager()
-        recovery_cluster.start_taskmanager()
+        job_id, before_kill, killed = kill_mid_stream(recovery_cluster, job, out, store,
+                                                      landing, clean)
         finish(job, out)
     finally:
         landing.stopped.set()

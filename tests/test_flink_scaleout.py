@@ -17,8 +17,8 @@ import pytest
 from conftest import standalone_cluster
 from dataflow.flink import WorkerPool
 from schemas import write_avro
-from test_flink_recovery import (Landing, finish, fresh_store, kill_job, outcome, run_to_end,
-                                 same_as_clean, start_job, trained, wait_until)
+from test_flink_recovery import (Landing, finish, fresh_store, kill_job, kill_mid_stream,
+                                 outcome, run_to_end, same_as_clean, start_job)
 
 pytestmark = [pytest.mark.flink, pytest.mark.redis, pytest.mark.slow]
 
@@ -101,15 +101,7 @@ def test_two_workers_survive_a_taskmanager_kill(scaleout_cluster, two_shard_stre
     job = start_job(cluster, out, store_url, landing.folder, run_for_s=600,
                     extra=[*scaleout_flags(cluster), f"--stop_when_exists={marker}"])
     try:
-        job_id = cluster.running_job()
-        wait_until(lambda: cluster.checkpoints(job_id).get("completed", 0) >= 1,
-                   120, "a completed checkpoint", job, out)
-        landing.start()
-        wait_until(lambda: trained(store) > clean["trained"] * 0.3, 120,
-                   "30% of the stream trained", job, out)
-        before_kill = trained(store)
-        killed = cluster.kill_taskmanager()
-        cluster.start_taskmanager()
+        job_id, before_kill, killed = kill_mid_stream(cluster, job, out, store, landing, clean)
         landing.join()
         marker.touch()
         finish(job, out)
