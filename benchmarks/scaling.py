@@ -10,7 +10,9 @@ into two shard files a period) and the same model, it trains with ``benchmarks.t
 
 and prints each run's figures and the ratios ``flink_vs_direct_per_core`` (steady examples/s
 per busy core of the machine, Flink W=1 over the DirectRunner), ``flink_w2_vs_w1`` (steady
-examples/s) and each run's online AUC. ``--curve 0,900,...`` instead runs Flink at W = 1 and 2
+examples/s) and each run's online AUC. ``projection`` is :func:`project` of the Flink W = 1
+run's measured costs: examples/s at 8, 64 and 256 workers, the PS shards and store instances
+they need and the first bottleneck, checked against the W = 2 run (docs/scaling.md). ``--curve 0,900,...`` instead runs Flink at W = 1 and 2
 for each staleness bound (``--max_staleness_s``) and plots online AUC and examples/s against
 it (``--plot``, a PNG).
 
@@ -26,6 +28,7 @@ if __name__ == "__main__":  # before Beam and TensorFlow load: they log as they 
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -38,7 +41,7 @@ _LOG = logging.getLogger(__name__)
 
 #: what each run reports, copied from benchmarks.train's JSON
 FIGURES = ("examples", "seconds", "examples_per_s", "examples_per_s_after_first_batch",
-           "cores_busy", "online_auc", "online_auc_last_quarter", "bayes_auc",
+           "cores_busy", "cores_busy_steady", "machine_cpu_seconds", "online_auc", "online_auc_last_quarter", "bayes_auc",
            "gradient_rows_emitted", "gradient_rows_applied", "num_workers", "batch_size")
 
 
@@ -89,6 +92,11 @@ def main(argv=None) -> dict:
                         help="comma-separated staleness bounds: run Flink at W=1 and 2 for each")
     parser.add_argument("--plot", default=None, help="--curve: write the curve here (PNG)")
     parser.add_argument("--quick", action="store_true", help="10k examples: a smoke run")
+    parser.add_argument("--world", default=None,
+                        help="benchmarks.train's --users,--items,--days, e.g. 2000,2500,1 with "
+                             "--requests 1600000: the 16x-data world")
+    parser.add_argument("--store_examples_per_s", type=float, default=230_000,
+                        help="one Redis instance's capacity (benchmarks.store, worst run)")
     parser.add_argument("--workdir", default=None,
                         help="keep the generated files here (an example log there is reused)")
     args = parser.parse_args(argv)
@@ -98,7 +106,12 @@ def main(argv=None) -> dict:
     from dataflow.closed_loop.processes import Processes, start_redis
     from dataflow.flink import FlinkCluster, WorkerPool
     work = args.workdir or tempfile.mkdtemp(prefix="bench-scaling-")
-    result: dict = {"requests": args.requests, "batch_size": args.batch_size,
+    if args.world:
+        users, items, days = args.world.split(",")
+        args.world_flags = [f"--users={users}", f"--items={items}", f"--days={days}"]
+    else:
+        args.world_flags = []
+    result: dict = {"requests": args.requests, "batch_size": args.batch_size, "world": args.world,
                     "reader_checkpoint_s": args.reader_checkpoint_s}
     procs = Processes(work)
     redis_dir = os.path.join(work, "redis")
@@ -127,7 +140,8 @@ def _runs(args, work: str, cluster, pool, redis: str, result: dict) -> None:
                  f"--store={redis}/{next(db)}", f"--max_staleness_s={staleness}",
                  f"--reader_checkpoint_s={args.reader_checkpoint_s}"]
         return train_run(work, "FlinkRunner", workers, args.batch_size // workers,
-                         args.requests, flags, ["--flink_master", cluster.master])
+                         args.requests, flags,
+                         ["--flink_master", cluster.master, *args.world_flags])
 
     if args.curve:
         curve = []
@@ -140,17 +154,116 @@ def _runs(args, work: str, cluster, pool, redis: str, result: dict) -> None:
             result["plot"] = args.plot
     else:
         result["direct"] = train_run(work, "DirectRunner", 1, args.batch_size,
-                                     args.requests, [])
+                                     args.requests, [], args.world_flags)
         result["flink_w1"] = flink(1, args.max_staleness_s)
         result["flink_w2"] = flink(2, args.max_staleness_s)
         d, f1, f2 = result["direct"], result["flink_w1"], result["flink_w2"]
         steady = "examples_per_s_after_first_batch"
         result["flink_vs_direct"] = _ratio(f1[steady], d[steady])
+        # per busy core of the machine in each run's steady window
         result["flink_vs_direct_per_core"] = _ratio(
-            _ratio(f1[steady], f1["cores_busy"]), _ratio(d[steady], d["cores_busy"]))
+            _ratio(f1[steady], f1["cores_busy_steady"]), _ratio(d[steady], d["cores_busy_steady"]))
         result["flink_w2_vs_w1"] = _ratio(f2[steady], f1[steady])
         result["auc_w2_minus_w1"] = (round(f2["online_auc"] - f1["online_auc"], 4)
                                      if f1["online_auc"] and f2["online_auc"] else None)
+        result["projection"] = project(f1, store_examples_per_s=args.store_examples_per_s,
+                                       check=f2, machine_cores=os.cpu_count() or 1)
+
+
+#: the share of a shared component's capacity that a projection plans to use
+HEADROOM = 0.7
+#: the dense parameter set in the store is one key: its cost alone (benchmarks.store)
+STORE_DENSE_KEY_US_PER_EXAMPLE = 0.34
+
+
+def project(w1: dict, workers=(1, 2, 8, 64, 256), store_examples_per_s: float = 230_000,
+            check: dict | None = None, machine_cores: int = 2) -> dict:
+    """Examples/s of W synchronous workers, from one measured Flink W = 1 run.
+
+    Each worker is bound by its own loop: per batch, Flink's resume and the wait for the PS
+    (fixed) and its step (in proportion to the batch). Its CPU, every process of the job
+    together (JVMs, Python, the PS, Redis), is a cost per *batch*: measured, it hardly moves
+    with the batch's size (docs/scaling.md). Shared parts bind all workers together: a sparse
+    PS shard applies a bounded number of gradient rows/s (provision shards for it), the dense
+    PS is one key that applies one dense gradient per worker batch (it cannot be
+    provisioned), a Redis instance serves a bounded number of examples/s (provision
+    instances) and the store's dense key is one key too. Shared parts are planned at
+    :data:`HEADROOM` of their capacity; each worker is given the cores its loop uses.
+
+    Args:
+        w1: a :func:`train_run` figure dict of Flink at W = 1.
+        workers: the sizes to project (each worker with W = 1's batch).
+        store_examples_per_s: one Redis instance's capacity.
+        check: another measured run on this machine (W = 2): its projection, bound also by
+            the machine's ``machine_cores``, next to its measured examples/s.
+
+    Returns:
+        ``{"inputs": ..., "sizes": [{"workers", "examples_per_s", "bottleneck", "cores",
+        "sparse_ps_shards", "store_instances"}, ...], "check": {...}}``.
+
+    >>> run = {"batch_size": 500, "reader_resume_gap_ms": 20, "reader_ps_wait_ms": 30,
+    ...        "worker_batch_ms": 50, "examples": 1000, "gradient_rows_applied": 3000,
+    ...        "ps_sparse_records": 10, "ps_sparse_apply_us": 1000, "ps_dense_records": 2,
+    ...        "ps_dense_apply_us": 1000, "examples_per_s_after_first_batch": 5000,
+    ...        "cores_busy_steady": 1.5}
+    >>> p = project(run, workers=(1, 100))
+    >>> [(s["workers"], s["examples_per_s"], s["bottleneck"]) for s in p["sizes"]]
+    [(1, 5000.0, 'worker loop'), (100, 350000.0, 'dense PS key')]
+    >>> c = project(run, check={**run, "num_workers": 2, "batch_size": 250})["check"]
+    >>> c["latency_bound"], c["cpu_bound"], c["bottleneck"]
+    (6667.0, 3333.0, 'machine CPU')
+    """
+    batch = w1["batch_size"]
+    fixed_ms = w1["reader_resume_gap_ms"] + w1["reader_ps_wait_ms"]
+
+    def loop_ms(b):  # one worker's wall time per batch of b
+        return fixed_ms + w1["worker_batch_ms"] * b / batch
+
+    per_worker = batch / (loop_ms(batch) / 1000)
+    cores_per_worker = w1.get("cores_busy_steady") or w1["machine_cpu_seconds"] / w1["seconds"]
+    steady = w1.get("examples_per_s_after_first_batch") or w1["examples"] / w1["seconds"]
+    cpu_s_per_batch = cores_per_worker * batch / steady
+    rows_per_example = w1["gradient_rows_applied"] / w1["examples"]
+    rows_per_apply = w1["gradient_rows_applied"] / w1["ps_sparse_records"]
+    shard_rows_per_s = rows_per_apply / (w1["ps_sparse_apply_us"] * 1e-6)
+    dense_examples_per_s = batch / (w1["ps_dense_apply_us"] * 1e-6)
+    store_dense_examples_per_s = 1e6 / STORE_DENSE_KEY_US_PER_EXAMPLE
+    caps = {"dense PS key": HEADROOM * dense_examples_per_s,
+            "store dense key": HEADROOM * store_dense_examples_per_s}
+    sizes = []
+    for w in workers:
+        demand = w * per_worker
+        name, cap = min(caps.items(), key=lambda kv: kv[1])
+        rate, bottleneck = (demand, "worker loop") if demand <= cap else (cap, name)
+        rate = round(rate, 0)
+        sizes.append({
+            "workers": w, "examples_per_s": rate, "bottleneck": bottleneck,
+            "cores": round(rate / batch * cpu_s_per_batch, 1),
+            "sparse_ps_shards": math.ceil(rate * rows_per_example / (HEADROOM * shard_rows_per_s)),
+            "store_instances": math.ceil(rate / (HEADROOM * store_examples_per_s))})
+    result = {
+        "inputs": {"batch_size": batch, "worker_loop_ms": round(loop_ms(batch), 1),
+                   "worker_fixed_ms_per_batch": round(fixed_ms, 1),
+                   "per_worker_examples_per_s": round(per_worker, 0),
+                   "cpu_ms_per_batch": round(1000 * cpu_s_per_batch, 1),
+                   "gradient_rows_per_example": round(rows_per_example, 2),
+                   "sparse_shard_rows_per_s": round(shard_rows_per_s, 0),
+                   "dense_ps_examples_per_s": round(dense_examples_per_s, 0),
+                   "store_examples_per_s": store_examples_per_s,
+                   "store_dense_key_examples_per_s": round(store_dense_examples_per_s, 0),
+                   "headroom": HEADROOM},
+        "sizes": sizes}
+    if check is not None:
+        w, b = check["num_workers"], check["batch_size"]
+        latency = w * b / (loop_ms(b) / 1000)
+        cpu = machine_cores * b / cpu_s_per_batch
+        result["check"] = {
+            "workers": w, "batch_size": b, "machine_cores": machine_cores,
+            "latency_bound": round(latency, 0), "cpu_bound": round(cpu, 0),
+            "projected_examples_per_s": round(min(latency, cpu), 0),
+            "bottleneck": "worker loop" if latency <= cpu else "machine CPU",
+            "measured_examples_per_s": check.get("examples_per_s_after_first_batch")}
+    return result
 
 
 def plot_curve(curve: list[dict], path: str) -> None:

@@ -126,6 +126,43 @@ def machine_cpu_seconds() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+class MachineCpuSampler:
+    """Samples :func:`machine_cpu_seconds` every ``every_s`` in a thread, so that the CPU of a
+    window known only afterwards (the steady state between two wall-clock instants) can be
+    read off: ``with MachineCpuSampler() as cpu: ...; cpu.between(t0_ms, t1_ms)``."""
+
+    def __init__(self, every_s: float = 0.1):
+        import threading
+        self.every_s = every_s
+        self.samples: list = []  # (wall ms, machine CPU seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cpu-sampler")
+
+    def _run(self):
+        while True:
+            self.samples.append((time.time() * 1000, machine_cpu_seconds()))
+            if self._stop.wait(self.every_s):
+                self.samples.append((time.time() * 1000, machine_cpu_seconds()))
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, start_ms: float, end_ms: float) -> float | None:
+        """Machine CPU seconds from ``start_ms`` to ``end_ms`` (wall clock, interpolated
+        between samples); None outside the sampled span."""
+        import numpy as np
+        t, c = (np.array(x, dtype=float) for x in zip(*self.samples)) if self.samples else ([], [])
+        if len(t) < 2 or start_ms < t[0] or end_ms > t[-1] or end_ms <= start_ms:
+            return None
+        return float(np.interp(end_ms, t, c) - np.interp(start_ms, t, c))
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -189,7 +226,8 @@ def main(argv=None) -> dict:
     if args.runner == "FlinkRunner":
         flags += [f"--flink_master={args.flink_master}", "--streaming"]
     start, cpu, machine = time.monotonic(), _cpu_seconds(), machine_cpu_seconds()
-    train.main(["backfill"] + flags)
+    with MachineCpuSampler() as sampler:
+        train.main(["backfill"] + flags)
     seconds = time.monotonic() - start
     cpu = _cpu_seconds() - cpu
     machine = machine_cpu_seconds() - machine
@@ -198,6 +236,9 @@ def main(argv=None) -> dict:
     with open(os.path.join(metrics_dir, "online-backfill-totals.json"), encoding="utf-8") as f:
         totals = json.load(f)
     examples_n = int(metrics["counters"].get("worker.examples", totals.get("examples", 0)))
+    ends = metrics["distributions"].get("worker.batch_end_wall_ms") or {}
+    steady_cpu = sampler.between(ends["min"], ends["max"]) if ends else None
+    steady_s = (ends["max"] - ends["min"]) / 1000 if ends else 0
     result = {
         "runner": args.runner,
         "model": args.model,
@@ -214,6 +255,8 @@ def main(argv=None) -> dict:
         "cores_busy": round(machine / seconds, 2),
         "examples_per_s_after_first_batch": steady_rate(metrics, args.num_workers,
                                                         args.batch_size),
+        # the machine's busy cores over that steady window (every process, as above)
+        "cores_busy_steady": round(steady_cpu / steady_s, 2) if steady_cpu and steady_s else None,
         "num_workers": args.num_workers,
         "online_auc": totals.get("auc"),
         "bayes_auc": totals.get("bayes_auc"),
