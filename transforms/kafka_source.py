@@ -33,11 +33,29 @@ from transforms.kafka_records import KafkaRecordCodec, kafka_dead_letter
 from transforms.sources import DEAD_LETTER, BadRecord, WithDeadLetters, event_time
 from transforms.tail import NO_END
 
-__all__ = ["ReadFromKafkaTopic", "PartitionRange", "partition_ranges", "METRICS_NAMESPACE"]
+__all__ = ["ReadFromKafkaTopic", "ReadExampleBatchesFromKafka", "PartitionRange", "parse_kafka_url",
+           "partition_ranges", "reader_elements", "parse_reader_element", "METRICS_NAMESPACE"]
 
 _LOG = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "kafka_source"
+
+
+def parse_kafka_url(url: str) -> tuple[str, str]:
+    """``kafka://HOST:PORT[,HOST:PORT...]/TOPIC`` → ``(bootstrap, topic)``.
+
+    >>> parse_kafka_url("kafka://127.0.0.1:9092/examples")
+    ('127.0.0.1:9092', 'examples')
+    >>> parse_kafka_url("kafka://a:1,b:2/")
+    Traceback (most recent call last):
+    ...
+    ValueError: expected kafka://HOST:PORT[,HOST:PORT...]/TOPIC, got 'kafka://a:1,b:2/'
+    """
+    rest = url[len("kafka://"):] if url.startswith("kafka://") else ""
+    bootstrap, _, topic = rest.partition("/")
+    if not bootstrap or not topic or "/" in topic:
+        raise ValueError(f"expected kafka://HOST:PORT[,HOST:PORT...]/TOPIC, got {url!r}")
+    return bootstrap, topic
 
 
 class PartitionRange(NamedTuple):
@@ -276,8 +294,9 @@ class _FollowPartitionFn(_ReadPartitionFn):
         yield from self._read(PartitionRange(*element), tracker, watermark)
 
     def _drained(self, consumer, part, position, idle_s) -> bool:
-        """Following: drained once a poll found nothing (wait ``poll_interval_s``)."""
-        return True
+        """Following: drained once polls found nothing for ``poll_interval_s`` (the first
+        fetch after a call assigns the partition may take a poll or two)."""
+        return idle_s >= self.poll_interval_s
 
 
 class ReadFromKafkaTopic(WithDeadLetters, beam.PTransform):
@@ -352,3 +371,249 @@ class ReadFromKafkaTopic(WithDeadLetters, beam.PTransform):
             pbegin
             | "Partitions" >> beam.Create([tuple(r) for r in ranges], reshuffle=False)
             | "Read" >> beam.ParDo(read).with_outputs(DEAD_LETTER))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training's reader: the examples topic -> ExampleBatch es
+
+
+def reader_elements(ranges: list, subtasks: Optional[int] = None) -> list:
+    """One element per partition range, named so that partition p's reader runs on subtask
+    ``p % subtasks`` of a keyed runner (Flink; :mod:`transforms.flink_placement`).
+
+    >>> reader_elements([PartitionRange("ex", 0, 0, 10), PartitionRange("ex", 1, 5, None)])
+    ['ex\\x1f0\\x1f0\\x1f10#0', 'ex\\x1f1\\x1f5\\x1f#0']
+    >>> parse_reader_element(reader_elements([PartitionRange("ex", 1, 5, None)], 2)[0])
+    PartitionRange(topic='ex', partition=1, start=5, stop=None)
+    """
+    from transforms.flink_placement import subtask_of_str
+    names = []
+    for r in ranges:
+        base = _SEP.join([r.topic, str(r.partition), str(r.start),
+                          "" if r.stop is None else str(r.stop)])
+        salt = 0
+        while subtasks and subtask_of_str(f"{base}#{salt}", subtasks) != r.partition % subtasks:
+            salt += 1
+        names.append(f"{base}#{salt}")
+    return names
+
+
+_SEP = "\x1f"
+
+
+def parse_reader_element(element: str) -> PartitionRange:
+    """A :func:`reader_elements` name → its :class:`PartitionRange`."""
+    topic, partition, start, stop = element.rpartition("#")[0].split(_SEP)
+    return PartitionRange(topic, int(partition), int(start), int(stop) if stop else None)
+
+
+class _ExampleOffsets(_OffsetRanges):
+    def initial_restriction(self, element):
+        return super().initial_restriction(parse_reader_element(element))
+
+
+class _ReadExampleBatchesFn(_ReadPartitionFn):
+    """A partition of the examples topic → ``ExampleBatch`` es of ``batch_size`` in offset
+    order (bounded: to the range's end, whose last batch may be short).
+
+    A batch is claimed by the offset of its last record, so a checkpoint falls between
+    batches and a restored reader makes the same batches again. As the file reader does
+    (``transforms.example_reader``), on Flink it ends its call after ``checkpoint_s`` or once
+    its batches span ``max_staleness_s``, and waits for the PS before it reads on
+    (``gate``)."""
+
+    def __init__(self, bootstrap, batch_size: int, dense_dim: int, checkpoint_s, gate,
+                 poll_timeout_s: float, consumer_config, stall_timeout_s: float = 60.0):
+        super().__init__(bootstrap, "example", "request_id", "ts_ms", checkpoint_s,
+                         poll_timeout_s, max(4 * batch_size, 1000), consumer_config,
+                         stall_timeout_s)
+        self.batch_size = batch_size
+        self.dense_dim = dense_dim
+        self.gate = gate
+        self.batches = Metrics.counter(METRICS_NAMESPACE, "example_batches")
+
+    def setup(self):
+        super().setup()
+        self._emitted_ts = None
+
+    def process(self, element, tracker=beam.DoFn.RestrictionParam(_ExampleOffsets()),
+                watermark=beam.DoFn.WatermarkEstimatorParam(
+                    ManualWatermarkEstimator.default_provider())):
+        yield from self._read(parse_reader_element(element), tracker, watermark)
+
+    def _read(self, part: PartitionRange, tracker, watermark):
+        if self.gate is not None and self._emitted_ts is not None:
+            self.gate.wait(self._emitted_ts)
+        restriction = tracker.current_restriction()
+        stop = restriction.stop
+        position = restriction.start
+        if position >= stop:
+            tracker.try_claim(stop)
+            return
+        consumer = self._consumer_at(part, position)
+        started = idle_since = time.monotonic()
+        pending: list = []  # (offset, record or None, dead letter or None), unclaimed, in order
+        good = 0
+        first_ts = None
+        while True:
+            messages = [m for m in consumer.consume(self.chunk, self.poll_timeout_s)
+                        if not self._event(m) and m.offset() < stop]
+            if messages:
+                idle_since = time.monotonic()
+                before = len(pending)
+                pending += self._decode(messages)
+                good += sum(1 for p in pending[before:] if p[1] is not None)
+                position = messages[-1].offset() + 1
+            else:
+                position = max(position, self._position(consumer, part))
+            at_end = position >= stop
+            drained = not messages and self._drained(consumer, part, position,
+                                                     time.monotonic() - idle_since)
+            while good >= self.batch_size or (pending and (at_end or drained)):
+                taken, pending, n = self._take(pending)
+                good -= n
+                if not tracker.try_claim(taken[-1][0]):
+                    return
+                yield from self._emit_batch(taken, watermark)
+                first_ts = self._emitted_ts if first_ts is None else first_ts
+                if self.max_bundle_s is not None and n and (
+                        time.monotonic() - started > self.max_bundle_s or
+                        (self.gate is not None and
+                         self._emitted_ts - first_ts >= self.gate.max_staleness_ms)):
+                    tracker.defer_remainder()  # the records read past it are read again
+                    return
+            if at_end:
+                tracker.try_claim(stop)
+                return
+            if drained:
+                tracker.defer_remainder(Duration.of(self.poll_interval_s))
+                return
+
+    def _decode(self, messages) -> list:
+        """Messages → ``(offset, record, None)`` or ``(offset, None, dead letter)``."""
+        good, dead = self._codec.decode_messages(messages)
+        out = []
+        for message, record in good:
+            try:
+                event_time(record, self.time_field)
+                out.append((message.offset(), record, None))
+            except BadRecord as e:
+                out.append((message.offset(), None, kafka_dead_letter(message, e.reason,
+                                                                      e.detail)))
+        out += [(d["offset"], None, d) for d in dead]
+        out.sort(key=lambda p: p[0])
+        return out
+
+    def _take(self, pending: list) -> tuple:
+        """(the first ``batch_size`` records with the dead letters among them, the rest,
+        records taken)."""
+        n = 0
+        for i, (_, record, _) in enumerate(pending):
+            n += record is not None
+            if n == self.batch_size:
+                return pending[:i + 1], pending[i + 1:], n
+        return pending, [], n
+
+    def _emit_batch(self, taken: list, watermark):
+        from transforms.example_batch import ExampleBatch
+        records = [r for _, r, _ in taken if r is not None]
+        dead = [d for _, _, d in taken if d is not None]
+        if records:
+            batch = ExampleBatch.from_examples(records, self.dense_dim)
+            self._emitted_ts = int(batch.ts_ms.max())
+            self.records_read.inc(len(records))
+            self.batches.inc()
+            yield TimestampedValue(batch, self._emitted_ts / 1000.0)
+            at = Timestamp(micros=self._emitted_ts * 1000)
+            told = watermark.current_watermark()
+            if told is None or at > told:
+                watermark.set_watermark(at)
+        told = watermark.current_watermark()
+        for d in dead:
+            self.dead_letters.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER,
+                                           d if told is None else TimestampedValue(d, told))
+
+
+class _FollowExampleBatchesFn(_ReadExampleBatchesFn):
+    """A partition of the examples topic, followed (unbounded): a short batch is emitted
+    when the partition is drained, and the reader polls again after ``poll_interval_s``."""
+
+    def __init__(self, *args, poll_interval_s: float, stop_timestamp: Optional[float], **kw):
+        super().__init__(*args, **kw)
+        self.poll_interval_s = poll_interval_s
+        self.stop_timestamp = stop_timestamp
+
+    @beam.DoFn.unbounded_per_element()
+    def process(self, element, tracker=beam.DoFn.RestrictionParam(_ExampleOffsets()),
+                watermark=beam.DoFn.WatermarkEstimatorParam(
+                    ManualWatermarkEstimator.default_provider())):
+        if self.stop_timestamp is not None and time.time() >= self.stop_timestamp:
+            tracker.try_claim(NO_END)
+            return
+        yield from self._read(parse_reader_element(element), tracker, watermark)
+
+    def _drained(self, consumer, part, position, idle_s) -> bool:
+        return idle_s >= self.poll_interval_s
+
+
+class ReadExampleBatchesFromKafka(WithDeadLetters, beam.PTransform):
+    """The examples topic → ``ExampleBatch`` es of ``batch_size``: training's reader when
+    the example log is a Kafka topic (``transforms.example_reader.ReadExampleBatches`` reads
+    it from files).
+
+    One reader per partition, in offset order (the join writes each partition in the order
+    it joins); a batch never spans two partitions. On a keyed runner of ``subtasks`` parallel
+    subtasks (Flink), partition p's reader runs on subtask ``p % subtasks``, with a worker
+    after it: give the topic a multiple of ``--num_workers`` partitions. The offsets read are
+    the readers' restrictions, in Flink's checkpoints. ``follow=False`` reads to the end
+    offsets the topic has when the pipeline is built (a backfill); ``follow=True`` goes on
+    as examples come, until ``stop_timestamp``.
+
+    ``.with_dead_letters()`` returns ``(batches, dead letters)`` (``ReadFromKafkaTopic``'s).
+
+    Args:
+        bootstrap, topic: where the examples are.
+        batch_size: the largest batch.
+        dense_dim: dense inputs per example.
+        pacing: ``transforms.example_reader.Pacing`` on Flink (None on the DirectRunner).
+        follow, poll_interval_s, stop_timestamp: following (above).
+        subtasks: the runner's keyed parallelism (Flink's ``--parallelism``), or None.
+        start, stop, ranges: offsets to read (:func:`partition_ranges`).
+    """
+
+    def __init__(self, bootstrap: str, topic: str, batch_size: int, dense_dim: int,
+                 pacing=None, follow: bool = False, poll_interval_s: float = 0.2,
+                 stop_timestamp: Optional[float] = None, subtasks: Optional[int] = None,
+                 start="earliest", stop="end", ranges: Optional[list] = None,
+                 poll_timeout_s: float = 0.1, consumer_config: Optional[dict] = None):
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"ReadExampleBatchesFromKafka.batch_size must be >= 1, "
+                             f"got {batch_size}")
+        self.bootstrap, self.topic = bootstrap, topic
+        self.batch_size, self.dense_dim = int(batch_size), int(dense_dim)
+        self.gate = pacing.gate() if pacing is not None else None
+        self.checkpoint_s = pacing.checkpoint_s if pacing is not None else None
+        self.follow = follow
+        self.poll_interval_s = poll_interval_s
+        self.stop_timestamp = stop_timestamp
+        self.subtasks = subtasks
+        self.start, self.stop, self.ranges = start, (None if follow else stop), ranges
+        self.poll_timeout_s = poll_timeout_s
+        self.consumer_config = consumer_config
+
+    def expand(self, pbegin):
+        ranges = self.ranges if self.ranges is not None else partition_ranges(
+            self.bootstrap, self.topic, self.start, self.stop,
+            consumer_config=self.consumer_config)
+        args = (self.bootstrap, self.batch_size, self.dense_dim, self.checkpoint_s, self.gate,
+                self.poll_timeout_s, self.consumer_config)
+        read = (_FollowExampleBatchesFn(*args, poll_interval_s=self.poll_interval_s,
+                                        stop_timestamp=self.stop_timestamp)
+                if self.follow else _ReadExampleBatchesFn(*args))
+        return self.split_dead_letters(
+            pbegin
+            | "Partitions" >> beam.Create(reader_elements(ranges, self.subtasks),
+                                          reshuffle=False)
+            | "ReadInOrder" >> beam.ParDo(read).with_outputs(DEAD_LETTER))
