@@ -2,7 +2,7 @@
 kafka://HOST:PORT/TOPIC``.
 
 * DirectRunner: a backfill over a one-partition topic that holds the session's example log
-  (with bad messages among the examples) trains exactly as the backfill over a file does:
+  (with bad messages among the examples) trains exactly as the backfill over its files does:
   the same examples, batches, gradient rows and online AUC; every bad message is a dead letter
   in the metrics folder with its topic, partition, offset and reason.
 """
@@ -15,7 +15,6 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 
-from schemas import write_avro
 from test_train import check_exactly_once, run_train
 from transforms.example_log import read_examples_in_order
 from transforms.kafka_records import KafkaRecordCodec
@@ -55,12 +54,9 @@ def test_backfill_from_a_topic_equals_the_backfill_from_files(tmp_path, example_
                                                               kafka_broker):
     examples = list(read_examples_in_order(f"{example_log['dir']}/joined/examples"))
     topic, bad = produce_examples(kafka_broker, examples, bad_every=997)
-    # The file reader never lets a batch span two hourly files; a topic has no such edges:
-    # the same examples in one file are batched as the topic's are.
-    one_file = tmp_path / "one-file.avro"
-    write_avro(str(one_file), "example", examples)
     flags = ["--runner=DirectRunner", "--model=fm"]
-    files = run_train(tmp_path / "files", "backfill", str(one_file),
+    files = run_train(tmp_path / "files", "backfill",
+                      f"{example_log['dir']}/joined/examples/*.avro",
                       [*flags, f"--store=memory://files-{tmp_path.name}"])
     kafka = run_train(tmp_path / "kafka", "backfill",
                       f"kafka://{kafka_broker.bootstrap}/{topic}",

@@ -413,35 +413,43 @@ class _ExampleOffsets(_OffsetRanges):
 
 
 class _ReadExampleBatchesFn(_ReadPartitionFn):
-    """A partition of the examples topic → ``ExampleBatch`` es of ``batch_size`` in offset
-    order (bounded: to the range's end, whose last batch may be short).
+    """A partition of the examples topic → ``ExampleBatch`` es in offset order (bounded: to
+    the range's end).
 
-    A batch is claimed by the offset of its last record, so a checkpoint falls between
-    batches and a restored reader makes the same batches again. As the file reader does
-    (``transforms.example_reader``), on Flink it ends its call after ``checkpoint_s`` or once
-    its batches span ``max_staleness_s``, and waits for the PS before it reads on
-    (``gate``)."""
+    A batch ends at ``batch_size`` records or before the first record of the next event-time
+    period (``period_s``, as the example log's hourly files end the file reader's batches),
+    so batches are a function of the records alone: a restored reader, a backlog and a live
+    stream make the same ones. A batch is claimed by the offset of its last record, so a
+    checkpoint falls between batches. As the file reader does (``transforms.example_reader``),
+    on Flink it ends its call after ``checkpoint_s`` or once its batches span
+    ``max_staleness_s``, and waits for the PS before it reads on (``gate``)."""
 
     def __init__(self, bootstrap, batch_size: int, dense_dim: int, checkpoint_s, gate,
-                 poll_timeout_s: float, consumer_config, stall_timeout_s: float = 60.0):
+                 poll_timeout_s: float, consumer_config, period_s: int = 3600,
+                 stall_timeout_s: float = 60.0):
         super().__init__(bootstrap, "example", "request_id", "ts_ms", checkpoint_s,
                          poll_timeout_s, max(4 * batch_size, 1000), consumer_config,
                          stall_timeout_s)
         self.batch_size = batch_size
         self.dense_dim = dense_dim
         self.gate = gate
+        self.period_ms = int(period_s * 1000)
         self.batches = Metrics.counter(METRICS_NAMESPACE, "example_batches")
 
     def setup(self):
         super().setup()
         self._emitted_ts = None
+        self._waiting = {}  # partition -> (offset of its first unclaimed record, since)
 
     def process(self, element, tracker=beam.DoFn.RestrictionParam(_ExampleOffsets()),
                 watermark=beam.DoFn.WatermarkEstimatorParam(
                     ManualWatermarkEstimator.default_provider())):
         yield from self._read(parse_reader_element(element), tracker, watermark)
 
-    def _read(self, part: PartitionRange, tracker, watermark):
+    def _read(self, part: PartitionRange, tracker, watermark, final: bool = False):
+        """Claims and emits whole batches from the restriction's start; a short one only at
+        the range's end, or when drained and ``final`` (the last call of a followed
+        partition) or waited for long enough (:meth:`_waited`)."""
         if self.gate is not None and self._emitted_ts is not None:
             self.gate.wait(self._emitted_ts)
         restriction = tracker.current_restriction()
@@ -453,41 +461,56 @@ class _ReadExampleBatchesFn(_ReadPartitionFn):
         consumer = self._consumer_at(part, position)
         started = idle_since = time.monotonic()
         pending: list = []  # (offset, record or None, dead letter or None), unclaimed, in order
-        good = 0
         first_ts = None
         while True:
             messages = [m for m in consumer.consume(self.chunk, self.poll_timeout_s)
                         if not self._event(m) and m.offset() < stop]
             if messages:
                 idle_since = time.monotonic()
-                before = len(pending)
                 pending += self._decode(messages)
-                good += sum(1 for p in pending[before:] if p[1] is not None)
                 position = messages[-1].offset() + 1
             else:
                 position = max(position, self._position(consumer, part))
             at_end = position >= stop
             drained = not messages and self._drained(consumer, part, position,
                                                      time.monotonic() - idle_since)
-            while good >= self.batch_size or (pending and (at_end or drained)):
-                taken, pending, n = self._take(pending)
-                good -= n
+            flush = at_end or (drained and (final or self._waited(part, pending)))
+            while pending:
+                taken, rest, complete = self._take(pending)
+                if not complete and not flush:
+                    break
+                pending = rest
                 if not tracker.try_claim(taken[-1][0]):
                     return
-                yield from self._emit_batch(taken, watermark)
+                emitted = yield from self._emit_batch(taken, watermark)
                 first_ts = self._emitted_ts if first_ts is None else first_ts
-                if self.max_bundle_s is not None and n and (
+                if emitted and self.max_bundle_s is not None and (
                         time.monotonic() - started > self.max_bundle_s or
                         (self.gate is not None and
                          self._emitted_ts - first_ts >= self.gate.max_staleness_ms)):
-                    tracker.defer_remainder()  # the records read past it are read again
+                    tracker.defer_remainder()  # what was read past it is read again
                     return
-            if at_end:
-                tracker.try_claim(stop)
+            if at_end or (drained and final):
+                tracker.try_claim(stop)  # past the range: done
                 return
             if drained:
+                if pending:  # a short batch waits: remember since when
+                    self._waiting.setdefault(part.partition, (pending[0][0], time.monotonic()))
                 tracker.defer_remainder(Duration.of(self.poll_interval_s))
                 return
+
+    max_batch_wait_s = None  # bounded: a short batch only at the range's end
+
+    def _waited(self, part: PartitionRange, pending: list) -> bool:
+        """A short batch of a drained partition is emitted once its first record has waited
+        ``max_batch_wait_s`` (wall clock, across calls); never if that is None."""
+        if self.max_batch_wait_s is None or not pending:
+            return False
+        offset, since = self._waiting.get(part.partition, (None, None))
+        if offset != pending[0][0]:
+            self._waiting[part.partition] = (pending[0][0], time.monotonic())
+            return self.max_batch_wait_s <= 0
+        return time.monotonic() - since >= self.max_batch_wait_s
 
     def _decode(self, messages) -> list:
         """Messages → ``(offset, record, None)`` or ``(offset, None, dead letter)``."""
@@ -505,16 +528,24 @@ class _ReadExampleBatchesFn(_ReadPartitionFn):
         return out
 
     def _take(self, pending: list) -> tuple:
-        """(the first ``batch_size`` records with the dead letters among them, the rest,
-        records taken)."""
-        n = 0
+        """(the next batch with the dead letters among it, the rest, whether it is whole:
+        ``batch_size`` records, or followed by a record of a later period)."""
+        n, period = 0, None
         for i, (_, record, _) in enumerate(pending):
-            n += record is not None
+            if record is None:
+                continue
+            p = record["ts_ms"] // self.period_ms
+            if period is None:
+                period = p
+            elif p != period:
+                return pending[:i], pending[i:], True
+            n += 1
             if n == self.batch_size:
-                return pending[:i + 1], pending[i + 1:], n
-        return pending, [], n
+                return pending[:i + 1], pending[i + 1:], True
+        return pending, [], False
 
     def _emit_batch(self, taken: list, watermark):
+        """Yields the batch and its dead letters; returns whether there was a batch."""
         from transforms.example_batch import ExampleBatch
         records = [r for _, r, _ in taken if r is not None]
         dead = [d for _, _, d in taken if d is not None]
@@ -533,25 +564,26 @@ class _ReadExampleBatchesFn(_ReadPartitionFn):
             self.dead_letters.inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER,
                                            d if told is None else TimestampedValue(d, told))
+        return bool(records)
 
 
 class _FollowExampleBatchesFn(_ReadExampleBatchesFn):
-    """A partition of the examples topic, followed (unbounded): a short batch is emitted
-    when the partition is drained, and the reader polls again after ``poll_interval_s``."""
+    """A partition of the examples topic, followed (unbounded), until ``stop_timestamp``:
+    the call after it reads what is there, short batch included, and ends."""
 
-    def __init__(self, *args, poll_interval_s: float, stop_timestamp: Optional[float], **kw):
+    def __init__(self, *args, poll_interval_s: float, stop_timestamp: Optional[float],
+                 max_batch_wait_s: Optional[float] = None, **kw):
         super().__init__(*args, **kw)
         self.poll_interval_s = poll_interval_s
         self.stop_timestamp = stop_timestamp
+        self.max_batch_wait_s = max_batch_wait_s
 
     @beam.DoFn.unbounded_per_element()
     def process(self, element, tracker=beam.DoFn.RestrictionParam(_ExampleOffsets()),
                 watermark=beam.DoFn.WatermarkEstimatorParam(
                     ManualWatermarkEstimator.default_provider())):
-        if self.stop_timestamp is not None and time.time() >= self.stop_timestamp:
-            tracker.try_claim(NO_END)
-            return
-        yield from self._read(parse_reader_element(element), tracker, watermark)
+        final = self.stop_timestamp is not None and time.time() >= self.stop_timestamp
+        yield from self._read(parse_reader_element(element), tracker, watermark, final)
 
     def _drained(self, consumer, part, position, idle_s) -> bool:
         return idle_s >= self.poll_interval_s
@@ -563,7 +595,11 @@ class ReadExampleBatchesFromKafka(WithDeadLetters, beam.PTransform):
     it from files).
 
     One reader per partition, in offset order (the join writes each partition in the order
-    it joins); a batch never spans two partitions. On a keyed runner of ``subtasks`` parallel
+    it joins). A batch ends at ``batch_size`` examples or at the edge of an event-time period
+    of ``period_s`` (the example log's files: a topic and a log of the same examples give the
+    same batches), never spans two partitions, and is short only at the end of what is read
+    or, following, once its first example waited ``max_batch_wait_s`` (wall clock; None: never,
+    so batches do not depend on when examples arrive). On a keyed runner of ``subtasks`` parallel
     subtasks (Flink), partition p's reader runs on subtask ``p % subtasks``, with a worker
     after it: give the topic a multiple of ``--num_workers`` partitions. The offsets read are
     the readers' restrictions, in Flink's checkpoints. ``follow=False`` reads to the end
@@ -578,6 +614,7 @@ class ReadExampleBatchesFromKafka(WithDeadLetters, beam.PTransform):
         dense_dim: dense inputs per example.
         pacing: ``transforms.example_reader.Pacing`` on Flink (None on the DirectRunner).
         follow, poll_interval_s, stop_timestamp: following (above).
+        period_s, max_batch_wait_s: where batches end (above).
         subtasks: the runner's keyed parallelism (Flink's ``--parallelism``), or None.
         start, stop, ranges: offsets to read (:func:`partition_ranges`).
     """
@@ -586,6 +623,7 @@ class ReadExampleBatchesFromKafka(WithDeadLetters, beam.PTransform):
                  pacing=None, follow: bool = False, poll_interval_s: float = 0.2,
                  stop_timestamp: Optional[float] = None, subtasks: Optional[int] = None,
                  start="earliest", stop="end", ranges: Optional[list] = None,
+                 period_s: int = 3600, max_batch_wait_s: Optional[float] = None,
                  poll_timeout_s: float = 0.1, consumer_config: Optional[dict] = None):
         super().__init__()
         if int(batch_size) < 1:
@@ -602,15 +640,18 @@ class ReadExampleBatchesFromKafka(WithDeadLetters, beam.PTransform):
         self.start, self.stop, self.ranges = start, (None if follow else stop), ranges
         self.poll_timeout_s = poll_timeout_s
         self.consumer_config = consumer_config
+        self.period_s = period_s
+        self.max_batch_wait_s = max_batch_wait_s
 
     def expand(self, pbegin):
         ranges = self.ranges if self.ranges is not None else partition_ranges(
             self.bootstrap, self.topic, self.start, self.stop,
             consumer_config=self.consumer_config)
         args = (self.bootstrap, self.batch_size, self.dense_dim, self.checkpoint_s, self.gate,
-                self.poll_timeout_s, self.consumer_config)
+                self.poll_timeout_s, self.consumer_config, self.period_s)
         read = (_FollowExampleBatchesFn(*args, poll_interval_s=self.poll_interval_s,
-                                        stop_timestamp=self.stop_timestamp)
+                                        stop_timestamp=self.stop_timestamp,
+                                        max_batch_wait_s=self.max_batch_wait_s)
                 if self.follow else _ReadExampleBatchesFn(*args))
         return self.split_dead_letters(
             pbegin
