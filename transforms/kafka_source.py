@@ -113,6 +113,15 @@ def partition_ranges(bootstrap: str, topic: str, start="earliest", stop="end",
         consumer.close()
 
 
+def _at_high_watermark(consumer, part: PartitionRange, position: int,
+                       timeout_s: float = 10.0) -> bool:
+    """Whether ``position`` is at the end of the partition (its high watermark) now."""
+    from confluent_kafka import TopicPartition
+    _, high = consumer.get_watermark_offsets(TopicPartition(part.topic, part.partition),
+                                             timeout=timeout_s)
+    return position >= high
+
+
 class _OffsetRanges(RestrictionProvider):
     """Restriction: the offsets of the partition still to read. Never split: order matters
     within a partition (the partitions are the parallelism)."""
@@ -294,9 +303,10 @@ class _FollowPartitionFn(_ReadPartitionFn):
         yield from self._read(PartitionRange(*element), tracker, watermark)
 
     def _drained(self, consumer, part, position, idle_s) -> bool:
-        """Following: drained once polls found nothing for ``poll_interval_s`` (the first
-        fetch after a call assigns the partition may take a poll or two)."""
-        return idle_s >= self.poll_interval_s
+        """Following: drained once the position reached the partition's end offset, as the
+        broker gives it now (an empty poll alone proves nothing: a fresh consumer's first
+        fetch may take longer than a poll)."""
+        return _at_high_watermark(consumer, part, position)
 
 
 class ReadFromKafkaTopic(WithDeadLetters, beam.PTransform):
@@ -586,7 +596,7 @@ class _FollowExampleBatchesFn(_ReadExampleBatchesFn):
         yield from self._read(parse_reader_element(element), tracker, watermark, final)
 
     def _drained(self, consumer, part, position, idle_s) -> bool:
-        return idle_s >= self.poll_interval_s
+        return _at_high_watermark(consumer, part, position)
 
 
 class ReadExampleBatchesFromKafka(WithDeadLetters, beam.PTransform):
