@@ -2,6 +2,7 @@
 #   .venv          the library with its pinned dependencies (setup.py)
 #   .venv-flink    the apache-flink wheel, --no-deps: a Flink distribution for a local cluster
 #   .cache/flink/  Beam's Flink job server jar, shaded by Maven from flink/jobserver/pom.xml
+#   .cache/kafka/  Apache Kafka's broker jars, copied by Maven from kafka/pom.xml
 #   system packages  Java 17 and Maven (to build the jar), redis-server (the tests' store):
 #                  installed with apt-get when missing and run as root; otherwise make stops
 #                  at once with the one command to run (scripts/system-packages.sh)
@@ -14,9 +15,12 @@ FLINK_VENV    := .venv-flink
 # The cluster's Flink minor version must equal the job server's (flink/jobserver/pom.xml).
 FLINK_WHEEL_VERSION := 1.19.3
 JOBSERVER_JAR := .cache/flink/beam-runners-flink-1.19-job-server-2.62.0.jar
+# Keep in step with kafka/pom.xml and KAFKA_VERSION in dataflow/kafka.py.
+KAFKA_VERSION := 4.1.1
+KAFKA_LIBS    := .cache/kafka/$(KAFKA_VERSION)/libs
 PYTEST_ARGS   ?=
 
-.PHONY: demo test setup flink-dist flink-jobserver system-packages redis-package clean peers loop
+.PHONY: demo test setup flink-dist flink-jobserver kafka-dist system-packages redis-package clean peers loop
 
 demo: $(VENV)/.installed
 	$(PY) -m dataflow demo
@@ -27,10 +31,12 @@ LOOP_ARGS ?=
 loop: redis-package $(VENV)/.installed
 	$(PY) -m dataflow.loop --out out/loop $(LOOP_ARGS)
 
-test: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
+test: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR) \
+      $(KAFKA_LIBS)/.installed
 	$(PY) -m pytest -p no:cacheprovider --durations=15 $(PYTEST_ARGS) tests
 
-setup: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR)
+setup: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR) \
+       $(KAFKA_LIBS)/.installed
 
 # constraints.txt pins every transitive version that the tests passed with (pip freeze):
 # installs are reproducible, and pip does not spend minutes resolving Beam's extras.
@@ -54,6 +60,15 @@ $(JOBSERVER_JAR): flink/jobserver/pom.xml
 	mv flink/jobserver/target/$(notdir $@) $@
 	rm -rf flink/jobserver/target
 
+# The broker runs from these jars: java -cp '$(KAFKA_LIBS)/*' kafka.Kafka (dataflow/kafka.py).
+kafka-dist: $(KAFKA_LIBS)/.installed
+$(KAFKA_LIBS)/.installed: kafka/pom.xml
+	@scripts/system-packages.sh java17 maven
+	rm -rf $(KAFKA_LIBS)
+	mvn -q -B -f kafka/pom.xml package -Dkafka.version=$(KAFKA_VERSION) \
+	    -Dkafka.libs=$(abspath $(KAFKA_LIBS))
+	touch $@
+
 # river (numpy 2) for benchmarks.train --peers, apart from .venv (numpy 1.26 for TF 2.16)
 peers: .venv-peers/.installed
 .venv-peers/.installed:
@@ -68,4 +83,5 @@ redis-package:
 	@scripts/system-packages.sh redis
 
 clean:
-	rm -rf $(VENV) $(FLINK_VENV) .venv-peers .cache flink/jobserver/target *.egg-info
+	rm -rf $(VENV) $(FLINK_VENV) .venv-peers .cache flink/jobserver/target kafka/target \
+	    *.egg-info

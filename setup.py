@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "PyYAML==6.0.4",
     "redis==5.3.1",
     "matplotlib==3.11.2",
+    # Kafka client (librdkafka in its manylinux wheel): the Kafka sink, the tests' broker
+    "confluent-kafka==2.16.1",
 ]
 
 EXTRAS = {

@@ -921,12 +921,18 @@ def stop_cluster(workdir: str) -> None:
     state_file = Path(workdir, STATE_FILE)
     if state_file.exists():
         pool = json.loads(state_file.read_text()).get("worker_pool")
-        if pool and WorkerPool.MODULE in _cmdline(pool["pid"]):  # not a reused pid
+        if pool and WorkerPool.MODULE in process_cmdline(pool["pid"]):  # not a reused pid
             stop_process_group(pool["pid"])
         state_file.unlink()
 
 
-def _cmdline(pid: int) -> str:
+def process_cmdline(pid: int) -> str:
+    """A process's command line, its arguments joined by spaces ("" if it is gone): to tell
+    a recorded pid from a reused one before signalling it.
+
+    >>> "python" in process_cmdline(os.getpid())
+    True
+    """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")

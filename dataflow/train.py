@@ -57,7 +57,9 @@ class TrainOptions(MonolithOptions):
     def _add_argparse_args(cls, parser):
         parser.add_argument("--input", help="required: the example log, a glob of Avro files "
                                             "(backfill) or a folder watched for new files "
-                                            "(online)")
+                                            "(online), or a Kafka topic "
+                                            "kafka://HOST:PORT/TOPIC (read to its end offsets "
+                                            "in a backfill, followed online)")
         parser.add_argument("--config", help="required: feature config (YAML path or a name in "
                                              "schemas/configs): slots, dims, thresholds, expiry")
         parser.add_argument("--model", default="deepfm",
@@ -235,14 +237,26 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str):
         opts.max_staleness_s, opts.reader_checkpoint_s, opts.staleness_timeout_s)
     parallelism = pipeline.options.get_all_options(retain_unknown_options=True).get(
         "parallelism")
+    subtasks = parallelism if not fused and (parallelism or 0) > 0 else None
+    follow = mode == "online" or bool(opts.savepoint_dir)
+    stop_timestamp = (time.time() + opts.run_for_s) if opts.run_for_s else None
+    if opts.input.startswith("kafka://"):
+        from transforms.event_time_files import WriteEventTimeFiles
+        from transforms.kafka_source import ReadExampleBatchesFromKafka, parse_kafka_url
+        bootstrap, topic = parse_kafka_url(opts.input)
+        batches, dead = pipeline | "ReadExamples" >> ReadExampleBatchesFromKafka(
+            bootstrap, topic, opts.batch_size, train.spec.dense_dim, pacing=pacing,
+            follow=follow, poll_interval_s=opts.poll_interval_s, stop_timestamp=stop_timestamp,
+            subtasks=subtasks).with_dead_letters()
+        _ = dead | "WriteDeadLetters" >> WriteEventTimeFiles(
+            os.path.join(opts.metrics_dir, "dead_letter"))
+        return batches | "Train" >> train
     return (pipeline
             | "ReadExamples" >> ReadExampleBatches(
                 opts.input, opts.batch_size, train.spec.dense_dim, pacing=pacing,
-                follow=mode == "online" or bool(opts.savepoint_dir),
-                poll_interval_s=opts.poll_interval_s,
-                stop_timestamp=(time.time() + opts.run_for_s) if opts.run_for_s else None,
-                stop_when_exists=opts.stop_when_exists, num_workers=opts.num_workers,
-                subtasks=parallelism if not fused and (parallelism or 0) > 0 else None)
+                follow=follow, poll_interval_s=opts.poll_interval_s,
+                stop_timestamp=stop_timestamp, stop_when_exists=opts.stop_when_exists,
+                num_workers=opts.num_workers, subtasks=subtasks)
             | "Train" >> train)
 
 
@@ -297,6 +311,10 @@ def main(argv: list[str] | None = None):
                          "several (Flink at --parallelism > 1, or not LOOPBACK): use redis://")
     if not opts.input or not opts.config:
         raise SystemExit("train: --input and --config are required (see --help)")
+    if opts.input.startswith("kafka://") and (opts.savepoint_dir or opts.stop_when_exists):
+        raise SystemExit("train: --savepoint_dir and --stop_when_exists watch example files; "
+                         f"with a Kafka input ({opts.input}) end an online job with "
+                         "--run_for_s, and a backfill reads to the topic's end offsets")
     if not opts.metrics_dir:
         _LOG.info("train %s: metrics in %s", mode, metrics_dir(opts, mode))
     all_options = options.get_all_options(retain_unknown_options=True)

@@ -1,17 +1,19 @@
-"""Shared fixtures: an example log, the Flink job server jar, a standalone Flink cluster, Redis;
-and the markers that let a developer run the fast tests alone (``pytest.ini``).
+"""Shared fixtures: an example log, the Flink job server jar, a standalone Flink cluster, Redis,
+a Kafka broker; and the markers that let a developer run the fast tests alone (``pytest.ini``).
 
 Flink tests never skip: without Java, the jar or the Flink distribution they fail with a
 message that says what to install (``make setup`` does all of it).
 
 Markers: a test that runs Flink is marked ``flink``, one that needs a redis-server ``redis``,
-one that takes more than :data:`SLOW_S` seconds ``slow``; ``pytest -m "not flink and not
-slow"`` runs the rest. Forgetting a marker is caught three ways:
+one that needs a Kafka broker ``kafka``, one that takes more than :data:`SLOW_S` seconds
+``slow``; ``pytest -m "not flink and not slow"`` runs the rest. Forgetting a marker is
+caught three ways:
 
 * collection stops (:func:`pytest_collection_modifyitems`) when a test uses a fixture of
   :data:`FIXTURE_MARKERS` (itself or through another fixture) without the fixture's marker;
 * a test that, unmarked, starts Flink (``dataflow.flink.job_server_jar``, the job server jar
-  that every Flink run of ours asks for, or ``FlinkCluster.start``) or connects to Redis
+  that every Flink run of ours asks for, or ``FlinkCluster.start``), a Kafka broker
+  (``KafkaBroker.start``) or connects to Redis
   (redis-py, however it got the address: ``request.getfixturevalue``, a server of its own)
   fails, naming the marker (:func:`refuse_flink_and_redis_without_their_marker`);
 * the run's summary lists every unmarked test that took more than :data:`SLOW_S` seconds.
@@ -20,11 +22,11 @@ from __future__ import annotations
 
 import pytest
 
-from dataflow import flink
+from dataflow import flink, kafka
 
 #: A fixture whose use needs the test marked so (tests/conftest.py's and test modules' own).
 FIXTURE_MARKERS = {"flink_job_server_jar": "flink", "flink_cluster": "flink",
-                   "redis_server": "redis", "own_redis": "redis"}
+                   "redis_server": "redis", "own_redis": "redis", "kafka_broker": "kafka"}
 #: Seconds a test's call may take before it belongs to the ``slow`` ones.
 SLOW_S = 10.0
 
@@ -60,6 +62,8 @@ def refuse_flink_and_redis_without_their_marker(request, monkeypatch):
     if not _marked(request.node, "flink"):
         monkeypatch.setattr(flink, "job_server_jar", refuse("flink", "needs Flink (the job server jar)"))
         monkeypatch.setattr(flink.FlinkCluster, "start", refuse("flink", "starts a Flink cluster"))
+    if not _marked(request.node, "kafka"):
+        monkeypatch.setattr(kafka.KafkaBroker, "start", refuse("kafka", "starts a Kafka broker"))
     if not _marked(request.node, "redis"):
         import redis.connection
         monkeypatch.setattr(redis.connection.AbstractConnection, "connect",
@@ -130,6 +134,23 @@ def standalone_cluster(workdir, **kwargs):
 def flink_cluster(tmp_path_factory, flink_job_server_jar):
     """A standalone cluster from .venv-flink (two slots)."""
     yield from standalone_cluster(tmp_path_factory.mktemp("flink-cluster"), task_slots=2)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """A Kafka broker (KRaft, one node, ``dataflow.kafka.KafkaBroker``) on free ports of
+    127.0.0.1, stopped at session end however the tests end. Tests share it: each uses
+    topics of its own. Never skips: without Java or the jars the test fails with what to
+    run (``make kafka-dist``)."""
+    try:
+        broker = kafka.KafkaBroker(workdir=str(tmp_path_factory.mktemp("kafka-broker")))
+        broker.start()
+    except kafka.KafkaSetupError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ NOISE = re.compile(r"Warning|WARNING|tensorflow/|external/local_|oneDNN|cuda")
 CLIS = ["dataflow", "dataflow.train", "dataflow.join", "dataflow.smoke", "dataflow.analyze",
         "dataflow.demo", "dataflow.loop", "dataflow.serve", "dataflow.simulate",
         "dataflow.data synth", "dataflow.data movielens", "dataflow.data table",
-        "dataflow.flink start",
+        "dataflow.flink start", "dataflow.kafka start", "dataflow.kafka topics",
         "benchmarks.gap", "benchmarks.join", "benchmarks.model", "benchmarks.preprocess",
         "benchmarks.serve", "benchmarks.serve_ab", "benchmarks.store", "benchmarks.table",
         "benchmarks.train",
