@@ -118,6 +118,10 @@ class TrainOptions(MonolithOptions):
         parser.add_argument("--export_dir", default=None,
                             help="write PS snapshots here when the input ends (backfill; "
                                  "online: when --run_for_s is over)")
+        parser.add_argument("--start_after_ms", type=int, default=None,
+                            help="a Kafka input: read only examples later than this event "
+                                 "time (ms); default online with --restore: where the "
+                                 "restored PS ended")
         parser.add_argument("--restore", default=None,
                             help="online: bootstrap empty PS shards from these snapshots")
         parser.add_argument("--savepoint_dir", default=None,
@@ -247,7 +251,7 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str):
         batches, dead = pipeline | "ReadExamples" >> ReadExampleBatchesFromKafka(
             bootstrap, topic, opts.batch_size, train.spec.dense_dim, pacing=pacing,
             follow=follow, poll_interval_s=opts.poll_interval_s, stop_timestamp=stop_timestamp,
-            subtasks=subtasks).with_dead_letters()
+            subtasks=subtasks, start_after_ms=_start_after_ms(opts, mode)).with_dead_letters()
         _ = dead | "WriteDeadLetters" >> WriteEventTimeFiles(
             os.path.join(opts.metrics_dir, "dead_letter"))
         return batches | "Train" >> train
@@ -258,6 +262,26 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str):
                 stop_timestamp=stop_timestamp, stop_when_exists=opts.stop_when_exists,
                 num_workers=opts.num_workers, subtasks=subtasks)
             | "Train" >> train)
+
+
+def _start_after_ms(opts, mode: str):
+    """Where a job on a Kafka topic starts: ``--start_after_ms``, or online with ``--restore``
+    the event time the restored PS had trained up to (batch, then online: nothing trained
+    twice, nothing skipped), else the topic's oldest example (None)."""
+    if opts.start_after_ms is not None:
+        return int(opts.start_after_ms)
+    if mode != "online" or not opts.restore:
+        return None
+    import glob
+    from ps.snapshot_files import read_snapshot
+    dense = sorted(glob.glob(os.path.join(opts.restore, "dense-*.snap")))
+    if not dense:
+        raise SystemExit(f"train: --restore {opts.restore} has no dense snapshot (dense-*.snap) "
+                         "to tell where the backfill ended; give --start_after_ms")
+    after = max(int(read_snapshot(path)[0]["ts_ms"]) for path in dense)
+    _LOG.info("train online: reading %s after event time %d ms (where the restored PS ended)",
+              opts.input, after)
+    return after
 
 
 FLINK_BUNDLE_MS = 20

@@ -4,12 +4,18 @@ kafka://HOST:PORT/TOPIC``.
 * DirectRunner: a backfill over a one-partition topic that holds the session's example log
   (with bad messages among the examples) trains exactly as the backfill over its files does:
   the same examples, batches, gradient rows and online AUC; every bad message is a dead letter
-  in the metrics folder with its topic, partition, offset and reason.
+  in the metrics folder with its topic, partition, offset and reason;
+* batch, then online across transports: a backfill over the first files exports PS
+  snapshots; the online job restores them and follows the topic that holds the *whole*
+  stream, from the first example after the backfill's last event time: it trains on exactly
+  the examples of the other files, none twice, none skipped.
 """
 from __future__ import annotations
 
 import glob
 import json
+import os
+import shutil
 import uuid
 
 import pytest
@@ -73,3 +79,29 @@ def test_backfill_from_a_topic_equals_the_backfill_from_files(tmp_path, example_
     assert {d["topic"] for d in letters} == {topic}
     assert {d["reason"] for d in letters} <= {"corrupt_record", "trailing_bytes",
                                               "non_canonical", "invalid_utf8"}
+
+
+def test_backfill_on_files_then_online_on_the_topic(tmp_path, example_log, kafka_broker):
+    files = example_log["files"]
+    split = int(len(files) * 0.75)
+    backfill = tmp_path / "backfill-files"
+    backfill.mkdir()
+    for f in files[:split]:
+        shutil.copy(f, backfill)
+    before = list(read_examples_in_order(str(backfill)))
+    everything = list(read_examples_in_order(f"{example_log['dir']}/joined/examples"))
+    after = everything[len(before):]
+    last_backfill_ts = max(e["ts_ms"] for e in before)
+    assert min(e["ts_ms"] for e in after) > last_backfill_ts  # the files split by event time
+    topic, _ = produce_examples(kafka_broker, everything)
+    snapshots = tmp_path / "snapshots"
+    run_train(tmp_path / "b", "backfill", f"{backfill}/*.avro",
+              [f"--store=memory://bf-{tmp_path.name}", f"--export_dir={snapshots}"])
+    counters, totals, _ = run_train(
+        tmp_path / "online", "online", f"kafka://{kafka_broker.bootstrap}/{topic}",
+        [f"--store=memory://online-{tmp_path.name}", f"--restore={snapshots}",
+         "--poll_interval_s=0.2", "--run_for_s=4", "--streaming"])
+    assert counters["ps.snapshots_restored"] == 3
+    check_exactly_once(counters, len(after))  # each later example once, nothing earlier
+    assert counters.get("kafka_source.examples_before_start", 0) == 0  # ordered: none met
+    assert totals["examples"] == len(after)

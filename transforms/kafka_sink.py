@@ -26,6 +26,7 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from confluent_kafka import KafkaException, Producer
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.kafka_records import KafkaRecordCodec, kafka_dead_letter
@@ -113,10 +114,14 @@ class WriteToKafkaFn(beam.DoFn):
                 DEAD_LETTER, _unsent_dead_letter(record, self.topic, e.reason, e.detail))
             return
         on_delivery = functools.partial(self._on_delivery, timestamp, window)
+        # The message's timestamp is the element's event time, so that a reader can find
+        # where an event time starts (offsets_for_times); the broker's clock otherwise.
+        ts_ms = int(timestamp.micros // 1000) if MIN_TIMESTAMP < timestamp < MAX_TIMESTAMP \
+            and timestamp.micros >= 0 else 0
         while True:
             try:
                 self._producer.produce(self.topic, value, key, headers=self._headers,
-                                       on_delivery=on_delivery)
+                                       on_delivery=on_delivery, timestamp=ts_ms)
                 break
             except BufferError:  # librdkafka's queue is full: let it send, then again
                 self._producer.poll(0.05)

@@ -82,7 +82,9 @@ def partition_ranges(bootstrap: str, topic: str, start="earliest", stop="end",
     Args:
         bootstrap: the brokers (``host:port,...``).
         topic: the topic (it must exist).
-        start: ``"earliest"`` (the oldest message kept), or ``{partition: offset}``.
+        start: ``"earliest"`` (the oldest message kept), ``{partition: offset}``, or an
+            event time in ms (int): each partition from its first message with a later
+            timestamp (``offsets_for_times``; our sinks stamp messages with event time).
         stop: ``"end"`` (the offsets after the last messages now), None (follow), or
             ``{partition: offset}`` (exclusive).
         timeout_s: how long to wait for the broker.
@@ -102,10 +104,19 @@ def partition_ranges(bootstrap: str, topic: str, start="earliest", stop="end",
                              f"({meta.error if meta is not None else 'no metadata'}); create it: "
                              f"python -m dataflow.kafka topics create {topic} --partitions N")
         ranges = []
+        after = {}
+        if isinstance(start, int) and not isinstance(start, bool):
+            found = consumer.offsets_for_times(
+                [TopicPartition(topic, p, start + 1) for p in sorted(meta.partitions)],
+                timeout=timeout_s)
+            after = {tp.partition: tp.offset for tp in found}
         for p in sorted(meta.partitions):
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
                                                        timeout=timeout_s)
-            first = low if start == "earliest" else int(start.get(p, low))
+            if after:  # -1: no message that late yet, start at the end
+                first = after[p] if after[p] >= 0 else high
+            else:
+                first = low if start == "earliest" else int(start.get(p, low))
             last = (high if stop == "end" else None if stop is None else int(stop.get(p, high)))
             ranges.append(PartitionRange(topic, p, first, last))
         return ranges
@@ -436,7 +447,7 @@ class _ReadExampleBatchesFn(_ReadPartitionFn):
 
     def __init__(self, bootstrap, batch_size: int, dense_dim: int, checkpoint_s, gate,
                  poll_timeout_s: float, consumer_config, period_s: int = 3600,
-                 stall_timeout_s: float = 60.0):
+                 after_ms: Optional[int] = None, stall_timeout_s: float = 60.0):
         super().__init__(bootstrap, "example", "request_id", "ts_ms", checkpoint_s,
                          poll_timeout_s, max(4 * batch_size, 1000), consumer_config,
                          stall_timeout_s)
@@ -444,7 +455,9 @@ class _ReadExampleBatchesFn(_ReadPartitionFn):
         self.dense_dim = dense_dim
         self.gate = gate
         self.period_ms = int(period_s * 1000)
+        self.after_ms = after_ms
         self.batches = Metrics.counter(METRICS_NAMESPACE, "example_batches")
+        self.before_start = Metrics.counter(METRICS_NAMESPACE, "examples_before_start")
 
     def setup(self):
         super().setup()
@@ -529,6 +542,9 @@ class _ReadExampleBatchesFn(_ReadPartitionFn):
         for message, record in good:
             try:
                 event_time(record, self.time_field)
+                if self.after_ms is not None and record["ts_ms"] <= self.after_ms:
+                    self.before_start.inc()  # trained on before (start_after_ms)
+                    continue
                 out.append((message.offset(), record, None))
             except BadRecord as e:
                 out.append((message.offset(), None, kafka_dead_letter(message, e.reason,
@@ -625,6 +641,10 @@ class ReadExampleBatchesFromKafka(WithDeadLetters, beam.PTransform):
         pacing: ``transforms.example_reader.Pacing`` on Flink (None on the DirectRunner).
         follow, poll_interval_s, stop_timestamp: following (above).
         period_s, max_batch_wait_s: where batches end (above).
+        start_after_ms: read only examples later than this event time (ms): each partition
+            from its first message stamped later (batch, then online: the backfill's last
+            event time), skipping any earlier example met after it
+            (``kafka_source.examples_before_start``).
         subtasks: the runner's keyed parallelism (Flink's ``--parallelism``), or None.
         start, stop, ranges: offsets to read (:func:`partition_ranges`).
     """
@@ -634,7 +654,8 @@ class ReadExampleBatchesFromKafka(WithDeadLetters, beam.PTransform):
                  stop_timestamp: Optional[float] = None, subtasks: Optional[int] = None,
                  start="earliest", stop="end", ranges: Optional[list] = None,
                  period_s: int = 3600, max_batch_wait_s: Optional[float] = None,
-                 poll_timeout_s: float = 0.1, consumer_config: Optional[dict] = None):
+                 start_after_ms: Optional[int] = None, poll_timeout_s: float = 0.1,
+                 consumer_config: Optional[dict] = None):
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"ReadExampleBatchesFromKafka.batch_size must be >= 1, "
@@ -652,13 +673,16 @@ class ReadExampleBatchesFromKafka(WithDeadLetters, beam.PTransform):
         self.consumer_config = consumer_config
         self.period_s = period_s
         self.max_batch_wait_s = max_batch_wait_s
+        self.start_after_ms = start_after_ms
+        if start_after_ms is not None:
+            self.start = int(start_after_ms)
 
     def expand(self, pbegin):
         ranges = self.ranges if self.ranges is not None else partition_ranges(
             self.bootstrap, self.topic, self.start, self.stop,
             consumer_config=self.consumer_config)
         args = (self.bootstrap, self.batch_size, self.dense_dim, self.checkpoint_s, self.gate,
-                self.poll_timeout_s, self.consumer_config, self.period_s)
+                self.poll_timeout_s, self.consumer_config, self.period_s, self.start_after_ms)
         read = (_FollowExampleBatchesFn(*args, poll_interval_s=self.poll_interval_s,
                                         stop_timestamp=self.stop_timestamp,
                                         max_batch_wait_s=self.max_batch_wait_s)
