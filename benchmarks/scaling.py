@@ -53,7 +53,10 @@ def train_run(work: str, runner: str, num_workers: int, batch_size: int, request
            f"--runner={runner}", f"--num_workers={num_workers}", "--shards_per_period=2",
            f"--batch_size={batch_size}", f"--requests={requests}", *bench_flags, "--", *flags]
     _LOG.info("scaling: %s", " ".join(cmd[2:]))
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"benchmarks.train failed ({out.returncode}): {' '.join(cmd[2:])}\n"
+                           + out.stderr[-3000:])
     result = json.loads(out.stdout.strip().splitlines()[-1])
     with open(os.path.join(work, f"metrics-{runner}.json"), encoding="utf-8") as f:
         metrics = json.load(f)
