@@ -220,33 +220,46 @@ def kill_mid_stream(cluster, job, out, store, landing, clean):
     return job_id, before_kill, killed
 
 
-def test_taskmanager_killed_mid_stream(recovery_cluster, stream, tmp_path, redis_server):
-    """Kill -9 the TaskManager after a checkpoint, mid-stream; a new one takes over, the job
-    restarts from the checkpoint, and the result equals the clean run's: every example
-    scored and trained on once, every gradient row applied once."""
-    clean = stream["clean"]
-    store_url, store = fresh_store(redis_server, 13)
-    out = tmp_path / "killed"
-    landing = Landing(stream["files"], tmp_path / "landing")
-    job = start_job(recovery_cluster, out, store_url, landing.folder, run_for_s=60)
+def killed_run(cluster, out, store_url, store, input_, landing, clean, run_for_s,
+               extra=(), landed=None, label="RECOVERY"):
+    """The training job on ``input_`` while ``landing`` brings the stream in, one TaskManager
+    killed mid-stream (:func:`kill_mid_stream`), run to its end (``landed``: called once the
+    landing is done, e.g. to write the end marker). Asserts that the job really failed and
+    restarted mid-stream and that its totals equal ``clean``'s; returns (outcome, report)."""
+    job = start_job(cluster, out, store_url, input_, run_for_s=run_for_s, extra=extra)
     try:
-        job_id, before_kill, killed = kill_mid_stream(recovery_cluster, job, out, store,
-                                                      landing, clean)
+        job_id, before_kill, killed = kill_mid_stream(cluster, job, out, store, landing, clean)
+        if landed is not None:
+            landing.join()
+            landed()
         finish(job, out)
     finally:
         landing.stopped.set()
         if job.poll() is None:
             kill_job(job)
-    counts = recovery_cluster.checkpoints(job_id)
-    failures = recovery_cluster.rest(f"/jobs/{job_id}/exceptions").get("exceptionHistory", {})
+    failures = cluster.rest(f"/jobs/{job_id}/exceptions").get("exceptionHistory", {})
     result = outcome(out)
     report = {"killed_pid": killed, "trained_before_kill": before_kill,
-              "checkpoints": counts, "job_failures": len(failures.get("entries", [])), "clean": {k: v for k, v in clean.items() if k != "snapshots"},
+              "checkpoints": cluster.checkpoints(job_id),
+              "job_failures": len(failures.get("entries", [])),
+              "clean": {k: v for k, v in clean.items() if k != "snapshots"},
               "recovered": {k: v for k, v in result.items() if k != "snapshots"}}
-    print("RECOVERY", json.dumps(report))
+    print(label, json.dumps(report))
     assert report["job_failures"] >= 1, report  # the job really failed and restarted
     assert before_kill < clean["trained"], report  # the kill came mid-stream
     same_as_clean(result, clean, report)
+    return result, report
+
+
+def test_taskmanager_killed_mid_stream(recovery_cluster, stream, tmp_path, redis_server):
+    """Kill -9 the TaskManager after a checkpoint, mid-stream; a new one takes over, the job
+    restarts from the checkpoint, and the result equals the clean run's: every example
+    scored and trained on once, every gradient row applied once."""
+    store_url, store = fresh_store(redis_server, 13)
+    out = tmp_path / "killed"
+    landing = Landing(stream["files"], tmp_path / "landing")
+    result, _ = killed_run(recovery_cluster, out, store_url, store, landing.folder, landing,
+                           stream["clean"], run_for_s=60)
     check_store_matches_snapshots(store_url, result["snapshots"], out / "snapshots")
 
 
@@ -408,31 +421,12 @@ def test_taskmanager_killed_while_training_reads_kafka(recovery_cluster, stream,
     reader's restriction, in the checkpoint: after the restore the totals equal the clean
     DirectRunner run over the same examples as files (a batch ends at an event-time period's
     edge, as the files end it), so every example is scored and trained on once."""
-    clean = stream["clean"]
     topic = f"examples-{uuid.uuid4().hex[:8]}"
     kafka_broker.create_topic(topic, partitions=1)
     store_url, store = fresh_store(redis_server, 15)
     out = tmp_path / "killed"
     producing = Producing(stream["files"], kafka_broker.bootstrap, topic)
-    job = start_job(recovery_cluster, out, store_url, f"kafka://{kafka_broker.bootstrap}/{topic}",
-                    run_for_s=60)
-    try:
-        job_id, before_kill, killed = kill_mid_stream(recovery_cluster, job, out, store,
-                                                      producing, clean)
-        finish(job, out)
-    finally:
-        producing.stopped.set()
-        if job.poll() is None:
-            kill_job(job)
-    failures = recovery_cluster.rest(f"/jobs/{job_id}/exceptions").get("exceptionHistory", {})
-    result = outcome(out)
-    report = {"killed_pid": killed, "trained_before_kill": before_kill,
-              "checkpoints": recovery_cluster.checkpoints(job_id),
-              "job_failures": len(failures.get("entries", [])),
-              "clean": {k: v for k, v in clean.items() if k != "snapshots"},
-              "recovered": {k: v for k, v in result.items() if k != "snapshots"}}
-    print("RECOVERY", json.dumps(report))
-    assert report["job_failures"] >= 1, report  # the job really failed and restarted
-    assert before_kill < clean["trained"], report  # the kill came mid-stream
-    same_as_clean(result, clean, report)
+    result, _ = killed_run(recovery_cluster, out, store_url, store,
+                           f"kafka://{kafka_broker.bootstrap}/{topic}", producing,
+                           stream["clean"], run_for_s=60)
     check_store_matches_snapshots(store_url, result["snapshots"], out / "snapshots")

@@ -8,7 +8,6 @@ own halves of the stream, so the DirectRunner's single worker is not the referen
 """
 from __future__ import annotations
 
-import json
 import os
 
 import fastavro
@@ -17,8 +16,8 @@ import pytest
 from conftest import standalone_cluster
 from dataflow.flink import WorkerPool
 from schemas import write_avro
-from test_flink_recovery import (Landing, finish, fresh_store, kill_job, kill_mid_stream,
-                                 outcome, run_to_end, same_as_clean, start_job)
+from test_flink_recovery import (Landing, fresh_store, killed_run, outcome, run_to_end,
+                                 start_job)
 
 pytestmark = [pytest.mark.flink, pytest.mark.redis, pytest.mark.slow]
 
@@ -96,27 +95,7 @@ def test_two_workers_survive_a_taskmanager_kill(scaleout_cluster, two_shard_stre
     clean = outcome(clean_out)
 
     store_url, store = fresh_store(redis_server, 11)
-    out = tmp_path / "killed"
     landing = Landing(two_shard_stream, tmp_path / "landing", every_s=0.5)
-    job = start_job(cluster, out, store_url, landing.folder, run_for_s=600,
-                    extra=[*scaleout_flags(cluster), f"--stop_when_exists={marker}"])
-    try:
-        job_id, before_kill, killed = kill_mid_stream(cluster, job, out, store, landing, clean)
-        landing.join()
-        marker.touch()
-        finish(job, out)
-    finally:
-        landing.stopped.set()
-        if job.poll() is None:
-            kill_job(job)
-    failures = cluster.rest(f"/jobs/{job_id}/exceptions").get("exceptionHistory", {})
-    result = outcome(out)
-    report = {"killed_pid": killed, "trained_before_kill": before_kill,
-              "checkpoints": cluster.checkpoints(job_id),
-              "job_failures": len(failures.get("entries", [])),
-              "clean": {k: v for k, v in clean.items() if k != "snapshots"},
-              "recovered": {k: v for k, v in result.items() if k != "snapshots"}}
-    print("SCALEOUT_RECOVERY", json.dumps(report))
-    assert report["job_failures"] >= 1, report  # the job really failed and restarted
-    assert before_kill < clean["trained"], report  # the kill came mid-stream
-    same_as_clean(result, clean, report)
+    killed_run(cluster, tmp_path / "killed", store_url, store, landing.folder, landing, clean,
+               run_for_s=600, extra=[*scaleout_flags(cluster), f"--stop_when_exists={marker}"],
+               landed=marker.touch, label="SCALEOUT_RECOVERY")
