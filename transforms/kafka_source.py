@@ -194,16 +194,23 @@ class _ReadPartitionFn(beam.DoFn):
                     ManualWatermarkEstimator.default_provider())):
         yield from self._read(PartitionRange(*element), tracker, watermark)
 
+    def _open(self, part: PartitionRange, tracker):
+        """(consumer at the restriction's start, start, stop), or None when the restriction
+        is empty (then it is finished)."""
+        restriction = tracker.current_restriction()
+        if restriction.start >= restriction.stop:
+            tracker.try_claim(restriction.stop)
+            return None
+        return (self._consumer_at(part, restriction.start), restriction.start,
+                restriction.stop)
+
     def _read(self, part: PartitionRange, tracker, watermark):
         """Claims and emits messages from the restriction's start, to its end, or until
         ``max_bundle_s`` (then the rest is deferred)."""
-        restriction = tracker.current_restriction()
-        stop = restriction.stop
-        position = restriction.start
-        if position >= stop:
-            tracker.try_claim(stop)
+        opened = self._open(part, tracker)
+        if opened is None:
             return
-        consumer = self._consumer_at(part, position)
+        consumer, position, stop = opened
         started = idle_since = time.monotonic()
         emitted = 0
         while True:
@@ -475,13 +482,10 @@ class _ReadExampleBatchesFn(_ReadPartitionFn):
         partition) or waited for long enough (:meth:`_waited`)."""
         if self.gate is not None and self._emitted_ts is not None:
             self.gate.wait(self._emitted_ts)
-        restriction = tracker.current_restriction()
-        stop = restriction.stop
-        position = restriction.start
-        if position >= stop:
-            tracker.try_claim(stop)
+        opened = self._open(part, tracker)
+        if opened is None:
             return
-        consumer = self._consumer_at(part, position)
+        consumer, position, stop = opened
         started = idle_since = time.monotonic()
         pending: list = []  # (offset, record or None, dead letter or None), unclaimed, in order
         first_ts = None
