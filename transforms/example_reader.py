@@ -254,6 +254,11 @@ class PSCatchUp:
     >>> gate.wait(9_000)  # 3 s behind: waits 0.05 s, then reads on (logged and counted)
     """
 
+    # The store is polled at growing intervals up to POLL_MAX_S: the PS is seen at most that
+    # late (a store read per poll; docs/scaling.md measures the choice).
+    POLL_FIRST_S = 0.001
+    POLL_MAX_S = 0.004
+
     def __init__(self, store_url: str, max_staleness_s: float, timeout_s: float,
                  publishers: tuple = ()):
         self.store_url = store_url
@@ -276,7 +281,7 @@ class PSCatchUp:
             self._store = open_store(self.store_url, num_shards=None)
         due = emitted_ts_ms - self.max_staleness_ms
         start = time.monotonic()
-        delay = 0.001
+        delay = self.POLL_FIRST_S
         while True:
             info = self._store.sync_info()
             keys = set(self.publishers) | {k for k in info
@@ -290,7 +295,7 @@ class PSCatchUp:
                              behind, due, self.timeout_s)
                 break
             time.sleep(delay)
-            delay = min(2 * delay, 0.05)
+            delay = min(2 * delay, self.POLL_MAX_S)
         self.waits.update(int(1000 * (time.monotonic() - start)))
 
 
