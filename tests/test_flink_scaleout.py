@@ -32,7 +32,7 @@ def scaleout_cluster(tmp_path_factory, flink_job_server_jar):
                 workdir / "cluster", task_slots=1, taskmanagers=2,
                 extra_conf={"heartbeat.interval": 1000, "heartbeat.timeout": 5000,
                             "restart-strategy.type": "fixed-delay",
-                            "restart-strategy.fixed-delay.attempts": 5,
+                            "restart-strategy.fixed-delay.attempts": 30,
                             "restart-strategy.fixed-delay.delay": "1 s"}):
             cluster.pool = pool
             yield cluster
