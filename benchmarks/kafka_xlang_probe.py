@@ -78,8 +78,13 @@ class CountRecords(beam.DoFn):
         times.update(int(time.time() * 1000))
 
 
-def produce(bootstrap: str, topic: str, records: int, size: int) -> float:
-    """Produces ``records`` values of ``size`` bytes (keys ``k<i>``); returns records/s."""
+def produce(bootstrap: str, topic: str, records: int, size: int, partitions: int) -> float:
+    """Produces ``records`` values of ``size`` bytes (keys ``k<i>``) round robin over the
+    partitions; returns records/s.
+
+    Round robin, not by key: KafkaIO's bounded read (``max_num_records``) splits the count
+    evenly over the partitions' readers, and a reader whose partition holds fewer records
+    than its share waits forever (Python's ReadFromKafka has no ``max_read_time``)."""
     import confluent_kafka
     producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
                                          "batch.size": 1 << 20, "enable.idempotence": True})
@@ -88,7 +93,8 @@ def produce(bootstrap: str, topic: str, records: int, size: int) -> float:
     for i in range(records):
         while True:
             try:
-                producer.produce(topic, value=payload, key=b"k%d" % i)
+                producer.produce(topic, value=payload, key=b"k%d" % i,
+                                 partition=i % partitions)
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -100,11 +106,13 @@ def produce(bootstrap: str, topic: str, records: int, size: int) -> float:
     return records / (time.perf_counter() - start)
 
 
-def start_expansion_service(jar: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """Beam's Java expansion service on a free port, Java transforms in EMBEDDED."""
+def start_expansion_service(jar: Path, log: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
+    """Beam's Java expansion service on a free port, Java transforms in EMBEDDED (and what
+    ``flags`` add, e.g. ``--alsoStartLoopbackWorker``)."""
     port = free_port()
     proc = subprocess.Popen(
-        ["java", "-cp", str(jar), EXPANSION_MAIN, str(port), "--defaultEnvironmentType=EMBEDDED"],
+        ["java", "-cp", str(jar), EXPANSION_MAIN, str(port), "--defaultEnvironmentType=EMBEDDED",
+         *flags],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -168,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unbounded_s", type=float, default=0.0,
                         help="read unbounded with commit_offset_in_finalize for this long")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--expansion_flag", action="append", default=[],
+                        help="a flag for the Java expansion service (repeatable), e.g. "
+                             "--expansion_flag=--alsoStartLoopbackWorker")
     args, beam_argv = parser.parse_known_args(argv)
     jar = Path(args.jar)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kafka-xlang-"))
@@ -177,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if "FlinkRunner" in runner and not any(a.startswith("--flink_job_server_jar")
                                            for a in beam_argv):
         beam_argv.append(f"--flink_job_server_jar={jar}")
-    result: dict = {"runner": runner, "records": args.records, "size": args.size,
+    result: dict = {"runner": runner, "expansion_flags": args.expansion_flag, "records": args.records, "size": args.size,
                     "partitions": args.partitions, "argv": beam_argv}
     sampler = JavaRssSampler(jar.name)
     sampler.start()
@@ -185,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         topic = "probe"
         broker.create_topic(topic, partitions=args.partitions)
         result["produced_per_s"] = round(produce(broker.bootstrap, topic, args.records,
-                                                 args.size))
+                                                 args.size, args.partitions))
         t = time.monotonic()
-        expansion, address = start_expansion_service(jar, workdir / "expansion.log")
+        expansion, address = start_expansion_service(jar, workdir / "expansion.log",
+                                                     args.expansion_flag)
         result["expansion_service_start_s"] = round(time.monotonic() - t, 2)
         group = f"probe-{int(time.time())}"
         consumer_config = {"bootstrap.servers": broker.bootstrap,
@@ -230,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["read_per_s"] = round(result.get("records_counted", 0) / span_s) \
                     if span_s > 0 else None
         except Exception as exc:
+            logging.getLogger(__name__).exception("the probe's pipeline failed")
             result["error"] = f"{type(exc).__name__}: {str(exc)[:3000]}"
         finally:
             expansion.terminate()
