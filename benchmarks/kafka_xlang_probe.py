@@ -18,6 +18,13 @@ Java processes (broker left out).
     python -m benchmarks.kafka_xlang_probe --runner=FlinkRunner --flink_master=[local] \\
         --unbounded_s 60 --checkpointing_interval=5000 --streaming
 
+Checkpoints on Java 17 need ``JDK_JAVA_OPTIONS="--add-opens=java.base/java.util=ALL-UNNAMED
+--add-opens=java.base/java.lang=ALL-UNNAMED"`` (else the snapshot of KafkaCommitOffset's
+state fails: InaccessibleObjectException on java.util.Arrays$ArrayList). On the DirectRunner
+add ``--expansion_flag=--alsoStartLoopbackWorker``: Python's FnApiRunner cannot run an
+EMBEDDED Java environment (KeyError: 'EMBEDDED'), but it picks the EXTERNAL Java worker
+that flag adds to the environment.
+
 ``--unbounded_s S`` reads without ``max_num_records`` and with
 ``commit_offset_in_finalize=True`` for S seconds, then cancels the job and reports the
 consumer group's committed offsets against the end offsets.
