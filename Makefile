@@ -20,7 +20,7 @@ KAFKA_VERSION := 4.1.1
 KAFKA_LIBS    := .cache/kafka/$(KAFKA_VERSION)/libs
 PYTEST_ARGS   ?=
 
-.PHONY: demo test setup flink-dist flink-jobserver kafka-dist system-packages redis-package clean peers loop
+.PHONY: demo test setup flink-dist flink-jobserver flink-kafka-jobserver kafka-dist system-packages redis-package clean peers loop
 
 demo: $(VENV)/.installed
 	$(PY) -m dataflow demo
@@ -59,6 +59,17 @@ $(JOBSERVER_JAR): flink/jobserver/pom.xml
 	mkdir -p $(dir $@)
 	mv flink/jobserver/target/$(notdir $@) $@
 	rm -rf flink/jobserver/target
+
+# Issue #20 probe: the job server + KafkaIO + kafka-clients (also Beam's Java expansion
+# service), beside the plain jar, never replacing it (benchmarks/kafka_xlang_probe.py).
+KAFKA_JOBSERVER_JAR := .cache/flink-kafka/beam-runners-flink-1.19-kafka-job-server-2.62.0.jar
+flink-kafka-jobserver: $(KAFKA_JOBSERVER_JAR)
+$(KAFKA_JOBSERVER_JAR): flink/kafka-jobserver/pom.xml
+	@scripts/system-packages.sh java17 maven
+	mvn -q -B -f flink/kafka-jobserver/pom.xml package
+	mkdir -p $(dir $@)
+	mv flink/kafka-jobserver/target/$(notdir $@) $@
+	rm -rf flink/kafka-jobserver/target
 
 # The broker runs from these jars: java -cp '$(KAFKA_LIBS)/*' kafka.Kafka (dataflow/kafka.py).
 kafka-dist: $(KAFKA_LIBS)/.installed
