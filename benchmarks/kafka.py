@@ -19,8 +19,12 @@ always stops both, and measures:
    stream join's settings), with the feature and action logs read (a) from the Avro files
    as ``dataflow.join`` reads them on Flink (``join_io.read_features`` /
    ``read_actions``, ordered: ``TailAvroLogs``, the watermark following the files) and
-   (b) from two topics holding the same records (``ReadFromKafkaTopic``, bounded), the
-   examples counted (not written); the two must give the same number of examples.
+   (b) from two topics holding the same records (``ReadFromKafkaTopic``, bounded; a
+   reader call ends after ``--kafka_max_bundle_s`` at a chunk of ``--kafka_chunk``
+   messages, so that the joiner's watermark follows the reading as it follows the files),
+   and, on Flink, (c) the same with the source's defaults (a partition read to its end in
+   one call: the watermark moves at the end only), the examples counted (not written);
+   all must give the same number of examples.
 
 Every figure has ``seconds`` (end to end: a client's creation, or a pipeline's construction
 and run, to its end; a Flink job's includes the Beam job server's start, ~5-10 s) and, where
@@ -347,16 +351,25 @@ def join_with(read, flags: list) -> dict:
     run, metrics, started = run_timed_job(build, flags)
     c = metrics["counters"]
     examples = c.get(f"{METRICS_NAMESPACE}.join_examples", 0)
-    first = wall_span(metrics, "join_features", "join_actions")
-    last = wall_span(metrics, "join_examples")
-    span = (first[0], last[1]) if first and last else None
-    return run.result(examples, span_ms=span, unit="examples", job_started_ms=started,
-                      positives=c.get("joiner.positives", 0),
-                      features=c.get(f"{METRICS_NAMESPACE}.join_features", 0),
-                      actions=c.get(f"{METRICS_NAMESPACE}.join_actions", 0),
-                      late_actions=c.get("joiner.late_actions", 0),
-                      unmatched_actions=c.get("joiner.unmatched_actions", 0),
-                      dead_letters=c.get(f"{METRICS_NAMESPACE}.join_dead", 0))
+    inputs = wall_span(metrics, "join_features", "join_actions")
+    emitted = wall_span(metrics, "join_examples")
+    out = run.result(examples, span_ms=(inputs[0], run.end_ms), unit="examples",
+                     job_started_ms=started)
+    del out["tail_s"]
+    out.update(
+        # when, after the first record, the last record was read and the first and last
+        # examples came out: a joiner whose input watermark follows the reading emits as
+        # it goes; one whose watermark jumps at the end holds every request till then
+        inputs_read_s=round((inputs[1] - inputs[0]) / 1000, 3),
+        first_example_s=round((emitted[0] - inputs[0]) / 1000, 3),
+        last_example_s=round((emitted[1] - inputs[0]) / 1000, 3),
+        positives=c.get("joiner.positives", 0),
+        features=c.get(f"{METRICS_NAMESPACE}.join_features", 0),
+        actions=c.get(f"{METRICS_NAMESPACE}.join_actions", 0),
+        late_actions=c.get("joiner.late_actions", 0),
+        unmatched_actions=c.get("joiner.unmatched_actions", 0),
+        dead_letters=c.get(f"{METRICS_NAMESPACE}.join_dead", 0))
+    return out
 
 
 def files_reader(logs: str):
@@ -372,18 +385,20 @@ def files_reader(logs: str):
 
 
 def kafka_reader(bootstrap: str, feature_topic: str, action_topic: str,
-                 max_bundle_s: float | None):
+                 max_bundle_s: float | None, chunk: int):
     """The join's inputs from two topics (bounded to their end offsets), the feature logs
-    extracted as ``dataflow.join`` extracts them."""
+    extracted as ``dataflow.join`` extracts them; ``max_bundle_s`` and ``chunk``:
+    ``ReadFromKafkaTopic``'s (a reader call ends after the chunk that passes
+    ``max_bundle_s``, and a call's end is where the runner takes its watermark)."""
     def read(p):
         from transforms.features import ExtractFeatures
         from transforms.kafka_source import ReadFromKafkaTopic
         logs, log_dead = (p | "ReadFeatureTopic" >> ReadFromKafkaTopic(
-            bootstrap, feature_topic, "feature_log", max_bundle_s=max_bundle_s)
+            bootstrap, feature_topic, "feature_log", max_bundle_s=max_bundle_s, chunk=chunk)
             .with_dead_letters())
         extracted = logs | "ExtractFeatures" >> ExtractFeatures(JOIN_CONFIG)
         actions, action_dead = (p | "ReadActionTopic" >> ReadFromKafkaTopic(
-            bootstrap, action_topic, "action_log", max_bundle_s=max_bundle_s)
+            bootstrap, action_topic, "action_log", max_bundle_s=max_bundle_s, chunk=chunk)
             .with_dead_letters())
         dead = (log_dead, extracted.dead_letter, action_dead) | "Dead" >> beam.Flatten()
         return extracted.features, actions, dead
@@ -409,10 +424,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--compression", default="none",
                         choices=["none", "lz4", "snappy", "zstd", "gzip"],
                         help="producers' compression.type")
-    parser.add_argument("--kafka_max_bundle_s", type=float, default=1.0,
+    parser.add_argument("--kafka_max_bundle_s", type=float, default=0.1,
                         help="ReadFromKafkaTopic's max_bundle_s in the join (a reader call "
                              "ends after it, so the watermark moves; 0: none, a partition "
                              "read to its end in one call)")
+    parser.add_argument("--kafka_chunk", type=int, default=500,
+                        help="ReadFromKafkaTopic's chunk in the join: the most messages a "
+                             "reader takes from the consumer at once (a call ends only "
+                             "between chunks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", default="produce,consume,join",
                         help="what to measure: comma-separated produce, consume, join")
@@ -434,8 +453,11 @@ def main(argv=None) -> dict:
     work = args.workdir or tempfile.mkdtemp(prefix="bench-kafka-")
     os.makedirs(work, exist_ok=True)
     load = os.getloadavg()
-    with KafkaBroker(workdir=os.path.join(work, "kafka-broker"),
-                     partitions=args.partitions) as broker:
+    # Messages carry their event time (2024 for the synthetic stream): with the default
+    # retention (7 days, by message time) the broker's first retention check (5 minutes
+    # after its start) would delete them mid-run.
+    with KafkaBroker(workdir=os.path.join(work, "kafka-broker"), partitions=args.partitions,
+                     extra_conf={"log.retention.ms": -1}) as broker:
         if args.no_flink:
             result = _runs(args, work, broker, None)
         else:
@@ -470,7 +492,8 @@ def _runs(args, work: str, broker, cluster) -> dict:
         "producer": {k: v for k, v in producer_config("", args.linger_ms, args.batch_bytes,
                                                       args.compression).items()
                      if k != "bootstrap.servers"},
-        "join_kafka_max_bundle_s": args.kafka_max_bundle_s or None}}
+        "join_kafka_max_bundle_s": args.kafka_max_bundle_s or None,
+        "join_kafka_chunk": args.kafka_chunk}}
     config = producer_config(broker.bootstrap, args.linger_ms, args.batch_bytes,
                              args.compression)
     if "produce" in args.parts or "consume" in args.parts:
@@ -491,6 +514,9 @@ def _runs(args, work: str, broker, cluster) -> dict:
             rate(p, "producer", "records_per_s_with_encoding")),
         "consumer_decoded_vs_raw": _ratio(rate(c, "consumer_decoded", "records_per_s"),
                                           rate(c, "consumer_raw", "records_per_s")),
+        "consumer_decoded_strict_vs_not": _ratio(
+            rate(c, "consumer_decoded", "records_per_s"),
+            rate(c, "consumer_decoded_not_strict", "records_per_s")),
         "read_direct_vs_consumer_decoded_span": _ratio(
             rate(c, "read_from_kafka_topic_direct", "records_per_s_span"),
             rate(c, "consumer_decoded", "records_per_s_span")),
@@ -540,6 +566,10 @@ def _produce_and_consume(args, work: str, broker, config: dict, flink_flags: lis
         "consumer_raw": consume_plain(broker.bootstrap, produced, args.partitions, n, None),
         "consumer_decoded": consume_plain(broker.bootstrap, produced, args.partitions, n,
                                           codec),
+        # without the codec's check that a record encodes back to its payload
+        "consumer_decoded_not_strict": consume_plain(
+            broker.bootstrap, produced, args.partitions, n,
+            KafkaRecordCodec("feature_log", strict=False)),
         "read_from_kafka_topic_direct": read_with_beam(
             broker.bootstrap, produced, n, ["--runner=DirectRunner"])}
     if flink_flags:
@@ -589,17 +619,26 @@ def _join(args, work: str, broker, config: dict, flink_flags: list, result: dict
     flags = flink_flags or ["--runner=DirectRunner"]
     files = join_with(files_reader(day), flags)
     kafka = join_with(kafka_reader(broker.bootstrap, topics["feature_log"],
-                                   topics["action_log"], args.kafka_max_bundle_s or None), flags)
+                                   topics["action_log"], args.kafka_max_bundle_s or None,
+                                   args.kafka_chunk), flags)
     result["join"] = {
         "runner": "FlinkRunner" if flink_flags else "DirectRunner",
-        "files": files, "kafka": kafka,
-        "same_examples": files["examples"] == kafka["examples"],
+        "files": files, "kafka": kafka}
+    if flink_flags:
+        # ReadFromKafkaTopic's own defaults (a partition to its end in one call): on Flink
+        # the joiner's watermark then moves only once everything is read
+        result["join"]["kafka_source_defaults"] = join_with(kafka_reader(
+            broker.bootstrap, topics["feature_log"], topics["action_log"], None, 10_000), flags)
+    examples = {name: result["join"][name]["examples"]
+                for name in ("files", "kafka", "kafka_source_defaults") if name in result["join"]}
+    result["join"].update({
+        "same_examples": len(set(examples.values())) == 1,
         "kafka_vs_files": _ratio(kafka["examples_per_s"], files["examples_per_s"]),
         "kafka_vs_files_span": _ratio(kafka.get("examples_per_s_span"),
-                                      files.get("examples_per_s_span"))}
+                                      files.get("examples_per_s_span"))})
     if not result["join"]["same_examples"]:
-        raise RuntimeError(f"the join gave {files['examples']} examples from the files and "
-                           f"{kafka['examples']} from Kafka: {strict_json.dumps(result)}")
+        raise RuntimeError(f"the join's examples differ by input {examples}: "
+                           f"{strict_json.dumps(result)}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def test_kafka_benchmark_quick_counts_agree_and_rates_are_positive(tmp_path):
     assert n == 5_000 and result["setup"]["flink"] is None
     assert set(result["produce"]) == {"producer", "write_to_kafka_topic_direct"}
     assert set(result["consume"]) == {"consumer_raw", "consumer_decoded",
+                                      "consumer_decoded_not_strict",
                                       "read_from_kafka_topic_direct"}
     for part in ("produce", "consume"):
         for name, figure in result[part].items():
@@ -63,6 +64,7 @@ def test_kafka_benchmark_quick_counts_agree_and_rates_are_positive(tmp_path):
     assert join["kafka_vs_files"] == pytest.approx(
         kafka["examples_per_s"] / files["examples_per_s"], rel=0.01)
     for name in ("producer_with_encoding_vs_without", "sink_direct_vs_producer_with_encoding",
-                 "consumer_decoded_vs_raw", "join_kafka_vs_files", "join_kafka_vs_files_span"):
+                 "consumer_decoded_vs_raw", "consumer_decoded_strict_vs_not",
+                 "join_kafka_vs_files", "join_kafka_vs_files_span"):
         assert _positive(result["ratios"][name]), name
     assert result["ratios"]["read_flink_vs_direct_span"] is None  # no Flink in this run
