@@ -27,7 +27,8 @@ always stops both, and measures:
    all must give the same number of examples.
 
 Every figure has ``seconds`` (end to end: a client's creation, or a pipeline's construction
-and run, to its end; a Flink job's includes the Beam job server's start, ~5-10 s) and, where
+and run, to its end; a Flink job's includes the start of the Beam job server and of the
+job: 10-40 s on a shared 2-core machine, ``startup_s``) and, where
 the records are stamped as they pass (a Beam distribution of the wall clock at the first and
 last element of every bundle), ``span_s`` from the first record processed to the last and
 the rate over it. ``cores_busy`` is the machine's CPU (``benchmarks.train.machine_cpu_seconds``:
