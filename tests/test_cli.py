@@ -21,7 +21,8 @@ CLIS = ["dataflow", "dataflow.train", "dataflow.join", "dataflow.smoke", "datafl
         "dataflow.demo", "dataflow.loop", "dataflow.serve", "dataflow.simulate",
         "dataflow.data synth", "dataflow.data movielens", "dataflow.data table",
         "dataflow.flink start", "dataflow.kafka start", "dataflow.kafka topics",
-        "benchmarks.gap", "benchmarks.join", "benchmarks.model", "benchmarks.preprocess",
+        "benchmarks.gap", "benchmarks.join", "benchmarks.kafka", "benchmarks.model",
+        "benchmarks.preprocess",
         "benchmarks.serve", "benchmarks.serve_ab", "benchmarks.store", "benchmarks.table",
         "benchmarks.train",
         "benchmarks.experiments sync"]
