@@ -176,3 +176,112 @@ def test_end_marks_end_a_followed_read_and_what_comes_after_is_not_read(kafka_br
     assert time.monotonic() - started < 60
     got, dead = read_records(kafka_broker.bootstrap, topic, "action_log")
     assert dead == [] and len(got) == 201 and END_OF_STREAM > 0
+
+
+# ------------------------------------------------------------------ each once, in order
+
+
+def _examples(n: int) -> list:
+    """Examples of n requests (two candidates each, the same event time), shuffled."""
+    import random
+    out = [{"request_id": f"q{i // 2}-{i % 2}", "ts_ms": T0 + 1000 * (i // 2), "user_id": "u",
+            "item_id": f"i{i % 7}", "fids": [i], "label": i % 3 == 0} for i in range(n)]
+    random.Random(5).shuffle(out)
+    return out
+
+
+def _write_in_order(broker, topic, records, window_ms=300_000):
+    """The join's writer over records stamped as the joiner stamps examples."""
+    from apache_beam.transforms.window import TimestampedValue
+    from transforms.kafka_sink import WriteToKafkaTopicInOrder
+    p = beam.Pipeline(options=pipeline_options(["--runner=DirectRunner"]))
+    _, dead = (p | beam.Create(records, reshuffle=False)
+               | beam.Map(lambda r: TimestampedValue(r, (r["ts_ms"] + window_ms) / 1000))
+               | WriteToKafkaTopicInOrder(broker.bootstrap, topic, "example")
+               .with_dead_letters())
+    assert_that(dead, equal_to([]))
+    result = p.run()
+    result.wait_until_finish()
+    from apache_beam.metrics.metric import MetricsFilter
+    return {c.key.metric.name: c.committed
+            for c in result.metrics().query(MetricsFilter())["counters"]}
+
+
+def _partitions_in_order(broker, topic) -> dict:
+    messages = consume_all(broker.bootstrap, topic, 1)
+    from transforms.kafka_records import KafkaRecordCodec
+    codec = KafkaRecordCodec("example")
+    out: dict = {}
+    for partition, ms in _by_partition(messages).items():
+        good, dead = codec.decode_messages(ms)
+        assert dead == []
+        out[partition] = [(r["ts_ms"], r["request_id"]) for _, r in good]
+        # the message timestamp is the example's event time
+        assert [m.timestamp()[1] for m, _ in good] == [ts for ts, _ in out[partition]]
+    return out
+
+
+def test_the_ordered_writer_writes_each_record_once_in_order_where_librdkafka_would(
+        kafka_broker):
+    from transforms.kafka_sink import kafka_partition
+    topic = _topic(kafka_broker, 3)
+    records = _examples(600)
+    _write_in_order(kafka_broker, topic, records)
+    got = _partitions_in_order(kafka_broker, topic)
+    assert sorted(x for xs in got.values() for x in xs) == sorted(
+        (r["ts_ms"], r["request_id"]) for r in records)
+    for partition, keys in got.items():
+        assert keys == sorted(keys), partition  # (event time, request id) order
+        assert {kafka_partition(k.encode(), 3) for _, k in keys} == {partition}
+    # librdkafka's default partitioner puts a key where kafka_partition says
+    other = _topic(kafka_broker, 3)
+    log = KafkaAvroLog(f"kafka://{kafka_broker.bootstrap}/{other}", "action_log", roll_s=60)
+    for i in range(60):
+        log.append([{"request_id": f"k{i}", "ts_ms": T0 + i, "action": "x"}], T0 + i)
+    log.stop()
+    placed = {m.key(): m.partition() for m in consume_all(kafka_broker.bootstrap, other, 60)
+              if m.key() is not None}
+    assert len(placed) == 60 and all(p == kafka_partition(k, 3) for k, p in placed.items())
+
+
+def test_a_writer_started_again_skips_what_its_partition_already_holds(kafka_broker):
+    """What a job wrote before it failed is in the topic; the job started again (from a
+    checkpoint, or from the start) emits it again: none of it is written twice, the rest
+    once, in order."""
+    topic = _topic(kafka_broker, 2)
+    records = _examples(400)
+    ordered = sorted(records, key=lambda r: (r["ts_ms"], r["request_id"]))
+    before = ordered[:150]  # what the failed job had written (all partitions' first ones)
+    _write_in_order(kafka_broker, topic, before)
+    counters = _write_in_order(kafka_broker, topic, records)
+    assert counters["records_already_written"] == 150
+    assert counters["records_written"] == 250
+    got = _partitions_in_order(kafka_broker, topic)
+    assert sorted(x for xs in got.values() for x in xs) == [
+        (r["ts_ms"], r["request_id"]) for r in ordered]
+    assert all(keys == sorted(keys) for keys in got.values())
+
+
+def test_a_record_behind_the_watermark_is_an_out_of_order_dead_letter(kafka_broker):
+    """The order is checked, not assumed: a record that comes after the watermark passed
+    it (its input was out of order) is not written behind later ones but dead-lettered."""
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+    from transforms.kafka_sink import WriteToKafkaTopicInOrder
+    topic = _topic(kafka_broker, 1)
+    ex = lambda rid, ts: {"request_id": rid, "ts_ms": ts, "user_id": "u", "item_id": "i",
+                          "fids": [1], "label": 0}
+    stream = (TestStream()
+              .add_elements([TimestampedValue(ex("a", T0), T0 / 1000),
+                             TimestampedValue(ex("b", T0 + 5000), (T0 + 5000) / 1000)])
+              .advance_watermark_to((T0 + 10_000) / 1000)
+              .add_elements([TimestampedValue(ex("late", T0 + 1000), (T0 + 1000) / 1000),
+                             TimestampedValue(ex("c", T0 + 20_000), (T0 + 20_000) / 1000)])
+              .advance_watermark_to_infinity())
+    with beam.Pipeline(options=pipeline_options(["--runner=DirectRunner", "--streaming"])) as p:
+        _, dead = (p | stream | WriteToKafkaTopicInOrder(kafka_broker.bootstrap, topic,
+                                                          "example").with_dead_letters())
+        assert_that(dead | beam.Map(lambda d: (d["reason"], d["record"]["request_id"])),
+                    equal_to([("out_of_order", "late")]))
+    assert _partitions_in_order(kafka_broker, topic) == {
+        0: [(T0, "a"), (T0 + 5000, "b"), (T0 + 20_000, "c")]}

@@ -37,7 +37,7 @@ from transforms.sources import DEAD_LETTER, BadRecord, WithDeadLetters, event_ti
 from transforms.tail import NO_END
 
 __all__ = ["ReadFromKafkaTopic", "ReadExampleBatchesFromKafka", "PartitionRange", "parse_kafka_url",
-           "partition_ranges", "read_records", "reader_elements", "parse_reader_element", "METRICS_NAMESPACE"]
+           "partition_ranges", "read_records", "last_record", "reader_elements", "parse_reader_element", "METRICS_NAMESPACE"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -165,6 +165,44 @@ def read_records(bootstrap: str, topic: str, schema, key_field: Optional[str] = 
                 records += [r for _, r in good]
                 dead += bad
         return records, dead
+    finally:
+        consumer.close()
+
+
+def last_record(bootstrap: str, topic: str, partition: int, schema,
+                key_field: Optional[str] = "request_id", lookback: int = 64,
+                timeout_s: float = 30.0, consumer_config: Optional[dict] = None):
+    """The last record of a partition (watermark marks and messages that do not decode left
+    out), looking back at most ``lookback`` messages from its end.
+
+    Returns:
+        The record (a dict), or None if the partition has none there.
+    """
+    from confluent_kafka import TopicPartition
+    codec = KafkaRecordCodec(schema, key_field)
+    consumer = _consumer(bootstrap, consumer_config)
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                   timeout=timeout_s)
+        if high <= low:
+            return None
+        start = max(low, high - lookback)
+        consumer.assign([TopicPartition(topic, partition, start)])
+        position, last, deadline = start, None, time.monotonic() + timeout_s
+        while position < high:
+            messages = [m for m in consumer.consume(1000, 0.2)
+                        if m.error() is None and m.offset() < high]
+            if messages:
+                position = messages[-1].offset() + 1
+                good, _ = codec.decode_messages([m for m in messages if mark_of(m) is None])
+                last = good[-1][1] if good else last
+            else:
+                position = max(position, _ReadPartitionFn._position(consumer, part=PartitionRange(
+                    topic, partition, start, high)))
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Kafka {topic}[{partition}]: its last {high - start} "
+                                       f"messages were not read within {timeout_s:.0f} s")
+        return last
     finally:
         consumer.close()
 
