@@ -42,6 +42,7 @@ from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from confluent_kafka import KafkaException, Producer
@@ -260,9 +261,9 @@ def _next_ms(micros: int) -> int:
 class OrderByEventTimeFn(beam.DoFn):
     """``(partition, record)`` → the same, each partition's in ``(event time, key)`` order.
 
-    Records wait in state until the watermark passes them; an event-time timer (at the
-    earliest waiting one, then at the latest still waiting when it fired) emits those behind
-    it, sorted by :func:`order_key`. Their element timestamps must order them as their event
+    Records wait in state until the watermark passes them all; an event-time timer after
+    the latest waiting one then emits them, sorted by :func:`order_key` (on a live stream the
+    watermark passes what the join emitted right after it, so they wait one watermark step). Their element timestamps must order them as their event
     times do (the joiner stamps an example ``join window`` after its ``ts_ms``). One that
     comes out at or before the last one emitted (it came behind the watermark: its input
     was out of order) is a dead letter, ``out_of_order``: writing it would break the order
@@ -291,11 +292,16 @@ class OrderByEventTimeFn(beam.DoFn):
         waiting = buffer.read() or []
         waiting.append((timestamp.micros, record))
         buffer.write(waiting)
+        # The timer goes after the latest record waiting: it fires once the watermark passed
+        # them all, so that one firing emits them all. (A timer set behind the watermark, as
+        # a second one set when the first fired would be, fires on Flink only after the
+        # bundle, when the watermark has gone on downstream: its records would come late.)
         after = _next_ms(timestamp.micros)
         at = pending.read()
-        if at is None or after < at:
+        if at is None or after > at:
             flush.set(Timestamp(micros=after))
             pending.write(after)
+        yield from ()  # output comes from the timer
 
     @on_timer(FLUSH)
     def on_flush(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
@@ -304,8 +310,8 @@ class OrderByEventTimeFn(beam.DoFn):
         waiting = buffer.read() or []
         due = [r for t, r in waiting if t < fired.micros]
         rest = [(t, r) for t, r in waiting if t >= fired.micros]
-        if rest:  # records the watermark had not passed when the timer was set: once more
-            at = _next_ms(max(t for t, _ in rest))
+        if rest:  # a firing of a timer since set later (runners may deliver one): wait on
+            at = max(pending.read() or 0, _next_ms(max(t for t, _ in rest)))
             flush.set(Timestamp(micros=at))
             pending.write(at)
             buffer.write(rest)
@@ -380,14 +386,24 @@ class WriteOnceInOrderFn(WriteToKafkaFn):
             self.already_written.inc()
             return
         self._last[partition] = where
+        self._produced += 1
+        if self._latest is None or timestamp > self._latest:
+            self._latest = timestamp
         yield from self._produce(record, timestamp, window, partition)
 
+    def start_bundle(self):
+        super().start_bundle()
+        self._produced, self._latest = 0, None
+
     def finish_bundle(self):
+        """Flushes (:class:`WriteToKafkaFn`); outputs how many records the bundle wrote."""
         try:
             yield from super().finish_bundle()
         except Exception:
             self._last = {}  # what reached the broker is read again before the retry
             raise
+        if self._produced:
+            yield WindowedValue(self._produced, self._latest, [GlobalWindow()])
 
 
 class WriteToKafkaTopicInOrder(WithDeadLetters, beam.PTransform):
@@ -417,8 +433,8 @@ class WriteToKafkaTopicInOrder(WithDeadLetters, beam.PTransform):
         producer_config: librdkafka settings over ours.
 
     Returns:
-        (``expand``) an empty PCollection, or ``(it, dead letters)`` after
-        ``.with_dead_letters()``.
+        (``expand``) how many records each bundle wrote (ints), or ``(them, dead letters)``
+        after ``.with_dead_letters()``.
     """
 
     def __init__(self, bootstrap: str, topic: str, schema, key_field: str = "request_id",
