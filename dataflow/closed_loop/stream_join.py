@@ -194,6 +194,9 @@ def main(argv: list) -> int:
     checkpointed = any(a.startswith("--checkpointing_interval") for a in argv)
     # a bundle's examples reach the topic when it ends (Beam's default on Flink: 1 s)
     flink_defaults: dict = {"max_bundle_time_mills": 200}
+    if not any(a.startswith("--job_name") for a in argv):
+        # a name the cluster's REST API finds the job by (run_job stops it there)
+        flink_defaults["job_name"] = f"beam-monolith-stream-join-{os.getpid()}-{int(time.time())}"
     if checkpointed and any(a.startswith("--runner=FlinkRunner") for a in argv):
         from dataflow.flink import local_rest_conf_dir
         # bundles end before a checkpoint (pitfalls.md); a known REST port on the embedded
