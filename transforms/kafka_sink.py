@@ -261,14 +261,17 @@ def _next_ms(micros: int) -> int:
 class OrderByEventTimeFn(beam.DoFn):
     """``(partition, record)`` → the same, each partition's in ``(event time, key)`` order.
 
-    Records wait in state until the watermark passes them all; an event-time timer after
-    the latest waiting one then emits them, sorted by :func:`order_key` (on a live stream the
-    watermark passes what the join emitted right after it, so they wait one watermark step). Their element timestamps must order them as their event
-    times do (the joiner stamps an example ``join window`` after its ``ts_ms``). One that
-    comes out at or before the last one emitted (it came behind the watermark: its input
-    was out of order) is a dead letter, ``out_of_order``: writing it would break the order
-    that :class:`WriteOnceInOrderFn` resumes by. The last key emitted is in state, so a
-    restored job goes on from the checkpoint's.
+    Records wait in state until the watermark passes them. An event-time timer, set after
+    the first record that finds none pending and never moved, emits those the watermark
+    has passed, sorted by :func:`order_key`, and is set again after the latest of the rest
+    (a timer that new records pushed later would never fire while they keep coming); at the
+    end of the input an end-of-window timer emits whatever waits, so the last records are
+    out before the watermark moves on. Records' element timestamps must order them as their
+    event times do (the joiner stamps an example ``join window`` after its ``ts_ms``). One
+    that comes out at or before the last one emitted (it came behind the watermark: its
+    input was out of order) is a dead letter, ``out_of_order``: writing it would break the
+    order that :class:`WriteOnceInOrderFn` resumes by. The last key emitted is in state, so
+    a restored job goes on from the checkpoint's.
 
     Beam counter (namespace ``kafka_sink``): ``out_of_order``.
     """
@@ -276,6 +279,7 @@ class OrderByEventTimeFn(beam.DoFn):
     LAST = ReadModifyWriteStateSpec("kafka_order_last", FastPrimitivesCoder())
     PENDING = ReadModifyWriteStateSpec("kafka_order_timer", FastPrimitivesCoder())
     FLUSH = TimerSpec("kafka_order_flush", TimeDomain.WATERMARK)
+    END = TimerSpec("kafka_order_end", TimeDomain.WATERMARK)
 
     def __init__(self, topic: str, time_field: str, key_field: str):
         self.topic, self.time_field, self.key_field = topic, time_field, key_field
@@ -287,21 +291,17 @@ class OrderByEventTimeFn(beam.DoFn):
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam,
                 buffer=beam.DoFn.StateParam(BUFFER), pending=beam.DoFn.StateParam(PENDING),
-                flush=beam.DoFn.TimerParam(FLUSH)):
+                flush=beam.DoFn.TimerParam(FLUSH), end=beam.DoFn.TimerParam(END)):
         _, record = element
         waiting = buffer.read() or []
         waiting.append((timestamp.micros, record))
         buffer.write(waiting)
-        # The timer goes after the latest record waiting: it fires once the watermark passed
-        # them all, so that one firing emits them all. (A timer set behind the watermark, as
-        # a second one set when the first fired would be, fires on Flink only after the
-        # bundle, when the watermark has gone on downstream: its records would come late.)
-        after = _next_ms(timestamp.micros)
-        at = pending.read()
-        if at is None or after > at:
+        if pending.read() is None:
+            after = _next_ms(timestamp.micros)
             flush.set(Timestamp(micros=after))
             pending.write(after)
-        yield from ()  # output comes from the timer
+            end.set(GlobalWindow().max_timestamp())
+        yield from ()  # output comes from the timers
 
     @on_timer(FLUSH)
     def on_flush(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
@@ -310,14 +310,25 @@ class OrderByEventTimeFn(beam.DoFn):
         waiting = buffer.read() or []
         due = [r for t, r in waiting if t < fired.micros]
         rest = [(t, r) for t, r in waiting if t >= fired.micros]
-        if rest:  # a firing of a timer since set later (runners may deliver one): wait on
-            at = max(pending.read() or 0, _next_ms(max(t for t, _ in rest)))
+        if rest:
+            at = _next_ms(max(t for t, _ in rest))
             flush.set(Timestamp(micros=at))
             pending.write(at)
             buffer.write(rest)
         else:
             pending.clear()
             buffer.clear()
+        yield from self._emit(key, due, last)
+
+    @on_timer(END)
+    def on_end(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
+               last=beam.DoFn.StateParam(LAST), pending=beam.DoFn.StateParam(PENDING)):
+        waiting = buffer.read() or []
+        buffer.clear()
+        pending.clear()
+        yield from self._emit(key, [r for _, r in waiting], last)
+
+    def _emit(self, key, due: list, last):
         if not due:
             return
         done = last.read()

@@ -86,7 +86,7 @@ class KafkaAvroLog:
         log.close()       # flushed; every partition marked up to the end of the period
     """
 
-    def __init__(self, url: str, schema_name: str, roll_s: float, mark_interval_s: float = 1.0,
+    def __init__(self, url: str, schema_name: str, roll_s: float, mark_interval_s: float = 5.0,
                  producer_config: Optional[dict] = None, flush_timeout_s: float = 60.0):
         if roll_s <= 0 or mark_interval_s <= 0:
             raise ValueError(f"roll_s and mark_interval_s must be > 0, got {roll_s}, "
