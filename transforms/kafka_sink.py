@@ -41,7 +41,8 @@ import apache_beam as beam
 from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteStateSpec, TimerSpec,
+                                             on_timer)
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
@@ -275,7 +276,7 @@ class OrderByEventTimeFn(beam.DoFn):
 
     Beam counter (namespace ``kafka_sink``): ``out_of_order``.
     """
-    BUFFER = ReadModifyWriteStateSpec("kafka_order_buffer", FastPrimitivesCoder())
+    BUFFER = BagStateSpec("kafka_order_buffer", FastPrimitivesCoder())
     LAST = ReadModifyWriteStateSpec("kafka_order_last", FastPrimitivesCoder())
     PENDING = ReadModifyWriteStateSpec("kafka_order_timer", FastPrimitivesCoder())
     FLUSH = TimerSpec("kafka_order_flush", TimeDomain.WATERMARK)
@@ -287,45 +288,53 @@ class OrderByEventTimeFn(beam.DoFn):
 
     def setup(self):
         from transforms import state_cache
-        state_cache.weigh_without_module_globals()  # a state write per record: see joiner
+        state_cache.weigh_without_module_globals()  # state written per record: see joiner
+
+    def start_bundle(self):
+        # Keys whose timer is known to be pending in this bundle: a record appends to the
+        # bag and reads nothing (on Flink every state read is a request to the runner).
+        self._armed = set()
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam,
                 buffer=beam.DoFn.StateParam(BUFFER), pending=beam.DoFn.StateParam(PENDING),
                 flush=beam.DoFn.TimerParam(FLUSH), end=beam.DoFn.TimerParam(END)):
-        _, record = element
-        waiting = buffer.read() or []
-        waiting.append((timestamp.micros, record))
-        buffer.write(waiting)
-        if pending.read() is None:
-            after = _next_ms(timestamp.micros)
-            flush.set(Timestamp(micros=after))
-            pending.write(after)
-            end.set(GlobalWindow().max_timestamp())
+        key, record = element
+        buffer.add((timestamp.micros, record))
+        if key not in self._armed:
+            self._armed.add(key)
+            if pending.read() is None:
+                after = _next_ms(timestamp.micros)
+                flush.set(Timestamp(micros=after))
+                pending.write(after)
+                end.set(GlobalWindow().max_timestamp())
         yield from ()  # output comes from the timers
 
     @on_timer(FLUSH)
     def on_flush(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
                  buffer=beam.DoFn.StateParam(BUFFER), last=beam.DoFn.StateParam(LAST),
                  pending=beam.DoFn.StateParam(PENDING), flush=beam.DoFn.TimerParam(FLUSH)):
-        waiting = buffer.read() or []
+        waiting = list(buffer.read())
         due = [r for t, r in waiting if t < fired.micros]
         rest = [(t, r) for t, r in waiting if t >= fired.micros]
+        buffer.clear()
         if rest:
             at = _next_ms(max(t for t, _ in rest))
             flush.set(Timestamp(micros=at))
             pending.write(at)
-            buffer.write(rest)
+            for waiting_record in rest:
+                buffer.add(waiting_record)
         else:
             pending.clear()
-            buffer.clear()
+            self._armed.discard(key)
         yield from self._emit(key, due, last)
 
     @on_timer(END)
     def on_end(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
                last=beam.DoFn.StateParam(LAST), pending=beam.DoFn.StateParam(PENDING)):
-        waiting = buffer.read() or []
+        waiting = list(buffer.read())
         buffer.clear()
         pending.clear()
+        self._armed.discard(key)
         yield from self._emit(key, [r for _, r in waiting], last)
 
     def _emit(self, key, due: list, last):
