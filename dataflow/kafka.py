@@ -192,6 +192,10 @@ class KafkaBroker:
             "offsets.topic.num.partitions": 4,
             "transaction.state.log.num.partitions": 4,
             "log.segment.bytes": 16 * 1024 * 1024,
+            # Our messages are stamped with their records' event times, which are in the
+            # past for replayed or simulated logs (2024): time-based retention (7 days by
+            # default, checked every 5 minutes) deleted a running join's input under it.
+            "log.retention.ms": -1,
         }
         settings.update(self.extra_conf)
         return settings

@@ -127,6 +127,13 @@ def parser() -> argparse.ArgumentParser:
                    help="periods: the join pipeline, bounded, per closed period of the logs "
                         "(DirectRunner); stream: one streaming join job on the runner over "
                         "the tailed logs (Flink only)")
+    p.add_argument("--transport", default="files", choices=["files", "kafka"],
+                   help="files: the logs are folders of Avro files (--join says how they are "
+                        "joined); kafka: topics of a broker the loop starts in OUT/kafka "
+                        "(make kafka-dist), joined by one streaming Flink job ([local]) "
+                        "that writes the examples topic training follows")
+    p.add_argument("--kafka_partitions", type=int, default=1,
+                   help="--transport kafka: partitions of each topic")
     p.add_argument("--history_s", type=float, default=14400.0,
                    help="simulated seconds of the world's history before the run (0: start "
                         "cold): served by the initial parameters, joined, and trained on by "
@@ -144,8 +151,8 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     """Runs the loop: starts its processes, warms up (``--history_s``), runs the simulation
-    while joining each closed period, waits for training to catch up, stops everything
-    and writes the report.
+    while joining (each closed period, or one streaming job), waits for training to catch
+    up, stops everything and writes the report.
 
     Args:
         args: :func:`parser`'s parsed command line.
@@ -153,8 +160,9 @@ def run(args) -> dict:
     Returns:
         The report (``dataflow.closed_loop.report.report``) and the children's ``pids``.
     """
-    stream = args.join == "stream"
-    if stream and args.runner != "FlinkRunner":
+    kafka = args.transport == "kafka"
+    stream = args.join == "stream" or kafka
+    if args.join == "stream" and args.runner != "FlinkRunner" and not kafka:
         raise ValueError("--join stream needs --runner FlinkRunner: the DirectRunner fires "
                          "event-time timers only at the end of its input")
     out = os.path.abspath(args.out)
@@ -163,25 +171,41 @@ def run(args) -> dict:
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
         os.makedirs(os.path.join(out, sub))
     for name in ("serve.url", "sim_stats.csv", "sim_summary.json", "report.json",
-                 "loop.png", "auc_over_time.csv", "serve-history.url", "join.started"):
+                 "loop.png", "auc_over_time.csv", "serve-history.url", "join.started",
+                 "join.done"):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     procs = Processes(os.path.join(out, "logs"))
     py = sys.executable
     flink = args.runner == "FlinkRunner"
-    beam_args = (["--runner=FlinkRunner", "--flink_master=[local]", "--parallelism=1",
-                  "--streaming"] if flink else ["--runner=DirectRunner"])
-    beam_args += _verbose(args)
+    flink_args = ["--runner=FlinkRunner", "--flink_master=[local]", "--parallelism=1",
+                  "--streaming", *_verbose(args)]
+    beam_args = flink_args if flink else ["--runner=DirectRunner", *_verbose(args)]
     started = time.monotonic()
     trained: list = []
     history = None
+    transport = None
+    join_runs: list = []
     try:
+        if kafka:
+            from dataflow.closed_loop.kafka_transport import KafkaTransport
+            transport = KafkaTransport(os.path.join(out, "kafka"),
+                                       args.kafka_partitions).start()
+            procs.pids["kafka"] = transport.pid
+            features, actions, examples = (transport.url(t) for t in
+                                           ("features", "actions", "examples"))
+            examples_count, last_example_ts = transport.examples, transport.last_example_ts
+        else:
+            features, actions, examples = (f"{out}/{d}" for d in
+                                           ("feature_log", "action_log", "examples"))
+            examples_count = lambda: count_examples(example_files(examples))  # noqa: E731
+            last_example_ts = lambda: _last_example_ts(examples)  # noqa: E731
         store = args.store or start_redis(procs, os.path.join(out, "logs"))
         _clear_store(store, args.num_shards)
         expected_wall = args.duration_s / args.speed
         history_wall = args.history_s / (args.speed * args.history_speedup)
         procs.start("train", [
-            py, "-m", "dataflow.train", "online", f"--input={out}/examples",
+            py, "-m", "dataflow.train", "online", f"--input={examples}",
             f"--config={args.config}", f"--model={args.model}", f"--store={store}",
             f"--num_shards={args.num_shards}", f"--batch_size={args.batch_size}",
             f"--learning_rate={args.learning_rate}",
@@ -190,61 +214,67 @@ def run(args) -> dict:
             f"--run_for_s={(expected_wall + history_wall) * 3 + 600:.0f}",
             f"--metrics_dir={out}/train",
             f"--metrics_window_s={int(max(args.period_s, args.duration_s / 12))}",
+            *(["--max_batch_wait_s=1"] if kafka else []),
             f"--seed={args.seed}", "--streaming", *beam_args])
         if stream:
-            # One streaming job over the run's tailed logs, started first: Flink's start-up
-            # (~40 s for a MiniCluster) then overlaps the history instead of the run. Its
-            # sources stop once the simulator's summary exists, which it writes after its
-            # last actions and serving's last feature log file have landed.
+            # One streaming job over the run's logs, started first: Flink's start-up (~40 s
+            # for a MiniCluster) then overlaps the history instead of the run. Tailed
+            # folders stop once the simulator's summary exists, which it writes after its
+            # last actions and serving's last feature log file have landed; topics end with
+            # the end marks the loop writes then.
+            ends = ([f"--done_file={out}/join.done"] if kafka else
+                    [f"--stop_when_exists={out}/sim_summary.json"])
             procs.start("join", [
-                py, "-m", "dataflow.loop", "stream-join", f"--features={out}/feature_log",
-                f"--actions={out}/action_log", f"--examples={out}/examples",
+                py, "-m", "dataflow.loop", "stream-join", f"--features={features}",
+                f"--actions={actions}", f"--examples={examples}",
                 f"--config={args.config}", f"--join_window_s={args.join_window_s}",
                 f"--period_s={int(args.period_s)}",
-                f"--negative_sample_rate={args.negative_sample_rate}",
-                f"--stop_when_exists={out}/sim_summary.json",
+                f"--negative_sample_rate={args.negative_sample_rate}", *ends,
                 f"--stop_after_s={(expected_wall + history_wall) * 3 + 900:.0f}",
                 f"--started_file={out}/join.started", f"--dead_letter={out}/join",
-                *beam_args])
+                f"--metrics_out={out}/join/metrics.json", *flink_args])
         if args.history_s > 0:
-            history, history_joiner = run_history(procs, args, out, store)
-        url = start_serving(procs, args, out, store, "serve", f"{out}/feature_log")
+            history, _ = run_history(procs, args, out, store, transport)
+        url = start_serving(procs, args, out, store, "serve", features)
         if history is not None:
             # the run starts once training has applied the whole history
-            history.update(wait_for_training(procs, store, args, history_joiner,
+            history.update(wait_for_training(procs, store, args, last_example_ts,
                                              args.drain_timeout_s))
         if stream:  # the run's first requests are joined as they land
             wait_for_file(f"{out}/join.started", procs, "join", args.serve_start_timeout_s)
         # The simulator starts its clock once serving answers.
         procs.start("simulate", simulate_argv(
-            args, url, f"{out}/action_log", args.speed, args.rps, clock_from_s=0.0,
+            args, url, actions, args.speed, args.rps, clock_from_s=0.0,
             clock_to_s=args.duration_s, stats=f"{out}/sim_stats.csv",
             summary=f"{out}/sim_summary.json"))
         wait_for_file(f"{out}/serve.url", procs, "serve", args.serve_start_timeout_s)
         sim_started = time.monotonic()
-        joiner = PeriodJoin(f"{out}/feature_log", f"{out}/action_log", f"{out}/examples",
-                            f"{out}/join", args.config, args.period_s, args.join_window_s,
-                            args.negative_sample_rate)
+        joiner = None if stream else PeriodJoin(
+            features, actions, examples, f"{out}/join", args.config, args.period_s,
+            args.join_window_s, args.negative_sample_rate)
         from ps.store import open_store
         store_handle = open_store(store, num_shards=args.num_shards)
         sim = next(p for n, p, _ in procs.children if n == "simulate")
         last_print = 0.0
         while sim.poll() is None:
             procs.check("serve", "train", "redis", "join")
-            if not stream:
+            if joiner is not None:
                 joiner.run_once()
             trained.append((time.monotonic() - sim_started,
                             _trained_examples(store_handle, args.batch_size)))
             if time.monotonic() - last_print > 10:
                 last_print = time.monotonic()
                 print(f"loop: {time.monotonic() - started:.0f} s, "
-                      f"{count_examples(example_files(joiner.examples_dir)):,} examples joined, "
+                      f"{examples_count():,} examples joined, "
                       f"~{trained[-1][1]:,} trained", flush=True)
             time.sleep(0.25)
         if sim.returncode != 0:
             raise RuntimeError(f"simulate exited with {sim.returncode}; see "
                                f"{out}/logs/simulate.log")
-        if stream:  # its sources stop now that the summary exists; then every window closes
+        if stream:
+            if kafka:  # serving and the simulator are done (flushed): the join's input ends
+                transport.end_logs()
+            # every window closes once its sources are done
             join_proc = next(p for n, p, _ in procs.children if n == "join")
             try:
                 join_proc.wait(timeout=expected_wall + 300)
@@ -253,15 +283,20 @@ def run(args) -> dict:
             procs.check("join")
         else:  # the simulator wrote every action and closed the feature log: join the rest
             joiner.run_once(final=True)
-        wait_for_training(procs, store, args, joiner, args.drain_timeout_s,
+            join_runs += joiner.runs
+        wait_for_training(procs, store, args, last_example_ts, args.drain_timeout_s,
                           progress=lambda: trained.append((
                               time.monotonic() - sim_started,
                               _trained_examples(store_handle, args.batch_size))))
         store_handle.close()
+        joined = examples_count() - (history or {}).get("examples", 0)
+        wall = time.monotonic() - started
+        result = report(out, args, features, actions, joined, join_runs, trained, wall,
+                        history)
     finally:
         procs.stop_all()
-    wall = time.monotonic() - started
-    result = report(out, args, joiner, trained, wall, history)
+        if transport is not None:
+            transport.stop()
     result["pids"] = procs.pids
     return result
 
@@ -328,16 +363,19 @@ def _verbose(args) -> list:
     return [cli.VERBOSE_FLAG] if getattr(args, "verbose", False) else []
 
 
-def run_history(procs: Processes, args, out: str, store: str) -> tuple:
+def run_history(procs: Processes, args, out: str, store: str, transport=None) -> tuple:
     """The world's last ``--history_s`` before the run, ``--history_speedup`` times faster:
     served by the initial parameters (every item scores alike: the history's ranking is the
-    candidates' popularity order), joined in one go into the folder online training follows.
+    candidates' popularity order), joined in one go into the folder online training follows
+    (or, a backfill of the examples topic, into ``OUT/history/examples`` and from there
+    into the topic).
 
     Args:
         procs: the loop's children (training and the store running).
         args: the loop's command line.
         out: the loop's folder (the history's in ``OUT/history``).
         store: the store's URL.
+        transport: the ``KafkaTransport`` of ``--transport kafka``, or None.
 
     Returns:
         ``(the history's summary, its PeriodJoin)`` (for :func:`wait_for_training`).
@@ -358,10 +396,13 @@ def run_history(procs: Processes, args, out: str, store: str) -> tuple:
         raise RuntimeError(f"simulate-history exited with {sim.returncode}; see "
                            f"{procs.log_dir}/simulate-history.log")
     procs.stop("serve-history")
-    joiner = PeriodJoin(f"{folder}/feature_log", f"{folder}/action_log", f"{out}/examples",
+    joiner = PeriodJoin(f"{folder}/feature_log", f"{folder}/action_log",
+                        f"{folder}/examples" if transport else f"{out}/examples",
                         f"{out}/join/history", args.config, args.period_s,
                         args.join_window_s, args.negative_sample_rate)
     joiner.run_once(final=True)
+    if transport is not None:
+        transport.produce_examples(example_files(joiner.examples_dir))
     with open(f"{folder}/sim_summary.json", encoding="utf-8") as f:
         sim_summary = json.load(f)
     history = {"simulated_s": args.history_s,
@@ -374,16 +415,16 @@ def run_history(procs: Processes, args, out: str, store: str) -> tuple:
     return history, joiner
 
 
-def wait_for_training(procs: Processes, store: str, args, joiner: PeriodJoin,
+def wait_for_training(procs: Processes, store: str, args, last_example_ts,
                       timeout_s: float, progress=None) -> dict:
-    """Waits until training has applied gradients up to the last example ``joiner``
-    landed (its dense PS's event time in the store's sync records).
+    """Waits until training has applied gradients up to the last example landed (its dense
+    PS's event time in the store's sync records).
 
     Args:
         procs: the loop's children (an error if training exits).
         store: the store's URL.
         args: the loop's command line.
-        joiner: the join whose examples training follows.
+        last_example_ts: returns the event time of the last example landed (None: none).
         timeout_s: how long to wait at most.
         progress: called at each look, or None.
 
@@ -393,12 +434,13 @@ def wait_for_training(procs: Processes, store: str, args, joiner: PeriodJoin,
     from ps.store import open_store
     handle = open_store(store, num_shards=args.num_shards)
     started = time.monotonic()
+    last = last_example_ts()
     try:
         while True:
             procs.check("train")
             if progress:
                 progress()
-            if _caught_up(joiner, handle.sync_info().get("dense", {})):
+            if last is None or handle.sync_info().get("dense", {}).get("ts_ms", -1) >= last:
                 return {"caught_up": True, "wait_s": round(time.monotonic() - started, 1)}
             if time.monotonic() - started > timeout_s:
                 _LOG.warning("loop: training did not catch up within %.0f s", timeout_s)
@@ -424,13 +466,12 @@ def _trained_examples(store, batch_size: int) -> int:
         return 0
 
 
-def _caught_up(joiner: PeriodJoin, dense_sync: dict) -> bool:
-    """Training has applied gradients up to the last example landed."""
-    files = example_files(joiner.examples_dir)
+def _last_example_ts(folder: str):
+    """The event time of the last example in an example-log folder (None: no file yet)."""
+    files = example_files(folder)
     if not files:
-        return True
-    last = max((r["ts_ms"] for r in read_avro(files[-1])), default=0)
-    return dense_sync.get("ts_ms", -1) >= last
+        return None
+    return max((r["ts_ms"] for r in read_avro(files[-1])), default=None)
 
 
 def main(argv=None) -> int:

@@ -226,7 +226,8 @@ def pipeline_options(argv: list[str], *option_classes, flink_defaults: dict | No
     return PipelineOptions(argv + extra, **ours)
 
 
-def parse_pipeline_args(argv: list[str] | None, options_class, required=(), prog: str = ""):
+def parse_pipeline_args(argv: list[str] | None, options_class, required=(), prog: str = "",
+                        flink_defaults: dict | None = None):
     """A pipeline CLI's options: :func:`pipeline_options` of ``argv`` and their view.
 
     Args:
@@ -235,6 +236,7 @@ def parse_pipeline_args(argv: list[str] | None, options_class, required=(), prog
         required: names of its flags that must be given (they have no default: Beam parses
             every options class with every pipeline).
         prog: the program's name in the error.
+        flink_defaults: as :func:`pipeline_options`'.
 
     Returns:
         ``(PipelineOptions, their options_class view)``.
@@ -242,7 +244,8 @@ def parse_pipeline_args(argv: list[str] | None, options_class, required=(), prog
     Raises:
         SystemExit: a required flag is missing; the message names them all.
     """
-    options = pipeline_options(sys.argv[1:] if argv is None else argv, options_class)
+    options = pipeline_options(sys.argv[1:] if argv is None else argv, options_class,
+                               flink_defaults=flink_defaults)
     opts = options.view_as(options_class)
     if any(not getattr(opts, name) for name in required):
         flags = [f"--{name}" for name in required]

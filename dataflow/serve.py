@@ -79,7 +79,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the model training trains (dataflow.train --model)")
     p.add_argument("--seed", type=int, default=0, help="dataflow.train --seed (initial weights)")
     p.add_argument("--num_shards", type=int, default=2, help="dataflow.train --num_shards")
-    p.add_argument("--feature_log", default=None, help="folder of the feature log")
+    p.add_argument("--feature_log", default=None,
+                   help="folder of the feature log, or a Kafka topic kafka://HOST:PORT/TOPIC "
+                        "(its messages keyed by request id, with watermark marks)")
     p.add_argument("--roll_s", type=float, default=60.0,
                    help="event-time seconds per feature log file")
     p.add_argument("--feature_log_in_process", action="store_true",
@@ -148,9 +150,12 @@ def main(argv=None) -> int:
     stop.wait()
     server.stop()
     log = scorer.feature_log
-    print(f"serve: stopped; {scorer.counters['requests']} requests"
-          + (f", {log.records} records in {log.files} feature log files" if log else ""),
-          flush=True)
+    where = ""
+    if log is not None:
+        stats = log.stats()
+        where = (f", {stats['records']} records to {args.feature_log}" if stats["files"] == 0
+                 else f", {stats['records']} records in {stats['files']} feature log files")
+    print(f"serve: stopped; {scorer.counters['requests']} requests{where}", flush=True)
     return 0
 
 

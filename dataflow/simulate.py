@@ -15,7 +15,9 @@ clicks each with its **true** probability (computed here from the world, not fro
 says), some seconds to minutes later (log-normal delays as in ``dataflow.data``), and likes
 some clicked items later still. Actions are written to ``--actions`` as the action log
 (``schemas/action_log.avsc``), one Avro file per ``--roll_s`` of event time, in event-time
-order, with a ``_watermark.json`` that says up to when the folder is complete.
+order, with a ``_watermark.json`` that says up to when the folder is complete; or, given
+``kafka://HOST:PORT/TOPIC``, as the messages of that topic, in event-time order, with
+watermark marks (``dataflow.serving.kafka_log``).
 
 When the simulated time is up it writes the actions still pending (the last clicks
 come after the last request), asks serving to close its feature log (``POST /flush``), and
@@ -179,7 +181,7 @@ class Simulator:
 
     Args:
         serve_url: serving's URL.
-        actions_dir: the action log's folder.
+        actions_dir: the action log's folder, or ``kafka://HOST:PORT/TOPIC``.
         world: the :class:`World`.
         speed: simulated seconds per wall second.
         rps: requests per wall second.
@@ -221,7 +223,7 @@ class Simulator:
                  concurrency: int = 2, seed: int = 0, max_delay_s: float = 1800.0,
                  stats_path: Optional[str] = None, wait_for_serve_s: float = 60.0,
                  clock_from_s: float = 0.0, clock_to_s: Optional[float] = None):
-        from dataflow.serving.feature_log import RollingAvroLog
+        from dataflow.serving.feature_log import open_log
         if speed <= 0 or rps <= 0:
             raise ValueError("--speed and --rps must be positive")
         self.url = urllib.parse.urlsplit(serve_url)
@@ -241,7 +243,7 @@ class Simulator:
         if self.to_rel_ms <= self.from_rel_ms:
             raise ValueError("the simulated clock must run forwards: --clock_to_s after "
                              "--clock_from_s")
-        self.log = RollingAvroLog(actions_dir, "action_log", roll_s)
+        self.log = open_log(actions_dir, "action_log", roll_s)
         self.rng = np.random.default_rng(seed + 1_000_003)
         self.lock = threading.Lock()
         self.pending: list = []  # heap of (ts_ms, seq, request_id, action)
@@ -467,7 +469,9 @@ def parser() -> argparse.ArgumentParser:
     """The command line's parser."""
     p = cli.argument_parser(prog="python -m dataflow.simulate", description=__doc__)
     p.add_argument("--serve", required=True, help="serving URL, e.g. http://127.0.0.1:8500")
-    p.add_argument("--actions", required=True, help="folder of the action log")
+    p.add_argument("--actions", required=True,
+                   help="folder of the action log, or a Kafka topic kafka://HOST:PORT/TOPIC "
+                        "(its messages keyed by request id, with watermark marks)")
     p.add_argument("--duration_s", type=float, default=3600.0,
                    help="simulated seconds to run for")
     p.add_argument("--speed", type=float, default=60.0,

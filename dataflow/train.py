@@ -136,6 +136,11 @@ class TrainOptions(MonolithOptions):
         parser.add_argument("--run_for_s", type=float, default=0.0,
                             help="online: stop watching the folder after this many seconds of "
                                  "wall time (0: run until cancelled)")
+        parser.add_argument("--max_batch_wait_s", type=float, default=None,
+                            help="online, Kafka input: a short batch is trained once its "
+                                 "first example waited this many wall seconds at the end of "
+                                 "the topic (default: never; batches then end at --batch_size "
+                                 "or an hour's edge only, whenever examples come)")
         parser.add_argument("--stop_when_exists", default=None,
                             help="online: stop watching the folder once this file exists (its "
                                  "writer creates it after the last example file landed; "
@@ -251,7 +256,8 @@ def build(pipeline: beam.Pipeline, opts: TrainOptions, mode: str):
         batches, dead = pipeline | "ReadExamples" >> ReadExampleBatchesFromKafka(
             bootstrap, topic, opts.batch_size, train.spec.dense_dim, pacing=pacing,
             follow=follow, poll_interval_s=opts.poll_interval_s, stop_timestamp=stop_timestamp,
-            subtasks=subtasks, start_after_ms=_start_after_ms(opts, mode)).with_dead_letters()
+            subtasks=subtasks, start_after_ms=_start_after_ms(opts, mode),
+            max_batch_wait_s=opts.max_batch_wait_s).with_dead_letters()
         _ = dead | "WriteDeadLetters" >> WriteEventTimeFiles(
             os.path.join(opts.metrics_dir, "dead_letter"))
         return batches | "Train" >> train

@@ -26,6 +26,16 @@ A dead letter of a message (:func:`kafka_dead_letter`) has the keys of the file 
 ``{"reason", "detail", "topic", "partition", "offset", "timestamp_ms", "key", "payload",
 "record": None, "records_lost": 0}``; ``key`` and ``payload`` are the raw bytes in base64
 (JSON-able; ``base64.b64decode`` gives them back), so a dead letter can be replayed.
+
+**Watermark marks** (:func:`watermark_mark`, :func:`split_marks`): a writer that knows its
+event time says so in each partition of its topic with a message of no key and no value and
+one header, ``beam-monolith.watermark``: 8 bytes, big-endian, of an event time ``T`` in ms
+(signed). It means: every later message of that partition has an event time ``>= T`` (the
+``_watermark.json`` of a log folder, per partition). A reader advances the partition's
+watermark to it, so a partition with no records for a while does not hold back the
+event-time timers of what reads it (the join's windows); ``T = END_OF_STREAM`` ends the
+partition (its writer is done: nothing after it is read). Marks are not records: readers
+never pass them on nor count them as dead letters.
 """
 from __future__ import annotations
 
@@ -41,9 +51,13 @@ from schemas import SCHEMA_DIR, load_schema
 from transforms.sources import BadRecord
 
 __all__ = ["KafkaRecordCodec", "Decoded", "kafka_dead_letter", "schema_fingerprint",
-           "FINGERPRINT_HEADER"]
+           "FINGERPRINT_HEADER", "WATERMARK_HEADER", "END_OF_STREAM", "watermark_mark",
+           "mark_of", "split_marks"]
 
 FINGERPRINT_HEADER = "avro.schema.fingerprint"
+WATERMARK_HEADER = "beam-monolith.watermark"
+#: The event time (ms) of the mark that ends a partition: its writer writes no more.
+END_OF_STREAM = (1 << 63) - 1
 _MAX_DETAIL = 300
 
 
@@ -267,6 +281,89 @@ class KafkaRecordCodec:
                        f"the payload was written with schema "
                        f"{known + ' (' + fp.hex() + ')' if known else 'of fingerprint ' + fp.hex()}"
                        f", not {self.name} ({self.fingerprint.hex()})")
+
+
+def watermark_mark(ts_ms: int) -> list:
+    """The headers of a watermark mark (module docstring): produce them with no key and no
+    value to every partition of the topic.
+
+    Args:
+        ts_ms: the event time (ms) that every later message of the partition is at or after;
+            :data:`END_OF_STREAM` to end the partition.
+
+    Returns:
+        ``[("beam-monolith.watermark", 8 bytes)]``.
+
+    >>> watermark_mark(1704067200000)
+    [('beam-monolith.watermark', b'\\x00\\x00\\x01\\x8c\\xc2Q\\xf4\\x00')]
+    >>> mark_of(_Message(None, watermark_mark(END_OF_STREAM))) == END_OF_STREAM
+    True
+    """
+    return [(WATERMARK_HEADER, int(ts_ms).to_bytes(8, "big", signed=True))]
+
+
+def mark_of(message) -> Optional[int]:
+    """The event time of a watermark mark, or None if the message is not one (it has a value,
+    or no well-formed ``beam-monolith.watermark`` header: a record, or a dead letter).
+
+    Args:
+        message: a ``confluent_kafka.Message`` (or alike: ``value()``, ``headers()``).
+    """
+    if message.value() is not None:
+        return None
+    for name, header in message.headers() or ():
+        if name == WATERMARK_HEADER and isinstance(header, bytes) and len(header) == 8:
+            return int.from_bytes(header, "big", signed=True)
+    return None
+
+
+def split_marks(messages) -> tuple[list, Optional[int], Optional[int]]:
+    """Consumed messages → the ones that are not marks, the latest mark's event time, and
+    the offset of an :data:`END_OF_STREAM` mark.
+
+    Args:
+        messages: messages of one partition, in offset order (consumer events, whose
+            ``error()`` is set, are passed on as they are).
+
+    Returns:
+        ``(messages before the end, in order; the highest mark before the end or None; the
+        end mark's offset or None)``. Messages after an end mark are left out.
+
+    >>> msgs = [_Message(b"r1"), _Message(None, watermark_mark(7)), _Message(b"r2"),
+    ...         _Message(None, watermark_mark(END_OF_STREAM), offset=3), _Message(b"r3")]
+    >>> rest, mark, end = split_marks(msgs)
+    >>> [m.value() for m in rest], mark, end
+    ([b'r1', b'r2'], 7, 3)
+    """
+    rest, latest = [], None
+    for message in messages:
+        mark = mark_of(message) if message.error() is None else None
+        if mark is None:
+            rest.append(message)
+        elif mark == END_OF_STREAM:
+            return rest, latest, message.offset()
+        elif latest is None or mark > latest:
+            latest = mark
+    return rest, latest, None
+
+
+class _Message:
+    """A stand-in for a consumed message in this module's examples."""
+
+    def __init__(self, value, headers=None, offset=0):
+        self._value, self._headers, self._offset = value, headers, offset
+
+    def value(self):
+        return self._value
+
+    def headers(self):
+        return self._headers
+
+    def offset(self):
+        return self._offset
+
+    def error(self):
+        return None
 
 
 def kafka_dead_letter(message: Any, reason: str, detail: str) -> dict:

@@ -11,7 +11,10 @@ is drained, and resumes after ``poll_interval_s``.
 
 Each partition's records keep their order; the output watermark of a partition is the latest
 event time read from it (a record earlier than that is passed on and counted as
-``kafka_source.records_behind_watermark``). A message that does not decode, has another
+``kafka_source.records_behind_watermark``), or the latest watermark mark its writer put in it,
+if later (``transforms.kafka_records``: a partition with no records for a while does not hold
+the watermark back while its writer goes on); an end-of-stream mark ends the partition's read.
+Training's example reader skips marks. A message that does not decode, has another
 schema, or has no event time that Beam can carry is a dead letter with its reason, topic,
 partition and offset (``transforms.kafka_records``); the read goes on.
 """
@@ -27,18 +30,21 @@ from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 
-from transforms.kafka_records import KafkaRecordCodec, kafka_dead_letter
+from transforms.kafka_records import KafkaRecordCodec, kafka_dead_letter, mark_of, split_marks
 from transforms.sources import DEAD_LETTER, BadRecord, WithDeadLetters, event_time
 from transforms.tail import NO_END
 
 __all__ = ["ReadFromKafkaTopic", "ReadExampleBatchesFromKafka", "PartitionRange", "parse_kafka_url",
-           "partition_ranges", "reader_elements", "parse_reader_element", "METRICS_NAMESPACE"]
+           "partition_ranges", "read_records", "last_record", "reader_elements", "parse_reader_element", "METRICS_NAMESPACE"]
 
 _LOG = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "kafka_source"
+# Beam's range of event times, in ms: a watermark mark beyond it is clamped to it.
+_MIN_MS = MIN_TIMESTAMP.micros // 1000 + 1
+_MAX_MS = MAX_TIMESTAMP.micros // 1000 - 1
 
 
 def parse_kafka_url(url: str) -> tuple[str, str]:
@@ -124,6 +130,94 @@ def partition_ranges(bootstrap: str, topic: str, start="earliest", stop="end",
         consumer.close()
 
 
+def read_records(bootstrap: str, topic: str, schema, key_field: Optional[str] = "request_id",
+                 timeout_s: float = 60.0, consumer_config: Optional[dict] = None) -> tuple:
+    """Every record of a topic up to its end offsets now, without Beam (reports, tests).
+
+    Args:
+        bootstrap: the brokers.
+        topic: the topic (it must exist).
+        schema: the records' schema (a name of ``schemas/`` or a dict).
+        key_field: the records' key field.
+        timeout_s: the longest wait for the broker with nothing read.
+        consumer_config: more librdkafka settings.
+
+    Returns:
+        ``(records, dead letters)``: the records partition after partition, each in offset
+        order (watermark marks left out), and the messages that do not decode
+        (``kafka_dead_letter``).
+
+    Raises:
+        ValueError: the topic does not exist.
+        TimeoutError: the broker gave nothing for ``timeout_s`` before the end offsets.
+    """
+    from confluent_kafka import TopicPartition
+    codec = KafkaRecordCodec(schema, key_field)
+    records, dead = [], []
+    consumer = _consumer(bootstrap, consumer_config)
+    try:
+        for part in partition_ranges(bootstrap, topic, consumer_config=consumer_config):
+            if part.start >= part.stop:
+                continue
+            consumer.assign([TopicPartition(topic, part.partition, part.start)])
+            position, idle_since = part.start, time.monotonic()
+            while position < part.stop:
+                messages = [m for m in consumer.consume(10_000, 0.2)
+                            if m.error() is None and m.offset() < part.stop]
+                if not messages:
+                    position = max(position, _ReadPartitionFn._position(consumer, part))
+                    if time.monotonic() - idle_since > timeout_s:
+                        raise TimeoutError(f"Kafka {topic}[{part.partition}]: nothing read "
+                                           f"for {timeout_s:.0f} s at offset {position}")
+                    continue
+                idle_since = time.monotonic()
+                position = messages[-1].offset() + 1
+                good, bad = codec.decode_messages([m for m in messages if mark_of(m) is None])
+                records += [r for _, r in good]
+                dead += bad
+        return records, dead
+    finally:
+        consumer.close()
+
+
+def last_record(bootstrap: str, topic: str, partition: int, schema,
+                key_field: Optional[str] = "request_id", lookback: int = 64,
+                timeout_s: float = 30.0, consumer_config: Optional[dict] = None):
+    """The last record of a partition (watermark marks and messages that do not decode left
+    out), looking back at most ``lookback`` messages from its end.
+
+    Returns:
+        The record (a dict), or None if the partition has none there.
+    """
+    from confluent_kafka import TopicPartition
+    codec = KafkaRecordCodec(schema, key_field)
+    consumer = _consumer(bootstrap, consumer_config)
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                   timeout=timeout_s)
+        if high <= low:
+            return None
+        start = max(low, high - lookback)
+        consumer.assign([TopicPartition(topic, partition, start)])
+        position, last, deadline = start, None, time.monotonic() + timeout_s
+        while position < high:
+            messages = [m for m in consumer.consume(1000, 0.2)
+                        if m.error() is None and m.offset() < high]
+            if messages:
+                position = messages[-1].offset() + 1
+                good, _ = codec.decode_messages([m for m in messages if mark_of(m) is None])
+                last = good[-1][1] if good else last
+            else:
+                position = max(position, _ReadPartitionFn._position(consumer, part=PartitionRange(
+                    topic, partition, start, high)))
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Kafka {topic}[{partition}]: its last {high - start} "
+                                       f"messages were not read within {timeout_s:.0f} s")
+        return last
+    finally:
+        consumer.close()
+
+
 def _at_high_watermark(consumer, part: PartitionRange, position: int,
                        timeout_s: float = 10.0) -> bool:
     """Whether ``position`` is at the end of the partition (its high watermark) now."""
@@ -172,6 +266,8 @@ class _ReadPartitionFn(beam.DoFn):
         self.dead_letters = Metrics.counter(METRICS_NAMESPACE, "dead_letters")
         self.behind = Metrics.counter(METRICS_NAMESPACE, "records_behind_watermark")
         self.lag = Metrics.distribution(METRICS_NAMESPACE, "records_per_call")
+        self.marks = Metrics.counter(METRICS_NAMESPACE, "watermark_marks")
+        self.ended = Metrics.counter(METRICS_NAMESPACE, "partitions_ended")
 
     def setup(self):
         self._codec = KafkaRecordCodec(self.schema, self.key_field)
@@ -218,13 +314,21 @@ class _ReadPartitionFn(beam.DoFn):
                         if not self._event(m)]
             if messages:
                 idle_since = time.monotonic()
-                # The last message below the restriction's end claims every one before it.
                 within = [m for m in messages if m.offset() < stop]
-                if within and not tracker.try_claim(within[-1].offset()):
+                records, mark, end = split_marks(within)
+                # The last message below the restriction's end (or the end mark) claims
+                # every one before it.
+                last = end if end is not None else within[-1].offset() if within else None
+                if last is not None and not tracker.try_claim(last):
                     return
-                yield from self._emit(within, watermark)
-                emitted += len(within)
-                position = (within[-1].offset() + 1) if within else stop
+                yield from self._emit(records, watermark, mark)
+                emitted += len(records)
+                if end is not None:  # its writer ended the partition: done
+                    self.ended.inc()
+                    tracker.try_claim(stop)
+                    self.lag.update(emitted)
+                    return
+                position = last + 1 if last is not None else stop
             else:
                 # Offsets may have gaps (transaction markers, compaction): the consumer's
                 # position tells whether the range is read.
@@ -273,7 +377,9 @@ class _ReadPartitionFn(beam.DoFn):
                                f"range ({part.stop})")
         return False
 
-    def _emit(self, messages, watermark):
+    def _emit(self, messages, watermark, mark: Optional[int] = None):
+        """Yields the records (and dead letters) of ``messages``; moves the watermark to the
+        latest event time read, or to ``mark`` (ms, a writer's watermark mark) if later."""
         good, dead = self._codec.decode_messages(messages)
         told = watermark.current_watermark()
         latest = None
@@ -297,6 +403,10 @@ class _ReadPartitionFn(beam.DoFn):
             self.dead_letters.inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER,
                                            d if at is None else TimestampedValue(d, at))
+        if mark is not None:
+            self.marks.inc()
+            at_mark = Timestamp(micros=min(max(mark, _MIN_MS), _MAX_MS) * 1000)
+            latest = at_mark if latest is None or at_mark > latest else latest
         if latest is not None and (told is None or latest > told):
             watermark.set_watermark(latest)
 
@@ -342,7 +452,9 @@ class ReadFromKafkaTopic(WithDeadLetters, beam.PTransform):
     its reason, topic, partition and offset (``transforms.kafka_records.kafka_dead_letter``).
 
     Beam counters (namespace ``kafka_source``): ``records_read``, ``bytes_read``,
-    ``dead_letters``, ``records_behind_watermark``; distribution ``records_per_call``.
+    ``dead_letters``, ``records_behind_watermark``, ``watermark_marks`` (reads that moved a
+    partition's watermark to a writer's mark), ``partitions_ended`` (by an end-of-stream
+    mark); distribution ``records_per_call``.
 
     Args:
         bootstrap: the brokers (``host:port,...``).
@@ -541,7 +653,7 @@ class _ReadExampleBatchesFn(_ReadPartitionFn):
 
     def _decode(self, messages) -> list:
         """Messages → ``(offset, record, None)`` or ``(offset, None, dead letter)``."""
-        good, dead = self._codec.decode_messages(messages)
+        good, dead = self._codec.decode_messages([m for m in messages if mark_of(m) is None])
         out = []
         for message, record in good:
             try:

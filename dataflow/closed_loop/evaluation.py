@@ -16,15 +16,21 @@ from schemas import read_avro
 __all__ = ["read_log", "serving_auc_over_time", "click_noise", "read_sim_stats"]
 
 
-def read_log(folder: str) -> list:
-    """Every record of a log folder's complete files, in file (event-time) order.
+def read_log(folder: str, schema: str = "feature_log") -> list:
+    """Every record of a log folder's complete files, in file (event-time) order; or of a
+    Kafka topic (``kafka://HOST:PORT/TOPIC``), up to its end offsets now.
 
     Args:
-        folder: a feature or action log folder (``dataflow.serving.feature_log``).
+        folder: a feature or action log folder (``dataflow.serving.feature_log``), or topic.
+        schema: the topic's records' schema (``feature_log``, ``action_log``).
 
     Returns:
         The records.
     """
+    if folder.startswith("kafka://"):
+        from transforms.kafka_source import parse_kafka_url, read_records
+        records, _ = read_records(*parse_kafka_url(folder), schema)
+        return sorted(records, key=lambda r: r["ts_ms"])
     return [r for _, path in log_files(folder) for r in read_avro(path)]
 
 
@@ -35,8 +41,8 @@ def serving_auc_over_time(features_dir: str, actions_dir: str, join_window_s: fl
     the same served items.
 
     Args:
-        features_dir: serving's feature log folder.
-        actions_dir: the action log folder.
+        features_dir: serving's feature log folder (or topic, ``kafka://``).
+        actions_dir: the action log folder (or topic).
         join_window_s: how long after serving an action counts.
         buckets: how many equal spans of event time.
         positive_actions: the actions that make a served item positive.
@@ -48,8 +54,8 @@ def serving_auc_over_time(features_dir: str, actions_dir: str, join_window_s: fl
         ``([], {})`` if nothing was served.
     """
     from dataflow.data import roc_auc
-    served = read_log(features_dir)
-    actions = read_log(actions_dir)
+    served = read_log(features_dir, "feature_log")
+    actions = read_log(actions_dir, "action_log")
     if not served:
         return [], {}
     served_at = {r["request_id"]: r["ts_ms"] for r in served}

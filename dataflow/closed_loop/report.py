@@ -12,21 +12,22 @@ from typing import Optional
 import numpy as np
 
 from dataflow.closed_loop.evaluation import read_sim_stats, serving_auc_over_time
-from dataflow.closed_loop.period_join import PeriodJoin
 from schemas import strict_json
-from transforms.example_log import count_examples, example_files
 
 __all__ = ["report", "plot"]
 
 
-def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
-           history: Optional[dict] = None) -> dict:
+def report(out: str, args, features: str, actions: str, examples_joined: int,
+           join_runs: list, trained: list, wall: float, history: Optional[dict] = None) -> dict:
     """Writes a run's report, its AUC table and its plot into ``out``.
 
     Args:
         out: the loop's folder (its logs, the simulator's statistics and summary).
         args: the loop's command line.
-        joiner: the run's :class:`PeriodJoin` (its runs and example folder).
+        features: the run's feature log (a folder, or ``kafka://`` topic).
+        actions: the run's action log (a folder, or topic).
+        examples_joined: how many examples the run's join gave.
+        join_runs: the run's join pipelines (``PeriodJoin.runs``; none for a streaming join).
         trained: ``[(wall seconds since the simulator started, examples trained)]``.
         wall: the run's wall seconds.
         history: the warm-up's summary, or None (cold start).
@@ -36,8 +37,8 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
         ``throughput``, ``simulator``, ``history``, ``models_kept``,
         ``model_versions_served``, ``settings``.
     """
-    rows, totals = serving_auc_over_time(f"{out}/feature_log", f"{out}/action_log",
-                                         args.join_window_s, args.report_buckets)
+    rows, totals = serving_auc_over_time(features, actions, args.join_window_s,
+                                         args.report_buckets)
     stats = read_sim_stats(f"{out}/sim_stats.csv")
     sim_summary = {}
     if os.path.exists(f"{out}/sim_summary.json"):
@@ -64,8 +65,6 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
         "sparse_sync_wall_age_s_p50": pct(stats.get("sparse_wall_age_s")[ok], 50)
         if ok.any() else None,
     }
-    # the run's examples: the folder holds the history's before them
-    examples = count_examples(example_files(joiner.examples_dir)) - (history or {}).get("examples", 0)
     result = {
         "auc": totals, "auc_over_time": rows, "staleness": staleness,
         "throughput": {
@@ -75,8 +74,8 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
                                         / max(sim_summary.get("wall_s", 1), 1e-9), 1),
             "serving_latency_ms_p50": sim_summary.get("latency_ms_p50"),
             "serving_latency_ms_p99": sim_summary.get("latency_ms_p99"),
-            "examples_joined": examples, "join_runs": len(joiner.runs),
-            "join_seconds": round(sum(r["seconds"] for r in joiner.runs), 1),
+            "examples_joined": examples_joined, "join_runs": len(join_runs),
+            "join_seconds": round(sum(r["seconds"] for r in join_runs), 1),
             "examples_trained_about": trained[-1][1] if trained else 0,
         },
         "simulator": sim_summary,
@@ -90,7 +89,8 @@ def report(out: str, args, joiner: PeriodJoin, trained: list, wall: float,
     with open(f"{out}/report.json", "w", encoding="utf-8") as f:
         strict_json.dump(result, f, indent=2)
     last = totals.get("last_quarter", {})
-    title = (f"closed loop ({args.model}, {args.runner}): last quarter serving AUC "
+    title = (f"closed loop ({args.model}, {args.runner}, {args.transport}): last quarter "
+             f"serving AUC "
              f"{last.get('serving_auc')} vs Bayes {last.get('bayes_auc')}")
     plot(f"{out}/loop.png", rows, stats, trained, title)
     return result

@@ -1,9 +1,11 @@
 """Serving's feature log: records appended as requests are served, written as Avro files, one
-per period of event time, and a watermark file saying up to when the folder is complete.
+per period of event time, and a watermark file saying up to when the folder is complete; or,
+given a ``kafka://HOST:PORT/TOPIC`` instead of a folder, as the messages of a Kafka topic
+with watermark marks (``dataflow.serving.kafka_log.KafkaAvroLog``, the same interface).
 
 :class:`RollingAvroLog` writes them with a thread of this process (the simulator writes its
-action log so, too), :class:`ProcessAvroLog` with a child process (what the service uses:
-:func:`open_feature_log`); :func:`read_watermark` reads the watermark back and
+action log so, too: :func:`open_log`), :class:`ProcessAvroLog` with a child process (what the
+service uses: :func:`open_feature_log`); :func:`read_watermark` reads the watermark back and
 :func:`log_files` lists the files.
 """
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Optional
 
 from schemas import strict_json
 
-__all__ = ["RollingAvroLog", "ProcessAvroLog", "open_feature_log", "read_watermark",
-           "log_files"]
+__all__ = ["RollingAvroLog", "ProcessAvroLog", "open_log", "open_feature_log", "read_watermark",
+           "log_files", "is_kafka"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -172,8 +174,32 @@ class RollingAvroLog:
                 _LOG.exception("feature log: writing %s of period %s failed", kind, period)
 
 
+def is_kafka(target: str) -> bool:
+    """Whether a log's place is a Kafka topic (``kafka://...``), not a folder."""
+    return target.startswith("kafka://")
+
+
+def open_log(target: str, schema_name: str, roll_s: float):
+    """A log written by this process: a :class:`RollingAvroLog` of a folder, or a
+    ``KafkaAvroLog`` of a topic.
+
+    Args:
+        target: a folder, or ``kafka://HOST:PORT[,...]/TOPIC``.
+        schema_name: the records' schema in ``schemas/``.
+        roll_s: event-time seconds per file (a topic: of the period ``close()`` marks).
+
+    Returns:
+        The writer (``append``, ``advance``, ``close``, ``flush``, ``stats``, ``stop``).
+    """
+    if is_kafka(target):
+        from dataflow.serving.kafka_log import KafkaAvroLog
+        return KafkaAvroLog(target, schema_name, roll_s)
+    return RollingAvroLog(target, schema_name, roll_s)
+
+
 class ProcessAvroLog:
-    """A :class:`RollingAvroLog` run by a child process (same files, same interface).
+    """A :class:`RollingAvroLog` (or, for a ``kafka://`` topic, a ``KafkaAvroLog``) run by a
+    child process (same files or messages, same interface).
 
     Encoding a feature log record with fastavro takes 30-40 us of C code that holds the GIL
     (its map of union-typed values); a file of a few thousand records, encoded by a thread of
@@ -208,6 +234,9 @@ class ProcessAvroLog:
             raise ValueError(f"roll_s must be > 0, got {roll_s}")
         from multiprocessing.connection import Connection
         self.folder = folder
+        if is_kafka(folder):  # a missing topic fails here, with what to run
+            from dataflow.serving.kafka_log import topic_partitions
+            topic_partitions(folder)
         # A new interpreter, not a fork of one running TensorFlow's threads, nor
         # multiprocessing's spawn (it would import the caller's __main__ again).
         mine, theirs = socket.socketpair()
@@ -307,7 +336,8 @@ def _log_main() -> None:
     except OSError:
         pass
     conn = Connection(int(fd))
-    log = RollingAvroLog(folder, schema_name, float(roll_s), codec)
+    log = (open_log(folder, schema_name, float(roll_s)) if is_kafka(folder)
+           else RollingAvroLog(folder, schema_name, float(roll_s), codec))
     while True:
         try:
             message = conn.recv()
@@ -336,16 +366,18 @@ def open_feature_log(folder: str, roll_s: float, in_process: bool = False):
     """Serving's feature log (``schemas/feature_log.avsc``).
 
     Args:
-        folder: its folder.
+        folder: its folder, or ``kafka://HOST:PORT[,...]/TOPIC``.
         roll_s: event-time seconds per file.
-        in_process: written by a thread of this process (its Avro encoding then holds the
-            GIL against requests), not by a child process.
+        in_process: written by this process (its Avro encoding then holds the GIL against
+            requests), not by a child process.
 
     Returns:
-        A :class:`ProcessAvroLog`, or a :class:`RollingAvroLog` if ``in_process``.
+        A :class:`ProcessAvroLog`, or if ``in_process`` a :class:`RollingAvroLog` (a
+        ``KafkaAvroLog`` for a topic).
     """
-    cls = RollingAvroLog if in_process else ProcessAvroLog
-    return cls(folder, "feature_log", roll_s)
+    if in_process:
+        return open_log(folder, "feature_log", roll_s)
+    return ProcessAvroLog(folder, "feature_log", roll_s)
 
 
 def read_watermark(folder: str) -> Optional[int]:
