@@ -1,6 +1,6 @@
 """Exactly-once PS state on a standalone Flink cluster: a TaskManager killed mid-stream (the
-examples in files, and in a Kafka topic), a job stopped with a savepoint and resumed from it,
-and batch-then-online through a savepoint (issue #7, parts 1, 2 and 5; issue #20, part 4).
+examples in files; with Kafka, see ``test_kafka_join_recovery``), a job stopped with a savepoint and resumed from it,
+and batch-then-online through a savepoint (issue #7, parts 1, 2 and 5).
 
 Each run is the online training job (``python -m dataflow.train online``) in a subprocess,
 on a cluster from ``.venv-flink`` with checkpointing and the RocksDB state backend, with the
@@ -22,18 +22,14 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
-import fastavro
 import numpy as np
 import pytest
-from confluent_kafka import Producer
 
 from conftest import standalone_cluster
 from dataflow import train
 from ps.snapshot_files import read_snapshot
 from ps.store import open_store
-from transforms.kafka_records import KafkaRecordCodec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--config=synthetic", "--model=fm", "--learning_rate=0.05", "--batch_size=256",
@@ -388,45 +384,3 @@ def test_backfill_then_online_via_savepoint(recovery_cluster, stream, tmp_path, 
     same_as_clean(result, clean, report)
     check_store_matches_snapshots(store_url, result["snapshots"], online / "snapshots")
 
-
-class Producing(threading.Thread):
-    """Produces the examples of the stream's files to a topic, a file a second, as the join
-    would; ``stopped`` ends it early."""
-
-    def __init__(self, files, bootstrap: str, topic: str, every_s: float = 1.0):
-        super().__init__(daemon=True)
-        self.files, self.bootstrap, self.topic, self.every_s = files, bootstrap, topic, every_s
-        self.stopped = threading.Event()
-
-    def run(self):
-        codec = KafkaRecordCodec("example")
-        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True})
-        for path in self.files:
-            if self.stopped.wait(self.every_s):
-                break
-            with open(path, "rb") as f:
-                for record in fastavro.reader(f):
-                    key, value = codec.encode(record)
-                    producer.produce(self.topic, value=value, key=key, headers=codec.headers,
-                                     timestamp=record["ts_ms"])
-            producer.flush(30)
-        producer.flush(30)
-
-
-@pytest.mark.kafka
-def test_taskmanager_killed_while_training_reads_kafka(recovery_cluster, stream, tmp_path,
-                                                       redis_server, kafka_broker):
-    """The online job follows a one-partition examples topic while the stream's examples are
-    produced to it; one TaskManager is SIGKILLed mid-stream. The partition's offset is the
-    reader's restriction, in the checkpoint: after the restore the totals equal the clean
-    DirectRunner run over the same examples as files (a batch ends at an event-time period's
-    edge, as the files end it), so every example is scored and trained on once."""
-    topic = f"examples-{uuid.uuid4().hex[:8]}"
-    kafka_broker.create_topic(topic, partitions=1)
-    store_url, store = fresh_store(redis_server, 15)
-    out = tmp_path / "killed"
-    producing = Producing(stream["files"], kafka_broker.bootstrap, topic)
-    result, _ = killed_run(recovery_cluster, out, store_url, store,
-                           f"kafka://{kafka_broker.bootstrap}/{topic}", producing,
-                           stream["clean"], run_for_s=60)
-    check_store_matches_snapshots(store_url, result["snapshots"], out / "snapshots")

@@ -45,7 +45,7 @@ def two_job_cluster(tmp_path_factory, flink_job_server_jar):
         tmp_path_factory.mktemp("flink-two-jobs"), task_slots=2,
         extra_conf={"heartbeat.interval": 1000, "heartbeat.timeout": 5000,
                     "restart-strategy.type": "fixed-delay",
-                    "restart-strategy.fixed-delay.attempts": 5,
+                    "restart-strategy.fixed-delay.attempts": 30,
                     "restart-strategy.fixed-delay.delay": "1 s"})
 
 
