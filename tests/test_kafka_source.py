@@ -87,6 +87,30 @@ def test_given_offsets_read_exactly_that_slice(kafka_broker):
     _run(check)
 
 
+
+def test_messages_deleted_before_they_were_read_are_counted_not_passed_over(kafka_broker):
+    """A restriction whose first offsets retention deleted (here: delete_records) reads what
+    is left, and counts the offsets that held no message in ``offsets_skipped``."""
+    from apache_beam.metrics.metric import MetricsFilter
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+    topic = _topic(kafka_broker, 1)
+    codec = KafkaRecordCodec("action_log")
+    _produce(kafka_broker, topic, _good(codec, _actions(10), 1))
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+    for future in admin.delete_records([TopicPartition(topic, 0, 4)]).values():
+        future.result(timeout=30)
+
+    p = beam.Pipeline(options=pipeline_options(["--runner=DirectRunner"]))
+    read = p | ReadFromKafkaTopic(kafka_broker.bootstrap, topic, "action_log",
+                                  ranges=[PartitionRange(topic, 0, 0, 10)])
+    assert_that(read | beam.Map(lambda r: r["request_id"]),
+                equal_to([f"r{i}" for i in range(4, 10)]))
+    result = p.run()
+    result.wait_until_finish()
+    skipped = result.metrics().query(MetricsFilter().with_name("offsets_skipped"))["counters"]
+    assert sum(c.committed for c in skipped) == 4
+
 def test_bad_messages_are_dead_letters_and_nothing_is_lost(kafka_broker):
     topic = _topic(kafka_broker, 2)
     codec = KafkaRecordCodec("action_log")

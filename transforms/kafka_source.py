@@ -25,6 +25,7 @@ import time
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.metrics import Metrics
@@ -268,6 +269,7 @@ class _ReadPartitionFn(beam.DoFn):
         self.lag = Metrics.distribution(METRICS_NAMESPACE, "records_per_call")
         self.marks = Metrics.counter(METRICS_NAMESPACE, "watermark_marks")
         self.ended = Metrics.counter(METRICS_NAMESPACE, "partitions_ended")
+        self.skipped = Metrics.counter(METRICS_NAMESPACE, "offsets_skipped")
 
     def setup(self):
         self._codec = KafkaRecordCodec(self.schema, self.key_field)
@@ -315,6 +317,7 @@ class _ReadPartitionFn(beam.DoFn):
             if messages:
                 idle_since = time.monotonic()
                 within = [m for m in messages if m.offset() < stop]
+                self._count_gaps(part, position, within)
                 records, mark, end = split_marks(within)
                 # The last message below the restriction's end (or the end mark) claims
                 # every one before it.
@@ -346,6 +349,21 @@ class _ReadPartitionFn(beam.DoFn):
                 self.lag.update(emitted)
                 tracker.defer_remainder()
                 return
+
+    def _count_gaps(self, part: PartitionRange, position: int, messages) -> None:
+        """Counts offsets that come with no message. A transaction's commit marker takes one;
+        more mean messages that are gone (retention or compaction deleted them before they
+        were read): counted in ``offsets_skipped`` and logged, never silently passed over."""
+        offsets = np.fromiter((m.offset() for m in messages), np.int64, len(messages))
+        if not len(offsets):
+            return
+        gaps = np.diff(offsets, prepend=position - 1) - 1  # offsets with no message
+        if gaps.max() > 0:
+            self.skipped.inc(int(gaps.sum()))
+            if gaps.max() > 1:
+                logging.warning("%s[%d]: %d offsets before %d hold no message (deleted by "
+                                "retention or compaction?)", part.topic, part.partition,
+                                int(gaps.sum()), int(offsets[-1]))
 
     @staticmethod
     def _event(message) -> bool:
@@ -606,6 +624,7 @@ class _ReadExampleBatchesFn(_ReadPartitionFn):
                         if not self._event(m) and m.offset() < stop]
             if messages:
                 idle_since = time.monotonic()
+                self._count_gaps(part, position, messages)
                 pending += self._decode(messages)
                 position = messages[-1].offset() + 1
             else:
