@@ -43,8 +43,15 @@ def metrics_dict(result) -> dict:
         r = d.committed
         if r is None:
             continue
-        out["distributions"][name] = {"count": r.count, "sum": r.sum, "min": r.min,
-                                      "max": r.max}
+        # The same name from several steps (or subtasks) is one distribution: merged.
+        seen = out["distributions"].get(name)
+        if seen is None or not seen["count"]:
+            out["distributions"][name] = {"count": r.count, "sum": r.sum, "min": r.min,
+                                          "max": r.max}
+        elif r.count:
+            out["distributions"][name] = {
+                "count": seen["count"] + r.count, "sum": seen["sum"] + r.sum,
+                "min": min(seen["min"], r.min), "max": max(seen["max"], r.max)}
     return out
 
 

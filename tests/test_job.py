@@ -1,4 +1,5 @@
-"""dataflow.job.run_job: the garbage collector while a job starts and runs, and after."""
+"""dataflow.job: ``run_job`` and the garbage collector while a job starts and runs, and after;
+``metrics_dict``."""
 from __future__ import annotations
 
 import gc
@@ -7,7 +8,7 @@ import json
 import apache_beam as beam
 import pytest
 
-from dataflow.job import run_job
+from dataflow.job import metrics_dict, run_job
 from dataflow.options import pipeline_options
 
 
@@ -136,3 +137,20 @@ def test_where_the_driver_reaches_a_flink_job_to_stop_it(tmp_path):
     assert train._embedded_flink(["--runner=FlinkRunner"])
     assert train._embedded_flink(["--flink_master=[local]"])
     assert not train._embedded_flink(["--flink_master", "localhost:8081"])
+
+
+def test_metrics_dict_merges_a_distribution_that_several_steps_update():
+    from apache_beam.metrics import Metrics
+
+    def observe(x):
+        Metrics.distribution("test", "size").update(x)
+        Metrics.counter("test", "seen").inc()
+        return x
+    p = beam.Pipeline(options=pipeline_options(["--runner=DirectRunner"]))
+    _ = p | "A" >> beam.Create([1, 2, 3]) | "ObserveA" >> beam.Map(observe)
+    _ = p | "B" >> beam.Create([10, 20]) | "ObserveB" >> beam.Map(observe)
+    result = p.run()
+    result.wait_until_finish()
+    got = metrics_dict(result)
+    assert got["counters"]["test.seen"] == 5
+    assert got["distributions"]["test.size"] == {"count": 5, "sum": 36, "min": 1, "max": 20}
