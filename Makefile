@@ -26,9 +26,14 @@ demo: $(VENV)/.installed
 	$(PY) -m dataflow demo
 
 # The closed loop (serving, simulated users, joins, online training, Redis) for 4 simulated
-# hours after 4 of history (~6.5 min); prints and plots online serving AUC (out/loop/). LOOP_ARGS: more flags.
+# hours after 4 of history (~6.5 min); prints and plots online serving AUC (out/loop/). LOOP_ARGS: more
+# flags (LOOP_ARGS="--transport kafka": serving, the simulator and the join on Kafka topics).
 LOOP_ARGS ?=
-loop: redis-package $(VENV)/.installed
+# With --transport kafka (the join as a streaming Flink job over topics) or --runner
+# FlinkRunner, the broker's jars and the job server jar too.
+LOOP_NEEDS := $(if $(findstring kafka,$(LOOP_ARGS)),$(KAFKA_LIBS)/.installed $(JOBSERVER_JAR),\
+              $(if $(findstring Flink,$(LOOP_ARGS)),$(JOBSERVER_JAR)))
+loop: redis-package $(VENV)/.installed $(LOOP_NEEDS)
 	$(PY) -m dataflow.loop --out out/loop $(LOOP_ARGS)
 
 test: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JOBSERVER_JAR) \
