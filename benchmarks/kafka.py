@@ -442,6 +442,8 @@ def main(argv=None) -> dict:
                         help="no Flink cluster: the Flink read is left out and the join runs "
                              "on the DirectRunner (the quick test)")
     parser.add_argument("--workdir", default=None, help="keep the files here")
+    parser.add_argument("--flink_flag", action="append", default=[],
+                        help="a pipeline flag every Flink job gets (repeatable)")
     args = parser.parse_args(argv)
     args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     unknown = set(args.parts) - {"produce", "consume", "join"}
@@ -482,7 +484,7 @@ def _runs(args, work: str, broker, cluster) -> dict:
     """The measurements of :func:`main`, in order, on ``broker`` and ``cluster``."""
     flink_flags = [] if cluster is None else [
         "--runner=FlinkRunner", f"--flink_master={cluster.master}", "--streaming",
-        f"--parallelism={args.parallelism}"]
+        f"--parallelism={args.parallelism}", *args.flink_flag]
     result: dict = {"setup": {
         "records": args.records, "join_requests": args.join_requests,
         "partitions": args.partitions, "parts": args.parts,
