@@ -197,8 +197,8 @@ def main(argv: list) -> int:
     # or after --max_bundle_size elements, never after --max_bundle_time_mills (with neither,
     # no example came out before the input ended; with 1 s checkpoints, in bursts).
     # The SDK worker's state cache is off unless sized (Beam 2.62's default is 0 MB): every
-    # read of a request's state is then a round trip to the JVM. With 100 MB the joiner ran
-    # 1.10-1.23x as fast on Flink (docs/kafka.md, "The loop on Kafka").
+    # read of a request's state is then a round trip to the JVM (docs/kafka.md, "The loop on
+    # Kafka").
     flink_defaults: dict = {"max_bundle_time_mills": 200, "max_bundle_size": 100,
                             "max_cache_memory_usage_mb": 100}
     if not any(a.startswith("--job_name") for a in argv):
